@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make train` and `make test` (each runs `make setup` first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# torch first, pinned: anything else would pull CUDA wheels.
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+train: setup
+	$(PY) -m sparselm.train --config tiny_dense --train.out_dir=runs/tiny_dense
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,404 @@
+"""One typed configuration tree for sparselm.
+
+Every field has a docstring (the string literal under it); ``describe()`` prints them.  Configs come
+from a YAML preset (found by name in ``sparselm/configs/`` or by path), then dotted overrides
+``--section.key=value``; ``validate()`` runs before any work and names the bad field and the fix.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads per block (query heads)."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means equal to n_heads."""
+    d_ff: int = 0
+    """Hidden width of the dense SwiGLU feed-forward; 0 means 8/3 * d_model rounded up to a multiple of 64."""
+    vocab_size: int = 0
+    """Embedding rows; 0 means the tokenizer's vocabulary padded to a multiple of pad_vocab_to."""
+    pad_vocab_to: int = 64
+    """Pad the vocabulary to a multiple of this (fast matmuls, divisible by the tensor-parallel degree)."""
+    max_seq_len: int = 256
+    """Longest sequence the model accepts (rotary tables are built to this length)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init; output projections are scaled by 1/sqrt(2 * n_layers)."""
+    pattern: list[str] = field(default_factory=lambda: ["dense"])
+    """Block kinds, repeated cyclically to n_layers (e.g. [dense, moe]); see sparselm.model.registry."""
+
+    def layer_kinds(self) -> list[str]:
+        return [self.pattern[i % len(self.pattern)] for i in range(self.n_layers)]
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.d_ff or 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel degree (megatron-core tensor_parallel layers)."""
+    pp: int = 1
+    """Pipeline-parallel stages (DeepSpeed pipeline engine)."""
+    ep: int = 1
+    """Expert-parallel degree (DeepSpeed expert groups); must divide the data-parallel size."""
+    zero_stage: int = -1
+    """ZeRO stage 0-3; -1 keeps the stage of the DeepSpeed JSON named by ds_config."""
+    ds_config: str = "zero1"
+    """DeepSpeed JSON: a name in ds_configs/ (zero1, zero2_offload, zero3_offload, bf16, fp16) or a path."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """Decoupled (AdamW) weight decay; never applied to norms, biases or embeddings."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "default"
+    """'default' (the Python standard library source, embedded) or an indexed dataset prefix (PATH without .bin/.idx)."""
+    valid_dataset: str = ""
+    """Indexed dataset prefix for validation; empty means a held-out split of `dataset`."""
+    valid_fraction: float = 0.02
+    """Fraction of documents held out for validation when valid_dataset is empty (split by document hash)."""
+    tokenizer: str = "byte"
+    """'byte' (no file needed) or the path of a tokenizer.json made by `tools/train_tokenizer.py`."""
+    seq_len: int = 128
+    """Tokens per training sample; documents are packed with an end-of-document token."""
+    allow_repeat: bool = False
+    """Start a new shuffled epoch when the data runs out instead of stopping with an error."""
+    cache_dir: str = ""
+    """Where the default corpus is tokenized once; empty means ~/.cache/sparselm."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to run."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all data-parallel ranks; fixed whatever the layout."""
+    micro_batch_size: int = 0
+    """Sequences per forward pass on one rank; 0 means the whole per-rank batch (no accumulation)."""
+    out_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, tensorboard/."""
+    seed: int = 1234
+    """Seed of model init, data order and sampling."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    eval_every: int = 50
+    """Validate every N steps (and at the end); 0 disables."""
+    eval_batches: int = 4
+    """Global batches per validation."""
+    save_every: int = 0
+    """Checkpoint every N steps; 0 means only at the end."""
+    keep_last: int = 3
+    """Checkpoints to keep; older ones are removed after a newer one is complete. 0 keeps all."""
+    resume: str = ""
+    """'latest' (newest checkpoint in out_dir, if any) or a checkpoint directory; empty starts fresh."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    tensorboard: bool = True
+    """Write TensorBoard events under out_dir/tensorboard."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout and DeepSpeed settings."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and tokenizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+
+
+# Layer sections (moe, pkm, attention, ...) register themselves here so that this file does not
+# need to know every layer.  Each entry: (section name, dataclass type).
+_EXTRA_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str):
+    """Class decorator: add a config dataclass as a top-level section `name`."""
+
+    def wrap(cls):
+        _EXTRA_SECTIONS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _config_type():
+    """Config extended with the registered layer sections."""
+    if not _EXTRA_SECTIONS:
+        return Config
+    extra = [(n, t, field(default_factory=t)) for n, t in _EXTRA_SECTIONS.items()]
+    return dataclasses.make_dataclass("Config", extra, bases=(Config,))
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Docstrings written under each field of a dataclass."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = str(b.value.value)
+    return docs
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = get_origin(typ)
+    if origin is list:
+        (inner,) = get_args(typ)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, where) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            num = float(value) if typ is float else int(str(value), 0) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(num, float):
+            if not num.is_integer():
+                raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            num = int(num)
+        return typ(num)
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _apply(obj, data: dict, where: str) -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = [n for n in names if n.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}; run `python -m sparselm.train --help-config` for all keys")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' is a section; set its keys as {path}.KEY")
+            _apply(current, value, path)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"'{path}'"))
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"config file '{name_or_path}' does not exist; give a preset name ({', '.join(list_presets())}) or an existing YAML path")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"no preset named '{name_or_path}'; presets: {', '.join(list_presets())}; or give a YAML path")
+    return preset
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--train.steps=20', '--model.pattern', 'dense,moe'] -> nested dict."""
+    nested: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}'; overrides look like --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override '--{key}' has no value; write --{key}=VALUE")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if "." not in key:
+            raise ConfigError(f"override '--{key}' must name a section and a key, e.g. --train.{key}=...")
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value) if value not in ("",) else ""
+    return nested
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | dict | None = None):
+    """Build a validated Config from a preset/YAML and overrides."""
+    cfg = _config_type()()
+    if name_or_path:
+        path = resolve_preset(name_or_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+        _apply(cfg, data, "")
+    if overrides:
+        _apply(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict):
+    """Rebuild a config saved by to_dict (checkpoints); unknown sections are an error."""
+    cfg = _config_type()()
+    _apply(cfg, data, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cfg=None) -> str:
+    """Every key with its default and docstring, for --help-config."""
+    cfg = cfg or _config_type()()
+    lines = []
+    for sec in fields(cfg):
+        section = getattr(cfg, sec.name)
+        lines.append(f"[{sec.name}]")
+        docs = field_docs(type(section))
+        for f in fields(section):
+            lines.append(f"  {sec.name}.{f.name} = {getattr(section, f.name)!r}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+# Validators registered by layer modules: fn(cfg) raising ConfigError.
+_VALIDATORS: list = []
+
+
+def register_validator(fn):
+    _VALIDATORS.append(fn)
+    return fn
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg) -> None:
+    m, p, t, d, o = cfg.model, cfg.parallel, cfg.train, cfg.data, cfg.optim
+    for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_to"):
+        _require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick heads that divide the width")
+    _require(m.head_dim % 2 == 0, f"model.d_model/model.n_heads = {m.head_dim} must be even for rotary positions")
+    _require(m.n_heads % m.kv_heads == 0, f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.kv_heads}")
+    _require(len(m.pattern) > 0, "model.pattern is empty; give at least one block kind, e.g. [dense]")
+    from sparselm.model.registry import BLOCKS  # local: registry imports config
+
+    for kind in m.pattern:
+        _require(kind in BLOCKS, f"model.pattern names unknown block kind '{kind}'; known kinds: {', '.join(sorted(BLOCKS))}")
+    _require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
+    _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    _require(0 < d.valid_fraction < 1, f"data.valid_fraction must be in (0, 1), got {d.valid_fraction}")
+    for name in ("tp", "pp", "ep"):
+        _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    _require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")
+    _require(m.n_heads % p.tp == 0 and m.kv_heads % p.tp == 0, f"model.n_heads={m.n_heads} (kv {m.kv_heads}) is not divisible by parallel.tp={p.tp}; choose tp dividing the head count")
+    _require(m.n_layers >= p.pp, f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} stages; lower parallel.pp")
+    _require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    _require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
+    _require(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
+    _require(t.resume in ("", "latest") or bool(t.resume), "train.resume must be '', 'latest' or a checkpoint path")
+    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    for fn in _VALIDATORS:
+        fn(cfg)
+
+
+def check_world(cfg, world_size: int) -> int:
+    """Validate the layout against the world size; return the data-parallel size."""
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tp * p.pp
+    _require(world_size % model_parallel == 0, f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {model_parallel}; launch a multiple of {model_parallel} processes")
+    dp = world_size // model_parallel
+    _require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (world {world_size} / tp {p.tp} / pp {p.pp}); choose ep dividing {dp}")
+    _require(t.global_batch_size % dp == 0, f"train.global_batch_size={t.global_batch_size} is not divisible by the data-parallel size {dp}; pick a multiple of {dp}")
+    per_rank = t.global_batch_size // dp
+    micro = t.micro_batch_size or per_rank
+    _require(per_rank % micro == 0, f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} (global {t.global_batch_size} / dp {dp})")
+    return dp

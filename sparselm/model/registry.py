@@ -1,0 +1,41 @@
+"""Block kinds for ``model.pattern``.
+
+A block is pre-norm attention followed by an optional feed-forward slot.  A kind is a function
+``(cfg, layer_idx) -> (attention_module, ffn_module_or_None)`` registered under a name.  Layer
+packages (MoE, PKM, all-attention) register their kinds on import; ``sparselm.model.layers``
+imports them all.
+
+Contract for the modules a kind returns:
+- attention: ``forward(x[B,T,D]) -> y[B,T,D]``;
+- ffn slot: ``forward(x[B,T,D])`` returns ``y`` or ``(y, aux_loss)`` where aux_loss is a 0-dim
+  tensor already multiplied by its coefficient (it is added to the training loss);
+- any module may keep ``self.metrics: dict[str, Tensor]`` of detached scalars/vectors describing its
+  last forward; they are logged per layer (``layer{i}/{name}``), averaged over the global batch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+BLOCKS: dict[str, Callable] = {}
+
+
+def register_block(name: str):
+    def wrap(fn):
+        BLOCKS[name] = fn
+        return fn
+
+    return wrap
+
+
+def default_attention(cfg, layer_idx: int):
+    """The attention every kind uses unless it needs its own (e.g. persistent memory)."""
+    from sparselm.model.attention import Attention
+
+    return Attention(cfg.model)
+
+
+@register_block("dense")
+def dense_block(cfg, layer_idx: int):
+    from sparselm.model.feedforward import SwiGLU
+
+    return default_attention(cfg, layer_idx), SwiGLU(cfg.model.d_model, cfg.model.ffn_hidden)

@@ -1,0 +1,138 @@
+"""Decoder-only language model assembled from the block kinds in ``model.pattern``."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparselm.model.norm import RMSNorm
+from sparselm.model.registry import BLOCKS
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    """lm_loss + aux_loss: what is back-propagated."""
+    lm_loss: torch.Tensor
+    """Mean next-token cross-entropy."""
+    aux_loss: torch.Tensor
+    """Sum of the (coefficient-weighted) auxiliary losses of all layers."""
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)) if the kind has one."""
+
+    def __init__(self, mcfg, attention: nn.Module, ffn: nn.Module | None, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.input_norm = RMSNorm(mcfg.d_model, eps=mcfg.norm_eps)
+        self.attn = attention
+        self.post_attn_norm = RMSNorm(mcfg.d_model, eps=mcfg.norm_eps) if ffn is not None else None
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.input_norm(x))
+        aux = x.new_zeros(())
+        if self.ffn is not None:
+            out = self.ffn(self.post_attn_norm(x))
+            if isinstance(out, tuple):
+                out, aux = out
+            x = x + out
+        return x, aux
+
+
+class LMHead(nn.Module):
+    """Final norm, output projection and the token loss (swapped whole for vocab-parallel)."""
+
+    def __init__(self, mcfg):
+        super().__init__()
+        self.norm = RMSNorm(mcfg.d_model, eps=mcfg.norm_eps)
+        self.proj = nn.Linear(mcfg.d_model, mcfg.vocab_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(h))
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self(h).float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+class SparseLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        mcfg = cfg.model
+        assert mcfg.vocab_size > 0, "model.vocab_size must be resolved from the tokenizer before building"
+        self.config = cfg
+        self.embed = nn.Embedding(mcfg.vocab_size, mcfg.d_model)
+        blocks = []
+        for i, kind in enumerate(mcfg.layer_kinds()):
+            attention, ffn = BLOCKS[kind](cfg, i)
+            blocks.append(Block(mcfg, attention, ffn, kind))
+        self.layers = nn.ModuleList(blocks)
+        self.head = LMHead(mcfg)
+        self.reset_parameters()
+        if mcfg.tie_embeddings:
+            self.head.proj.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for matrices, output projections scaled by 1/sqrt(2 n_layers);
+        modules with their own ``reset_parameters`` (norms, layer-specific tables) keep theirs."""
+        std = self.config.model.init_std
+        out_std = std / math.sqrt(2 * self.config.model.n_layers)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, out_std if getattr(module, "is_output_proj", False) else std)
+            elif module is not self and hasattr(module, "reset_parameters") and not isinstance(module, nn.ModuleList):
+                module.reset_parameters()
+
+    def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(input_ids)
+        aux = h.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            h, a = block(h)
+            aux = aux + a
+        return h, aux
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        """logits [B, T, vocab] without labels; a LossOutput with labels."""
+        h, aux = self.hidden(input_ids)
+        if labels is None:
+            return self.head(h)
+        lm_loss = self.head.loss(h, labels)
+        return LossOutput(loss=lm_loss + aux, lm_loss=lm_loss, aux_loss=aux)
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Detached per-layer metrics of the last forward, named ``layer{i}/{name}``."""
+        out = {}
+        for i, block in enumerate(self.layers):
+            for module in block.modules():
+                for name, value in getattr(module, "metrics", {}).items():
+                    out[f"layer{i}/{name}"] = value
+        return out
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count; ``active`` counts what one token uses (modules may define active_params)."""
+        total = 0
+        seen = set()
+        for module in self.modules():
+            if active and hasattr(module, "active_params") and module is not self:
+                total += module.active_params()
+                seen.update(id(p) for p in module.parameters())
+        for p in self.parameters():
+            if id(p) not in seen:
+                total += p.numel()
+                seen.add(id(p))
+        return total
+
+
+def build_model(cfg, seed: int | None = None) -> SparseLM:
+    """Build on CPU in fp32 with a fixed seed, so every rank starts from identical weights."""
+    import sparselm.model.layers  # noqa: F401  registers every block kind
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed if seed is None else seed)
+        return SparseLM(cfg)
