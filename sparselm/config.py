@@ -180,12 +180,27 @@ def register_section(name: str):
     return wrap
 
 
+_FULL_TYPE: dict[tuple, type] = {}
+
+
 def _config_type():
-    """Config extended with the registered layer sections."""
-    if not _EXTRA_SECTIONS:
-        return Config
-    extra = [(n, t, field(default_factory=t)) for n, t in _EXTRA_SECTIONS.items()]
-    return dataclasses.make_dataclass("Config", extra, bases=(Config,))
+    """Config extended with the registered layer sections (one class per set of sections)."""
+    import sparselm.model.layers  # noqa: F401  layer packages register their sections on import
+
+    key = tuple(_EXTRA_SECTIONS.items())
+    if key not in _FULL_TYPE:
+        extra = [(n, t, field(default_factory=t)) for n, t in _EXTRA_SECTIONS.items()]
+        cls = dataclasses.make_dataclass("FullConfig", extra, bases=(Config,)) if extra else Config
+        cls.__module__ = __name__
+        _FULL_TYPE[key] = cls
+    return _FULL_TYPE[key]
+
+
+def __getattr__(name: str):
+    # Lets pickle find the dynamically built class in a fresh process (spawned test ranks).
+    if name == "FullConfig":
+        return _config_type()
+    raise AttributeError(name)
 
 
 def field_docs(cls) -> dict[str, str]:
