@@ -1,0 +1,1 @@
+"""Tokenizers, Megatron-format indexed datasets, sample packing, samplers and the default corpus."""

@@ -1,0 +1,52 @@
+"""The embedded default corpus: the Python standard library source of the running interpreter.
+
+Present on every machine and offline.  Files are split into train and validation by a hash of their
+relative path (deterministic), tokenized once and cached as Megatron indexed datasets.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+import zlib
+from pathlib import Path
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted((p for p in root.rglob("*.py") if "site-packages" not in p.parts), key=lambda p: str(p.relative_to(root)))
+
+
+def is_valid_split(key: str, fraction: float) -> bool:
+    return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPARSELM_CACHE", Path.home() / ".cache" / "sparselm"))
+
+
+def build_default_corpus(tokenizer, valid_fraction: float, cache_dir: str = "") -> tuple[str, str]:
+    """Return (train_prefix, valid_prefix), building them once per interpreter, tokenizer and split."""
+    from sparselm.data.indexed import write_indexed
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    tag = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{tokenizer.name}-v{int(valid_fraction * 10_000)}"
+    final = Path(cache_dir or default_cache_dir()) / tag
+    if (final / "done").exists():
+        return str(final / "train"), str(final / "valid")
+    tmp = final.with_name(f"{tag}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = stdlib_files()
+    split = {name: [f for f in files if is_valid_split(str(f.relative_to(root)), valid_fraction) == (name == "valid")]
+             for name in ("train", "valid")}
+    for name, group in split.items():
+        docs = (tokenizer.encode(f.read_text(encoding="utf-8", errors="replace")) + [tokenizer.eod_id] for f in group)
+        write_indexed(tmp / name, docs, tokenizer.vocab_size)
+    (tmp / "done").write_text("ok\n")
+    try:
+        os.rename(tmp, final)  # atomic; a concurrent rank may have won the race, which is fine
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final / "train"), str(final / "valid")

@@ -1,0 +1,74 @@
+"""Tokenizers: a file-free byte-level default and BPE trained locally with Hugging Face `tokenizers`.
+
+A tokenizer spec is the string in ``data.tokenizer``: ``byte`` or the path of a tokenizer.json.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+EOD_TOKEN = "<|endoftext|>"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are token ids 0..255; id 256 is end-of-document."""
+
+    name = "byte"
+    vocab_size = 257
+    eod_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """Byte-level BPE from a tokenizer.json written by ``train_bpe``."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        self._tok = Tokenizer.from_file(str(self.path))
+        eod = self._tok.token_to_id(EOD_TOKEN)
+        if eod is None:
+            raise ValueError(f"tokenizer '{path}' has no {EOD_TOKEN} token; train it with tools/train_tokenizer.py")
+        self.eod_id = eod
+        self.vocab_size = self._tok.get_vocab_size()
+        self.name = "bpe-" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) != self.eod_id])
+
+
+def load_tokenizer(spec: str):
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file '{spec}' does not exist; use data.tokenizer=byte or train one with tools/train_tokenizer.py")
+    return BPETokenizer(path)
+
+
+def train_bpe(texts, vocab_size: int, out_path: str | Path) -> BPETokenizer:
+    """Train a byte-level BPE on an iterable of strings and save tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_path))
+    return BPETokenizer(out_path)

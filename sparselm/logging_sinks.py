@@ -1,0 +1,50 @@
+"""Metric sinks (rank 0 only): metrics.jsonl, TensorBoard, and one fixed-format console line."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsWriter:
+    def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+                elif isinstance(value, list):
+                    for i, v in enumerate(value):
+                        self.tb.add_scalar(f"{key}/{i}", v, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def format_line(record: dict, total_steps: int) -> str:
+    """step 10/100 | loss 3.2100 | lm 3.2000 | aux 0.0100 | gnorm 0.90 | lr 1.00e-03 | 12,345 tok/s"""
+    parts = [f"step {record['step']}/{total_steps}"]
+    for key, label, fmt in (("loss", "loss", ".4f"), ("lm_loss", "lm", ".4f"), ("aux_loss", "aux", ".4f"),
+                            ("grad_norm", "gnorm", ".3f"), ("lr", "lr", ".2e"), ("val_loss", "val", ".4f"),
+                            ("val_ppl", "val_ppl", ".2f")):
+        if key in record:
+            parts.append(f"{label} {record[key]:{fmt}}")
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    return " | ".join(parts)

@@ -1,0 +1,49 @@
+"""Parameter groups and the learning-rate schedule.
+
+Groups: matrices get weight decay; norms, biases and embeddings do not.  A layer can ask for its own
+group by tagging parameters: ``param.optim_group = "name"`` and ``param.optim_overrides =
+{"lr_scale": float, "weight_decay": float}`` (PKM value tables do this).
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def param_groups(model: nn.Module, ocfg) -> list[dict]:
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    groups: dict[str, dict] = {}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        tag = getattr(p, "optim_group", None)
+        if tag is None:
+            tag = "no_decay" if p.ndim < 2 or id(p) in embeddings else "decay"
+        if tag not in groups:
+            overrides = getattr(p, "optim_overrides", {})
+            groups[tag] = {
+                "name": tag,
+                "params": [],
+                "lr_scale": overrides.get("lr_scale", 1.0),
+                "weight_decay": overrides.get("weight_decay", ocfg.weight_decay if tag == "decay" else 0.0),
+            }
+        groups[tag]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
+
+
+def lr_at(step: int, ocfg, total_steps: int) -> float:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at total_steps. ``step`` counts from 0."""
+    if ocfg.warmup_steps and step < ocfg.warmup_steps:
+        return ocfg.lr * (step + 1) / ocfg.warmup_steps
+    span = max(1, total_steps - ocfg.warmup_steps)
+    progress = min(1.0, (step - ocfg.warmup_steps) / span)
+    floor = ocfg.lr * ocfg.min_lr_ratio
+    return floor + 0.5 * (ocfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

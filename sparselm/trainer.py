@@ -1,0 +1,223 @@
+"""The training loop: config -> data -> model -> parallel layout -> DeepSpeed engine -> steps.
+
+Every launch mode runs this same path (a plain process is a world of one).  Losses and metrics are
+averaged over the whole global batch, so they do not depend on the layout.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sparselm import checkpoint as ckpt
+from sparselm.config import ConfigError, check_world, to_yaml
+from sparselm.data.loader import build_datasets
+from sparselm.data.sampler import DataExhausted, GlobalBatchSampler
+from sparselm.data.tokenizer import load_tokenizer
+from sparselm.engine import build_engine
+from sparselm.logging_sinks import MetricsWriter, format_line
+from sparselm.model import build_model
+from sparselm.optim import lr_at, set_lr
+from sparselm.runtime import init_distributed
+
+
+def resolve_vocab(cfg, tokenizer) -> None:
+    """model.vocab_size from the tokenizer, padded to a multiple of pad_vocab_to and of tp."""
+    m = cfg.model
+    multiple = math.lcm(m.pad_vocab_to, cfg.parallel.tp)
+    if m.vocab_size == 0:
+        m.vocab_size = multiple * math.ceil(tokenizer.vocab_size / multiple)
+    elif m.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; set 0 to derive it")
+    elif m.vocab_size % cfg.parallel.tp:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={cfg.parallel.tp}; set 0 to derive a padded size")
+
+
+def find_resume(cfg) -> Path | None:
+    t = cfg.train
+    existing = ckpt.latest_checkpoint(t.out_dir)
+    if t.resume == "latest":
+        return existing
+    if t.resume:
+        return ckpt.resolve_checkpoint(t.resume)
+    if existing is not None:
+        raise ConfigError(f"train.out_dir '{t.out_dir}' already holds checkpoints (latest {existing.name}); "
+                          "pass --train.resume=latest to continue it, or choose another --train.out_dir")
+    return None
+
+
+class Layout:
+    """Where this rank sits.  Data parallel only until sparselm.parallel provides the full topology."""
+
+    def __init__(self, cfg, world_size: int, rank: int):
+        self.dp_size = check_world(cfg, world_size)
+        self.tp, self.pp, self.ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
+        if self.tp > 1 or self.pp > 1:
+            raise ConfigError("parallel.tp/pp > 1 need sparselm.parallel's topology, which this build does not have yet")
+        self.dp_rank, self.dp_group = rank, None
+
+    def as_dict(self) -> dict:
+        return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "dp": self.dp_size}
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device = init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_rank0 = self.rank == 0
+        t = cfg.train
+        self.layout = Layout(cfg, self.world, self.rank)
+        self.resume_from = find_resume(cfg)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        resolve_vocab(cfg, self.tokenizer)
+
+        # Data: rank 0 tokenizes the default corpus once, the others then open the cache.
+        if self.is_rank0:
+            self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer)
+        dist.barrier()
+        if not self.is_rank0:
+            self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer)
+        self.sampler = GlobalBatchSampler(len(self.train_data), t.global_batch_size, t.seed, cfg.data.allow_repeat)
+
+        self.model = build_model(cfg)
+        self.engine, self.ds_config = build_engine(self.model, cfg, self.layout.dp_size, mpu=None)
+        self.step = 0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        remaining = self.sampler.steps_available()
+        if remaining is not None and remaining < t.steps - self.step:
+            raise DataExhausted(
+                f"the training data holds {len(self.train_data)} samples of {cfg.data.seq_len} tokens: enough for "
+                f"{remaining} more steps at train.global_batch_size={t.global_batch_size}, but train.steps asks for "
+                f"{t.steps - self.step}; add data, lower train.steps, or set data.allow_repeat=true")
+
+        self.out_dir = Path(t.out_dir)
+        if self.is_rank0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+            print(f"sparselm: {self.world} process(es), layout {self.layout.as_dict()}, "
+                  f"{self.model.num_params():,} parameters ({self.model.num_params(active=True):,} active per token)")
+            print(to_yaml(cfg))
+        self.writer = MetricsWriter(self.out_dir, t.tensorboard, self.is_rank0)
+
+    # ----------------------------------------------------------------------------------------
+    def _restore(self, path: Path) -> None:
+        meta = ckpt.read_meta(path)
+        tensors = ckpt.read_tensors(path / "model.safetensors")
+        ckpt.check_tensors_match(self.model, tensors, path / "model.safetensors")
+        moments = ckpt.read_tensors(path / "optimizer.safetensors")
+        ckpt.load_full_state(self.engine, self.model, tensors, moments, meta["optimizer_step"])
+        self.sampler.load_state_dict(meta["sampler"])
+        self.step = meta["step"]
+        rng_file = path / f"rng_rank{self.rank}.safetensors"
+        if meta["layout"] == self.layout.as_dict() and rng_file.is_file():
+            torch.set_rng_state(ckpt.read_tensors(rng_file)[f"rank{self.rank}"])
+        if self.is_rank0:
+            print(f"sparselm: resumed from {path} at step {self.step}")
+
+    def _rank_slice(self, batch: np.ndarray) -> np.ndarray:
+        per_rank = len(batch) // self.layout.dp_size
+        return batch[self.layout.dp_rank * per_rank:(self.layout.dp_rank + 1) * per_rank]
+
+    def _dp_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float | list]:
+        """Average named scalars/vectors over data-parallel ranks in one all-reduce."""
+        names = sorted(values)
+        flat = [values[n].detach().float().reshape(-1).cpu() for n in names]
+        if not flat:
+            return {}
+        buf = torch.cat(flat)
+        if self.layout.dp_size > 1:
+            dist.all_reduce(buf, group=self.layout.dp_group)
+            buf /= self.layout.dp_size
+        out, i = {}, 0
+        for n, f in zip(names, flat):
+            chunk = buf[i:i + f.numel()]
+            out[n] = chunk.item() if values[n].dim() == 0 else chunk.tolist()
+            i += f.numel()
+        return out
+
+    def train_step(self, tokens: np.ndarray) -> dict:
+        """One optimizer step on this rank's share of a global batch (micro-batches accumulated)."""
+        engine, micro = self.engine, self.ds_config["train_micro_batch_size_per_gpu"]
+        sums: dict[str, torch.Tensor] = {}
+        n_micro = 0
+        self.model.train()
+        for start in range(0, len(tokens), micro):
+            chunk = torch.from_numpy(tokens[start:start + micro]).to(self.device)
+            out = engine(chunk[:, :-1], chunk[:, 1:])
+            engine.backward(out.loss)
+            engine.step()
+            values = {"loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss, **self.model.metrics()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            n_micro += 1
+        for module in self.model.modules():
+            if module is not self.model and hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()
+        record = self._dp_mean({k: v / n_micro for k, v in sums.items()})
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            record["grad_norm"] = float(norm)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        n = min(len(self.valid_data), cfg.train.eval_batches * cfg.train.global_batch_size)
+        n -= n % self.layout.dp_size
+        if n == 0:
+            return {}
+        mine = self._rank_slice(np.arange(n))
+        micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.model.eval()
+        total = torch.zeros(())
+        for start in range(0, len(mine), micro):
+            chunk = torch.from_numpy(self.valid_data.batch(mine[start:start + micro])).to(self.device)
+            out = self.engine(chunk[:, :-1], chunk[:, 1:])
+            total += out.lm_loss.float().cpu() * len(chunk)
+        val = self._dp_mean({"val_loss": total / len(mine)})["val_loss"]
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.cfg.train.out_dir, self.step, self.engine, self.model, self.cfg,
+                                    self.sampler.state_dict(), self.layout.as_dict(), self.cfg.train.keep_last)
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (self.is_rank0 and t.progress), unit="step",
+                   dynamic_ncols=True, file=sys.stdout)
+        record: dict = {}
+        while self.step < t.steps:
+            lr = lr_at(self.step, self.cfg.optim, t.steps)
+            set_lr(self.engine.optimizer, lr)
+            batch = self.train_data.batch(self._rank_slice(self.sampler.next_batch()))
+            started = time.perf_counter()
+            record = self.train_step(batch)
+            elapsed = time.perf_counter() - started
+            self.step += 1
+            record = {"step": self.step, **record, "lr": lr, "tokens_per_s": tokens_per_step / elapsed}
+            last = self.step == t.steps
+            if t.eval_every and (self.step % t.eval_every == 0 or last):
+                record.update(self.evaluate())
+            if self.step % t.log_every == 0 or last or "val_loss" in record:
+                self.writer.write(record)
+                if self.is_rank0:
+                    bar.write(format_line(record, t.steps))
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            bar.update(1)
+            if (t.save_every and self.step % t.save_every == 0) or last:
+                path = self.save()
+                if self.is_rank0:
+                    bar.write(f"saved {path}")
+        bar.close()
+        self.writer.close()
+        return record
