@@ -107,6 +107,14 @@ def _adam_state(engine, p):
     return base_optimizer(engine).state[p]
 
 
+def _stateful_tensors(engine) -> list[torch.Tensor]:
+    """The tensors the base optimizer keys its state by.  ZeRO-3 keys it by flat fp32 partitions that
+    sit outside ``param_groups`` between steps."""
+    opt = base_optimizer(engine)
+    tensors = [p for group in opt.param_groups for p in group["params"]]
+    return tensors + list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+
+
 def link_optimizer_state(engine) -> None:
     """Make every parameter's Adam moments exist and be reachable through DeepSpeed's fragment API.
 
@@ -116,13 +124,12 @@ def link_optimizer_state(engine) -> None:
     link is redone here for all groups."""
     opt = base_optimizer(engine)
     integer_steps = "DeepSpeedCPUAdam" in type(opt).__name__
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state[p]
-            if "exp_avg" not in st:
-                st["step"] = 0 if integer_steps else torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+    for p in _stateful_tensors(engine):
+        st = opt.state[p]
+        if "exp_avg" not in st:
+            st["step"] = 0 if integer_steps else torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
     zero = engine.optimizer
     if hasattr(zero, "_hp_optimizer_states_linked") and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         zero._hp_optimizer_states_linked = False
@@ -190,28 +197,23 @@ def load_full_state(engine, model, tensors: dict, moments: dict | None, optimize
 def _set_optimizer_step(engine, step: int) -> None:
     opt = base_optimizer(engine)
     for group in opt.param_groups:
-        if "step" in group:  # DeepSpeedCPUAdam counts steps per group
+        if "step" in group:  # DeepSpeedCPUAdam also counts steps per group
             group["step"] = step
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if st is not None and "step" in st:
-                st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+    for p in _stateful_tensors(engine):
+        st = opt.state.get(p)
+        if st is not None and "step" in st:
+            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
 
 
 def optimizer_step_count(engine) -> int:
     opt = base_optimizer(engine)
-    for group in opt.param_groups:
-        if "step" in group:
-            return int(group["step"])
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if st and "step" in st:
-                return int(st["step"])
+    for p in _stateful_tensors(engine):
+        st = opt.state.get(p)
+        if st and "step" in st:
+            return int(st["step"])
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# saving
 def _drop_aliases(tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     """safetensors refuses aliased tensors: keep only the first name of each tied parameter.
     Keys may carry a ``::suffix`` (optimizer moments)."""
@@ -279,13 +281,21 @@ def _versions() -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # loading
+def expected_shapes(model) -> dict[str, tuple]:
+    """Full shapes of every model tensor (ZeRO-3 partitions parameters but keeps ``ds_shape``)."""
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shapes[name] = tuple(getattr(p, "ds_shape", p.shape))
+    return shapes
+
+
 def check_tensors_match(model, tensors: dict, source: Path) -> None:
-    expected = model.state_dict()
+    expected = expected_shapes(model)
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     missing = [k for k in expected if k not in tensors and k not in tied]
     unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    wrong = [f"{k} {tuple(tensors[k].shape)} vs model {expected[k]}"
+             for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
     if missing or unexpected or wrong:
         detail = "; ".join(filter(None, [
             f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",

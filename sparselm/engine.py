@@ -45,6 +45,9 @@ def build_ds_config(cfg, dp_size: int) -> dict:
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if cfg.parallel.zero_stage >= 0:
         zero["stage"] = cfg.parallel.zero_stage
+    if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
+        raise ConfigError(f"parallel.ds_config={cfg.parallel.ds_config} enables fp16, which needs a CUDA GPU "
+                          "(DeepSpeed's CPU accelerator rejects it); use parallel.ds_config=bf16 on CPU")
     if zero.get("stage", 0) >= 2 and cfg.parallel.pp > 1:
         raise ConfigError(f"parallel.pp={cfg.parallel.pp} needs ZeRO stage 0 or 1 (DeepSpeed's pipeline engine); set parallel.zero_stage=1 or parallel.ds_config=zero1")
     return ds
@@ -80,4 +83,17 @@ def build_engine(model, cfg, dp_size: int, mpu=None):
     ds = build_ds_config(cfg, dp_size)
     optimizer = make_optimizer(model, cfg, ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
+    _keep_stage0_grad_norm(engine)
     return engine, ds
+
+
+def _keep_stage0_grad_norm(engine) -> None:
+    """Without ZeRO, DeepSpeed's fp32 clipping computes the global norm and discards it; keep it so
+    ``engine.get_global_grad_norm()`` reports it as it does under ZeRO."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record

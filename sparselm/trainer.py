@@ -86,10 +86,13 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.train_data), t.global_batch_size, t.seed, cfg.data.allow_repeat)
 
         self.model = build_model(cfg)
+        restored = self._read_checkpoint(self.resume_from) if self.resume_from is not None else None
+        if restored is not None:  # before the engine: every ZeRO stage builds its working copy from the module
+            self.model.load_state_dict(restored[1], strict=False)
         self.engine, self.ds_config = build_engine(self.model, cfg, self.layout.dp_size, mpu=None)
         self.step = 0
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
+        if restored is not None:
+            self._restore(self.resume_from, *restored)
         remaining = self.sampler.steps_available()
         if remaining is not None and remaining < t.steps - self.step:
             raise DataExhausted(
@@ -107,11 +110,14 @@ class Trainer:
         self.writer = MetricsWriter(self.out_dir, t.tensorboard, self.is_rank0)
 
     # ----------------------------------------------------------------------------------------
-    def _restore(self, path: Path) -> None:
+    def _read_checkpoint(self, path: Path):
         meta = ckpt.read_meta(path)
         tensors = ckpt.read_tensors(path / "model.safetensors")
         ckpt.check_tensors_match(self.model, tensors, path / "model.safetensors")
         moments = ckpt.read_tensors(path / "optimizer.safetensors")
+        return meta, tensors, moments
+
+    def _restore(self, path: Path, meta: dict, tensors: dict, moments: dict) -> None:
         ckpt.load_full_state(self.engine, self.model, tensors, moments, meta["optimizer_step"])
         self.sampler.load_state_dict(meta["sampler"])
         self.step = meta["step"]

@@ -1,0 +1,70 @@
+"""Sample text from a checkpoint: ``python -m sparselm.generate --ckpt DIR --prompt TEXT``."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask all but the top_k logits and the smallest set whose probability reaches top_p."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, eod_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Autoregressive sampling; temperature 0 is greedy.  The context is cropped to max_seq_len."""
+    max_len = model.config.model.max_seq_len
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -max_len:])[:, -1, :].float()
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        ids = torch.cat([ids, nxt], dim=1)
+        if eod_id is not None and bool((nxt == eod_id).all()):
+            break
+    return ids
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory, or a run directory (its latest)")
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from sparselm.checkpoint import CheckpointError, load_model
+    from sparselm.data.tokenizer import load_tokenizer
+
+    try:
+        model, cfg = load_model(args.ckpt)
+    except CheckpointError as err:
+        parser.exit(2, f"sparselm.generate: error: {err}\n")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    prompt = tokenizer.encode(args.prompt) or [tokenizer.eod_id]
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(model, torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   tokenizer.eod_id, gen)
+    text = tokenizer.decode(out[0].tolist())
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

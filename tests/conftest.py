@@ -1,0 +1,53 @@
+"""Shared helpers: tiny configs, running the trainer as a real subprocess, reading metrics."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+# The smallest model that still exercises every part of the loop.
+TINY = ["--config", "tiny_dense", "--model.d_model=64", "--model.n_layers=2", "--model.n_heads=2",
+        "--data.seq_len=32", "--model.max_seq_len=32", "--train.global_batch_size=8", "--train.progress=false",
+        "--train.tensorboard=false", "--train.eval_every=0", "--train.log_every=1"]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cmd(cmd: list[str], check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train(args: list[str], launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run sparselm.train: as a plain process, or under a launcher (torchrun / deepspeed) given as argv prefix."""
+    if launcher:
+        return run_cmd(launcher + args, check=check)
+    return run_cmd([PYTHON, "-m", "sparselm.train", *args], check=check)
+
+
+def torchrun(n: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={n}", "-m", "sparselm.train"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Turn .txt / .jsonl files into a Megatron indexed dataset (PREFIX.bin + PREFIX.idx).
+
+Megatron-style flags:
+  python tools/preprocess_data.py --input data.jsonl --output-prefix data/mycorpus \\
+      --json-keys text --tokenizer byte --append-eod --workers 2
+
+--input takes files, directories (all .txt/.jsonl/.json inside) or globs.  A .txt file is one
+document; each .jsonl line is one document per --json-keys key (a prefix per key when several keys
+are given: PREFIX_KEY).  Files are written with megatron-core's own IndexedDatasetBuilder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from multiprocessing import Pool
+
+from sparselm.data.indexed import write_indexed
+from sparselm.data.sources import expand_inputs, iter_documents
+from sparselm.data.tokenizer import load_tokenizer
+
+_TOKENIZER = None
+
+
+def _init(spec: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(spec)
+
+
+def _encode(args: tuple[str, bool]) -> list[int]:
+    text, append_eod = args
+    ids = _TOKENIZER.encode(text)
+    return ids + [_TOKENIZER.eod_id] if append_eod else ids
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help="files, directories or globs (.txt, .jsonl)")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys of .jsonl records to extract")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json path")
+    parser.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document token")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    args = parser.parse_args(argv)
+
+    files = expand_inputs(args.input)
+    tokenizer = load_tokenizer(args.tokenizer)
+    prefixes = []
+    for key in args.json_keys:
+        prefix = args.output_prefix if len(args.json_keys) == 1 else f"{args.output_prefix}_{key}"
+        docs = ((text, args.append_eod) for text in iter_documents(files, key))
+        if args.workers > 1:
+            with Pool(args.workers, initializer=_init, initargs=(args.tokenizer,)) as pool:
+                count = write_indexed(prefix, pool.imap(_encode, docs, chunksize=16), tokenizer.vocab_size)
+        else:
+            _init(args.tokenizer)
+            count = write_indexed(prefix, map(_encode, docs), tokenizer.vocab_size)
+        size = os.path.getsize(prefix + ".bin")
+        print(f"wrote {prefix}.bin/.idx: {count} documents, {size:,} bytes ({tokenizer.name} tokenizer)")
+        prefixes.append(prefix)
+    return prefixes
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

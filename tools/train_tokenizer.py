@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Train a byte-level BPE tokenizer locally with Hugging Face `tokenizers`.
+
+  python tools/train_tokenizer.py --input corpus/ --vocab-size 8192 --output tokenizer.json
+  python tools/train_tokenizer.py --stdlib --vocab-size 4096 --output tok.json   (the default corpus)
+"""
+from __future__ import annotations
+
+import argparse
+
+from sparselm.data.tokenizer import train_bpe
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="*", default=[], help="files, directories or globs (.txt, .jsonl)")
+    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--stdlib", action="store_true", help="train on the embedded default corpus")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    if not args.input and not args.stdlib:
+        parser.error("give --input files or --stdlib")
+
+    def texts():
+        if args.stdlib:
+            from sparselm.data.corpus import stdlib_files
+
+            for f in stdlib_files():
+                yield f.read_text(encoding="utf-8", errors="replace")
+        if args.input:
+            from sparselm.data.sources import expand_inputs, iter_documents
+
+            yield from iter_documents(expand_inputs(args.input), args.json_key)
+
+    tok = train_bpe(texts(), args.vocab_size, args.output)
+    print(f"wrote {args.output}: {tok.vocab_size} tokens")
+    return args.output
+
+
+if __name__ == "__main__":
+    main()
