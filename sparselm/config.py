@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import math
 import os
@@ -260,8 +261,8 @@ def _apply(obj, data: dict, where: str) -> None:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            close = [n for n in names if n.startswith(key[:3])]
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f" (did you mean {', '.join(f'{where}.{c}' if where else c for c in close)}?)" if close else ""
             raise ConfigError(f"unknown config key '{path}'{hint}; run `python -m sparselm.train --help-config` for all keys")
         current = getattr(obj, key)
         if is_dataclass(current):

@@ -202,6 +202,11 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.is_rank0 and t.progress), unit="step",
                    dynamic_ncols=True, file=sys.stdout)
         record: dict = {}
+        if t.eval_every and self.step == 0:  # where training starts from, for comparison
+            start = {"step": 0, **self.evaluate()}
+            self.writer.write(start)
+            if self.is_rank0:
+                bar.write(format_line(start, t.steps))
         while self.step < t.steps:
             lr = lr_at(self.step, self.cfg.optim, t.steps)
             set_lr(self.engine.optimizer, lr)
