@@ -10,6 +10,7 @@ PKM_KINDS = ("pkm", "pkm_ffn")
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
 
 
+@register_section("pkm")
 @dataclass
 class PKMConfig:
     n_keys: int = 16384
@@ -49,8 +50,6 @@ class PKMConfig:
     def n_sub(self) -> int:
         return math.isqrt(self.n_keys)
 
-
-register_section("pkm")(PKMConfig)
 
 
 def _require(cond: bool, msg: str) -> None:
