@@ -32,7 +32,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers"],
+        "dev": ["pytest", "pytest-timeout", "transformers", "product-key-memory==0.3.0"],
         "hf": ["transformers"],
     },
     entry_points={
