@@ -119,7 +119,8 @@ class Trainer:
 
     def _restore(self, path: Path, meta: dict, tensors: dict, moments: dict) -> None:
         ckpt.load_full_state(self.engine, self.model, tensors, moments, meta["optimizer_step"])
-        self.sampler.load_state_dict(meta["sampler"])
+        if meta["sampler"] is not None:  # None: a converted model, trained from the start of the data
+            self.sampler.load_state_dict(meta["sampler"])
         self.step = meta["step"]
         rng_file = path / f"rng_rank{self.rank}.safetensors"
         if meta["layout"] == self.layout.as_dict() and rng_file.is_file():

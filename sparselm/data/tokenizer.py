@@ -8,6 +8,8 @@ import hashlib
 from pathlib import Path
 
 EOD_TOKEN = "<|endoftext|>"
+# End-of-document tokens of imported (Hugging Face) tokenizers.
+OTHER_EOD_TOKENS = ("</s>", "<|end_of_text|>", "<eos>")
 
 
 class ByteTokenizer:
@@ -32,9 +34,11 @@ class BPETokenizer:
 
         self.path = Path(path)
         self._tok = Tokenizer.from_file(str(self.path))
-        eod = self._tok.token_to_id(EOD_TOKEN)
+        found = [self._tok.token_to_id(t) for t in (EOD_TOKEN, *OTHER_EOD_TOKENS)]
+        eod = next((i for i in found if i is not None), None)
         if eod is None:
-            raise ValueError(f"tokenizer '{path}' has no {EOD_TOKEN} token; train it with tools/train_tokenizer.py")
+            raise ValueError(f"tokenizer '{path}' has no end-of-document token ({EOD_TOKEN} or one of "
+                             f"{', '.join(OTHER_EOD_TOKENS)}); train one with tools/train_tokenizer.py")
         self.eod_id = eod
         self.vocab_size = self._tok.get_vocab_size()
         self.name = "bpe-" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]

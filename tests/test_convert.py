@@ -1,0 +1,75 @@
+"""Checkpoint conversion: consolidate, inspect, export to / import from the Hugging Face layouts."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparselm.config import load_config
+from sparselm.convert.store import ConversionError, write_model_checkpoint
+from sparselm.model import build_model
+from tools.convert_checkpoint import main as convert
+
+transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
+
+
+def make_checkpoint(path, *overrides):
+    cfg = load_config("tiny_dense", ["--model.vocab_size=128", "--model.d_model=64", "--model.n_layers=2",
+                                     "--model.n_heads=4", "--model.n_kv_heads=2", *overrides])
+    model = build_model(cfg, seed=7)
+    write_model_checkpoint(path, {k: v for k, v in model.state_dict().items()
+                                  if not (cfg.model.tie_embeddings and k == "head.proj.weight")}, cfg, source="test")
+    return model, cfg
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_llama_matches_transformers_logits(tmp_path, tied):
+    model, cfg = make_checkpoint(tmp_path / "ckpt", f"--model.tie_embeddings={tied}")
+    convert(["export-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        diff = (hf(ids).logits - model.eval()(ids)).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_import_llama_round_trip(tmp_path):
+    hf_cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=5000.0, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
+    from sparselm import load_model
+
+    ours, cfg = load_model(tmp_path / "ours")
+    ids = torch.randint(0, 96, (2, 24))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)).abs().max().item()
+    assert diff < 1e-4, diff
+    assert cfg.model.n_kv_heads == 2 and cfg.model.rope_theta == 5000.0
+
+
+def test_consolidate_and_inspect(tmp_path, capsys):
+    model, cfg = make_checkpoint(tmp_path / "ckpt")
+    convert(["consolidate", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "one"), "--dtype", "bf16"])
+    tensors = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert tensors["embed.weight"].dtype == torch.bfloat16
+    assert torch.equal(tensors["embed.weight"], model.state_dict()["embed.weight"].bfloat16())
+    capsys.readouterr()
+    info = convert(["inspect", "--input", str(tmp_path / "one"), "--json"])
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert json.loads(capsys.readouterr().out)["layer_kinds"] == ["dense", "dense"]
+
+
+def test_conversions_refuse_to_overwrite_and_bad_inputs(tmp_path):
+    make_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("precious")
+    with pytest.raises(ConversionError, match="not empty"):
+        convert(["consolidate", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "taken")])
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
+    (tmp_path / "nohf").mkdir()
+    with pytest.raises(ConversionError, match="no config.json"):
+        convert(["import-hf", "--input", str(tmp_path / "nohf"), "--output", str(tmp_path / "x")])

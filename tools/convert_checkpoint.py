@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Checkpoint conversions (each goes through sparselm's layout-free checkpoint form).
+
+  consolidate  --input CKPT_OR_RUN --output DIR [--dtype bf16]   one model.safetensors + config.yaml
+  export-hf    --input CKPT_OR_RUN --output DIR                  Llama (dense) / Mixtral (MoE) layout
+  import-hf    --input HF_DIR      --output DIR                  a local Llama-layout model into sparselm
+  upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
+  inspect      --input CKPT_OR_RUN [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from sparselm.checkpoint import CheckpointError, read_config, read_meta, read_tensors, resolve_checkpoint
+from sparselm.convert.store import ConversionError, write_model_checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _load(path: str):
+    ckpt = resolve_checkpoint(path)
+    return ckpt, read_meta(ckpt), read_config(ckpt), read_tensors(ckpt / "model.safetensors")
+
+
+def consolidate(args) -> Path:
+    ckpt, meta, cfg, tensors = _load(args.input)
+    dtype = DTYPES[args.dtype]
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    extra = _tokenizer_file(cfg)
+    out = write_model_checkpoint(args.output, tensors, cfg, source=f"consolidate {ckpt}", step=meta["step"], extra_files=extra)
+    print(f"wrote {out}/model.safetensors ({len(tensors)} tensors, {args.dtype}) and config.yaml")
+    return out
+
+
+def _tokenizer_file(cfg) -> dict:
+    tok = cfg.data.tokenizer
+    return {"tokenizer.json": Path(tok)} if tok != "byte" and Path(tok).is_file() else {}
+
+
+def export_hf(args) -> Path:
+    from safetensors.torch import save_file
+
+    ckpt, meta, cfg, tensors = _load(args.input)
+    kinds = set(cfg.model.layer_kinds())
+    if kinds <= {"dense"}:
+        from sparselm.convert.llama import to_llama as convert
+    else:
+        try:
+            from sparselm.convert.mixtral import to_mixtral as convert
+        except ImportError:
+            raise ConversionError("this build has no Mixtral exporter; only dense models export") from None
+    hf_tensors, hf_config = convert(tensors, cfg)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"output directory '{out}' exists and is not empty; choose a new --output")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in hf_tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=1))
+    for name, path in _tokenizer_file(cfg).items():
+        (out / name).write_bytes(path.read_bytes())
+    print(f"wrote {out} ({hf_config['architectures'][0]}, {len(hf_tensors)} tensors)")
+    return out
+
+
+def import_hf(args) -> Path:
+    from sparselm.config import load_config
+    from sparselm.convert.llama import from_llama
+    from sparselm.model import build_model
+    from sparselm.checkpoint import check_tensors_match
+
+    hf_dir = Path(args.input)
+    if not hf_dir.is_dir():
+        raise ConversionError(f"'{hf_dir}' is not a directory; give a local Hugging Face model directory")
+    tensors, model_overrides = from_llama(hf_dir)
+    tok = hf_dir / "tokenizer.json"
+    overrides = {"model": model_overrides, "data": {"seq_len": min(2048, model_overrides["max_seq_len"])}}
+    if tok.is_file():
+        overrides["data"]["tokenizer"] = str(Path(args.output).resolve() / "tokenizer.json")
+    cfg = load_config(None, overrides)
+    check_tensors_match(build_model(cfg), tensors, hf_dir)
+    out = write_model_checkpoint(args.output, tensors, cfg, source=f"import-hf {hf_dir}",
+                                 extra_files={"tokenizer.json": tok} if tok.is_file() else None)
+    print(f"wrote {out} (sparselm checkpoint; train from it with --train.resume={out})")
+    return out
+
+
+def upcycle(args) -> Path:
+    from sparselm.convert.upcycle import upcycle as do_upcycle
+
+    ckpt, meta, cfg, tensors = _load(args.input)
+    new_tensors, new_cfg = do_upcycle(tensors, cfg, experts=args.experts, top_k=args.top_k, every=args.every, seed=args.seed)
+    out = write_model_checkpoint(args.output, new_tensors, new_cfg, source=f"upcycle {ckpt}", extra_files=_tokenizer_file(cfg))
+    print(f"wrote {out}: {args.experts} experts, top-{args.top_k}, every {args.every} layer(s)")
+    return out
+
+
+def inspect(args) -> dict:
+    ckpt, meta, cfg, tensors = _load(args.input)
+    total = sum(t.numel() for t in tensors.values())
+    info = {
+        "checkpoint": str(ckpt), "step": meta["step"], "saved_from_layout": meta.get("layout"),
+        "world_size": meta.get("world_size"), "versions": meta.get("versions"), "source": meta.get("source", "training"),
+        "layer_kinds": cfg.model.layer_kinds(), "parameters": total,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
+        "optimizer_state": (ckpt / "optimizer.safetensors").is_file() and bool(read_tensors(ckpt / "optimizer.safetensors")),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(f"{ckpt}\n  step {info['step']}, saved from layout {info['saved_from_layout']} "
+              f"(world {info['world_size']}), source: {info['source']}")
+        print(f"  layers: {', '.join(info['layer_kinds'])}")
+        print(f"  {total:,} parameters in {len(tensors)} tensors; optimizer state: {'yes' if info['optimizer_state'] else 'no'}")
+        for name, t in info["tensors"].items():
+            print(f"    {name:60s} {str(tuple(t['shape'])):>20s} {t['dtype']}")
+    return info
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in (("consolidate", consolidate), ("export-hf", export_hf), ("import-hf", import_hf),
+                     ("upcycle", upcycle), ("inspect", inspect)):
+        p = sub.add_parser(name)
+        p.add_argument("--input", required=True)
+        if name != "inspect":
+            p.add_argument("--output", required=True)
+        p.set_defaults(fn=fn)
+        if name == "consolidate":
+            p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+        if name == "upcycle":
+            p.add_argument("--experts", type=int, required=True)
+            p.add_argument("--top-k", type=int, default=2)
+            p.add_argument("--every", type=int, default=1, help="upcycle every M-th layer (1 = all)")
+            p.add_argument("--seed", type=int, default=0)
+        if name == "inspect":
+            p.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (CheckpointError, ConversionError) as err:
+        if argv is not None:
+            raise
+        print(f"convert_checkpoint: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
