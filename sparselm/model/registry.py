@@ -28,10 +28,16 @@ def register_block(name: str):
 
 
 def default_attention(cfg, layer_idx: int):
-    """The attention every kind uses unless it needs its own (e.g. persistent memory)."""
+    """The attention every kind uses unless it needs its own (e.g. persistent memory): the pattern
+    of the ``attention`` section; dense causal stays the plain SDPA ``Attention``."""
     from sparselm.model.attention import Attention
 
-    return Attention(cfg.model)
+    acfg = getattr(cfg, "attention", None)
+    if acfg is None or acfg.pattern == "causal":
+        return Attention(cfg.model)
+    from sparselm.model.sparse_attention import SparseAttention
+
+    return SparseAttention(cfg.model, acfg)
 
 
 @register_block("dense")

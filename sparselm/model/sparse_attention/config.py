@@ -11,7 +11,7 @@ BACKENDS = ("auto", "flex", "reference", "block_sparse")
 
 
 @register_section("attention")
-@dataclass(frozen=False)
+@dataclass
 class AttentionConfig:
     pattern: str = "causal"
     """Attention pattern of every layer: causal (dense, SDPA), sliding_window, strided, fixed, block_local or bigbird."""
