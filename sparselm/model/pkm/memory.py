@@ -96,7 +96,7 @@ class ProductKeyMemory(nn.Module):
         """x[n, d_model] -> (weights, slots), both [n, heads, knn]."""
         q = self.query_norm(F.linear(x, self.query_weight).view(-1, self.heads, self.k_dim))
         scores, slots = product_key_topk(q, self.keys, self.knn)
-        return torch.softmax(scores.float(), dim=-1), slots
+        return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)), slots
 
     def read(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the selected value rows: [n, v_dim]."""

@@ -3,7 +3,7 @@
 State is kept in buffers so that it moves with the module (device, checkpoints) and resumes exactly:
 - ``step``: optimizer steps seen (advanced by ``after_optimizer_step``, which the trainer calls);
 - ``last_read[n]``: the step at which each slot was last read (``NEVER`` if not yet);
-- ``mass[n]``: exponential average over completed steps of the softmax weight each slot received;
+- ``mass[n]``: exponentially decayed sum over completed steps of the softmax weight each slot received;
 - ``pending[n]``: weight received in the current step (not persistent: it is zero at every step end,
   where checkpoints are written).
 Counting in optimizer steps rather than forwards keeps the figures independent of micro-batching.
@@ -46,10 +46,13 @@ class SlotUsage(nn.Module):
         self.last_read.index_fill_(0, flat, self.step)
         self.pending.index_add_(0, flat, weights.reshape(-1).to(self.pending.dtype))
 
+    @property
+    def decay(self) -> float:
+        return 1.0 - 1.0 / self.window
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        decay = 1.0 - 1.0 / self.window
-        self.mass.mul_(decay).add_(self.pending)
+        self.mass.mul_(self.decay).add_(self.pending)
         self.pending.zero_()
         self.step += 1
 
@@ -60,7 +63,7 @@ class SlotUsage(nn.Module):
         ``dead_after`` steps."""
         recent = self.last_read > self.step - self.window
         alive = self.last_read > self.step - self.dead_after
-        mass = (self.mass + self.pending).float()
+        mass = (self.mass * self.decay + self.pending).float()  # step s weighs decay**(now - s)
         total = mass.sum()
         if total > 0:
             p = mass / total

@@ -1,0 +1,119 @@
+"""Tensor parallelism for product-key memory: the value table sharded along its embedding dimension.
+
+Every rank of the tensor-parallel group computes the same queries, scores, slots and weights (those
+weights are small and replicated); each reads only its slice of value columns.  The partial results
+are then combined so that forward and backward equal the unsharded layer:
+- plain output (no projection): the column slices are all-gathered;
+- Memory+ gate / output projection: the gate rows and output-projection columns are sharded like the
+  values (column- then row-parallel), and the partial outputs are all-reduced.
+The weights and the gate input enter the sharded part through ``copy_to_group`` (identity forward,
+all-reduce backward): each rank's gradient w.r.t. them covers only its columns.
+
+The collectives are our own small autograd functions: megatron-core's gather allocates on CUDA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from sparselm.model.pkm.memory import ProductKeyMemory
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        ctx.width = x.shape[-1]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank = dist.get_rank(ctx.group)
+        return grad[..., rank * ctx.width:(rank + 1) * ctx.width].contiguous(), None
+
+
+def copy_to_group(x, group):
+    return _CopyToGroup.apply(x, group)
+
+
+def reduce_from_group(x, group):
+    return _ReduceFromGroup.apply(x, group)
+
+
+def gather_last_dim(x, group):
+    return _GatherLastDim.apply(x, group)
+
+
+class TensorParallelPKM(ProductKeyMemory):
+    """A ProductKeyMemory whose value columns (and gate/output projections) are this rank's shard.
+    Made by ``shard_pkm``; ``tp_group`` is set there."""
+
+    tp_group = None
+
+    def read(self, slots, weights):
+        return super().read(slots, copy_to_group(weights, self.tp_group))
+
+    def project(self, memory, x):
+        if self.out_weight is None:
+            return gather_last_dim(memory, self.tp_group)
+        if self.gate_weight is not None:
+            memory = memory * F.silu(F.linear(copy_to_group(x, self.tp_group), self.gate_weight))
+        return reduce_from_group(F.linear(memory, self.out_weight), self.tp_group)
+
+
+def _shard_(param: torch.nn.Parameter, dim: int, rank: int, size: int) -> None:
+    """Keep this rank's slice of ``param`` along ``dim``, in place: layers sharing the Parameter see it too."""
+    if getattr(param, "tensor_model_parallel", False):
+        return  # already sharded through another layer that shares it
+    width = param.shape[dim]
+    if width % size:
+        raise ValueError(f"PKM tensor parallelism: dimension {dim} of size {width} is not divisible by tp={size}")
+    param.data = param.data.narrow(dim, rank * (width // size), width // size).clone()
+    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, dim, 1
+
+
+def shard_pkm(module: ProductKeyMemory, tp_group) -> ProductKeyMemory:
+    """Shard a built (and initialised) ProductKeyMemory across ``tp_group`` in place and return it.
+
+    Shared value tables: call it for every layer; the shared Parameter is sliced once."""
+    size, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    if size == 1:
+        return module
+    if module.values is None:
+        raise ValueError("shard_pkm: bind shared value tables before sharding")
+    _shard_(module.values, 1, rank, size)
+    if module.gate_weight is not None:
+        _shard_(module.gate_weight, 0, rank, size)
+    if module.out_weight is not None:
+        _shard_(module.out_weight, 1, rank, size)
+    module.__class__ = TensorParallelPKM
+    module.tp_group = tp_group
+    return module
