@@ -235,7 +235,8 @@ def save_checkpoint(out_dir, step: int, engine, model, cfg, sampler_state: dict,
     moments = full_optimizer_state(engine, model)
     opt_step = optimizer_step_count(engine)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in ckdir.glob(".tmp_step_*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     save_file({f"rank{rank}": torch.get_rng_state()}, str(tmp / f"rng_rank{rank}.safetensors"))
