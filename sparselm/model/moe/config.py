@@ -1,0 +1,82 @@
+"""The ``moe`` config section and its start-up checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparselm.config import ConfigError, register_section, register_validator
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+EXPERT_IMPLS = ("auto", "grouped_mm", "padded")
+
+
+@register_section("moe")
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    """Routed experts per MoE layer (all layers of kind 'moe' share these settings)."""
+    top_k: int = 2
+    """Experts each token is sent to: 1 as in Switch, 2 as in GShard/Mixtral."""
+    expert_hidden: int = 0
+    """Hidden width of one SwiGLU expert; 0 means model.ffn_hidden // (top_k + num_shared_experts), so a token's
+    active feed-forward parameters equal those of the dense block."""
+    num_shared_experts: int = 0
+    """Experts that see every token (DeepSeek-MoE); their output is added to the routed experts' output."""
+    score_func: str = "softmax"
+    """Router scores: 'softmax' over experts, or 'sigmoid' per expert (DeepSeek-V3)."""
+    renormalize: bool = True
+    """Rescale the top-k scores of a token to sum to 1. With top_k=1 and softmax this makes every gate 1, so the
+    router then learns only through the auxiliary losses; Switch (top_k=1) leaves it off."""
+    noisy_gating: bool = False
+    """Noisy top-k gating (Shazeer 2017): add N(0,1) * softplus(x W_noise) to the router logits while training."""
+    bias_balancing: bool = False
+    """Auxiliary-loss-free balancing (Wang 2024, DeepSeek-V3): a per-expert bias added to the scores for the
+    top-k selection only, moved by bias_update_rate toward uniform load after every optimizer step."""
+    bias_update_rate: float = 1e-3
+    """Step of the bias update: bias_i += rate * sign(mean load - load_i), load counted over the global batch."""
+    aux_loss_coef: float = 1e-2
+    """Coefficient of the Switch/GShard load-balancing loss E * sum_i f_i * P_i (f_i: fraction of routed
+    assignments, P_i: mean router probability); 0 disables it."""
+    z_loss_coef: float = 1e-3
+    """Coefficient of the ST-MoE router z-loss mean(logsumexp(logits)^2); 0 disables it."""
+    drop_tokens: bool = False
+    """Limit each expert to capacity_factor * tokens * top_k / num_experts assignments per micro-batch and rank,
+    dropping the lowest-probability ones (their residual passes through); false is dropless."""
+    capacity_factor: float = 1.25
+    """Expert capacity relative to a perfectly even split; used when drop_tokens is true."""
+    expert_impl: str = "auto"
+    """Grouped expert matmul: 'grouped_mm' (torch._grouped_mm), 'padded' (one bmm over groups padded to the
+    largest), 'auto' (grouped_mm on CUDA GPUs that support it with bf16, padded elsewhere)."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def resolved_expert_hidden(cfg) -> int:
+    m = cfg.moe
+    return m.expert_hidden or max(1, cfg.model.ffn_hidden // (m.top_k + m.num_shared_experts))
+
+
+@register_validator
+def validate_moe(cfg) -> None:
+    m = cfg.moe
+    if "moe" not in cfg.model.pattern:
+        return
+    _require(m.num_experts >= 1, f"moe.num_experts must be >= 1, got {m.num_experts}")
+    _require(1 <= m.top_k <= m.num_experts,
+             f"moe.top_k={m.top_k} must be between 1 and moe.num_experts={m.num_experts}; lower moe.top_k or add experts")
+    ep = cfg.parallel.ep
+    _require(m.num_experts % ep == 0,
+             f"moe.num_experts={m.num_experts} is not divisible by parallel.ep={ep}; every expert-parallel rank "
+             f"holds the same number of experts")
+    _require(m.expert_hidden >= 0, f"moe.expert_hidden must be >= 0 (0 derives it), got {m.expert_hidden}")
+    _require(m.num_shared_experts >= 0, f"moe.num_shared_experts must be >= 0, got {m.num_shared_experts}")
+    _require(m.score_func in SCORE_FUNCS, f"moe.score_func='{m.score_func}' is not one of {', '.join(SCORE_FUNCS)}")
+    _require(m.expert_impl in EXPERT_IMPLS, f"moe.expert_impl='{m.expert_impl}' is not one of {', '.join(EXPERT_IMPLS)}")
+    if m.drop_tokens:
+        _require(m.capacity_factor > 0,
+                 f"moe.capacity_factor={m.capacity_factor} must be > 0 with moe.drop_tokens=true "
+                 f"(or set moe.drop_tokens=false for dropless routing)")
+    for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        _require(getattr(m, name) >= 0, f"moe.{name} must be >= 0, got {getattr(m, name)}")

@@ -1,0 +1,88 @@
+"""SwiGLU experts stored as stacked weights and computed grouped, never one Python call per expert.
+
+Weights follow the per-expert ``nn.Linear`` layout (out, in): ``gate_up_proj`` [E, 2H, D] holds the gate
+rows then the up rows, ``down_proj`` [E, D, H].  Rows arrive grouped by expert with ``counts`` per expert.
+
+- ``grouped_mm``: ``torch._grouped_mm`` over the unpadded groups (fast on Hopper GPUs in bf16; on CPU it
+  exists but runs an internal loop, slower than padded);
+- ``padded``: scatter the groups into [E, max_count, D], one ``bmm`` per projection, gather back.  Padding
+  rows are zero, give zero outputs and zero weight gradients, so the result is exact.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm's fast kernel: CUDA compute capability >= 9.0 (Hopper) in bf16."""
+    if not hasattr(torch, "_grouped_mm") or device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, init_std: float = 0.02,
+                 out_std: float = 0.02, impl: str = "auto"):
+        super().__init__()
+        self.num_experts = num_experts
+        """Experts of the whole layer (all expert-parallel ranks together)."""
+        self.first_expert = 0
+        """Global index of this module's first expert (non-zero on expert-parallel ranks > 0)."""
+        self.hidden, self.init_std, self.out_std, self.impl = hidden, init_std, out_std, impl
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate_up_proj, 0.0, self.init_std)
+        nn.init.normal_(self.down_proj, 0.0, self.out_std)
+
+    def params_per_expert(self) -> int:
+        return (self.gate_up_proj[0].numel() + self.down_proj[0].numel())
+
+    @torch.no_grad()
+    def keep_experts(self, first: int, count: int) -> None:
+        """Keep only experts [first, first + count) (expert parallelism); parameters are replaced."""
+        assert self.first_expert == 0 and self.num_local_experts == self.num_experts, "already sharded"
+        self.first_expert = first
+        self.gate_up_proj = nn.Parameter(self.gate_up_proj[first:first + count].clone())
+        self.down_proj = nn.Parameter(self.down_proj[first:first + count].clone())
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, D] grouped by local expert, counts [E_local] (sum M) -> [M, D]."""
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped_mm" if grouped_mm_supported(x.device, x.dtype) else "padded"
+        if impl == "grouped_mm" and x.shape[0] > 0:
+            return self._grouped_mm(x, counts)
+        return self._padded(x, counts)
+
+    def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(counts, 0).to(device=x.device, dtype=torch.int32)
+        h = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(_swiglu(h).contiguous(), self.down_proj.transpose(-2, -1), offs=offs)
+
+    def _padded(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # With no rows (an expert-parallel rank nobody routed to) this still builds the graph, so the
+        # weights get zero gradients like on every other rank.
+        n_exp, d = counts.numel(), x.shape[1]
+        cap = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        row = torch.arange(x.shape[0], device=x.device)
+        expert_of_row = torch.repeat_interleave(torch.arange(n_exp, device=x.device), counts, output_size=x.shape[0])
+        slot = expert_of_row * cap + row - starts[expert_of_row]
+        padded = x.new_zeros(n_exp * cap, d).index_copy(0, slot, x).view(n_exp, cap, d)
+        h = torch.bmm(padded, self.gate_up_proj.transpose(1, 2))
+        out = torch.bmm(_swiglu(h), self.down_proj.transpose(1, 2))
+        return out.view(n_exp * cap, d).index_select(0, slot)

@@ -1,0 +1,116 @@
+"""The MoE feed-forward slot: route, drop over capacity, dispatch, grouped experts, combine.
+
+``forward(x) -> (y, aux_loss)``; ``self.metrics`` describes the last forward.  Routing statistics
+(capacity, balancing loss) are taken per micro-batch on each rank, as in Switch and DeepSpeed, so results do
+not depend on the parallel layout as long as the micro-batches are the same.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparselm.model.feedforward import SwiGLU
+from sparselm.model.moe.dispatch import LocalDispatcher, expert_capacity, plan_dispatch
+from sparselm.model.moe.experts import GroupedExperts
+from sparselm.model.moe.router import Router, balance_loss, z_loss
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, expert_hidden: int, *, num_shared_experts: int = 0,
+                 score_func: str = "softmax", renormalize: bool = True, noisy_gating: bool = False,
+                 bias_balancing: bool = False, bias_update_rate: float = 1e-3, aux_loss_coef: float = 1e-2,
+                 z_loss_coef: float = 1e-3, drop_tokens: bool = False, capacity_factor: float = 1.25,
+                 expert_impl: str = "auto", init_std: float = 0.02, out_std: float = 0.02):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.capacity_factor = capacity_factor if drop_tokens else None
+        self.bias_update_rate = bias_update_rate
+        self.router = Router(d_model, num_experts, top_k, score_func, renormalize, noisy_gating, bias_balancing, init_std)
+        self.experts = GroupedExperts(num_experts, d_model, expert_hidden, init_std, out_std, expert_impl)
+        self.shared_experts = SwiGLU(d_model, num_shared_experts * expert_hidden) if num_shared_experts else None
+        self.dispatcher = LocalDispatcher()
+        # Set by sparselm.parallel: sums a tensor over the data-parallel ranks (load counts for the bias update).
+        self.stats_reducer = None
+        self.register_buffer("load_since_update", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, cfg, layer_idx: int) -> "MoELayer":
+        from sparselm.model.moe.config import resolved_expert_hidden
+
+        m, mm = cfg.moe, cfg.model
+        return cls(mm.d_model, m.num_experts, m.top_k, resolved_expert_hidden(cfg),
+                   num_shared_experts=m.num_shared_experts, score_func=m.score_func, renormalize=m.renormalize,
+                   noisy_gating=m.noisy_gating, bias_balancing=m.bias_balancing, bias_update_rate=m.bias_update_rate,
+                   aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef, drop_tokens=m.drop_tokens,
+                   capacity_factor=m.capacity_factor, expert_impl=m.expert_impl, init_std=mm.init_std,
+                   out_std=mm.init_std / math.sqrt(2 * mm.n_layers))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, d, k = x.shape, x.shape[-1], self.top_k
+        tokens = x.reshape(-1, d)
+        n = tokens.shape[0]
+        routing = self.router(tokens)
+        capacity = None if self.capacity_factor is None else expert_capacity(n, k, self.num_experts, self.capacity_factor)
+        plan = plan_dispatch(routing.experts, routing.probs, self.num_experts, capacity)
+
+        rows = tokens.index_select(0, plan.order // k)
+        local_rows, local_counts, context = self.dispatcher.dispatch(rows, plan.counts)
+        out = self.dispatcher.combine(self.experts(local_rows, local_counts), context)
+        # Weight in fp32 (the gates are fp32), place each kept assignment in its (token, choice) slot and sum
+        # the k choices: dropped slots stay zero, no scatter-add, deterministic on every device.
+        weighted = out.float() * routing.gates.reshape(-1).index_select(0, plan.order).unsqueeze(1)
+        slots = weighted.new_zeros(n * k, d).index_copy(0, plan.order, weighted)
+        y = slots.view(n, k, d).sum(1).to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(tokens)
+
+        lb, z = balance_loss(routing.scores, plan.routed), z_loss(routing.logits)
+        aux = self.aux_loss_coef * lb + self.z_loss_coef * z
+        if self.training and self.router.expert_bias is not None:
+            self.load_since_update += plan.routed
+        self._record(plan, lb, z)
+        return y.view(shape), aux
+
+    @torch.no_grad()
+    def _record(self, plan, lb: torch.Tensor, z: torch.Tensor) -> None:
+        total = plan.routed.sum().clamp_min(1)
+        load = plan.routed.float() / total
+        self.metrics = {
+            "expert_load": load,
+            "load_max": load.max() * self.num_experts,
+            "dropped_frac": 1 - plan.counts.sum().float() / total,
+            "balance_loss": lb.detach(),
+            "z_loss": z.detach(),
+        }
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Auxiliary-loss-free balancing step (DeepSeek-V3): bias_i += rate * sign(mean load - load_i), from the
+        integer assignment counts since the last update summed over data-parallel ranks, hence bit-identical on
+        every rank.  Call once after each optimizer step (``after_optimizer_step`` does)."""
+        bias = self.router.expert_bias
+        if bias is None:
+            return
+        counts = self.load_since_update.clone()
+        if self.stats_reducer is not None:
+            counts = self.stats_reducer(counts)
+        self.load_since_update.zero_()
+        if int(counts.sum()) == 0:
+            return
+        counts = counts.double()
+        bias += (self.bias_update_rate * torch.sign(counts.mean() - counts)).to(bias.dtype)
+
+    def after_optimizer_step(self) -> None:
+        """Hook the trainer calls on every module after each optimizer step."""
+        self.update_bias()
+
+    def active_params(self) -> int:
+        """Parameters one token uses: router, shared experts and top_k routed experts."""
+        n = sum(p.numel() for p in self.router.parameters())
+        if self.shared_experts is not None:
+            n += sum(p.numel() for p in self.shared_experts.parameters())
+        return n + self.top_k * self.experts.params_per_expert()

@@ -1,0 +1,97 @@
+"""Token-choice top-k router, computed in fp32 whatever the model dtype.
+
+Selection may use biased scores (auxiliary-loss-free balancing) while the gate weights and the losses
+always use the unbiased scores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    experts: torch.Tensor
+    """[N, k] chosen expert per token and choice (int64)."""
+    gates: torch.Tensor
+    """[N, k] fp32 weights applied to the expert outputs (renormalised if asked)."""
+    probs: torch.Tensor
+    """[N, k] fp32 unbiased scores of the chosen experts before renormalisation (drop priority)."""
+    scores: torch.Tensor
+    """[N, E] fp32 unbiased router scores."""
+    logits: torch.Tensor
+    """[N, E] fp32 logits the scores were computed from."""
+
+
+def route(logits: torch.Tensor, k: int, score_func: str = "softmax", renormalize: bool = True,
+          bias: torch.Tensor | None = None) -> Routing:
+    """Scores from fp32 logits, top-k selection (on scores + bias), gate weights from the unbiased scores."""
+    logits = logits.float()
+    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    select = scores if bias is None else scores.detach() + bias
+    experts = torch.topk(select, k, dim=-1).indices
+    probs = scores.gather(1, experts)
+    gates = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny) if renormalize else probs
+    return Routing(experts=experts, gates=gates, probs=probs, scores=scores, logits=logits)
+
+
+def assignment_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routed assignments per expert (int64, before any capacity drop)."""
+    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+
+
+def balance_loss(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard load-balancing loss E * sum_i f_i P_i; 1 at perfect balance.
+
+    f_i: fraction of the N*k assignments routed to expert i (not differentiable); P_i: mean over tokens of
+    the router probability of expert i (sigmoid scores are normalised per token first)."""
+    num_experts = scores.shape[-1]
+    if scores.shape[0] == 0:
+        return scores.sum()
+    probs = scores / scores.sum(-1, keepdim=True)
+    f = counts.to(scores.dtype) / counts.sum().clamp_min(1)
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    if logits.shape[0] == 0:
+        return logits.sum()
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class Router(nn.Module):
+    """Linear router (no bias), optional noise projection, optional selection bias buffer."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, score_func: str = "softmax",
+                 renormalize: bool = True, noisy: bool = False, bias_balancing: bool = False, init_std: float = 0.02):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.score_func, self.renormalize, self.init_std = score_func, renormalize, init_std
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.noise_weight = nn.Parameter(torch.empty(num_experts, d_model)) if noisy else None
+        # Selection bias (float32, never cast): part of the model state, updated outside the optimizer.
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32) if bias_balancing else None)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, self.init_std)
+        if self.noise_weight is not None:
+            nn.init.zeros_(self.noise_weight)  # Shazeer 2017: the noise scale starts at softplus(0)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        logits = F.linear(x32, self.weight.float())
+        if self.noise_weight is not None and self.training:
+            noise_std = F.softplus(F.linear(x32, self.noise_weight.float()))
+            logits = logits + torch.randn_like(logits) * noise_std
+        return logits
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: [N, D] tokens -> Routing."""
+        return route(self.logits(x), self.top_k, self.score_func, self.renormalize, self.expert_bias)
