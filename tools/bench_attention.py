@@ -1,0 +1,98 @@
+"""Forward+backward time of sliding-window attention against dense causal SDPA, per sequence length.
+
+    python tools/bench_attention.py [--lengths 1024,4096,16384] [--window 256] [--device auto]
+
+On CUDA the sparse side is compiled FlexAttention and the dense side SDPA's flash kernel (bf16).
+On CPU the sparse side is the exact block-sparse path (only the key blocks a query block can see);
+``--with-reference`` also times the masked-SDPA reference, which costs as much as dense attention.
+Prints one markdown row per length with the dense/sparse ratio (higher is better for sparse).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparselm.model.sparse_attention.kernels import sparse_attention
+from sparselm.model.sparse_attention.patterns import PatternSpec
+
+
+def time_fwd_bwd(fn, q, k, v, repeats: int, warmup: int) -> float:
+    """Median seconds of forward + backward; on CUDA measured between synchronisations."""
+    grad = torch.randn_like(q)
+    times = []
+    for i in range(warmup + repeats):
+        for x in (q, k, v):
+            x.grad = None
+        if q.is_cuda:
+            torch.cuda.synchronize(q.device)
+        start = time.perf_counter()
+        fn(q, k, v).backward(grad)
+        if q.is_cuda:
+            torch.cuda.synchronize(q.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def dense_causal(q, k, v):
+    ctx = contextlib.nullcontext()
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    with ctx:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="1024,4096,16384", help="comma-separated sequence lengths")
+    ap.add_argument("--window", type=int, default=256, help="sliding-window size in tokens")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on cuda, fp32 on cpu), fp32, bf16, fp16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--with-reference", action="store_true", help="also time the masked-SDPA reference path")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 keeps torch's default)")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = PatternSpec(name="sliding_window", window=args.window)
+    sparse_backend = "flex" if device.type == "cuda" else "block_sparse"
+    paths = {"dense causal SDPA": dense_causal,
+             f"sliding window ({sparse_backend})": lambda q, k, v: sparse_attention(q, k, v, spec, None, sparse_backend)}
+    if args.with_reference:
+        paths["sliding window (masked SDPA)"] = lambda q, k, v: sparse_attention(q, k, v, spec, None, "reference")
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# fwd+bwd, batch {args.batch}, {args.heads} heads x {args.head_dim}, {dtype}, window {args.window}, {name}")
+    print("| seq | " + " | ".join(f"{p} (ms)" for p in paths) + " | dense / sparse |")
+    print("|---" * (len(paths) + 2) + "|")
+    rows = []
+    for t in (int(x) for x in args.lengths.split(",")):
+        shape = (args.batch, args.heads, t, args.head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        row = {"seq": t}
+        for label, fn in paths.items():
+            row[label] = time_fwd_bwd(fn, q, k, v, args.repeats, args.warmup)
+        sparse = row[f"sliding window ({sparse_backend})"]
+        row["ratio"] = row["dense causal SDPA"] / sparse
+        rows.append(row)
+        print(f"| {t} | " + " | ".join(f"{row[p] * 1e3:.1f}" for p in paths) + f" | {row['ratio']:.2f}x |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
