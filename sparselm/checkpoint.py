@@ -136,57 +136,73 @@ def link_optimizer_state(engine) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def full_model_state(engine, model) -> dict[str, torch.Tensor]:
+def _local_tensors(model) -> dict[str, torch.Tensor]:
+    """Local name -> tensor for parameters and persistent buffers (one entry per tied parameter)."""
+    out = dict(model.named_parameters())
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        out.setdefault(name, tensor)
+    return out
+
+
+def _full_fp32(p) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_fp32_param
 
-    params = dict(model.named_parameters())
-    out = {}
-    for name, tensor in model.state_dict().items():
-        p = params.get(name)
-        value = safe_get_full_fp32_param(p) if p is not None and _zero_managed(p) else tensor
-        out[name] = value.detach().float().cpu().clone()
-    return out
+    return safe_get_full_fp32_param(p) if isinstance(p, torch.nn.Parameter) and _zero_managed(p) else p
 
 
-def full_optimizer_state(engine, model) -> dict[str, torch.Tensor]:
+def collect_state(engine, model, groups: dict, pp_group=None) -> tuple[dict | None, dict | None]:
+    """Collective: (canonical model tensors, canonical Adam moments) on global rank 0, (None, None) elsewhere."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
+    from sparselm.parallel.canonical import gather_full, shard_of
+
     link_optimizer_state(engine)
-    out = {}
-    for name, p in model.named_parameters():
+    names = canonical_names_of(model)
+    params = dict(model.named_parameters())
+    weights, moments, specs = {}, {}, {}
+    for local, tensor in _local_tensors(model).items():
+        canon = names[local]
+        specs[canon] = shard_of(tensor)
+        weights[canon] = _full_fp32(tensor).detach().float().cpu()
+        p = params.get(local)
+        if p is None:
+            continue
         for key in MOMENTS:
-            if _zero_managed(p):
-                value = safe_get_full_optimizer_state(p, key)
-            else:
-                value = _adam_state(engine, p).get(key)
+            value = safe_get_full_optimizer_state(p, key) if _zero_managed(p) else _adam_state(engine, p).get(key)
             if value is not None:
-                out[f"{name}::{key}"] = value.detach().float().cpu().clone()
-    return out
+                moments[f"{canon}::{key}"] = value.detach().float().cpu()
+                specs[f"{canon}::{key}"] = specs[canon]
+    return gather_full(weights, specs, groups, pp_group), gather_full(moments, specs, groups, pp_group)
+
+
+def canonical_names_of(model) -> dict[str, str]:
+    from sparselm.parallel.canonical import canonical_names
+
+    return canonical_names(model)
 
 
 def load_full_state(engine, model, tensors: dict, moments: dict | None, optimizer_step: int) -> None:
-    """Write canonical tensors into a freshly initialised engine (any ZeRO stage)."""
+    """Write canonical fp32 master weights and Adam moments into an initialised engine (any ZeRO stage,
+    any layout: each rank takes its own piece).  The module's working weights must already hold the
+    checkpoint (load it into the full model before parallelising and building the engine)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    from sparselm.parallel.canonical import local_piece, shard_of
+
+    names = canonical_names_of(model)
     params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, p in params.items():
-            value = tensors[name]
-            if _zero_managed(p):  # the fp32 master copy ZeRO steps from
-                safe_set_full_fp32_param(p, value.to(p.device))
-            if not hasattr(p, "ds_id"):  # the working copy forward reads (ZeRO-3 gathers it from the master)
-                p.copy_(value.to(p.device, p.dtype))
-        for name, buf in model.named_buffers():
-            if name in tensors:
-                buf.copy_(tensors[name].to(buf.device, buf.dtype))
+    for local, p in params.items():
+        if _zero_managed(p):  # the fp32 master copy ZeRO steps from
+            safe_set_full_fp32_param(p, local_piece(tensors[names[local]], shard_of(p)).to(p.device))
     if not moments:
         return
     link_optimizer_state(engine)
-    for name, p in params.items():
+    for local, p in params.items():
         for key in MOMENTS:
-            value = moments.get(f"{name}::{key}")
+            value = moments.get(f"{names[local]}::{key}")
             if value is None:
                 continue
+            value = local_piece(value, shard_of(p))
             if _zero_managed(p):
                 safe_set_full_optimizer_state(p, value.to(p.device), key)
             else:
@@ -217,12 +233,15 @@ def optimizer_step_count(engine) -> int:
 def _drop_aliases(tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     """safetensors refuses aliased tensors: keep only the first name of each tied parameter.
     Keys may carry a ``::suffix`` (optimizer moments)."""
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    names = canonical_names_of(model)
+    all_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    aliases = {names.get(n, n) for n in all_names - {n for n, _ in model.named_parameters()}}
     return {k: v for k, v in tensors.items() if k.split("::")[0] not in aliases}
 
 
-def save_checkpoint(out_dir, step: int, engine, model, cfg, sampler_state: dict, layout: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it; rank 0 writes the shared files."""
+def save_checkpoint(out_dir, step: int, engine, model, cfg, sampler_state: dict, layout: dict, keep_last: int,
+                    groups: dict | None = None, pp_group=None) -> Path:
+    """Collective: every rank calls it; global rank 0 writes the canonical files."""
     import torch.distributed as dist
 
     from sparselm.config import to_yaml
@@ -231,8 +250,7 @@ def save_checkpoint(out_dir, step: int, engine, model, cfg, sampler_state: dict,
     ckdir = checkpoints_dir(out_dir)
     final = ckdir / f"step_{step}"
     tmp = ckdir / f".tmp_step_{step}"
-    model_tensors = full_model_state(engine, model)
-    moments = full_optimizer_state(engine, model)
+    weights, moments = collect_state(engine, model, groups or {}, pp_group)
     opt_step = optimizer_step_count(engine)
     if rank == 0:
         for stale in ckdir.glob(".tmp_step_*"):  # left by a save that was killed
@@ -241,7 +259,7 @@ def save_checkpoint(out_dir, step: int, engine, model, cfg, sampler_state: dict,
     dist.barrier()
     save_file({f"rank{rank}": torch.get_rng_state()}, str(tmp / f"rng_rank{rank}.safetensors"))
     if rank == 0:
-        save_file(_drop_aliases(model_tensors, model), str(tmp / "model.safetensors"))
+        save_file(_drop_aliases(weights, model), str(tmp / "model.safetensors"))
         save_file(_drop_aliases(moments, model), str(tmp / "optimizer.safetensors"))
         (tmp / "config.yaml").write_text(to_yaml(cfg))
         meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": opt_step,

@@ -87,7 +87,7 @@ class Trainer:
 
         self.model = build_model(cfg)
         restored = self._read_checkpoint(self.resume_from) if self.resume_from is not None else None
-        if restored is not None:  # before the engine: every ZeRO stage builds its working copy from the module
+        if restored is not None:  # into the full model: sharding and every ZeRO stage start from it
             self.model.load_state_dict(restored[1], strict=False)
         self.engine, self.ds_config = build_engine(self.model, cfg, self.layout.dp_size, mpu=None)
         self.step = 0
