@@ -59,6 +59,10 @@ def offloads_optimizer(ds: dict) -> bool:
 
 def make_optimizer(model: torch.nn.Module, cfg, ds: dict):
     groups = param_groups(model, cfg.optim)
+    # [moe] expert-parallel parameters go in their own groups (DeepSpeed reduces them over expert-data-parallel ranks)
+    from sparselm.parallel.expert import split_expert_param_groups
+
+    groups = split_expert_param_groups(groups)
     o = cfg.optim
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if offloads_optimizer(ds):
@@ -90,7 +94,18 @@ def build_engine(model, cfg, dp_size: int, mpu=None):
 def _keep_stage0_grad_norm(engine) -> None:
     """Without ZeRO, DeepSpeed's fp32 clipping computes the global norm and discards it; keep it so
     ``engine.get_global_grad_norm()`` reports it as it does under ZeRO."""
+    from deepspeed.moe.utils import is_moe_param
     from deepspeed.runtime.utils import clip_grad_norm_
+
+    if any(is_moe_param(p) for p in engine.module.parameters()):
+        # [moe] DeepSpeed's stage-0 norm averages per-rank norms; expert shards need their squares summed
+        from sparselm.parallel.expert import clip_grad_norm_ as clip_with_experts
+
+        def clip_and_record():
+            engine._global_grad_norm = clip_with_experts(engine.module.parameters(), engine.gradient_clipping())
+
+        engine.clip_fp32_gradients = clip_and_record
+        return
 
     def clip_and_record():
         engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),

@@ -1,0 +1,273 @@
+"""Expert parallelism for ``sparselm.model.moe`` layers on DeepSpeed's expert process groups.
+
+``apply_expert_parallel(model, ep_size)`` (before ``deepspeed.initialize``):
+- creates DeepSpeed's groups ``ep_size_<ep>`` (expert-parallel: consecutive ranks; expert-data-parallel:
+  strided ranks), so the engine knows them;
+- keeps on each rank only its ``num_experts / ep`` experts and routes tokens to them with
+  ``all_to_all_single`` (variable splits: dropless needs no padding to a common capacity);
+- marks expert parameters as DeepSpeed's own MoE does (``allreduce = False``, ``group_name``) so the engine
+  averages their gradients over the expert-data-parallel group (divided by the full data-parallel size, so
+  the gradient equals the one-process gradient), and tags each layer so ``engine.has_moe_layers`` is set;
+- sums the load counts of bias balancing over all data-parallel ranks, so the bias stays identical.
+
+The optimizer must receive expert parameters in their own groups (``split_expert_param_groups``), and without
+ZeRO the gradient norm must be taken with ``clip_grad_norm_`` from here: DeepSpeed's stage-0 clipping
+averages per-rank norms instead of summing squares over the expert shards.  Checkpoints stay layout-free
+through ``gather_expert_tensors`` / ``shard_expert_tensors``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from sparselm.model.moe import MoELayer
+
+
+def group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert groups of one expert-parallel degree."""
+    return f"ep_size_{ep_size}"
+
+
+# ---------------------------------------------------------------------------------------------
+# communication
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable splits; the backward sends gradients the opposite way."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        grad_in = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def _block_transpose(counts: torch.Tensor) -> torch.Tensor:
+    """Rows laid out as blocks (a, b) in row-major order with sizes counts[a, b] -> the permutation that
+    lists them as blocks (b, a)."""
+    sizes = counts.reshape(-1)
+    src_start = torch.cumsum(sizes, 0) - sizes
+    blocks = torch.arange(sizes.numel(), device=sizes.device).view(counts.shape).t().reshape(-1)
+    lengths = sizes[blocks]
+    total = int(lengths.sum())
+    shift = src_start[blocks] - (torch.cumsum(lengths, 0) - lengths)
+    return torch.arange(total, device=sizes.device) + torch.repeat_interleave(shift, lengths, output_size=total)
+
+
+class AllToAllDispatcher:
+    """Sends rows grouped by global expert to the rank holding the expert, and the outputs back.
+
+    Rank r of the expert-parallel group holds experts [r * L, (r + 1) * L).  After the exchange, rows are
+    ordered by (source rank, local expert); they are permuted to (local expert, source rank) for the
+    grouped matmul and back before the return trip."""
+
+    def __init__(self, group, ep_size: int, num_local_experts: int):
+        self.group, self.ep_size, self.num_local = group, ep_size, num_local_experts
+
+    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor):
+        send = counts.reshape(self.ep_size, self.num_local)
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts.contiguous(), group=self.group)
+        recv = recv.view(self.ep_size, self.num_local)  # [source rank, local expert]
+        in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        received = all_to_all(rows, out_splits, in_splits, self.group)
+        perm = _block_transpose(recv)
+        return received.index_select(0, perm), recv.sum(0), (perm, in_splits, out_splits)
+
+    def combine(self, rows: torch.Tensor, context) -> torch.Tensor:
+        perm, in_splits, out_splits = context
+        back = torch.empty_like(rows).index_copy(0, perm, rows)
+        return all_to_all(back, in_splits, out_splits, self.group)
+
+
+class SumReducer:
+    """Sums a tensor over a process group (None: the whole world); returns a new tensor."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+
+class DeepSpeedMoETag(_DeepSpeedMoE):
+    """No parameters, no forward: an instance of DeepSpeed's MoE class inside the model makes
+    ``deepspeed.initialize`` treat the model as MoE (expert gradient reduction, MoE optimizer groups,
+    expert-aware ZeRO partitioning and norm).  DeepSpeed's MoE.__init__ is skipped on purpose: it would
+    build DeepSpeed's own gate and experts."""
+
+    def __init__(self, num_experts: int, ep_size: int):
+        nn.Module.__init__(self)
+        self.num_experts, self.ep_size = num_experts, ep_size
+        self.num_local_experts = num_experts // ep_size
+        self.expert_group_name = group_name(ep_size)
+        self.enable_expert_tensor_parallelism = False
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """The engine calls this; the groups were created by apply_expert_parallel already."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("DeepSpeedMoETag is a marker for deepspeed.initialize and has no forward")
+
+
+# ---------------------------------------------------------------------------------------------
+# applying
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def _ensure_deepspeed_comm() -> None:
+    import deepspeed.comm as ds_dist
+
+    if not ds_dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+def expert_groups(ep_size: int):
+    """(expert-parallel group, expert-data-parallel group) of this rank, created once through DeepSpeed."""
+    from deepspeed.utils import groups
+
+    _ensure_deepspeed_comm()
+    name = group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+
+
+def apply_expert_parallel(model: nn.Module, ep_size: int, dp_group=None) -> int:
+    """Shard every MoE layer of ``model`` over ``ep_size`` ranks and connect it to the data-parallel group.
+
+    Every rank must hold the same full model when this is called (build_model seeds the init).  ``dp_group``
+    is the data-parallel group the load statistics are summed over (None: the whole world).  Returns the
+    number of MoE layers changed."""
+    layers = moe_layers(model)
+    if not layers or not dist.is_initialized():
+        return 0
+    if dist.get_world_size(dp_group) > 1:
+        reducer = SumReducer(dp_group)
+        for layer in layers:
+            layer.stats_reducer = reducer
+    if ep_size == 1:
+        return len(layers)
+    ep_group, _ = expert_groups(ep_size)
+    assert dist.get_world_size(ep_group) == ep_size
+    ep_rank = dist.get_rank(ep_group)
+    for layer in layers:
+        experts = layer.experts
+        if experts.num_experts % ep_size:
+            raise ValueError(f"{experts.num_experts} experts cannot be split over expert-parallel degree {ep_size}")
+        local = experts.num_experts // ep_size
+        experts.keep_experts(ep_rank * local, local)
+        for p in experts.parameters():
+            p.allreduce = False
+            p.group_name = group_name(ep_size)
+        layer.dispatcher = AllToAllDispatcher(ep_group, ep_size, local)
+        layer.deepspeed_tag = DeepSpeedMoETag(experts.num_experts, ep_size)
+    return len(layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer, gradient norm
+def split_expert_param_groups(param_groups: list[dict]) -> list[dict]:
+    """Move expert parameters into their own groups (``moe: True``, name = DeepSpeed group name), keeping
+    each group's other settings; what DeepSpeed's ZeRO and MoE optimizer paths require.  A no-op when
+    the model has no expert-parallel parameters."""
+    if not any(is_moe_param(p) for g in param_groups for p in g["params"]):
+        return param_groups
+    groups = split_params_into_different_moe_groups_for_optimizer([dict(g) for g in param_groups])
+    return [g for g in groups if g["params"]]
+
+
+def global_grad_norm(parameters, ep_group=None) -> torch.Tensor:
+    """L2 norm of the full-model gradient after data-parallel reduction: shared parameters once, every
+    expert shard once (sum of squares over the expert-parallel group)."""
+    shared, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    groups_seen = set()
+    for p in parameters:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().square().sum().cpu()
+        if is_moe_param(p):
+            expert += sq
+            groups_seen.add(p.group_name)
+        else:
+            shared += sq
+    if groups_seen:
+        assert len(groups_seen) == 1, f"one expert-parallel degree per model, got {sorted(groups_seen)}"
+        if ep_group is None:
+            from deepspeed.utils import groups
+
+            ep_group = groups._get_expert_parallel_group(groups_seen.pop())
+        buf = expert.clone()
+        dist.all_reduce(buf, group=ep_group)
+        expert = buf
+    return (shared + expert).sqrt().float()
+
+
+def clip_grad_norm_(parameters, max_norm: float, ep_group=None) -> torch.Tensor:
+    """Clip gradients to ``max_norm`` by the global norm of ``global_grad_norm``; returns that norm.
+    Every rank computes the same norm, so every replica of a parameter is scaled alike."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = global_grad_norm(parameters, ep_group)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in parameters:
+            p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------
+# layout-free checkpoints
+def _sharded_experts(model: nn.Module):
+    """(parameter-name prefix, experts module, expert-parallel group) of every sharded expert module."""
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, MoELayer) and isinstance(layer.dispatcher, AllToAllDispatcher):
+            yield f"{layer_name}.experts." if layer_name else "experts.", layer.experts, layer.dispatcher.group
+
+
+def _expert_keys(tensors: dict, model: nn.Module):
+    """Keys of ``tensors`` (``name`` or ``name::suffix``) that are sharded expert tensors."""
+    for prefix, experts, group in _sharded_experts(model):
+        for pname, _ in experts.named_parameters():
+            for key in tensors:
+                if key.split("::")[0] == prefix + pname:
+                    yield key, experts, group
+
+
+def gather_expert_tensors(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective over each expert-parallel group: replace local expert shards (dim 0) by the full tensors,
+    so a checkpoint written from any layout holds what the one-process model holds."""
+    out = dict(tensors)
+    for key, experts, group in sorted(_expert_keys(tensors, model), key=lambda e: e[0]):
+        local = tensors[key].contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        out[key] = torch.cat(parts, 0)
+    return out
+
+
+def shard_expert_tensors(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse: slice full expert tensors to this rank's experts (no communication)."""
+    out = dict(tensors)
+    for key, experts, _ in _expert_keys(tensors, model):
+        first, count = experts.first_expert, experts.num_local_experts
+        if out[key].shape[0] == experts.num_experts:
+            out[key] = out[key][first:first + count].clone()
+    return out

@@ -1,0 +1,211 @@
+"""Expert parallelism in real gloo processes (one spawn of 4 ranks runs every case; the tests read its report).
+
+- a MoE layer sharded over EP=2 and EP=4 gives, on every rank, the outputs, aux losses and gradients of the
+  unsharded layer (expert gradients after DeepSpeed's expert-data-parallel reduction);
+- bias balancing counts the load of all ranks and keeps the bias identical everywhere;
+- two optimizer steps of a small MoE model through sparselm's DeepSpeed engine (ZeRO 0 and 1, DP=4 x EP=2,
+  gradient clipping active) give the global grad norm and the parameters of one process on the whole batch;
+- our layer equals ``deepspeed.moe.layer.MoE`` on identical weights for top-1 and top-2.  Settings that make
+  them the same function: DeepSpeed ``drop_tokens=False`` (ours dropless), ``use_rts=False``,
+  ``noisy_gate_policy=None``, ``top2_2nd_expert_sampling=False``, a SwiGLU expert module; ours softmax
+  scores with ``renormalize`` off for top-1 (Switch: gate = probability) and on for top-2 (GShard).  The
+  balance losses agree for top-1; for top-2 DeepSpeed counts first choices only, ours counts all k.
+"""
+import pytest
+import torch
+
+from sparselm.distributed_testing import run_distributed
+
+WORLD = 4
+
+
+def _fresh_layer(seed=0, **kw):
+    from sparselm.model.moe import MoELayer
+
+    torch.manual_seed(seed)
+    layer = MoELayer(16, 8, kw.pop("k", 2), 8, **kw)
+    for m in layer.modules():
+        if m is not layer and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return layer
+
+
+def _layer_equivalence(rank):
+    import torch.distributed as dist
+    from torch import nn
+
+    from sparselm.parallel.expert import apply_expert_parallel, expert_groups
+
+    torch.manual_seed(1)
+    inputs = [torch.randn(3, 10, 16) for _ in range(WORLD)]
+    errors = {}
+    for case, kw in {"dropless": {}, "dropping+shared": dict(drop_tokens=True, capacity_factor=0.7, num_shared_experts=1),
+                     "top1-sigmoid": dict(k=1, score_func="sigmoid")}.items():
+        ref = _fresh_layer(**kw)
+        outs = [ref(x) for x in inputs]  # each rank's micro-batch routed on its own, as under EP
+        (sum((y * y).sum() + a for y, a in outs)).backward()
+        for ep in (2, 4):
+            layer = _fresh_layer(**kw)
+            apply_expert_parallel(nn.Sequential(layer), ep)
+            y, aux = layer(inputs[rank])
+            ((y * y).sum() + aux).backward()
+            errs = [(y - outs[rank][0]).abs().max().item(), (aux - outs[rank][1]).abs().item()]
+            for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
+                grad = p.grad.clone()
+                if getattr(p, "allreduce", True):  # replicated: its data-parallel sum is the whole-batch gradient
+                    dist.all_reduce(grad)
+                    errs.append((grad - p_ref.grad).abs().max().item())
+                else:  # expert shard: sum over the replicas of these experts (expert-data-parallel group)
+                    dist.all_reduce(grad, group=expert_groups(ep)[1])
+                    first, count = layer.experts.first_expert, layer.experts.num_local_experts
+                    assert count == 8 // ep
+                    errs.append((grad - p_ref.grad[first:first + count]).abs().max().item())
+            errors[f"{case} ep={ep}"] = max(errs)
+    return errors
+
+
+def _bias_balancing(rank):
+    from torch import nn
+
+    from sparselm.parallel.expert import apply_expert_parallel
+
+    torch.manual_seed(2)
+    inputs = [torch.randn(2, 16, 16) + 0.5 for _ in range(WORLD)]
+    ref = _fresh_layer(k=1, bias_balancing=True, bias_update_rate=0.1)
+    for x in inputs:
+        ref(x)
+    ref.update_bias()  # one process saw every rank's tokens
+    layer = _fresh_layer(k=1, bias_balancing=True, bias_update_rate=0.1)
+    apply_expert_parallel(nn.Sequential(layer), 2)
+    layer(inputs[rank])
+    layer.update_bias()
+    return {"bias": layer.router.expert_bias.tolist(), "ref": ref.router.expert_bias.tolist()}
+
+
+def _engine_steps(rank, stage):
+    from sparselm.config import load_config
+    from sparselm.engine import build_engine
+    from sparselm.model import build_model
+    from sparselm.optim import param_groups, set_lr
+    from sparselm.parallel.expert import apply_expert_parallel
+
+    cfg = load_config("tiny_dense", ["--model.pattern=moe,dense", "--model.n_layers=2", "--model.d_model=32",
+                                     "--model.n_heads=2", "--model.vocab_size=64", "--model.max_seq_len=16",
+                                     "--data.seq_len=16", "--moe.num_experts=4", "--moe.top_k=2",
+                                     "--parallel.ep=2", f"--parallel.zero_stage={stage}", "--optim.grad_clip=0.05",
+                                     f"--train.global_batch_size={2 * WORLD}", "--optim.warmup_steps=0"])
+    g = torch.Generator().manual_seed(3)
+    batches = [[torch.randint(0, 64, (2, 17), generator=g) for _ in range(WORLD)] for _ in range(2)]
+    lr = cfg.optim.lr
+
+    ref = build_model(cfg)
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(ref, o), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay, foreach=False)
+    set_lr(opt, lr)
+    ref_norms = []
+    for step in batches:
+        loss = sum(ref(b[:, :-1], b[:, 1:]).loss for b in step) / WORLD
+        loss.backward()
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), o.grad_clip).item())
+        opt.step()
+        opt.zero_grad()
+
+    model = build_model(cfg)
+    apply_expert_parallel(model, cfg.parallel.ep)
+    engine, _ = build_engine(model, cfg, dp_size=WORLD)
+    set_lr(engine.optimizer, lr)
+    norms = []
+    for step in batches:
+        b = step[rank]
+        out = engine(b[:, :-1], b[:, 1:])
+        engine.backward(out.loss)
+        engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+    err = 0.0
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        expected = ref_params[name]
+        if not getattr(p, "allreduce", True):
+            experts = model.get_submodule(name.rsplit(".", 1)[0])
+            expected = expected[experts.first_expert:experts.first_expert + experts.num_local_experts]
+        err = max(err, (p.detach() - expected.detach()).abs().max().item())
+    moved = max((p.detach() - q.detach()).abs().max().item() for p, q in zip(ref.parameters(), build_model(cfg).parameters()))
+    return {"norms": norms, "ref_norms": ref_norms, "param_err": err, "moved": moved,
+            "has_moe_layers": engine.has_moe_layers}
+
+
+def _deepspeed_reference(rank):
+    from deepspeed.moe.layer import MoE
+
+    from sparselm.model.feedforward import SwiGLU
+    from sparselm.parallel.expert import _ensure_deepspeed_comm
+
+    _ensure_deepspeed_comm()
+    result = {}
+    for k in (1, 2):
+        ours = _fresh_layer(seed=4, k=k, renormalize=k == 2, aux_loss_coef=1.0, z_loss_coef=0.0, init_std=0.3, out_std=0.3)
+        hidden = ours.experts.hidden
+        ds = MoE(16, SwiGLU(16, hidden), num_experts=8, ep_size=1, k=k, drop_tokens=False, use_rts=False,
+                 noisy_gate_policy=None, min_capacity=0, top2_2nd_expert_sampling=False)
+        ds.set_deepspeed_parallelism()
+        with torch.no_grad():
+            ds.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
+            for e, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+                expert.gate_proj.weight.copy_(ours.experts.gate_up_proj[e, :hidden])
+                expert.up_proj.weight.copy_(ours.experts.gate_up_proj[e, hidden:])
+                expert.down_proj.weight.copy_(ours.experts.down_proj[e])
+        x = torch.randn(4, 12, 16, generator=torch.Generator().manual_seed(5))
+        y_ours, aux_ours = ours(x)
+        y_ds, aux_ds, _ = ds(x)
+        g = torch.randn_like(y_ours)
+        gw_ours = torch.autograd.grad(y_ours, ours.router.weight, g)[0]
+        gw_ds = torch.autograd.grad(y_ds, ds.deepspeed_moe.gate.wg.weight, g)[0]
+        result[k] = {"y": (y_ours - y_ds).abs().max().item(), "aux": (aux_ours - aux_ds).abs().item(),
+                     "router_grad": (gw_ours - gw_ds).abs().max().item(), "scale": y_ds.abs().max().item()}
+    return result
+
+
+def _all_cases(rank, world_size):
+    return {"layer": _layer_equivalence(rank), "bias": _bias_balancing(rank),
+            "engine0": _engine_steps(rank, 0), "engine1": _engine_steps(rank, 1),
+            "deepspeed": _deepspeed_reference(rank)}
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_distributed(_all_cases, WORLD)
+
+
+def test_expert_parallel_layer_matches_one_process(report):
+    for rank, r in enumerate(report):
+        assert set(r["layer"]) == {f"{c} ep={ep}" for c in ("dropless", "dropping+shared", "top1-sigmoid") for ep in (2, 4)}
+        for case, err in r["layer"].items():
+            assert err < 1e-5, (rank, case, err)
+
+
+def test_bias_update_counts_every_rank_and_stays_identical(report):
+    ref = report[0]["bias"]["ref"]
+    assert any(ref)
+    for r in report:
+        assert r["bias"]["bias"] == ref
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_deepspeed_engine_steps_match_one_process(report, stage):
+    for r in report:
+        e = r[f"engine{stage}"]
+        assert e["has_moe_layers"]
+        assert e["ref_norms"][0] > 0.05  # clipping was active, so a wrong norm would change the update
+        assert e["norms"] == pytest.approx(e["ref_norms"], rel=1e-4)
+        assert e["moved"] > 1e-3 and e["param_err"] < 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_same_function_as_deepspeed_moe(report, k):
+    d = report[0]["deepspeed"][k]
+    assert d["scale"] > 0.1
+    assert d["y"] < 1e-5 * d["scale"]
+    assert d["router_grad"] < 1e-5
+    if k == 1:
+        assert d["aux"] < 1e-6
