@@ -181,7 +181,8 @@ def canonical_names_of(model) -> dict[str, str]:
     return canonical_names(model)
 
 
-def load_full_state(engine, model, tensors: dict, moments: dict | None, optimizer_step: int) -> None:
+def load_full_state(engine, model, tensors: dict, moments: dict | None, optimizer_step: int,
+                    groups: dict | None = None) -> None:
     """Write canonical fp32 master weights and Adam moments into an initialised engine (any ZeRO stage,
     any layout: each rank takes its own piece).  The module's working weights must already hold the
     checkpoint (load it into the full model before parallelising and building the engine)."""
@@ -193,7 +194,7 @@ def load_full_state(engine, model, tensors: dict, moments: dict | None, optimize
     params = dict(model.named_parameters())
     for local, p in params.items():
         if _zero_managed(p):  # the fp32 master copy ZeRO steps from
-            safe_set_full_fp32_param(p, local_piece(tensors[names[local]], shard_of(p)).to(p.device))
+            safe_set_full_fp32_param(p, local_piece(tensors[names[local]], shard_of(p), groups).to(p.device))
     if not moments:
         return
     link_optimizer_state(engine)
@@ -202,7 +203,7 @@ def load_full_state(engine, model, tensors: dict, moments: dict | None, optimize
             value = moments.get(f"{names[local]}::{key}")
             if value is None:
                 continue
-            value = local_piece(value, shard_of(p))
+            value = local_piece(value, shard_of(p), groups)
             if _zero_managed(p):
                 safe_set_full_optimizer_state(p, value.to(p.device), key)
             else:

@@ -82,6 +82,11 @@ class ParallelConfig:
     """ZeRO stage 0-3; -1 keeps the stage of the DeepSpeed JSON named by ds_config."""
     ds_config: str = "zero1"
     """DeepSpeed JSON: a name in ds_configs/ (zero1, zero2_offload, zero3_offload, bf16, fp16) or a path."""
+    pp_partition: str = "parameters"
+    """How layers are split into pipeline stages: 'parameters' (balance parameter counts), 'uniform' (layer
+    counts) or 'type:REGEX' (balance layers whose class matches, e.g. 'type:BlockStage')."""
+    activation_checkpoint_interval: int = 0
+    """Pipeline runs: recompute activations in backward every N layers (0 keeps all activations)."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sparselm import checkpoint as ckpt
-from sparselm.config import ConfigError, check_world, to_yaml
+from sparselm.config import ConfigError, to_yaml
 from sparselm.data.loader import build_datasets
 from sparselm.data.sampler import DataExhausted, GlobalBatchSampler
 from sparselm.data.tokenizer import load_tokenizer
@@ -23,7 +23,11 @@ from sparselm.engine import build_engine
 from sparselm.logging_sinks import MetricsWriter, format_line
 from sparselm.model import build_model
 from sparselm.optim import lr_at, set_lr
+from sparselm.parallel import parallelize
+from sparselm.parallel.pipeline import build_pipeline
+from sparselm.parallel.topology import Topology
 from sparselm.runtime import init_distributed
+from sparselm.steps import EngineSteps, PipelineSteps
 
 
 def resolve_vocab(cfg, tokenizer) -> None:
@@ -51,20 +55,6 @@ def find_resume(cfg) -> Path | None:
     return None
 
 
-class Layout:
-    """Where this rank sits.  Data parallel only until sparselm.parallel provides the full topology."""
-
-    def __init__(self, cfg, world_size: int, rank: int):
-        self.dp_size = check_world(cfg, world_size)
-        self.tp, self.pp, self.ep = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep
-        if self.tp > 1 or self.pp > 1:
-            raise ConfigError("parallel.tp/pp > 1 need sparselm.parallel's topology, which this build does not have yet")
-        self.dp_rank, self.dp_group = rank, None
-
-    def as_dict(self) -> dict:
-        return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "dp": self.dp_size}
-
-
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -72,7 +62,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         t = cfg.train
-        self.layout = Layout(cfg, self.world, self.rank)
+        self.topo = Topology(cfg)
         self.resume_from = find_resume(cfg)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         resolve_vocab(cfg, self.tokenizer)
@@ -85,11 +75,25 @@ class Trainer:
             self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer)
         self.sampler = GlobalBatchSampler(len(self.train_data), t.global_batch_size, t.seed, cfg.data.allow_repeat)
 
-        self.model = build_model(cfg)
-        restored = self._read_checkpoint(self.resume_from) if self.resume_from is not None else None
-        if restored is not None:  # into the full model: sharding and every ZeRO stage start from it
-            self.model.load_state_dict(restored[1], strict=False)
-        self.engine, self.ds_config = build_engine(self.model, cfg, self.layout.dp_size, mpu=None)
+        # The full model is built identically on every rank; a checkpoint goes into it before any
+        # sharding, so tensor/expert/pipeline pieces and every ZeRO stage start from the same weights.
+        full_model = build_model(cfg)
+        self.num_params = (full_model.num_params(), full_model.num_params(active=True))
+        restored = self._read_checkpoint(self.resume_from, full_model) if self.resume_from is not None else None
+        if restored is not None:
+            full_model.load_state_dict(restored[1], strict=False)
+        model = parallelize(full_model, cfg, self.topo)
+        micro = (t.micro_batch_size or t.global_batch_size // self.topo.dp_size)
+        if self.topo.pp > 1:
+            self.module = build_pipeline(model, self.topo.ds_topology, cfg.parallel.pp_partition,
+                                         cfg.parallel.activation_checkpoint_interval)
+            self.engine, self.ds_config = build_engine(self.module, cfg, self.topo.dp_size, mpu=None)
+            self.steps = PipelineSteps(self.engine, self.module, self.device, micro, self.topo.pp_group)
+        else:
+            self.module = model
+            self.engine, self.ds_config = build_engine(model, cfg, self.topo.dp_size, mpu=self.topo.mpu)
+            self.steps = EngineSteps(self.engine, model, self.device, micro)
+        del full_model, model  # a pipeline stage keeps only its own layers
         self.step = 0
         if restored is not None:
             self._restore(self.resume_from, *restored)
@@ -104,33 +108,36 @@ class Trainer:
         if self.is_rank0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
-            print(f"sparselm: {self.world} process(es), layout {self.layout.as_dict()}, "
-                  f"{self.model.num_params():,} parameters ({self.model.num_params(active=True):,} active per token)")
+            print(f"sparselm: {self.world} process(es), layout {self.topo.as_dict()}, "
+                  f"{self.num_params[0]:,} parameters ({self.num_params[1]:,} active per token)")
             print(to_yaml(cfg))
         self.writer = MetricsWriter(self.out_dir, t.tensorboard, self.is_rank0)
 
     # ----------------------------------------------------------------------------------------
-    def _read_checkpoint(self, path: Path):
+    def _read_checkpoint(self, path: Path, full_model):
         meta = ckpt.read_meta(path)
         tensors = ckpt.read_tensors(path / "model.safetensors")
-        ckpt.check_tensors_match(self.model, tensors, path / "model.safetensors")
+        ckpt.check_tensors_match(full_model, tensors, path / "model.safetensors")
         moments = ckpt.read_tensors(path / "optimizer.safetensors")
         return meta, tensors, moments
 
     def _restore(self, path: Path, meta: dict, tensors: dict, moments: dict) -> None:
-        ckpt.load_full_state(self.engine, self.model, tensors, moments, meta["optimizer_step"])
+        ckpt.load_full_state(self.engine, self.module, tensors, moments, meta["optimizer_step"], self._groups())
         if meta["sampler"] is not None:  # None: a converted model, trained from the start of the data
             self.sampler.load_state_dict(meta["sampler"])
         self.step = meta["step"]
         rng_file = path / f"rng_rank{self.rank}.safetensors"
-        if meta["layout"] == self.layout.as_dict() and rng_file.is_file():
+        if meta["layout"] == self.topo.as_dict() and rng_file.is_file():
             torch.set_rng_state(ckpt.read_tensors(rng_file)[f"rank{self.rank}"])
         if self.is_rank0:
             print(f"sparselm: resumed from {path} at step {self.step}")
 
+    def _groups(self) -> dict:
+        return {"tp": self.topo.tp_group, "ep": self.topo.ep_group}
+
     def _rank_slice(self, batch: np.ndarray) -> np.ndarray:
-        per_rank = len(batch) // self.layout.dp_size
-        return batch[self.layout.dp_rank * per_rank:(self.layout.dp_rank + 1) * per_rank]
+        per_rank = len(batch) // self.topo.dp_size
+        return batch[self.topo.dp_rank * per_rank:(self.topo.dp_rank + 1) * per_rank]
 
     def _dp_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float | list]:
         """Average named scalars/vectors over data-parallel ranks in one all-reduce."""
@@ -139,9 +146,9 @@ class Trainer:
         if not flat:
             return {}
         buf = torch.cat(flat)
-        if self.layout.dp_size > 1:
-            dist.all_reduce(buf, group=self.layout.dp_group)
-            buf /= self.layout.dp_size
+        if self.topo.dp_size > 1:
+            dist.all_reduce(buf, group=self.topo.dp_group)
+            buf /= self.topo.dp_size
         out, i = {}, 0
         for n, f in zip(names, flat):
             chunk = buf[i:i + f.numel()]
@@ -150,50 +157,28 @@ class Trainer:
         return out
 
     def train_step(self, tokens: np.ndarray) -> dict:
-        """One optimizer step on this rank's share of a global batch (micro-batches accumulated)."""
-        engine, micro = self.engine, self.ds_config["train_micro_batch_size_per_gpu"]
-        sums: dict[str, torch.Tensor] = {}
-        n_micro = 0
-        self.model.train()
-        for start in range(0, len(tokens), micro):
-            chunk = torch.from_numpy(tokens[start:start + micro]).to(self.device)
-            out = engine(chunk[:, :-1], chunk[:, 1:])
-            engine.backward(out.loss)
-            engine.step()
-            values = {"loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss, **self.model.metrics()}
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            n_micro += 1
-        for module in self.model.modules():
-            if module is not self.model and hasattr(module, "after_optimizer_step"):
-                module.after_optimizer_step()
-        record = self._dp_mean({k: v / n_micro for k, v in sums.items()})
-        norm = engine.get_global_grad_norm()
+        """One optimizer step on this rank's share of a global batch; metrics averaged over the global batch."""
+        record = self._dp_mean(self.steps.train(tokens))
+        norm = self.engine.get_global_grad_norm()
         if norm is not None:
             record["grad_norm"] = float(norm)
         return record
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
         cfg = self.cfg
         n = min(len(self.valid_data), cfg.train.eval_batches * cfg.train.global_batch_size)
-        n -= n % self.layout.dp_size
+        micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        n -= n % (self.topo.dp_size * micro)
         if n == 0:
             return {}
         mine = self._rank_slice(np.arange(n))
-        micro = self.ds_config["train_micro_batch_size_per_gpu"]
-        self.model.eval()
-        total = torch.zeros(())
-        for start in range(0, len(mine), micro):
-            chunk = torch.from_numpy(self.valid_data.batch(mine[start:start + micro])).to(self.device)
-            out = self.engine(chunk[:, :-1], chunk[:, 1:])
-            total += out.lm_loss.float().cpu() * len(chunk)
-        val = self._dp_mean({"val_loss": total / len(mine)})["val_loss"]
+        val = self._dp_mean({"val_loss": self.steps.evaluate(self.valid_data.batch(mine))})["val_loss"]
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.cfg.train.out_dir, self.step, self.engine, self.model, self.cfg,
-                                    self.sampler.state_dict(), self.layout.as_dict(), self.cfg.train.keep_last)
+        return ckpt.save_checkpoint(self.cfg.train.out_dir, self.step, self.engine, self.module, self.cfg,
+                                    self.sampler.state_dict(), self.topo.as_dict(), self.cfg.train.keep_last,
+                                    self._groups(), self.topo.pp_group)
 
     def run(self) -> dict:
         from tqdm import tqdm
@@ -233,3 +218,7 @@ class Trainer:
         bar.close()
         self.writer.close()
         return record
+
+    def close(self) -> None:
+        """Release process groups (lets a test build another trainer in the same process)."""
+        self.topo.teardown()

@@ -44,6 +44,15 @@ class Block(nn.Module):
         return x, aux
 
 
+def layer_metrics(index: int, block: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``metrics`` dicts of a block's modules from their last forward, named ``layer{index}/{name}``."""
+    out = {}
+    for module in block.modules():
+        for name, value in getattr(module, "metrics", {}).items():
+            out[f"layer{index}/{name}"] = value.detach().float()
+    return out
+
+
 class LMHead(nn.Module):
     """Final norm, output projection and the token loss (swapped whole for vocab-parallel)."""
 
@@ -109,9 +118,7 @@ class SparseLM(nn.Module):
         """Detached per-layer metrics of the last forward, named ``layer{i}/{name}``."""
         out = {}
         for i, block in enumerate(self.layers):
-            for module in block.modules():
-                for name, value in getattr(module, "metrics", {}).items():
-                    out[f"layer{i}/{name}"] = value
+            out.update(layer_metrics(i, block))
         return out
 
     def num_params(self, active: bool = False) -> int:

@@ -1,11 +1,11 @@
 """Layout-free ("canonical") tensors: full tensors named as in the one-process model.
 
 A parallel layout changes where tensors live, never what they are:
-- a tensor split across a process group carries ``tensor.shard = ShardSpec(dim, group, index, count)``:
-  it is piece ``index`` of ``count`` equal pieces of the canonical tensor along ``dim``, and piece i
-  lives on rank i of ``group`` ("tp" or "ep").  Layers that shard set it (sparselm.parallel.tensor,
-  .expert, .pkm);
-- a pipeline stage holds some layers only, under names that ``canonical_names`` maps back.
+- a tensor split into equal pieces along one dimension over a process group is a shard: tensor-parallel
+  shards carry megatron-core's attributes (``tensor_model_parallel``, ``partition_dim``, set by
+  sparselm.parallel.tensor); shards over another group carry ``tensor.shard = ShardSpec(dim, group)``
+  (expert parallelism: experts split along dim 0 over "ep").  Piece i lives on rank i of the group;
+- a pipeline stage holds some layers only, under names its module maps back (``canonical_name``).
 
 ``gather_full`` assembles canonical tensors on global rank 0 from any layout; ``local_piece`` cuts
 this rank's piece out of a canonical tensor, so loading needs no communication at all.
@@ -23,27 +23,27 @@ class ShardSpec:
     dim: int
     """Dimension of the canonical tensor that is split."""
     group: str
-    """Process group the pieces are spread over: 'tp' or 'ep'."""
-    index: int
-    """Which piece this rank holds (its rank in the group)."""
-    count: int
-    """Number of equal pieces."""
+    """Process group the pieces are spread over, in group-rank order: 'tp' or 'ep'."""
 
 
 def shard_of(tensor) -> ShardSpec | None:
+    if getattr(tensor, "tensor_model_parallel", False):
+        return ShardSpec(tensor.partition_dim, "tp")
     return getattr(tensor, "shard", None)
 
 
-def mark_shard(tensor, dim: int, group: str, index: int, count: int):
-    tensor.shard = ShardSpec(dim, group, index, count)
+def mark_shard(tensor, dim: int, group: str):
+    tensor.shard = ShardSpec(dim, group)
     return tensor
 
 
-def local_piece(full: torch.Tensor, spec: ShardSpec | None) -> torch.Tensor:
+def local_piece(full: torch.Tensor, spec: ShardSpec | None, groups: dict) -> torch.Tensor:
     if spec is None:
         return full
-    size = full.shape[spec.dim] // spec.count
-    return full.narrow(spec.dim, spec.index * size, size)
+    group = groups[spec.group]
+    count, index = dist.get_world_size(group), dist.get_rank(group)
+    size = full.shape[spec.dim] // count
+    return full.narrow(spec.dim, index * size, size)
 
 
 def canonical_names(module) -> dict[str, str]:
@@ -55,7 +55,7 @@ def canonical_names(module) -> dict[str, str]:
 
 def _all_gather_along(tensor: torch.Tensor, spec: ShardSpec, groups: dict) -> torch.Tensor:
     group = groups[spec.group]
-    pieces = [torch.empty_like(tensor) for _ in range(spec.count)]
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(pieces, tensor.contiguous(), group=group)
     return torch.cat(pieces, dim=spec.dim)
 

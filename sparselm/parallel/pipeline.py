@@ -11,6 +11,8 @@ import torch
 from deepspeed.pipe import PipelineModule
 from torch import nn
 
+from sparselm.model.transformer import layer_metrics
+
 
 class EmbeddingStage(nn.Module):
     def __init__(self, embed: nn.Module):
@@ -20,18 +22,35 @@ class EmbeddingStage(nn.Module):
     def forward(self, inputs):
         input_ids, labels = inputs
         h = self.embed(input_ids)
-        return h, h.new_zeros(1, dtype=torch.float32), labels
+        # A zero that is part of the graph: DeepSpeed back-propagates through every float output.
+        aux = h.reshape(-1)[:1].float() * 0.0
+        return h, aux, labels
 
 
 class BlockStage(nn.Module):
-    def __init__(self, block: nn.Module):
+    """One block; also averages the block's metrics over the forwards since ``pop_metrics`` (the
+    pipeline engine runs micro-batches in its own order, so they are collected here)."""
+
+    def __init__(self, block: nn.Module, layer_index: int):
         super().__init__()
         self.block = block
+        self.layer_index = layer_index
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
 
     def forward(self, inputs):
         h, aux, labels = inputs
         h, layer_aux = self.block(h)
+        for name, value in layer_metrics(self.layer_index, self.block).items():
+            self._sums[name] = self._sums.get(name, 0) + value.cpu()
+        self._count += 1
         return h, aux + layer_aux.reshape(1), labels
+
+    def pop_metrics(self) -> dict[str, torch.Tensor]:
+        """Average over the forwards since the last call (a recomputed forward adds an identical value)."""
+        out = {k: v / self._count for k, v in self._sums.items()} if self._count else {}
+        self._sums, self._count = {}, 0
+        return out
 
 
 class HeadStage(nn.Module):
@@ -56,12 +75,19 @@ def total_loss(output: torch.Tensor, _labels) -> torch.Tensor:
 class SparseLMPipe(PipelineModule):
     """A PipelineModule that also exposes the per-layer metrics of its local blocks."""
 
-    def local_blocks(self) -> list[tuple[int, nn.Module]]:
-        """(global layer index, block) for the blocks on this stage."""
-        return [(m.layer_index, m.block) for m in self.forward_funcs if isinstance(m, BlockStage)]
+    def block_stages(self) -> list[BlockStage]:
+        return [m for m in self.forward_funcs if isinstance(m, BlockStage)]
 
     def head_stage(self) -> HeadStage | None:
         return next((m for m in self.forward_funcs if isinstance(m, HeadStage)), None)
+
+    def canonical_name(self, name: str) -> str:
+        """'3.block.attn.q_proj.weight' -> 'layers.2.attn.q_proj.weight'; embedding and head keep their names."""
+        index, _, rest = name.partition(".")
+        stage = self._modules[index]
+        if isinstance(stage, BlockStage):
+            return f"layers.{stage.layer_index}.{rest.removeprefix('block.')}"
+        return rest
 
 
 def build_pipeline(model, topology, partition_method: str = "parameters", activation_checkpoint_interval: int = 0):
@@ -70,10 +96,7 @@ def build_pipeline(model, topology, partition_method: str = "parameters", activa
         raise ValueError("model.tie_embeddings with parallel.pp > 1 is not supported yet: the embedding and the "
                          "output projection live on different stages; set model.tie_embeddings=false")
     stages: list[nn.Module] = [EmbeddingStage(model.embed)]
-    for i, block in enumerate(model.layers):
-        stage = BlockStage(block)
-        stage.layer_index = i
-        stages.append(stage)
+    stages += [BlockStage(block, i) for i, block in enumerate(model.layers)]
     stages.append(HeadStage(model.head))
     return SparseLMPipe(layers=stages, topology=topology, loss_fn=total_loss, partition_method=partition_method,
                         activation_checkpoint_interval=activation_checkpoint_interval)

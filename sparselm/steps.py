@@ -1,0 +1,102 @@
+"""One optimizer step and one validation pass, for the two kinds of DeepSpeed engine.
+
+``EngineSteps`` drives the plain engine (data, tensor and expert parallel): a loop over micro-batches.
+``PipelineSteps`` drives DeepSpeed's pipeline engine (``train_batch`` / ``eval_batch``).  Both return
+this rank's *local* averages; the trainer merges stages and averages data-parallel ranks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def after_optimizer_step(blocks) -> None:
+    """Layers with state updated once per optimizer step (e.g. MoE selection bias) update it here."""
+    for block in blocks:
+        for module in block.modules():
+            if hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()
+
+
+class EngineSteps:
+    def __init__(self, engine, model, device, micro: int):
+        self.engine, self.model, self.device, self.micro = engine, model, device, micro
+        self.blocks = list(model.layers)
+
+    def _chunks(self, tokens: np.ndarray):
+        for start in range(0, len(tokens), self.micro):
+            yield torch.from_numpy(tokens[start:start + self.micro]).to(self.device)
+
+    def train(self, tokens: np.ndarray) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        self.engine.train()
+        for chunk in self._chunks(tokens):
+            out = self.engine(chunk[:, :-1], chunk[:, 1:])
+            self.engine.backward(out.loss)
+            self.engine.step()
+            values = {"loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss, **self.model.metrics()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0) + v.detach().float().cpu()
+            n += 1
+        after_optimizer_step(self.blocks)
+        return {k: v / n for k, v in sums.items()}
+
+    @torch.no_grad()
+    def evaluate(self, tokens: np.ndarray) -> torch.Tensor:
+        """Mean token loss over ``tokens`` (this rank's share)."""
+        self.engine.eval()
+        total = torch.zeros(())
+        for chunk in self._chunks(tokens):
+            total += self.engine(chunk[:, :-1], chunk[:, 1:]).lm_loss.float().cpu() * len(chunk)
+        return total / len(tokens)
+
+
+class PipelineSteps:
+    """Micro-batches go in as ((input_ids, labels), labels): the first stage embeds the inputs, labels
+    travel with the activations, the last stage computes the loss."""
+
+    def __init__(self, engine, pipe, device, micro: int, pp_group):
+        self.engine, self.pipe, self.device, self.micro, self.pp_group = engine, pipe, device, micro, pp_group
+        self.stages = pipe.block_stages()
+        self.head = pipe.head_stage()
+
+    def _batches(self, tokens: np.ndarray):
+        for start in range(0, len(tokens), self.micro):
+            chunk = torch.from_numpy(tokens[start:start + self.micro]).to(self.device)
+            x, y = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+            yield (x, y), y
+
+    def _stage_values(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Union of every stage's values (each layer lives on one stage; the loss on the last)."""
+        parts = [None] * dist.get_world_size(self.pp_group)
+        dist.all_gather_object(parts, local, group=self.pp_group)
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def _pop_local(self) -> dict[str, torch.Tensor]:
+        local = {}
+        for stage in self.stages:
+            local.update(stage.pop_metrics())
+        if self.head is not None and self.head.parts:
+            lm = torch.stack([p[0] for p in self.head.parts]).mean().cpu()
+            aux = torch.stack([p[1] for p in self.head.parts]).mean().cpu()
+            self.head.parts.clear()
+            local.update(loss=lm + aux, lm_loss=lm, aux_loss=aux)
+        return local
+
+    def train(self, tokens: np.ndarray) -> dict[str, torch.Tensor]:
+        self._pop_local()  # drop anything left from a validation pass
+        self.engine.train_batch(data_iter=iter(list(self._batches(tokens))))
+        after_optimizer_step(stage.block for stage in self.stages)
+        return self._stage_values(self._pop_local())
+
+    @torch.no_grad()
+    def evaluate(self, tokens: np.ndarray) -> torch.Tensor:
+        self._pop_local()
+        batches = list(self._batches(tokens))
+        self.engine.eval_batch(data_iter=iter(batches), num_micro_batches=len(batches), bcast_loss=False)
+        return self._stage_values(self._pop_local())["lm_loss"]
