@@ -1,0 +1,96 @@
+"""The parallel layout as pure arithmetic: rank <-> (pp, dp, tp) coordinates and every group's ranks.
+
+No process group is needed, so the rank maps and the layout checks are testable in one process.
+Order: TP fastest, then DP, then PP -- megatron-core's default ("tp-cp-ep-dp-pp" with cp = ep = 1)
+and DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model).  Expert parallelism
+(DeepSpeed's) splits each data-parallel lane (fixed pp, tp) into consecutive blocks of ``ep`` ranks;
+the expert-data-parallel group joins the ranks holding the same experts, as DeepSpeed's
+``_get_expert_parallel_ranks`` does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from sparselm.config import ConfigError, check_world
+
+AXES = ("tp", "dp", "pp", "mp", "ep", "edp")
+"""Group kinds: tensor, data, pipeline, model (tp x pp), expert, expert-data parallel."""
+
+
+class Coord(NamedTuple):
+    pp: int
+    dp: int
+    tp: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    ep: int = 1
+
+    def __post_init__(self):
+        if min(self.tp, self.pp, self.dp, self.ep) < 1 or self.dp % self.ep:
+            raise ValueError(f"invalid layout {self}: sizes must be >= 1 and ep must divide dp")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def coord(self, rank: int) -> Coord:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside a world of {self.world_size}")
+        return Coord(pp=rank // (self.tp * self.dp), dp=rank // self.tp % self.dp, tp=rank % self.tp)
+
+    def rank(self, pp: int, dp: int, tp: int) -> int:
+        return tp + self.tp * (dp + self.dp * pp)
+
+    def group(self, axis: str, rank: int) -> list[int]:
+        """Ranks of the `axis` group that `rank` belongs to, in group-rank order."""
+        c = self.coord(rank)
+        if axis == "tp":
+            return [self.rank(c.pp, c.dp, t) for t in range(self.tp)]
+        if axis == "dp":
+            return [self.rank(c.pp, d, c.tp) for d in range(self.dp)]
+        if axis == "pp":
+            return [self.rank(p, c.dp, c.tp) for p in range(self.pp)]
+        if axis == "mp":
+            return [self.rank(p, c.dp, t) for p in range(self.pp) for t in range(self.tp)]
+        if axis == "ep":
+            start = c.dp - c.dp % self.ep
+            return [self.rank(c.pp, d, c.tp) for d in range(start, start + self.ep)]
+        if axis == "edp":
+            return [self.rank(c.pp, d, c.tp) for d in range(c.dp % self.ep, self.dp, self.ep)]
+        raise ValueError(f"unknown axis {axis!r}; one of {AXES}")
+
+    def groups(self, axis: str) -> list[list[int]]:
+        """Every group of `axis`, ordered by their smallest rank."""
+        seen: dict[int, list[int]] = {}
+        for r in range(self.world_size):
+            g = self.group(axis, r)
+            seen.setdefault(min(g), g)
+        return [seen[k] for k in sorted(seen)]
+
+    def as_dict(self) -> dict:
+        return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "dp": self.dp}
+
+
+def validate_layout(cfg, world_size: int) -> Layout:
+    """Check the layout against the world and the model; name the violated constraint."""
+    dp = check_world(cfg, world_size)
+    m, p = cfg.model, cfg.parallel
+    if m.n_layers < p.pp:
+        raise ConfigError(f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages; "
+                          "every stage needs at least one layer, lower parallel.pp")
+    if m.n_heads % p.tp or m.kv_heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and the key/value heads "
+                          f"({m.kv_heads}): tensor parallelism gives each rank whole heads")
+    if m.vocab_size and m.vocab_size % p.tp:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp} (vocab-parallel "
+                          "embedding and loss); set model.vocab_size=0 to derive a padded size, or pad to a multiple of tp")
+    if "dense" in m.pattern and m.ffn_hidden % p.tp:
+        raise ConfigError(f"the dense feed-forward width {m.ffn_hidden} (model.d_ff) is not divisible by "
+                          f"parallel.tp={p.tp}; choose model.d_ff as a multiple of tp")
+    return Layout(tp=p.tp, pp=p.pp, dp=dp, ep=p.ep)
