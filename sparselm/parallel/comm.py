@@ -1,0 +1,64 @@
+"""Device-agnostic autograd collectives over a process group (gloo on CPU, nccl on GPU).
+
+megatron-core's ``_gather_along_*`` allocate their output on CUDA, so gathering (``gather_output=True``,
+full logits, sequence-parallel style splits) uses these instead.  Both follow megatron's convention for
+tensor-parallel regions: what comes after a gather (or before a split) is computed identically on every
+rank of the group, so the backward of a gather keeps this rank's slice of the gradient and the backward
+of a split gathers the slices.  Sizes along ``dim`` must be equal on every rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def all_gather_cat(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in rank order (no autograd)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def local_chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's contiguous chunk of ``x`` along ``dim`` (no autograd)."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    if x.shape[dim] % world:
+        raise ValueError(f"cannot split size {x.shape[dim]} of dim {dim} evenly over {world} ranks")
+    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+class _GatherAlongDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return all_gather_cat(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return local_chunk(grad, ctx.dim, ctx.group), None, None
+
+
+class _SplitAlongDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return local_chunk(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_cat(grad, ctx.dim, ctx.group), None, None
+
+
+def gather_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` (rank order); backward keeps this rank's slice."""
+    return _GatherAlongDim.apply(x, dim % x.dim(), group)
+
+
+def split_along_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's contiguous chunk of ``x`` along ``dim``; backward gathers the chunks."""
+    return _SplitAlongDim.apply(x, dim % x.dim(), group)

@@ -1,0 +1,51 @@
+"""Vocabulary-parallel embedding, output projection and cross-entropy (rank r holds vocabulary rows
+[r*V/tp, (r+1)*V/tp) of both, so a tied embedding stays one shared shard)."""
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from torch import nn
+
+from sparselm.model.transformer import LMHead
+from sparselm.parallel.comm import gather_along_dim
+from sparselm.parallel.tensor import column_parallel, megatron_config, register_tp_rule, set_tp_attributes
+
+
+def vocab_parallel_embedding(embed: nn.Embedding, topo) -> VocabParallelEmbedding:
+    weight = embed.weight
+    layer = VocabParallelEmbedding(embed.num_embeddings, embed.embedding_dim, init_method=lambda w: None,
+                                   config=megatron_config(topo, weight.dtype), tp_group=topo.tp_group)
+    with torch.no_grad():
+        layer.weight.copy_(weight[layer.vocab_start_index:layer.vocab_end_index])
+    set_tp_attributes(layer.weight, 0)
+    layer.weight.optim_group = "no_decay"  # sparselm.optim spots embeddings as nn.Embedding; this is not one
+    return layer
+
+
+class VocabParallelLMHead(nn.Module):
+    """``LMHead`` with the projection split by vocabulary; same interface, same numbers."""
+
+    def __init__(self, head: LMHead, topo):
+        super().__init__()
+        self.norm = head.norm
+        self.proj = column_parallel(head.proj, topo)
+
+    def local_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits."""
+        return self.proj(self.norm(h))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Full logits [..., vocab] on every rank (generation, evaluation)."""
+        return gather_along_dim(self.local_logits(h), -1, self.proj.tp_group)
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over labels != -100, without materialising full logits."""
+        valid = labels != -100
+        # megatron's loss has no ignore_index: feed a harmless id and zero those positions.
+        per_token = vocab_parallel_cross_entropy(self.local_logits(h).float(), labels.masked_fill(~valid, 0))
+        return (per_token * valid).sum() / valid.sum()
+
+
+@register_tp_rule(LMHead)
+def tp_lm_head(head: LMHead, topo) -> VocabParallelLMHead:
+    return VocabParallelLMHead(head, topo)
