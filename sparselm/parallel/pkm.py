@@ -9,67 +9,20 @@ are then combined so that forward and backward equal the unsharded layer:
 The weights and the gate input enter the sharded part through ``copy_to_group`` (identity forward,
 all-reduce backward): each rank's gradient w.r.t. them covers only its columns.
 
-The collectives are our own small autograd functions: megatron-core's gather allocates on CUDA.
+Collectives: megatron-core's copy-to / reduce-from tensor-parallel region (device-agnostic all-reduces)
+and sparselm.parallel.comm's gather (megatron's allocates on CUDA).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region as copy_to_group,
+                                                    reduce_from_tensor_model_parallel_region as reduce_from_group)
 
 from sparselm.model.pkm.memory import ProductKeyMemory
-
-
-class _CopyToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherLastDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        ctx.width = x.shape[-1]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank = dist.get_rank(ctx.group)
-        return grad[..., rank * ctx.width:(rank + 1) * ctx.width].contiguous(), None
-
-
-def copy_to_group(x, group):
-    return _CopyToGroup.apply(x, group)
-
-
-def reduce_from_group(x, group):
-    return _ReduceFromGroup.apply(x, group)
-
-
-def gather_last_dim(x, group):
-    return _GatherLastDim.apply(x, group)
+from sparselm.parallel.comm import gather_along_dim
+from sparselm.parallel.tensor import register_tp_rule, set_tp_attributes
 
 
 class TensorParallelPKM(ProductKeyMemory):
@@ -83,7 +36,7 @@ class TensorParallelPKM(ProductKeyMemory):
 
     def project(self, memory, x):
         if self.out_weight is None:
-            return gather_last_dim(memory, self.tp_group)
+            return gather_along_dim(memory, -1, self.tp_group)
         if self.gate_weight is not None:
             memory = memory * F.silu(F.linear(copy_to_group(x, self.tp_group), self.gate_weight))
         return reduce_from_group(F.linear(memory, self.out_weight), self.tp_group)
@@ -97,7 +50,7 @@ def _shard_(param: torch.nn.Parameter, dim: int, rank: int, size: int) -> None:
     if width % size:
         raise ValueError(f"PKM tensor parallelism: dimension {dim} of size {width} is not divisible by tp={size}")
     param.data = param.data.narrow(dim, rank * (width // size), width // size).clone()
-    param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, dim, 1
+    set_tp_attributes(param, dim)
 
 
 def shard_pkm(module: ProductKeyMemory, tp_group) -> ProductKeyMemory:
@@ -117,3 +70,9 @@ def shard_pkm(module: ProductKeyMemory, tp_group) -> ProductKeyMemory:
     module.__class__ = TensorParallelPKM
     module.tp_group = tp_group
     return module
+
+
+@register_tp_rule(ProductKeyMemory)
+def tp_pkm(module, topo):
+    """apply_tp's rule: shard in place over the topology's tensor-parallel group."""
+    return shard_pkm(module, topo.tp_group)
