@@ -60,6 +60,7 @@ def _compare_case(overrides: list[str]) -> dict:
         assert ffn.down_proj.weight.shape[1] == cfg1.model.ffn_hidden // 2
         assert model.embed.weight.shape[0] == model.head.proj.weight.shape[0] == cfg1.model.vocab_size // 2
         assert (model.head.proj.weight is model.embed.weight) == cfg1.model.tie_embeddings
+        assert model.state_dict().keys() == ref.state_dict().keys()  # layout-free names, nothing extra
 
         logits = model(ids)
         out = model(ids, labels)

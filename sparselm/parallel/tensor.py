@@ -143,12 +143,17 @@ def _no_init(_weight):
 class ColumnLinear(ColumnParallelLinear):
     """ColumnParallelLinear returning only the output (this rank's output features), like nn.Linear."""
 
+    # megatron adds an empty "_extra_state" entry to state_dict; keep the one-process model's names
+    get_extra_state = nn.Module.get_extra_state
+
     def forward(self, x):
         return super().forward(x)[0]
 
 
 class RowLinear(RowParallelLinear):
     """RowParallelLinear on already-split input features, returning only the (all-reduced) output."""
+
+    get_extra_state = nn.Module.get_extra_state
 
     def forward(self, x):
         return super().forward(x)[0]
