@@ -48,7 +48,7 @@ from sparselm.parallel.comm import all_gather_cat
 _RULES: dict[type, Callable] = {}
 
 # Modules that register rules on import; add yours here (no model code imports sparselm.parallel).
-TP_RULE_MODULES = ["sparselm.parallel.vocab"]
+TP_RULE_MODULES = ["sparselm.parallel.vocab", "sparselm.parallel.pkm", "sparselm.parallel.allattn"]
 
 
 def register_tp_rule(module_class: type):
