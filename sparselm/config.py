@@ -210,8 +210,13 @@ def __getattr__(name: str):
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Docstrings written under each field of a dataclass."""
+    """Docstrings written under each field of a dataclass; a registered layer section is described by
+    its class docstring."""
     docs: dict[str, str] = {}
+    for name, section in _EXTRA_SECTIONS.items():
+        doc = inspect.getdoc(section) or ""
+        if issubclass(cls, Config) and not doc.startswith(section.__name__ + "("):  # not dataclass's signature
+            docs[name] = doc.split("\n")[0]
     for klass in reversed(cls.__mro__):
         try:
             tree = ast.parse(inspect.getsource(klass))

@@ -12,6 +12,8 @@ EXPERT_IMPLS = ("auto", "grouped_mm", "padded")
 @register_section("moe")
 @dataclass
 class MoEConfig:
+    """Mixture-of-experts layers (block kind `moe`): router, experts, capacity, balancing losses."""
+
     num_experts: int = 8
     """Routed experts per MoE layer (all layers of kind 'moe' share these settings)."""
     top_k: int = 2

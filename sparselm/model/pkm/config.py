@@ -13,6 +13,8 @@ QUERY_NORMS = ("layernorm", "batchnorm", "none")
 @register_section("pkm")
 @dataclass
 class PKMConfig:
+    """Product-key memory layers (block kinds `pkm`, `pkm_ffn`): keys, lookup, values, usage metrics."""
+
     n_keys: int = 16384
     """Memory slots (rows of the value table); a perfect square: each query half is scored against sqrt(n_keys) sub-keys."""
     heads: int = 4

@@ -13,6 +13,8 @@ BACKENDS = ("auto", "flex", "reference", "block_sparse")
 @register_section("attention")
 @dataclass
 class AttentionConfig:
+    """Attention in every block: sparse pattern, persistent memory slots (all-attention), backend."""
+
     pattern: str = "causal"
     """Attention pattern of every layer: causal (dense, SDPA), sliding_window, strided, fixed, block_local or bigbird."""
     window: int = 256
