@@ -62,24 +62,34 @@ def flex_attention(q, k, v, spec: PatternSpec, gqa: bool) -> torch.Tensor:
 
 @lru_cache(maxsize=8)
 def block_plan(spec: PatternSpec, q_len: int, kv_len: int, device: torch.device, block: int = FLEX_BLOCK):
-    """Per query block: (start, end, key indices of every key block it can see, mask over those keys)."""
+    """Keys each query block needs, padded to the same count: (indices [n_blocks * width], mask
+    [n_blocks, 1, block, width]).  Padding keys point at key 0 and are masked off; padding query rows
+    (past q_len) see key 0 only, so no softmax row is empty (their outputs are dropped)."""
     mod = full_mask_mod(spec, q_len, kv_len, device)
-    plan = []
-    for start in range(0, q_len, block):
-        end = min(start + block, q_len)
-        rows = materialize(mod, end - start, kv_len, device, q_start=start)
-        padded = F.pad(rows.any(0), (0, -kv_len % block))
-        blocks = padded.view(-1, block).any(1).nonzero().flatten()
-        idx = (blocks[:, None] * block + torch.arange(block, device=device)).flatten()
-        idx = idx[idx < kv_len]
-        plan.append((start, end, idx, rows[:, idx].contiguous()))
-    return plan
+    n_blocks = -(-q_len // block)
+    rows = F.pad(materialize(mod, q_len, kv_len, device), (0, -kv_len % block, 0, n_blocks * block - q_len))
+    rows[q_len:, 0] = True
+    rows = rows.view(n_blocks, block, -1)
+    seen = rows.view(n_blocks, block, -1, block).any(dim=(1, 3))  # [query block, key block]
+    width = int(seen.sum(1).max()) * block
+    idx = torch.zeros(n_blocks, width, dtype=torch.long, device=device)
+    mask = torch.zeros(n_blocks, block, width, dtype=torch.bool, device=device)
+    offsets = torch.arange(block, device=device)
+    for i in range(n_blocks):
+        keys = (seen[i].nonzero()[:, None] * block + offsets).flatten()
+        keys = keys[keys < kv_len]
+        idx[i, : len(keys)] = keys
+        mask[i, :, : len(keys)] = rows[i][:, keys]
+    return idx.flatten(), mask.unsqueeze(1)
 
 
 def block_sparse_attention(q, k, v, spec: PatternSpec, gqa: bool) -> torch.Tensor:
-    """Exact attention that computes only the key blocks each query block can see (sub-quadratic on CPU)."""
-    outs = []
-    for start, end, idx, mask in block_plan(spec, q.shape[-2], k.shape[-2], q.device):
-        ks, vs = k.index_select(2, idx), v.index_select(2, idx)
-        outs.append(F.scaled_dot_product_attention(q[:, :, start:end], ks, vs, attn_mask=mask, enable_gqa=gqa))
-    return torch.cat(outs, dim=2)
+    """Exact attention that computes only the key blocks each query block can see (sub-quadratic on
+    CPU): one gather of those keys for all query blocks, then one batched SDPA over the blocks."""
+    b, h, t, d = q.shape
+    idx, mask = block_plan(spec, t, k.shape[-2], q.device)
+    n_blocks, block, width = mask.shape[0], mask.shape[2], mask.shape[3]
+    qb = F.pad(q, (0, 0, 0, n_blocks * block - t)).view(b, h, n_blocks, block, d).transpose(1, 2)
+    kb, vb = (x.index_select(2, idx).view(b, x.shape[1], n_blocks, width, d).transpose(1, 2) for x in (k, v))
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=gqa)  # [B, blocks, H, block, D]
+    return out.transpose(1, 2).reshape(b, h, n_blocks * block, d)[:, :, :t]
