@@ -18,6 +18,7 @@ from sparselm.optim import param_groups
     (["--pkm.share_values=1,3"], ["layer 3", "not a PKM layer"]),
     (["--pkm.share_values=[1]"], ["at least two"]),
     (["--pkm.query_norm=rms"], ["pkm.query_norm", "layernorm"]),
+    (["--pkm.share_values=1,3", "--model.n_layers=4", "--parallel.pp=2"], ["pkm.share_values", "parallel.pp=1"]),
 ])
 def test_bad_pkm_settings_fail_at_startup(override, words):
     with pytest.raises(ConfigError) as err:

@@ -88,6 +88,8 @@ def validate_pkm(cfg) -> None:
     if p.share_values:
         _require(len(p.share_values) >= 2 and len(set(p.share_values)) == len(p.share_values),
                  f"pkm.share_values={p.share_values} must list at least two distinct PKM layer indices")
+        _require(cfg.parallel.pp == 1, f"pkm.share_values needs parallel.pp=1: pipeline stages cannot hold one table "
+                                       f"between them (got parallel.pp={cfg.parallel.pp})")
         for i in p.share_values:
             _require(i in pkm_layers,
                      f"pkm.share_values names layer {i}, which is not a PKM layer; PKM layers of model.pattern "
