@@ -11,6 +11,7 @@ Targets (issue 4): with >= 10x the FFN's parameters, time <= 1.5x the FFN's; fas
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import weakref
@@ -140,7 +141,8 @@ def main(argv=None) -> dict:
         "mem_pkm_over_pypi": pkm["peak_mb"] / pypi["peak_mb"],
     }
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
-    print(f"device {device} ({threads} threads) | {args.dtype} | {batch} x {args.seq_len} tokens | d_model {args.d_model} | "
+    load = " | load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    print(f"device {device} ({threads} threads{load}) | {args.dtype} | {batch} x {args.seq_len} tokens | d_model {args.d_model} | "
           f"PKM heads {args.heads} k_dim {args.k_dim} knn {args.knn} n_keys {args.n_keys}")
     print(f"{'layer':<6}{'params':>14}{'fwd+bwd ms':>13}{'peak MB':>11}")
     for name, r in results.items():
