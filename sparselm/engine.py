@@ -102,7 +102,8 @@ def _keep_stage0_grad_norm(engine) -> None:
         from sparselm.parallel.expert import clip_grad_norm_ as clip_with_experts
 
         def clip_and_record():
-            engine._global_grad_norm = clip_with_experts(engine.module.parameters(), engine.gradient_clipping())
+            engine._global_grad_norm = clip_with_experts(engine.module.parameters(), engine.gradient_clipping(),
+                                                         mpu=engine.mpu)
 
         engine.clip_fp32_gradients = clip_and_record
         return

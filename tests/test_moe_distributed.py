@@ -4,7 +4,8 @@
   unsharded layer (expert gradients after DeepSpeed's expert-data-parallel reduction);
 - bias balancing counts the load of all ranks and keeps the bias identical everywhere;
 - two optimizer steps of a small MoE model through sparselm's DeepSpeed engine (ZeRO 0 and 1, DP=4 x EP=2,
-  gradient clipping active) give the global grad norm and the parameters of one process on the whole batch;
+  gradient clipping active) give the global grad norm and the parameters of one process on the whole batch,
+  and the expert shards gather back to the one-process tensors (what checkpoints store);
 - our layer equals ``deepspeed.moe.layer.MoE`` on identical weights for top-1 and top-2.  Settings that make
   them the same function: DeepSpeed ``drop_tokens=False`` (ours dropless), ``use_rts=False``,
   ``noisy_gate_policy=None``, ``top2_2nd_expert_sampling=False``, a SwiGLU expert module; ours softmax
@@ -130,8 +131,14 @@ def _engine_steps(rank, stage):
             experts = model.get_submodule(name.rsplit(".", 1)[0])
             expected = expected[experts.first_expert:experts.first_expert + experts.num_local_experts]
         err = max(err, (p.detach() - expected.detach()).abs().max().item())
+    from sparselm.parallel.canonical import gather_full, shard_of
+    from sparselm.parallel.expert import expert_groups
+
+    full = gather_full({n: p.detach() for n, p in model.named_parameters()},
+                       {n: shard_of(p) for n, p in model.named_parameters()}, {"ep": expert_groups(2)[0]})
+    canon_err = max((full[n] - ref_params[n].detach()).abs().max().item() for n in ref_params) if rank == 0 else 0.0
     moved = max((p.detach() - q.detach()).abs().max().item() for p, q in zip(ref.parameters(), build_model(cfg).parameters()))
-    return {"norms": norms, "ref_norms": ref_norms, "param_err": err, "moved": moved,
+    return {"norms": norms, "ref_norms": ref_norms, "param_err": err, "canonical_err": canon_err, "moved": moved,
             "has_moe_layers": engine.has_moe_layers}
 
 
@@ -199,6 +206,7 @@ def test_deepspeed_engine_steps_match_one_process(report, stage):
         assert e["ref_norms"][0] > 0.05  # clipping was active, so a wrong norm would change the update
         assert e["norms"] == pytest.approx(e["ref_norms"], rel=1e-4)
         assert e["moved"] > 1e-3 and e["param_err"] < 1e-5
+        assert e["canonical_err"] < 1e-5  # expert shards gather back to the one-process tensors (checkpoints)
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -1,8 +1,9 @@
 """Expert parallelism for ``sparselm.model.moe`` layers on DeepSpeed's expert process groups.
 
-``apply_expert_parallel(model, ep_size)`` (before ``deepspeed.initialize``):
-- creates DeepSpeed's groups ``ep_size_<ep>`` (expert-parallel: consecutive ranks; expert-data-parallel:
-  strided ranks), so the engine knows them;
+``apply_expert_parallel(model, ep_size, dp_group)``, called by ``sparselm.parallel.parallelize`` before
+``deepspeed.initialize``:
+- uses DeepSpeed's groups ``ep_size_<ep>`` (created by ``Topology``, or here if missing), so the engine
+  knows them;
 - keeps on each rank only its ``num_experts / ep`` experts and routes tokens to them with
   ``all_to_all_single`` (variable splits: dropless needs no padding to a common capacity);
 - marks expert parameters as DeepSpeed's own MoE does (``allreduce = False``, ``group_name``) so the engine
@@ -12,8 +13,8 @@
 
 The optimizer must receive expert parameters in their own groups (``split_expert_param_groups``), and without
 ZeRO the gradient norm must be taken with ``clip_grad_norm_`` from here: DeepSpeed's stage-0 clipping
-averages per-rank norms instead of summing squares over the expert shards.  Checkpoints stay layout-free
-through ``gather_expert_tensors`` / ``shard_expert_tensors``.
+averages per-rank norms instead of summing squares over the expert shards.  Expert shards carry
+``ShardSpec(dim=0, group="ep")`` (sparselm.parallel.canonical), so checkpoints stay layout-free.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from torch import nn
 
 from sparselm.model.moe import MoELayer
+from sparselm.parallel.canonical import mark_shard
 
 
 def group_name(ep_size: int) -> str:
@@ -119,7 +121,7 @@ class DeepSpeedMoETag(_DeepSpeedMoE):
         self.enable_expert_tensor_parallelism = False
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """The engine calls this; the groups were created by apply_expert_parallel already."""
+        """The engine calls this; the groups exist already (Topology or apply_expert_parallel created them)."""
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("DeepSpeedMoETag is a marker for deepspeed.initialize and has no forward")
@@ -151,23 +153,25 @@ def expert_groups(ep_size: int):
     return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
 
 
-def apply_expert_parallel(model: nn.Module, ep_size: int, dp_group=None) -> int:
+def apply_expert_parallel(model: nn.Module, ep_size: int, dp_group=None, ep_group=None) -> nn.Module:
     """Shard every MoE layer of ``model`` over ``ep_size`` ranks and connect it to the data-parallel group.
 
-    Every rank must hold the same full model when this is called (build_model seeds the init).  ``dp_group``
-    is the data-parallel group the load statistics are summed over (None: the whole world).  Returns the
-    number of MoE layers changed."""
+    Every rank must hold the same full model when this is called (build_model seeds the init; a checkpoint
+    is loaded into the full model before).  ``ep_group``: this rank's expert-parallel group (None: DeepSpeed's
+    ``ep_size_<ep>`` group, created if missing).  ``dp_group``: the data-parallel group the load statistics of
+    bias balancing are summed over (None: the whole world).  Returns the model, changed in place."""
     layers = moe_layers(model)
     if not layers or not dist.is_initialized():
-        return 0
+        return model
     if dist.get_world_size(dp_group) > 1:
         reducer = SumReducer(dp_group)
         for layer in layers:
             layer.stats_reducer = reducer
     if ep_size == 1:
-        return len(layers)
-    ep_group, _ = expert_groups(ep_size)
-    assert dist.get_world_size(ep_group) == ep_size
+        return model
+    if ep_group is None:
+        ep_group, _ = expert_groups(ep_size)
+    assert dist.get_world_size(ep_group) == ep_size, "ep_group does not have ep_size ranks"
     ep_rank = dist.get_rank(ep_group)
     for layer in layers:
         experts = layer.experts
@@ -178,9 +182,10 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, dp_group=None) -> int:
         for p in experts.parameters():
             p.allreduce = False
             p.group_name = group_name(ep_size)
+            mark_shard(p, dim=0, group="ep")
         layer.dispatcher = AllToAllDispatcher(ep_group, ep_size, local)
         layer.deepspeed_tag = DeepSpeedMoETag(experts.num_experts, ep_size)
-    return len(layers)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,9 +200,17 @@ def split_expert_param_groups(param_groups: list[dict]) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def global_grad_norm(parameters, ep_group=None) -> torch.Tensor:
-    """L2 norm of the full-model gradient after data-parallel reduction: shared parameters once, every
-    expert shard once (sum of squares over the expert-parallel group)."""
+def global_grad_norm(parameters, ep_group=None, mpu=None) -> torch.Tensor:
+    """L2 norm of the full-model gradient after data-parallel reduction: every parameter counted once.
+
+    Expert shards: squares summed over the expert-parallel group.  With a model-parallel ``mpu``
+    (DeepSpeed's interface, e.g. tensor parallelism): tensor-parallel shards are summed over the model-parallel
+    group, parameters replicated across it (experts included) are counted on model-parallel rank 0 only."""
+    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
+
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+
+    mp_rank0 = mpu is None or bwc_tensor_model_parallel_rank(mpu) == 0
     shared, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     groups_seen = set()
     for p in parameters:
@@ -207,7 +220,7 @@ def global_grad_norm(parameters, ep_group=None) -> torch.Tensor:
         if is_moe_param(p):
             expert += sq
             groups_seen.add(p.group_name)
-        else:
+        elif mp_rank0 or is_model_parallel_parameter(p):
             shared += sq
     if groups_seen:
         assert len(groups_seen) == 1, f"one expert-parallel degree per model, got {sorted(groups_seen)}"
@@ -215,59 +228,20 @@ def global_grad_norm(parameters, ep_group=None) -> torch.Tensor:
             from deepspeed.utils import groups
 
             ep_group = groups._get_expert_parallel_group(groups_seen.pop())
-        buf = expert.clone()
-        dist.all_reduce(buf, group=ep_group)
-        expert = buf
-    return (shared + expert).sqrt().float()
+        dist.all_reduce(expert, group=ep_group)  # every rank of an expert group has the same model-parallel rank
+    total = shared + (expert if mp_rank0 else 0)
+    if mpu is not None:
+        dist.all_reduce(total, group=mpu.get_model_parallel_group())
+    return total.sqrt().float()
 
 
-def clip_grad_norm_(parameters, max_norm: float, ep_group=None) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, ep_group=None, mpu=None) -> torch.Tensor:
     """Clip gradients to ``max_norm`` by the global norm of ``global_grad_norm``; returns that norm.
     Every rank computes the same norm, so every replica of a parameter is scaled alike."""
     parameters = [p for p in parameters if p.grad is not None]
-    norm = global_grad_norm(parameters, ep_group)
+    norm = global_grad_norm(parameters, ep_group, mpu)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for p in parameters:
             p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
     return norm
-
-
-# ---------------------------------------------------------------------------------------------
-# layout-free checkpoints
-def _sharded_experts(model: nn.Module):
-    """(parameter-name prefix, experts module, expert-parallel group) of every sharded expert module."""
-    for layer_name, layer in model.named_modules():
-        if isinstance(layer, MoELayer) and isinstance(layer.dispatcher, AllToAllDispatcher):
-            yield f"{layer_name}.experts." if layer_name else "experts.", layer.experts, layer.dispatcher.group
-
-
-def _expert_keys(tensors: dict, model: nn.Module):
-    """Keys of ``tensors`` (``name`` or ``name::suffix``) that are sharded expert tensors."""
-    for prefix, experts, group in _sharded_experts(model):
-        for pname, _ in experts.named_parameters():
-            for key in tensors:
-                if key.split("::")[0] == prefix + pname:
-                    yield key, experts, group
-
-
-def gather_expert_tensors(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective over each expert-parallel group: replace local expert shards (dim 0) by the full tensors,
-    so a checkpoint written from any layout holds what the one-process model holds."""
-    out = dict(tensors)
-    for key, experts, group in sorted(_expert_keys(tensors, model), key=lambda e: e[0]):
-        local = tensors[key].contiguous()
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local, group=group)
-        out[key] = torch.cat(parts, 0)
-    return out
-
-
-def shard_expert_tensors(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The inverse: slice full expert tensors to this rank's experts (no communication)."""
-    out = dict(tensors)
-    for key, experts, _ in _expert_keys(tensors, model):
-        first, count = experts.first_expert, experts.num_local_experts
-        if out[key].shape[0] == experts.num_experts:
-            out[key] = out[key][first:first + count].clone()
-    return out

@@ -3,10 +3,12 @@
 Weights follow the per-expert ``nn.Linear`` layout (out, in): ``gate_up_proj`` [E, 2H, D] holds the gate
 rows then the up rows, ``down_proj`` [E, D, H].  Rows arrive grouped by expert with ``counts`` per expert.
 
-- ``grouped_mm``: ``torch._grouped_mm`` over the unpadded groups (fast on Hopper GPUs in bf16; on CPU it
-  exists but runs an internal loop, slower than padded);
+- ``grouped_mm``: ``torch._grouped_mm`` over the unpadded groups.  Its fast kernel needs a Hopper-class
+  GPU and bf16; on CPU torch 2.13 runs it as one matmul per group in C++, which measured faster than the
+  padded path (no padding, no scatter/gather), so ``auto`` takes it on CPU too;
 - ``padded``: scatter the groups into [E, max_count, D], one ``bmm`` per projection, gather back.  Padding
-  rows are zero, give zero outputs and zero weight gradients, so the result is exact.
+  rows are zero, give zero outputs and zero weight gradients, so the result is exact.  ``auto`` falls back
+  to it on GPUs without the grouped kernel.
 """
 from __future__ import annotations
 
@@ -16,15 +18,45 @@ from torch import nn
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch._grouped_mm's fast kernel: CUDA compute capability >= 9.0 (Hopper) in bf16."""
-    if not hasattr(torch, "_grouped_mm") or device.type != "cuda" or dtype != torch.bfloat16:
+    """Whether ``auto`` uses torch._grouped_mm: on CPU always (when torch has it), on CUDA with compute
+    capability >= 9.0 in bf16."""
+    if not hasattr(torch, "_grouped_mm"):
         return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up on h = [gate | up]; the backward writes both halves of dh in place (no concatenation,
+    only h saved)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        dh = torch.empty_like(h)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return dh
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return _SwiGLU.apply(h)
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    # torch._grouped_mm's backward rejects gradients with zero strides (e.g. from a plain .sum()).
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
 
 
 class GroupedExperts(nn.Module):
@@ -70,8 +102,8 @@ class GroupedExperts(nn.Module):
 
     def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(device=x.device, dtype=torch.int32)
-        h = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(_swiglu(h).contiguous(), self.down_proj.transpose(-2, -1), offs=offs)
+        h = _contiguous_grad(torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs))
+        return _contiguous_grad(torch._grouped_mm(_swiglu(h), self.down_proj.transpose(-2, -1), offs=offs))
 
     def _padded(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # With no rows (an expert-parallel rank nobody routed to) this still builds the graph, so the
