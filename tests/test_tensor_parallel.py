@@ -121,6 +121,7 @@ def _all_cases(rank, world):
     torch.manual_seed(0)
     results = {case: _compare_case(over) for case, over in CASES.items()}
     results["engine"] = _engine_step()
+    results["collectives"] = _collectives(rank, world)
     return results
 
 
@@ -166,8 +167,8 @@ def _collectives(rank, world):
     return True
 
 
-def test_gather_and_split_autograd():
-    assert run_distributed(_collectives, 2) == [True, True]
+def test_gather_and_split_autograd(tp2_results):
+    assert [r["collectives"] for r in tp2_results] == [True, True]
 
 
 def test_rule_dispatch_uses_most_specific_class():
