@@ -1,6 +1,6 @@
 """Executing an attention pattern: compiled FlexAttention on CUDA, exact masked SDPA elsewhere.
 
-All paths take q [B, H, T, D] and k, v [B, Hkv, S, D] where keys S - T.. S - 1 are persistent memory
+All paths take q [B, H, T, D] and k, v [B, Hkv, S, D] where keys T .. S - 1 are persistent memory
 slots (see patterns.py), and give identical results up to floating-point rounding.
 """
 from __future__ import annotations
