@@ -18,11 +18,12 @@ import torch
 
 
 @functools.lru_cache(maxsize=64)
-def _candidate_ranks(knn: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank pairs (a, b) of the two sorted top-knn lists with (a + 1) * (b + 1) <= knn."""
+def _candidate_ranks(knn: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank pairs (a, b) of the two sorted top-knn lists with (a + 1) * (b + 1) <= knn (cached per device:
+    no host-to-device copy per forward)."""
     pairs = [(a, b) for a in range(knn) for b in range(knn // (a + 1))]
     a, b = zip(*pairs)
-    return torch.tensor(a), torch.tensor(b)
+    return torch.tensor(a, device=device), torch.tensor(b, device=device)
 
 
 def product_key_topk(query: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +39,7 @@ def product_key_topk(query: torch.Tensor, keys: torch.Tensor, knn: int) -> tuple
     with torch.no_grad():
         top, idx = sub.topk(knn, dim=-1)  # sorted, [heads * 2, n, knn]
         top, idx = top.view(heads, 2, n, knn), idx.view(heads, 2, n, knn)
-        ra, rb = (r.to(query.device) for r in _candidate_ranks(knn))
+        ra, rb = _candidate_ranks(knn, query.device)
         candidates = top[:, 0].index_select(-1, ra) + top[:, 1].index_select(-1, rb)
         _, pos = candidates.topk(knn, dim=-1)  # [heads, n, knn]
         i = idx[:, 0].gather(-1, ra[pos])
