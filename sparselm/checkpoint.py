@@ -190,7 +190,8 @@ def load_full_state(engine, model, tensors: dict, moments: dict | None, optimize
 
     from sparselm.parallel.canonical import local_piece, shard_of
 
-    names = canonical_names_of(model)
+    aliases = getattr(model, "canonical_aliases", {})
+    names = {local: aliases.get(canon, canon) for local, canon in canonical_names_of(model).items()}
     params = dict(model.named_parameters())
     for local, p in params.items():
         if _zero_managed(p):  # the fp32 master copy ZeRO steps from
@@ -237,6 +238,7 @@ def _drop_aliases(tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Te
     names = canonical_names_of(model)
     all_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     aliases = {names.get(n, n) for n in all_names - {n for n, _ in model.named_parameters()}}
+    aliases |= set(getattr(model, "canonical_aliases", {}))  # tied across pipeline stages
     return {k: v for k, v in tensors.items() if k.split("::")[0] not in aliases}
 
 

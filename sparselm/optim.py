@@ -1,8 +1,9 @@
 """Parameter groups and the learning-rate schedule.
 
-Groups: matrices get weight decay; norms, biases and embeddings do not.  A layer can ask for its own
-group by tagging parameters: ``param.optim_group = "name"`` and ``param.optim_overrides =
-{"lr_scale": float, "weight_decay": float}`` (PKM value tables do this).
+Groups: matrices get weight decay; norms and biases do not.  A parameter can ask for another group
+by a tag that survives any parallel layout: ``param.optim_group = "name"`` (the model tags its
+embedding ``no_decay``) and ``param.optim_overrides = {"lr_scale": float, "weight_decay": float}``
+(PKM value tables do this).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, ocfg) -> list[dict]:
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups: dict[str, dict] = {}
     seen = set()
     for name, p in model.named_parameters():
@@ -21,7 +21,7 @@ def param_groups(model: nn.Module, ocfg) -> list[dict]:
         seen.add(id(p))
         tag = getattr(p, "optim_group", None)
         if tag is None:
-            tag = "no_decay" if p.ndim < 2 or id(p) in embeddings else "decay"
+            tag = "no_decay" if p.ndim < 2 else "decay"
         if tag not in groups:
             overrides = getattr(p, "optim_overrides", {})
             groups[tag] = {

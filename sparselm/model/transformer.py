@@ -83,6 +83,8 @@ class SparseLM(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.head = LMHead(mcfg)
         self.reset_parameters()
+        # No weight decay on the embedding matrix, wherever a layout puts it (tied, sharded, staged).
+        self.embed.weight.optim_group = "no_decay"
         if mcfg.tie_embeddings:
             self.head.proj.weight = self.embed.weight
 

@@ -73,7 +73,20 @@ def total_loss(output: torch.Tensor, _labels) -> torch.Tensor:
 
 
 class SparseLMPipe(PipelineModule):
-    """A PipelineModule that also exposes the per-layer metrics of its local blocks."""
+    """A PipelineModule over a SparseLM's stages; knows the canonical names of its parameters and, for
+    tied embeddings, sums the tied matrix's gradient between the first and the last stage."""
+
+    tied: tuple | None = None
+    """(tied weight, group of the first and last stage of this lane) on those two stages."""
+    canonical_aliases: dict = {}
+    """Canonical names this stage holds that are the same tensor as another name (tied embeddings)."""
+
+    def get_tied_weights_and_groups(self):
+        """DeepSpeed all-reduces each (weight, group) gradient before the data-parallel reduction."""
+        pairs = super().get_tied_weights_and_groups()
+        if self.tied is not None:
+            pairs.append(self.tied)
+        return pairs
 
     def block_stages(self) -> list[BlockStage]:
         return [m for m in self.forward_funcs if isinstance(m, BlockStage)]
@@ -92,11 +105,27 @@ class SparseLMPipe(PipelineModule):
 
 def build_pipeline(model, topology, partition_method: str = "parameters", activation_checkpoint_interval: int = 0):
     """Wrap a built ``SparseLM`` as a ``SparseLMPipe`` over DeepSpeed ``topology``."""
-    if model.config.model.tie_embeddings:
-        raise ValueError("model.tie_embeddings with parallel.pp > 1 is not supported yet: the embedding and the "
-                         "output projection live on different stages; set model.tie_embeddings=false")
     stages: list[nn.Module] = [EmbeddingStage(model.embed)]
     stages += [BlockStage(block, i) for i, block in enumerate(model.layers)]
     stages.append(HeadStage(model.head))
-    return SparseLMPipe(layers=stages, topology=topology, loss_fn=total_loss, partition_method=partition_method,
+    pipe = SparseLMPipe(layers=stages, topology=topology, loss_fn=total_loss, partition_method=partition_method,
                         activation_checkpoint_interval=activation_checkpoint_interval)
+    if model.head.proj.weight is model.embed.weight:
+        _tie_first_and_last_stage(pipe, topology, model.embed.weight)
+    return pipe
+
+
+def _tie_first_and_last_stage(pipe: SparseLMPipe, topology, weight: torch.Tensor) -> None:
+    """The first stage reads the matrix as embedding, the last as output projection; one process would
+    sum both gradients into one tensor, so the two copies' gradients are summed over a group of the two
+    ranks of each pipeline lane.  Both copies start equal (every rank builds the same model)."""
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    for lane in topology.get_axis_comm_lists("pipe"):  # every rank creates every group, in one order
+        group = dist.new_group([lane[0], lane[-1]])
+        if me in (lane[0], lane[-1]):
+            pipe.tied = (weight, group)
+        if me == lane[-1]:
+            weight.ds_pipe_replicated = True  # DeepSpeed then counts it once in the gradient norm
+    pipe.canonical_aliases = {"head.proj.weight": "embed.weight"}

@@ -18,7 +18,7 @@ def vocab_parallel_embedding(embed: nn.Embedding, topo) -> VocabParallelEmbeddin
     with torch.no_grad():
         layer.weight.copy_(weight[layer.vocab_start_index:layer.vocab_end_index])
     set_tp_attributes(layer.weight, 0)
-    layer.weight.optim_group = "no_decay"  # sparselm.optim spots embeddings as nn.Embedding; this is not one
+    layer.weight.optim_group = weight.optim_group  # the model's tag (no weight decay) survives the swap
     return layer
 
 
