@@ -3,7 +3,7 @@
 - a MoE layer sharded over EP=2 and EP=4 gives, on every rank, the outputs, aux losses and gradients of the
   unsharded layer (expert gradients after DeepSpeed's expert-data-parallel reduction);
 - bias balancing counts the load of all ranks and keeps the bias identical everywhere;
-- two optimizer steps of a small MoE model through sparselm's DeepSpeed engine (ZeRO 0 and 1, DP=4 x EP=2,
+- two optimizer steps of a small MoE model through sparselm's DeepSpeed engine (ZeRO 0, 1 and 2, DP=4 x EP=2,
   gradient clipping active) give the global grad norm and the parameters of one process on the whole batch,
   and the expert shards gather back to the one-process tensors (what checkpoints store);
 - our layer equals ``deepspeed.moe.layer.MoE`` on identical weights for top-1 and top-2.  Settings that make
@@ -175,7 +175,7 @@ def _deepspeed_reference(rank):
 
 def _all_cases(rank, world_size):
     return {"layer": _layer_equivalence(rank), "bias": _bias_balancing(rank),
-            "engine0": _engine_steps(rank, 0), "engine1": _engine_steps(rank, 1),
+            "engine0": _engine_steps(rank, 0), "engine1": _engine_steps(rank, 1), "engine2": _engine_steps(rank, 2),
             "deepspeed": _deepspeed_reference(rank)}
 
 
@@ -198,7 +198,7 @@ def test_bias_update_counts_every_rank_and_stays_identical(report):
         assert r["bias"]["bias"] == ref
 
 
-@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deepspeed_engine_steps_match_one_process(report, stage):
     for r in report:
         e = r[f"engine{stage}"]

@@ -47,7 +47,7 @@ class MoEConfig:
     """Expert capacity relative to a perfectly even split; used when drop_tokens is true."""
     expert_impl: str = "auto"
     """Grouped expert matmul: 'grouped_mm' (torch._grouped_mm), 'padded' (one bmm over groups padded to the
-    largest), 'auto' (grouped_mm on CUDA GPUs that support it with bf16, padded elsewhere)."""
+    largest), 'auto' (grouped_mm on CPU and on compute-capability >= 9.0 GPUs in bf16, padded elsewhere)."""
 
 
 def _require(cond: bool, msg: str) -> None:
