@@ -73,3 +73,50 @@ def test_conversions_refuse_to_overwrite_and_bad_inputs(tmp_path):
     (tmp_path / "nohf").mkdir()
     with pytest.raises(ConversionError, match="no config.json"):
         convert(["import-hf", "--input", str(tmp_path / "nohf"), "--output", str(tmp_path / "x")])
+
+
+MIXTRAL = ["--model.pattern=moe", "--moe.num_experts=4", "--moe.top_k=2", "--moe.num_shared_experts=0",
+           "--moe.drop_tokens=false", "--moe.score_func=softmax", "--moe.renormalize=true", "--moe.expert_hidden=48"]
+
+
+def test_export_mixtral_matches_transformers_logits(tmp_path):
+    model, cfg = make_checkpoint(tmp_path / "ckpt", *MIXTRAL)
+    convert(["export-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        diff = (hf(ids).logits - model.eval()(ids)).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+@pytest.mark.parametrize("pattern, message", [
+    (["--model.pattern=dense,moe"] + MIXTRAL[1:], "mixes in dense layers"),
+    (MIXTRAL + ["--moe.num_shared_experts=1"], "moe.num_shared_experts=1"),
+    (["--model.pattern=pkm", "--pkm.n_keys=256", "--pkm.k_dim=32", "--pkm.knn=8"], "no Hugging Face"),
+    (["--model.pattern=allattn"], "no Hugging Face"),
+])
+def test_export_refuses_models_without_an_equivalent(tmp_path, pattern, message):
+    make_checkpoint(tmp_path / "ckpt", *pattern)
+    with pytest.raises(ConversionError, match=message):
+        convert(["export-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()
+
+
+def test_upcycled_model_computes_the_dense_function(tmp_path):
+    from sparselm import load_model
+
+    dense, cfg = make_checkpoint(tmp_path / "dense")
+    convert(["upcycle", "--input", str(tmp_path / "dense"), "--output", str(tmp_path / "moe"), "--experts", "4",
+             "--top-k", "2"])
+    moe, moe_cfg = load_model(tmp_path / "moe")
+    assert moe_cfg.model.layer_kinds() == ["moe", "moe"] and moe_cfg.moe.num_experts == 4
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        dense_out, moe_out = dense.eval()(ids[:, :-1], ids[:, 1:]), moe(ids[:, :-1], ids[:, 1:])
+    assert moe_out.lm_loss.item() == pytest.approx(dense_out.lm_loss.item(), abs=1e-5)
+    assert moe.num_params() > dense.num_params() * 1.5
+    every_other = tmp_path / "moe2"
+    convert(["upcycle", "--input", str(tmp_path / "dense"), "--output", str(every_other), "--experts", "4",
+             "--every", "2"])
+    assert load_model(every_other)[1].model.layer_kinds() == ["dense", "moe"]

@@ -46,14 +46,10 @@ def export_hf(args) -> Path:
     from safetensors.torch import save_file
 
     ckpt, meta, cfg, tensors = _load(args.input)
-    kinds = set(cfg.model.layer_kinds())
-    if kinds <= {"dense"}:
+    if set(cfg.model.layer_kinds()) <= {"dense"}:
         from sparselm.convert.llama import to_llama as convert
     else:
-        try:
-            from sparselm.convert.mixtral import to_mixtral as convert
-        except ImportError:
-            raise ConversionError("this build has no Mixtral exporter; only dense models export") from None
+        from sparselm.convert.mixtral import to_mixtral as convert
     hf_tensors, hf_config = convert(tensors, cfg)
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):

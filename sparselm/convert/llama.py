@@ -40,7 +40,7 @@ def check_exportable(cfg, allowed_kinds: set[str], target: str) -> None:
     if unsupported:
         raise ConversionError(
             f"this model has {', '.join(sorted(unsupported))} layers, which have no Hugging Face {target} equivalent; "
-            "export-hf supports dense models (Llama layout) and dense/MoE models (Mixtral layout). "
+            "export-hf supports dense models (Llama layout) and models whose every layer is MoE (Mixtral layout). "
             "Use `consolidate` for a single-file sparselm checkpoint instead")
     attention = getattr(cfg, "attention", None)
     if attention is not None and (getattr(attention, "pattern", "causal") != "causal" or getattr(attention, "persistent_slots", 0)):
