@@ -42,6 +42,10 @@ def build_ds_config(cfg, dp_size: int) -> dict:
         steps_per_print=10**9,
         wall_clock_breakdown=False,
     )
+    if cfg.parallel.pp > 1:
+        # DeepSpeed partitions the activations sent between stages over the TP group whenever tp > 1, which
+        # requires later stages' outputs not to need grad; ours carry the aux loss, which does.
+        ds.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if cfg.parallel.zero_stage >= 0:
         zero["stage"] = cfg.parallel.zero_stage
