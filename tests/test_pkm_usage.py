@@ -14,6 +14,8 @@ def _read(usage, slots, weights):
 
 def test_window_kl_and_dead_slots_follow_the_steps():
     u = SlotUsage(8, window=2, dead_after=3)  # EMA decay 1 - 1/2
+    assert {k: v.item() for k, v in u.summary().items()} == {"pkm_read_frac": 0.0, "pkm_usage_kl": 0.0,
+                                                             "pkm_dead_slots": 8.0}
     _read(u, [0, 1], [0.5, 0.5])
     m = u.summary()
     assert m["pkm_read_frac"].item() == 2 / 8

@@ -110,7 +110,7 @@ def parse(argv):
     p.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch x sequence)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--k-dim", type=int, default=256, help="query width per head (two halves)")
+    p.add_argument("--k-dim", type=int, default=128, help="query width per head (two halves); d_model/2 as in Lample 2019")
     p.add_argument("--knn", type=int, default=32)
     p.add_argument("--n-keys", type=int, default=65536, help="memory slots (a perfect square)")
     p.add_argument("--iters", type=int, default=10)

@@ -61,14 +61,13 @@ class SlotUsage(nn.Module):
         """pkm_read_frac: fraction of slots read in the last ``window`` steps (this one included);
         pkm_usage_kl: KL(usage || uniform) of the averaged read weight; pkm_dead_slots: slots unread for
         ``dead_after`` steps."""
-        recent = self.last_read > self.step - self.window
-        alive = self.last_read > self.step - self.dead_after
-        mass = (self.mass * self.decay + self.pending).float()  # step s weighs decay**(now - s)
+        recent = (self.last_read > self.step - self.window).sum()
+        dead = (self.last_read <= self.step - self.dead_after).sum()
+        mass = torch.add(self.pending, self.mass, alpha=self.decay)  # step s weighs decay**(now - s)
         total = mass.sum()
-        if total > 0:
-            p = mass / total
-            kl = math.log(self.n_slots) + torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum()
-        else:
-            kl = torch.zeros(())
-        return {"pkm_read_frac": recent.float().mean(), "pkm_usage_kl": kl.clamp_min(0.0),
-                "pkm_dead_slots": (~alive).sum().float()}
+        # KL(p || uniform) = log n + sum p log p, with p = mass / total:
+        # sum p log p = sum(mass log mass) / total - log total.
+        kl = math.log(self.n_slots) + torch.special.xlogy(mass, mass).sum() / total - total.log()
+        kl = torch.where(total > 0, kl, torch.zeros_like(kl))
+        return {"pkm_read_frac": recent / self.n_slots, "pkm_usage_kl": kl.clamp_min(0.0),
+                "pkm_dead_slots": dead.float()}
