@@ -1,7 +1,7 @@
 """Benchmark: forward+backward time and peak memory of our PKM layer against (a) the dense SwiGLU FFN of
 the same width (d_ff = 4 d) and (b) the PyPI ``product-key-memory`` package at the same settings.
 
-    python tools/bench_pkm.py [--d-model 256 --tokens 2048 --heads 4 --k-dim 256 --knn 32 --n-keys 65536]
+    python tools/bench_pkm.py [--d-model 256 --tokens 2048 --heads 4 --k-dim 128 --knn 32 --n-keys 65536]
 
 Peak memory is what one step allocates beyond the module and its input (activations, saved tensors,
 gradients): ``torch.cuda.max_memory_allocated`` on a GPU; on CPU a dispatch-mode tracker that adds up
