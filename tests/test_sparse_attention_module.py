@@ -83,7 +83,7 @@ def allattn_model(*overrides):
 
 
 def test_allattn_replaces_the_feed_forward_at_equal_size():
-    cfg, model = allattn_model()
+    cfg, model = allattn_model("--attention.persistent_slots=0")  # 0: as many slots as the SwiGLU's parameters
     dense_cfg = load_config("tiny_allattn", ["--model.n_layers=2", "--model.pattern=dense"])
     dense_cfg.model.vocab_size = 256
     dense = build_model(dense_cfg)
@@ -93,6 +93,15 @@ def test_allattn_replaces_the_feed_forward_at_equal_size():
     assert abs(model.num_params() - dense.num_params()) <= slack
     logits = model(torch.randint(0, 256, (2, cfg.data.seq_len)))
     assert logits.shape == (2, cfg.data.seq_len, 256) and logits.isfinite().all()
+
+
+def test_tiny_allattn_preset_has_the_size_of_tiny_dense():
+    sizes = []
+    for preset in ("tiny_allattn", "tiny_dense"):
+        cfg = load_config(preset)
+        cfg.model.vocab_size = 256
+        sizes.append(build_model(cfg).num_params())
+    assert sizes[0] == sizes[1]
 
 
 def test_persistent_memory_keeps_the_papers_init_inside_the_model():
