@@ -61,12 +61,33 @@ def offloads_optimizer(ds: dict) -> bool:
     return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
 
 
-def make_optimizer(model: torch.nn.Module, cfg, ds: dict):
+def optimizer_groups(model: torch.nn.Module, cfg) -> list[dict]:
     groups = param_groups(model, cfg.optim)
     # [moe] expert-parallel parameters go in their own groups (DeepSpeed reduces them over expert-data-parallel ranks)
     from sparselm.parallel.expert import split_expert_param_groups
 
-    groups = split_expert_param_groups(groups)
+    return split_expert_param_groups(groups)
+
+
+def settle_pipeline_zero_stage(module: torch.nn.Module, cfg, pp_group) -> str | None:
+    """ZeRO-1 reduces the gradient norm over the pipeline once per parameter group; stages holding
+    different groups (PKM values or experts on some stages only) would wait on each other forever.
+    Such runs use ZeRO stage 0 (optimizer state not partitioned).  Returns a note when it changed."""
+    import torch.distributed as dist
+
+    stage = build_ds_config(cfg, 1)["zero_optimization"].get("stage", 0)
+    mine = [g["name"] for g in optimizer_groups(module, cfg)]
+    every = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(every, mine, group=pp_group)
+    if stage == 0 or all(names == mine for names in every):
+        return None
+    cfg.parallel.zero_stage = 0
+    return (f"pipeline stages hold different parameter groups ({every}); DeepSpeed's ZeRO-{stage} would "
+            "deadlock reducing their norms, so this run uses ZeRO stage 0")
+
+
+def make_optimizer(model: torch.nn.Module, cfg, ds: dict):
+    groups = optimizer_groups(model, cfg)
     o = cfg.optim
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if offloads_optimizer(ds):
@@ -84,36 +105,26 @@ def precision_dtype(ds: dict) -> torch.dtype:
     return torch.float32
 
 
-def build_engine(model, cfg, dp_size: int, mpu=None):
-    """deepspeed.initialize with our optimizer; returns (engine, ds_config)."""
+def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
+    """deepspeed.initialize with our optimizer; returns (engine, ds_config).  ``mpu`` goes to DeepSpeed
+    (None for pipelines); ``norm_mpu`` (megatron-core's groups, pipeline included) serves the norm."""
     import deepspeed
 
     ds = build_ds_config(cfg, dp_size)
     optimizer = make_optimizer(model, cfg, ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
-    _keep_stage0_grad_norm(engine)
+    _keep_stage0_grad_norm(engine, norm_mpu if norm_mpu is not None else mpu)
     return engine, ds
 
 
-def _keep_stage0_grad_norm(engine) -> None:
-    """Without ZeRO, DeepSpeed's fp32 clipping computes the global norm and discards it; keep it so
-    ``engine.get_global_grad_norm()`` reports it as it does under ZeRO."""
-    from deepspeed.moe.utils import is_moe_param
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    if any(is_moe_param(p) for p in engine.module.parameters()):
-        # [moe] DeepSpeed's stage-0 norm averages per-rank norms; expert shards need their squares summed
-        from sparselm.parallel.expert import clip_grad_norm_ as clip_with_experts
-
-        def clip_and_record():
-            engine._global_grad_norm = clip_with_experts(engine.module.parameters(), engine.gradient_clipping(),
-                                                         mpu=engine.mpu)
-
-        engine.clip_fp32_gradients = clip_and_record
-        return
+def _keep_stage0_grad_norm(engine, norm_mpu) -> None:
+    """Without ZeRO, DeepSpeed's fp32 clipping averages per-rank norms (wrong under expert parallelism) and
+    discards the result.  Clip by the true global norm instead (``sparselm.parallel.expert``: expert shards
+    summed over their group, tensor-parallel replicas counted once, every pipeline stage included through
+    ``norm_mpu``'s model-parallel group) and keep it for ``engine.get_global_grad_norm()``."""
+    from sparselm.parallel.expert import clip_grad_norm_
 
     def clip_and_record():
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        engine._global_grad_norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=norm_mpu)
 
     engine.clip_fp32_gradients = clip_and_record

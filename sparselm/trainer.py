@@ -19,7 +19,7 @@ from sparselm.config import ConfigError, to_yaml
 from sparselm.data.loader import build_datasets
 from sparselm.data.sampler import DataExhausted, GlobalBatchSampler
 from sparselm.data.tokenizer import load_tokenizer
-from sparselm.engine import build_engine
+from sparselm.engine import build_engine, settle_pipeline_zero_stage
 from sparselm.logging_sinks import MetricsWriter, format_line
 from sparselm.model import build_model
 from sparselm.optim import lr_at, set_lr
@@ -87,11 +87,16 @@ class Trainer:
         if self.topo.pp > 1:
             self.module = build_pipeline(model, self.topo.ds_topology, cfg.parallel.pp_partition,
                                          cfg.parallel.activation_checkpoint_interval)
-            self.engine, self.ds_config = build_engine(self.module, cfg, self.topo.dp_size, mpu=None)
+            note = settle_pipeline_zero_stage(self.module, cfg, self.topo.pp_group)
+            if note and self.is_rank0:
+                print(f"sparselm: {note}")
+            self.engine, self.ds_config = build_engine(self.module, cfg, self.topo.dp_size, mpu=None,
+                                                       norm_mpu=self.topo.parallel_state_mpu)
             self.steps = PipelineSteps(self.engine, self.module, self.device, micro, self.topo.pp_group)
         else:
             self.module = model
-            self.engine, self.ds_config = build_engine(model, cfg, self.topo.dp_size, mpu=self.topo.mpu)
+            self.engine, self.ds_config = build_engine(model, cfg, self.topo.dp_size, mpu=self.topo.mpu,
+                                                       norm_mpu=self.topo.parallel_state_mpu)
             self.steps = EngineSteps(self.engine, model, self.device, micro)
         del full_model, model  # a pipeline stage keeps only its own layers
         self.step = 0

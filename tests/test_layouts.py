@@ -22,6 +22,7 @@ LAYOUTS = {
     "tp2_pp2_dp2": (8, ["--parallel.tp=2", "--parallel.pp=2"], "torchrun"),
 }
 KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm")
+pytestmark = pytest.mark.timeout(2400)  # the shared fixture runs every layout once
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from torch import nn
 
 from sparselm.model.moe import MoELayer
 from sparselm.parallel.canonical import mark_shard
+from sparselm.parallel.comm import GroupReducer
 
 
 def group_name(ep_size: int) -> str:
@@ -95,18 +96,6 @@ class AllToAllDispatcher:
         return all_to_all(back, in_splits, out_splits, self.group)
 
 
-class SumReducer:
-    """Sums a tensor over a process group (None: the whole world); returns a new tensor."""
-
-    def __init__(self, group=None):
-        self.group = group
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t
-
-
 class DeepSpeedMoETag(_DeepSpeedMoE):
     """No parameters, no forward: an instance of DeepSpeed's MoE class inside the model makes
     ``deepspeed.initialize`` treat the model as MoE (expert gradient reduction, MoE optimizer groups,
@@ -164,7 +153,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, dp_group=None, ep_grou
     if not layers or not dist.is_initialized():
         return model
     if dist.get_world_size(dp_group) > 1:
-        reducer = SumReducer(dp_group)
+        reducer = GroupReducer(dp_group)
         for layer in layers:
             layer.stats_reducer = reducer
     if ep_size == 1:
@@ -205,7 +194,9 @@ def global_grad_norm(parameters, ep_group=None, mpu=None) -> torch.Tensor:
 
     Expert shards: squares summed over the expert-parallel group.  With a model-parallel ``mpu``
     (DeepSpeed's interface, e.g. tensor parallelism): tensor-parallel shards are summed over the model-parallel
-    group, parameters replicated across it (experts included) are counted on model-parallel rank 0 only."""
+    group, parameters replicated across it (experts included) are counted on model-parallel rank 0 only.
+    When ``mpu`` has pipeline stages, the stages' sums are added over its pipeline group (tied copies
+    marked ``ds_pipe_replicated`` are skipped: counted on their first stage)."""
     from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
 
     from deepspeed.runtime.utils import is_model_parallel_parameter
@@ -214,7 +205,7 @@ def global_grad_norm(parameters, ep_group=None, mpu=None) -> torch.Tensor:
     shared, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     groups_seen = set()
     for p in parameters:
-        if p.grad is None:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):  # a tied copy, counted on its first stage
             continue
         sq = p.grad.detach().double().square().sum().cpu()
         if is_moe_param(p):
@@ -232,6 +223,8 @@ def global_grad_norm(parameters, ep_group=None, mpu=None) -> torch.Tensor:
     total = shared + (expert if mp_rank0 else 0)
     if mpu is not None:
         dist.all_reduce(total, group=mpu.get_model_parallel_group())
+        if getattr(mpu, "get_pipeline_model_parallel_world_size", lambda: 1)() > 1:
+            dist.all_reduce(total, group=mpu.get_pipeline_model_parallel_group())  # each stage holds its own layers
     return total.sqrt().float()
 
 

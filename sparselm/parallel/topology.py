@@ -119,6 +119,11 @@ class Topology:
         with them (DeepSpeed then takes its grid from the PipelineModule, built on ``ds_topology``)."""
         return self._ps_mpu if self.pp == 1 else None
 
+    @property
+    def parallel_state_mpu(self):
+        """The parallel_state adapter in every layout; its model-parallel group spans TP and PP ranks."""
+        return self._ps_mpu
+
     def as_dict(self) -> dict:
         return self.layout.as_dict()
 
