@@ -10,13 +10,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sparselm.model.transformer import layer_metrics
 
-def after_optimizer_step(blocks) -> None:
-    """Layers with state updated once per optimizer step (e.g. MoE selection bias) update it here."""
-    for block in blocks:
+
+def after_optimizer_step(indexed_blocks) -> dict[str, torch.Tensor]:
+    """Layers with state updated once per optimizer step (MoE selection bias, PKM slot usage) update it
+    here; returns the step summaries they make (``step_metrics``), named ``layer{i}/{name}``.
+    ``indexed_blocks``: (layer index, block) pairs."""
+    out = {}
+    for index, block in indexed_blocks:
         for module in block.modules():
             if hasattr(module, "after_optimizer_step"):
                 module.after_optimizer_step()
+        out.update(layer_metrics(index, block, "step_metrics"))
+    return out
 
 
 class EngineSteps:
@@ -40,8 +47,8 @@ class EngineSteps:
             for k, v in values.items():
                 sums[k] = sums.get(k, 0) + v.detach().float().cpu()
             n += 1
-        after_optimizer_step(self.blocks)
-        return {k: v / n for k, v in sums.items()}
+        means = {k: v / n for k, v in sums.items()}
+        return {**means, **{k: v.cpu() for k, v in after_optimizer_step(enumerate(self.blocks)).items()}}
 
     @torch.no_grad()
     def evaluate(self, tokens: np.ndarray) -> torch.Tensor:
@@ -91,8 +98,8 @@ class PipelineSteps:
     def train(self, tokens: np.ndarray) -> dict[str, torch.Tensor]:
         self._pop_local()  # drop anything left from a validation pass
         self.engine.train_batch(data_iter=iter(list(self._batches(tokens))))
-        after_optimizer_step(stage.block for stage in self.stages)
-        return self._stage_values(self._pop_local())
+        step = after_optimizer_step((stage.layer_index, stage.block) for stage in self.stages)
+        return self._stage_values({**self._pop_local(), **{k: v.cpu() for k, v in step.items()}})
 
     @torch.no_grad()
     def evaluate(self, tokens: np.ndarray) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """PKM across processes (real gloo, 2 ranks, one spawn): the tensor-parallel layer (value table sharded
 along its width) equals the unsharded one, alone and inside a model; DeepSpeed ZeRO 1/2 data-parallel
-steps equal one process's AdamW step with the value group's own learning rate."""
+steps equal one process's AdamW step with the value group's own learning rate; slot-usage statistics
+merged over data-parallel ranks equal those of one process reading both ranks' slots."""
 import copy
 
 import pytest
@@ -137,14 +138,40 @@ def _engine_steps(rank, world, stage):
             "values_moved": (ref_params[values] - build_model(cfg).get_parameter(values)).abs().max().item()}
 
 
+def _usage(rank, world):
+    from sparselm.model.pkm.usage import SlotUsage
+    from sparselm.parallel.comm import GroupReducer
+
+    reads = {0: ([1, 2], [0.5, 0.5]), 1: ([2, 5], [0.25, 0.75])}  # step 1: each rank its own slots
+    merged, alone = SlotUsage(8, window=2, dead_after=2), SlotUsage(8, window=2, dead_after=2)
+    merged.stats_reducer = GroupReducer()
+    merged.after_optimizer_step()  # step 0 reads nothing anywhere
+    alone.after_optimizer_step()
+    slots, weights = reads[rank]
+    merged.record(torch.tensor(slots), torch.tensor(weights))
+    for slots, weights in reads.values():
+        alone.record(torch.tensor(slots), torch.tensor(weights))
+    merged.after_optimizer_step()
+    alone.after_optimizer_step()
+    return {name: (merged.step_metrics[name].item(), value.item()) for name, value in alone.step_metrics.items()}
+
+
 def _all(rank, world):
-    return {"modules": _modules(rank, world, VARIANTS), "model": _check_model(),
+    return {"usage": _usage(rank, world), "modules": _modules(rank, world, VARIANTS), "model": _check_model(),
             "zero1": _engine_steps(rank, world, 1), "zero2": _engine_steps(rank, world, 2)}
 
 
 @pytest.fixture(scope="module")
 def report():
     return run_distributed(_all, 2)
+
+
+def test_slot_usage_merged_over_ranks_equals_one_process_reading_all(report):
+    for r in report:
+        assert r["usage"]["pkm_read_frac"] == (3 / 8, 3 / 8)  # slots 1, 2, 5: the union, not one rank's two
+        assert r["usage"]["pkm_dead_slots"] == (5.0, 5.0)
+        merged, alone = r["usage"]["pkm_usage_kl"]
+        assert merged == pytest.approx(alone, rel=1e-6) and alone > 0
 
 
 def test_tp2_modules_equal_unsharded_in_fp64(report):

@@ -70,14 +70,14 @@ def test_shared_value_table_is_one_parameter_held_by_the_model():
     assert not torch.allclose(both, alone.layers[0].ffn.values.grad)
 
 
-def test_usage_metrics_are_logged_per_layer_and_advance_with_steps():
+def test_usage_metrics_are_summarised_per_layer_at_each_step_end():
+    from sparselm.steps import after_optimizer_step
+
     model = build_model(pkm_cfg()).train()
     x = torch.randint(0, 128, (2, 9))
     model(x[:, :-1], x[:, 1:])
-    metrics = model.metrics()
+    assert not any("pkm" in k for k in model.metrics())  # usage is a per-step figure, not per forward
+    metrics = after_optimizer_step(enumerate(model.layers))  # what the trainer does after each optimizer step
     assert set(metrics) == {"layer1/pkm_read_frac", "layer1/pkm_usage_kl", "layer1/pkm_dead_slots"}
     assert 0 < metrics["layer1/pkm_read_frac"].item() <= 2 * 8 * 2 * 4 / 256
-    for module in model.modules():  # what the trainer does after each optimizer step
-        if module is not model and hasattr(module, "after_optimizer_step"):
-            module.after_optimizer_step()
     assert int(model.layers[1].ffn.usage.step) == 1

@@ -65,10 +65,11 @@ def test_memory_layer_records_in_training_mode_only():
     mem = ProductKeyMemory(32, cfg.pkm)
     x = torch.randn(1, 3, 32)
     mem.eval()(x)
-    assert mem.metrics == {} and int(mem.usage.pending.count_nonzero()) == 0
+    assert int(mem.usage.pending.count_nonzero()) == 0
     mem.train()(x)
     reads = int(mem.usage.pending.count_nonzero())
     assert 2 <= reads <= 6  # 3 tokens x 1 head x knn 2, some possibly the same slot
-    assert mem.metrics["pkm_read_frac"].item() == reads / 64
-    assert mem.metrics["pkm_dead_slots"].item() == 64 - reads
     assert mem.usage.pending.sum().item() == pytest.approx(3.0)  # softmax weights: 1 per token and head
+    mem.usage.after_optimizer_step()
+    assert mem.usage.step_metrics["pkm_read_frac"].item() == reads / 64
+    assert mem.usage.step_metrics["pkm_dead_slots"].item() == 64 - reads

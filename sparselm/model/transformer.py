@@ -44,11 +44,12 @@ class Block(nn.Module):
         return x, aux
 
 
-def layer_metrics(index: int, block: nn.Module) -> dict[str, torch.Tensor]:
-    """The ``metrics`` dicts of a block's modules from their last forward, named ``layer{index}/{name}``."""
+def layer_metrics(index: int, block: nn.Module, kind: str = "metrics") -> dict[str, torch.Tensor]:
+    """The ``metrics`` dicts of a block's modules from their last forward (or, with kind="step_metrics",
+    the summaries they made at the last optimizer step end), named ``layer{index}/{name}``."""
     out = {}
     for module in block.modules():
-        for name, value in getattr(module, "metrics", {}).items():
+        for name, value in getattr(module, kind, {}).items():
             out[f"layer{index}/{name}"] = value.detach().float()
     return out
 

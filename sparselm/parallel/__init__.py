@@ -2,7 +2,8 @@
 
 ``parallelize(model, cfg, topo)`` is the one call the trainer makes on a built model: tensor-parallel
 layers are swapped in (megatron-core), then MoE layers are sharded over the expert-parallel group
-(DeepSpeed's groups).  Pipeline stages are built afterwards by ``pipeline.build_pipeline``.
+(DeepSpeed's groups), and layers that keep statistics (MoE load, PKM slot usage) are connected to
+the data-parallel group.  Pipeline stages are built afterwards by ``pipeline.build_pipeline``.
 """
 from __future__ import annotations
 
@@ -14,5 +15,8 @@ def parallelize(model, cfg, topo):
         model = apply_tp(model, topo)
     from sparselm.parallel.expert import apply_expert_parallel
 
+    from sparselm.parallel.pkm import share_usage_statistics
+
     apply_expert_parallel(model, topo.ep, topo.dp_group)
+    share_usage_statistics(model, topo.dp_group)
     return model

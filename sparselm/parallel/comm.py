@@ -12,6 +12,21 @@ import torch
 import torch.distributed as dist
 
 
+class GroupReducer:
+    """All-reduces a tensor over a process group (None: the whole world) and returns the result as a new
+    tensor; ``op`` is "sum" or "max".  Layers that keep statistics across ranks hold one as ``stats_reducer``."""
+
+    OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def __call__(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=self.OPS[op], group=self.group)
+        return t
+
+
 def all_gather_cat(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Every rank's ``x`` concatenated along ``dim`` in rank order (no autograd)."""
     world = dist.get_world_size(group)

@@ -21,7 +21,8 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                     reduce_from_tensor_model_parallel_region as reduce_from_group)
 
 from sparselm.model.pkm.memory import ProductKeyMemory
-from sparselm.parallel.comm import gather_along_dim
+from sparselm.model.pkm.usage import SlotUsage
+from sparselm.parallel.comm import GroupReducer, gather_along_dim
 from sparselm.parallel.tensor import register_tp_rule, set_tp_attributes
 
 
@@ -76,3 +77,14 @@ def shard_pkm(module: ProductKeyMemory, tp_group) -> ProductKeyMemory:
 def tp_pkm(module, topo):
     """apply_tp's rule: shard in place over the topology's tensor-parallel group."""
     return shard_pkm(module, topo.tp_group)
+
+
+def share_usage_statistics(model: torch.nn.Module, dp_group) -> None:
+    """Merge every PKM layer's slot-usage statistics over the data-parallel group at each step end, so its
+    metrics describe the global batch (tensor-parallel ranks read the same slots and need nothing)."""
+    if not dist.is_initialized() or dist.get_world_size(dp_group) == 1:
+        return
+    reducer = GroupReducer(dp_group)
+    for module in model.modules():
+        if isinstance(module, SlotUsage):
+            module.stats_reducer = reducer

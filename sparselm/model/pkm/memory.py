@@ -68,7 +68,6 @@ class ProductKeyMemory(nn.Module):
         needs_out = self.gated or self.v_dim != d_model
         self.out_weight = nn.Parameter(torch.empty(d_model, self.v_dim)) if needs_out else None
         self.usage = SlotUsage(self.n_keys, pcfg.usage_window, pcfg.dead_after)
-        self.metrics: dict[str, torch.Tensor] = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -118,8 +117,7 @@ class ProductKeyMemory(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         weights, slots = self.lookup(flat)
         if self.training:
-            self.usage.record(slots, weights)
-            self.metrics = self.usage.summary()
+            self.usage.record(slots, weights)  # summarised once per optimizer step (usage.step_metrics)
         y = self.project(self.read(slots, weights.to(self.values.dtype)), flat)
         return y.view(*x.shape[:-1], y.shape[-1])
 

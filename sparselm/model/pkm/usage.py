@@ -7,8 +7,9 @@ State is kept in buffers so that it moves with the module (device, checkpoints) 
 - ``pending[n]``: weight received in the current step (not persistent: it is zero at every step end,
   where checkpoints are written).
 Counting in optimizer steps rather than forwards keeps the figures independent of micro-batching.
-Each data-parallel rank sees its own tokens, so the trainer's average over ranks is a mean of per-rank
-statistics, not the usage of the union.
+At each step end the step's reads are merged over the data-parallel ranks (``stats_reducer``, set by
+``sparselm.parallel``: ``pending`` summed, ``last_read`` maxed), so the statistics describe the global
+batch and are the same under every layout; ``step_metrics`` then holds the step's summary.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class SlotUsage(nn.Module):
         self.register_buffer("last_read", torch.full((n_slots,), NEVER, dtype=torch.long))
         self.register_buffer("mass", torch.zeros(n_slots))
         self.register_buffer("pending", torch.zeros(n_slots), persistent=False)
+        self.stats_reducer = None
+        self.step_metrics: dict[str, torch.Tensor] = {}
 
     def _apply(self, fn, recurse=True):
         # Keep the averages in fp32 when the model is cast to bf16/fp16: small weights added to a
@@ -52,6 +55,11 @@ class SlotUsage(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        """Merge the step's reads over ranks, summarise the step into ``step_metrics``, then advance."""
+        if self.stats_reducer is not None:
+            self.pending.copy_(self.stats_reducer(self.pending, "sum"))
+            self.last_read.copy_(self.stats_reducer(self.last_read, "max"))
+        self.step_metrics = self.summary()
         self.mass.mul_(self.decay).add_(self.pending)
         self.pending.zero_()
         self.step += 1
