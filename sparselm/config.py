@@ -87,6 +87,10 @@ class ParallelConfig:
     counts) or 'type:REGEX' (balance layers whose class matches, e.g. 'type:BlockStage')."""
     activation_checkpoint_interval: int = 0
     """Pipeline runs: recompute activations in backward every N layers (0 keeps all activations)."""
+    moe_tp_dedup: bool = True
+    """With tp > 1, each tensor-parallel rank computes 1/tp of the routed expert rows instead of all of
+    them (routed experts are replicated over tp): expert compute / tp, paid for by an all-reduce of the
+    expert outputs and of the expert gradients over the tp group.  Same numbers either way."""
 
 
 @dataclass

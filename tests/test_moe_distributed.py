@@ -6,6 +6,8 @@
 - two optimizer steps of a small MoE model through sparselm's DeepSpeed engine (ZeRO 0, 1 and 2, DP=4 x EP=2,
   gradient clipping active) give the global grad norm and the parameters of one process on the whole batch,
   and the expert shards gather back to the one-process tensors (what checkpoints store);
+- with tensor parallelism (TP=2, alone and with EP=2), routed rows split over the TP ranks
+  (``deduplicate_over_tp``) give every rank the outputs and the full expert gradients of the unsplit layer;
 - our layer equals ``deepspeed.moe.layer.MoE`` on identical weights for top-1 and top-2.  Settings that make
   them the same function: DeepSpeed ``drop_tokens=False`` (ours dropless), ``use_rts=False``,
   ``noisy_gate_policy=None``, ``top2_2nd_expert_sampling=False``, a SwiGLU expert module; ours softmax
@@ -173,8 +175,52 @@ def _deepspeed_reference(rank):
     return result
 
 
+def _tp_dedup(rank):
+    """Ranks (0, 1) and (2, 3) are tensor-parallel pairs seeing the same tokens; (0, 2) and (1, 3) the
+    expert-parallel groups, as the Topology places them for tp=2 x dp=2."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from sparselm.parallel.comm import GroupReducer
+    from sparselm.parallel.expert import apply_expert_parallel, deduplicate_over_tp
+
+    tp_group = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    ep_group = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    # the reducer sums elements, not raw memory, when the ranks hold a tensor in different layouts
+    x = torch.arange(6.0).view(2, 3)
+    summed = GroupReducer(tp_group)(x.t().contiguous().t() if rank % 2 else x)
+    errors = {"layouts": (summed - 2 * x).abs().max().item()}
+    torch.manual_seed(2)
+    inputs = [torch.randn(3, 10, 16) for _ in range(2)]
+    for ep in (1, 2):
+        for case, kw in {"dropless": {}, "dropping+shared": dict(drop_tokens=True, capacity_factor=0.7,
+                                                                 num_shared_experts=1)}.items():
+            ref = _fresh_layer(**kw)
+            outs = [ref(x) for x in inputs]
+            (sum((y * y).sum() + a for y, a in outs)).backward()
+            layer = _fresh_layer(**kw)
+            if ep > 1:
+                apply_expert_parallel(nn.Sequential(layer), ep, ep_group=ep_group)
+            deduplicate_over_tp(nn.Sequential(layer), tp_group)
+            mine = inputs[rank // 2]
+            y, aux = layer(mine)
+            ((y * y).sum() + aux).backward()
+            errs = [(y - ref(mine)[0]).abs().max().item()]
+            own = _fresh_layer(**kw)  # gradients of this rank's tokens alone, for the replicated parameters
+            y_own, aux_own = own(mine)
+            ((y_own * y_own).sum() + aux_own).backward()
+            for (name, p), p_ref, p_own in zip(layer.named_parameters(), ref.parameters(), own.parameters()):
+                if name.startswith("experts") and ep > 1:  # the shard gets the tokens of both EP ranks
+                    first, count = layer.experts.first_expert, layer.experts.num_local_experts
+                    errs.append((p.grad - p_ref.grad[first:first + count]).abs().max().item())
+                else:
+                    errs.append((p.grad - p_own.grad).abs().max().item())
+            errors[f"{case} ep={ep}"] = max(errs)
+    return errors
+
+
 def _all_cases(rank, world_size):
-    return {"layer": _layer_equivalence(rank), "bias": _bias_balancing(rank),
+    return {"layer": _layer_equivalence(rank), "tp_dedup": _tp_dedup(rank), "bias": _bias_balancing(rank),
             "engine0": _engine_steps(rank, 0), "engine1": _engine_steps(rank, 1), "engine2": _engine_steps(rank, 2),
             "deepspeed": _deepspeed_reference(rank)}
 
@@ -188,6 +234,13 @@ def test_expert_parallel_layer_matches_one_process(report):
     for rank, r in enumerate(report):
         assert set(r["layer"]) == {f"{c} ep={ep}" for c in ("dropless", "dropping+shared", "top1-sigmoid") for ep in (2, 4)}
         for case, err in r["layer"].items():
+            assert err < 1e-5, (rank, case, err)
+
+
+def test_rows_split_over_tensor_parallel_ranks_match_one_process(report):
+    for rank, r in enumerate(report):
+        assert set(r["tp_dedup"]) == {"layouts"} | {f"{c} ep={ep}" for c in ("dropless", "dropping+shared") for ep in (1, 2)}
+        for case, err in r["tp_dedup"].items():
             assert err < 1e-5, (rank, case, err)
 
 

@@ -22,7 +22,9 @@ class GroupReducer:
         self.group = group
 
     def __call__(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        t = t.clone()
+        # Contiguous whatever the input's strides: the collective adds raw memory, and two ranks may hold the
+        # same tensor in different layouts (a gradient is often a transposed view).
+        t = t.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(t, op=self.OPS[op], group=self.group)
         return t
 

@@ -238,3 +238,54 @@ def clip_grad_norm_(parameters, max_norm: float, ep_group=None, mpu=None) -> tor
         for p in parameters:
             p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
     return norm
+
+
+# ---------------------------------------------------------------------------------------------
+# token de-duplication across tensor parallelism
+class TensorParallelDedupDispatcher:
+    """Routed experts are replicated over the tensor-parallel group and every TP rank holds the same tokens,
+    so without this each rank would compute every routed row.  Here rank r of the TP group takes the r-th
+    contiguous chunk of the expert-grouped rows (per-expert counts cut accordingly), sends it through the
+    inner dispatcher (local or all-to-all over the expert-parallel group, whose ranks share r), and the
+    chunks' outputs are summed back together over the TP group.
+
+    Autograd: the rows enter through megatron's copy-to-TP-region (backward all-reduce: each rank's
+    gradient covers its chunk only), the outputs leave through reduce-from-TP-region (the zero-padded
+    chunks summed).  Expert weight gradients are partial too; ``deduplicate_over_tp`` sums them over the
+    group with a gradient hook."""
+
+    def __init__(self, inner, tp_group):
+        self.inner, self.tp_group = inner, tp_group
+        self.tp_size, self.tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+
+    def dispatch(self, rows: torch.Tensor, counts: torch.Tensor):
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+        m = rows.shape[0]
+        lo, hi = m * self.tp_rank // self.tp_size, m * (self.tp_rank + 1) // self.tp_size
+        ends = torch.cumsum(counts, 0)
+        mine = (ends.clamp(lo, hi) - (ends - counts).clamp(lo, hi))  # each expert's rows inside [lo, hi)
+        rows = copy_to_tensor_model_parallel_region(rows, self.tp_group)[lo:hi]
+        local_rows, local_counts, context = self.inner.dispatch(rows, mine)
+        return local_rows, local_counts, (context, lo, hi, m)
+
+    def combine(self, rows: torch.Tensor, context) -> torch.Tensor:
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+        inner_context, lo, hi, m = context
+        out = self.inner.combine(rows, inner_context)
+        padded = torch.cat([out.new_zeros(lo, out.shape[1]), out, out.new_zeros(m - hi, out.shape[1])])
+        return reduce_from_tensor_model_parallel_region(padded, self.tp_group)
+
+
+def deduplicate_over_tp(model: nn.Module, tp_group) -> nn.Module:
+    """Split every MoE layer's routed rows over ``tp_group`` (see TensorParallelDedupDispatcher); call after
+    ``apply_expert_parallel``.  A no-op for a group of one rank."""
+    if not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
+        return model
+    sum_over_tp = GroupReducer(tp_group)
+    for layer in moe_layers(model):
+        layer.dispatcher = TensorParallelDedupDispatcher(layer.dispatcher, tp_group)
+        for p in layer.experts.parameters():
+            p.register_hook(sum_over_tp)  # each TP rank's gradient covers its chunk of rows only
+    return model
