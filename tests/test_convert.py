@@ -79,8 +79,9 @@ MIXTRAL = ["--model.pattern=moe", "--moe.num_experts=4", "--moe.top_k=2", "--moe
            "--moe.drop_tokens=false", "--moe.score_func=softmax", "--moe.renormalize=true", "--moe.expert_hidden=48"]
 
 
-def test_export_mixtral_matches_transformers_logits(tmp_path):
-    model, cfg = make_checkpoint(tmp_path / "ckpt", *MIXTRAL)
+@pytest.mark.parametrize("expert_hidden", ["--moe.expert_hidden=48", "--moe.expert_hidden=0"])  # 0: derived
+def test_export_mixtral_matches_transformers_logits(tmp_path, expert_hidden):
+    model, cfg = make_checkpoint(tmp_path / "ckpt", *MIXTRAL, expert_hidden)
     convert(["export-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
     assert type(hf).__name__ == "MixtralForCausalLM"

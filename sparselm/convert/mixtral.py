@@ -11,6 +11,7 @@ import torch
 
 from sparselm.convert.llama import GLOBAL_NAMES, attention_and_norm_names, check_exportable, common_hf_config
 from sparselm.convert.store import ConversionError
+from sparselm.model.moe.config import resolved_expert_hidden
 
 REQUIRED = {"score_func": "softmax", "renormalize": True, "drop_tokens": False, "num_shared_experts": 0,
             "noisy_gating": False, "bias_balancing": False}
@@ -23,10 +24,6 @@ def check_mixtral_equivalent(cfg) -> None:
     wrong = [f"moe.{k}={getattr(cfg.moe, k)!r} (Mixtral needs {v!r})" for k, v in REQUIRED.items() if getattr(cfg.moe, k) != v]
     if wrong:
         raise ConversionError("this MoE configuration computes a different function from Mixtral's: " + "; ".join(wrong))
-
-
-def expert_hidden(cfg) -> int:
-    return cfg.moe.expert_hidden or cfg.model.ffn_hidden
 
 
 def to_mixtral(tensors: dict[str, torch.Tensor], cfg) -> tuple[dict[str, torch.Tensor], dict]:
@@ -42,7 +39,7 @@ def to_mixtral(tensors: dict[str, torch.Tensor], cfg) -> tuple[dict[str, torch.T
         out[f"{prefix}.experts.gate_up_proj"] = tensors[f"layers.{i}.ffn.experts.gate_up_proj"]
         out[f"{prefix}.experts.down_proj"] = tensors[f"layers.{i}.ffn.experts.down_proj"]
     hf = {**common_hf_config(cfg), "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-          "intermediate_size": expert_hidden(cfg), "num_local_experts": cfg.moe.num_experts,
+          "intermediate_size": resolved_expert_hidden(cfg), "num_local_experts": cfg.moe.num_experts,
           "num_experts_per_tok": cfg.moe.top_k, "router_aux_loss_coef": cfg.moe.aux_loss_coef,
           "output_router_logits": False, "router_jitter_noise": 0.0, "sliding_window": None}
     return out, hf
