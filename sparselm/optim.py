@@ -3,7 +3,7 @@
 Groups: matrices get weight decay; norms and biases do not.  A parameter can ask for another group
 by a tag that survives any parallel layout: ``param.optim_group = "name"`` (the model tags its
 embedding ``no_decay``) and ``param.optim_overrides = {"lr_scale": float, "weight_decay": float}``
-(PKM value tables do this).
+(PKM value tables and persistent attention memory do this).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def param_groups(model: nn.Module, ocfg) -> list[dict]:
                 "name": tag,
                 "params": [],
                 "lr_scale": overrides.get("lr_scale", 1.0),
-                "weight_decay": overrides.get("weight_decay", ocfg.weight_decay if tag == "decay" else 0.0),
+                # a tagged group of matrices decays like the rest unless its tag says otherwise
+                "weight_decay": overrides.get("weight_decay", ocfg.weight_decay if tag != "no_decay" and p.ndim >= 2 else 0.0),
             }
         groups[tag]["params"].append(p)
     return [g for g in groups.values() if g["params"]]

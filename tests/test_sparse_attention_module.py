@@ -112,3 +112,15 @@ def test_persistent_memory_keeps_the_papers_init_inside_the_model():
     assert attn.memory_v.std().item() == pytest.approx(2048**-0.5, rel=0.05)
     keys, values = attn.memory()
     assert keys.std().item() == pytest.approx(1.0, rel=0.05) and values.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_persistent_memory_has_its_own_learning_rate_and_keeps_weight_decay():
+    from sparselm.optim import param_groups
+
+    cfg, model = allattn_model("--attention.persistent_slots=16", "--attention.memory_lr_scale=0.25")
+    groups = {g["name"]: g for g in param_groups(model, cfg.optim)}
+    memory = groups["persistent_memory"]
+    assert memory["lr_scale"] == 0.25 and memory["weight_decay"] == cfg.optim.weight_decay > 0
+    attn = model.layers[0].attn
+    assert {id(p) for p in memory["params"]} >= {id(attn.memory_k), id(attn.memory_v)}
+    assert all(p.ndim >= 2 for p in groups["decay"]["params"])

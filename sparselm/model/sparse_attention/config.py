@@ -36,6 +36,10 @@ class AttentionConfig:
     persistent_slots: int = 0
     """Persistent key/value vectors per kv head in 'allattn' blocks; 0 means as many as keep the
     parameter count of the SwiGLU feed-forward they replace (3 * d_model * ffn_hidden / (2 * kv width))."""
+    memory_lr_scale: float = 1.0
+    """Learning-rate multiplier of the persistent keys and values (their own optimizer group,
+    'persistent_memory').  Under Adam the paper's reparametrisation (k = sqrt(d_h) U_k, v = sqrt(N) U_v)
+    already moves the used vectors sqrt(d_h) and sqrt(N) times faster than U; values below 1 undo that."""
     backend: str = "auto"
     """auto (compiled FlexAttention on CUDA, exact masked SDPA elsewhere), flex, reference (masked SDPA)
     or block_sparse (exact, computes only the key blocks a query block can see; for long sequences on CPU)."""
@@ -60,6 +64,7 @@ def validate_attention(cfg) -> None:
     _require(a.pattern in PATTERNS, f"attention.pattern='{a.pattern}' is unknown; choose one of {', '.join(PATTERNS)}")
     _require(a.backend in BACKENDS, f"attention.backend='{a.backend}' is unknown; choose one of {', '.join(BACKENDS)}")
     _require(a.persistent_slots >= 0, f"attention.persistent_slots must be >= 0, got {a.persistent_slots}")
+    _require(a.memory_lr_scale > 0, f"attention.memory_lr_scale must be positive, got {a.memory_lr_scale}")
     if a.pattern == "sliding_window":
         _require(1 <= a.window <= seq, f"attention.window={a.window} must be between 1 and the sequence length data.seq_len={seq}; lower the window (or use pattern causal)")
     if a.pattern in ("strided", "fixed"):

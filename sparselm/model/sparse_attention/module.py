@@ -27,6 +27,9 @@ class SparseAttention(Attention):
             shape = (mcfg.kv_heads, memory_slots, mcfg.head_dim)
             self.memory_k = nn.Parameter(torch.empty(shape))
             self.memory_v = nn.Parameter(torch.empty(shape))
+            for p in (self.memory_k, self.memory_v):
+                p.optim_group = "persistent_memory"
+                p.optim_overrides = {"lr_scale": acfg.memory_lr_scale}
         else:
             self.register_parameter("memory_k", None)
             self.register_parameter("memory_v", None)
