@@ -22,7 +22,7 @@ train: setup
 	$(PY) -m sparselm.train --config tiny_dense --train.out_dir=runs/tiny_dense
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs
