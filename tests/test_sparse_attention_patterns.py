@@ -7,7 +7,7 @@ from sparselm.model.sparse_attention.patterns import (
     PatternSpec, dense_mask, full_mask_mod, materialize, random_block_table,
 )
 
-SPEC = PatternSpec(window=20, stride=12, summary=3, block=16, global_blocks=1, window_blocks=2, random_blocks=2, seed=7)
+SPEC = PatternSpec(name="causal", window=20, stride=12, summary=3, block=16, global_blocks=1, window_blocks=2, random_blocks=2, seed=7)
 PATTERNS = ["causal", "sliding_window", "strided", "fixed", "block_local", "bigbird"]
 
 

@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparselm.model.sparse_attention.config import AttentionConfig
 from sparselm.model.sparse_attention.kernels import sparse_attention
 from sparselm.model.sparse_attention.patterns import PatternSpec
 
@@ -70,7 +71,7 @@ def main(argv=None) -> list[dict]:
     dtype = dtypes[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = PatternSpec(name="sliding_window", window=args.window)
+    spec = PatternSpec.from_config(AttentionConfig(pattern="sliding_window", window=args.window))
     sparse_backend = "flex" if device.type == "cuda" else "block_sparse"
     paths = {"dense causal SDPA": dense_causal,
              f"sliding window ({sparse_backend})": lambda q, k, v: sparse_attention(q, k, v, spec, None, sparse_backend)}

@@ -15,17 +15,18 @@ import torch
 
 @dataclass(frozen=True)
 class PatternSpec:
-    """The hashable part of the attention config that decides a mask (the cache key)."""
+    """The hashable part of the attention config that decides a mask (the cache key); the fields mean what
+    AttentionConfig's fields of the same names mean (``name`` is its ``pattern``), defaults included."""
 
-    name: str = "causal"
-    window: int = 256
-    stride: int = 128
-    summary: int = 16
-    block: int = 64
-    global_blocks: int = 1
-    window_blocks: int = 2
-    random_blocks: int = 2
-    seed: int = 0
+    name: str
+    window: int
+    stride: int
+    summary: int
+    block: int
+    global_blocks: int
+    window_blocks: int
+    random_blocks: int
+    seed: int
 
     @classmethod
     def from_config(cls, acfg) -> "PatternSpec":
