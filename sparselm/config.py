@@ -384,7 +384,8 @@ def register_validator(fn):
     return fn
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
+    """Raise ConfigError(msg) unless ``cond``: the start-up checks of every config section use it."""
     if not cond:
         raise ConfigError(msg)
 
@@ -392,30 +393,30 @@ def _require(cond: bool, msg: str) -> None:
 def validate(cfg) -> None:
     m, p, t, d, o = cfg.model, cfg.parallel, cfg.train, cfg.data, cfg.optim
     for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_to"):
-        _require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    _require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick heads that divide the width")
-    _require(m.head_dim % 2 == 0, f"model.d_model/model.n_heads = {m.head_dim} must be even for rotary positions")
-    _require(m.n_heads % m.kv_heads == 0, f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.kv_heads}")
-    _require(len(m.pattern) > 0, "model.pattern is empty; give at least one block kind, e.g. [dense]")
+        require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick heads that divide the width")
+    require(m.head_dim % 2 == 0, f"model.d_model/model.n_heads = {m.head_dim} must be even for rotary positions")
+    require(m.n_heads % m.kv_heads == 0, f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.kv_heads}")
+    require(len(m.pattern) > 0, "model.pattern is empty; give at least one block kind, e.g. [dense]")
     from sparselm.model.registry import BLOCKS  # local: registry imports config
 
     for kind in m.pattern:
-        _require(kind in BLOCKS, f"model.pattern names unknown block kind '{kind}'; known kinds: {', '.join(sorted(BLOCKS))}")
-    _require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
-    _require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
-    _require(0 < d.valid_fraction < 1, f"data.valid_fraction must be in (0, 1), got {d.valid_fraction}")
+        require(kind in BLOCKS, f"model.pattern names unknown block kind '{kind}'; known kinds: {', '.join(sorted(BLOCKS))}")
+    require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
+    require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    require(0 < d.valid_fraction < 1, f"data.valid_fraction must be in (0, 1), got {d.valid_fraction}")
     for name in ("tp", "pp", "ep"):
-        _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
-    _require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")
-    _require(m.n_heads % p.tp == 0 and m.kv_heads % p.tp == 0, f"model.n_heads={m.n_heads} (kv {m.kv_heads}) is not divisible by parallel.tp={p.tp}; choose tp dividing the head count")
-    _require(m.n_layers >= p.pp, f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} stages; lower parallel.pp")
-    _require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
-    _require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
-    _require(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
-    _require(t.resume in ("", "latest") or bool(t.resume), "train.resume must be '', 'latest' or a checkpoint path")
-    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+        require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")
+    require(m.n_heads % p.tp == 0 and m.kv_heads % p.tp == 0, f"model.n_heads={m.n_heads} (kv {m.kv_heads}) is not divisible by parallel.tp={p.tp}; choose tp dividing the head count")
+    require(m.n_layers >= p.pp, f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} stages; lower parallel.pp")
+    require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
+    require(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
+    require(t.resume in ("", "latest") or bool(t.resume), "train.resume must be '', 'latest' or a checkpoint path")
+    require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
     for fn in _VALIDATORS:
         fn(cfg)
 
@@ -424,11 +425,11 @@ def check_world(cfg, world_size: int) -> int:
     """Validate the layout against the world size; return the data-parallel size."""
     p, t = cfg.parallel, cfg.train
     model_parallel = p.tp * p.pp
-    _require(world_size % model_parallel == 0, f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {model_parallel}; launch a multiple of {model_parallel} processes")
+    require(world_size % model_parallel == 0, f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {model_parallel}; launch a multiple of {model_parallel} processes")
     dp = world_size // model_parallel
-    _require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (world {world_size} / tp {p.tp} / pp {p.pp}); choose ep dividing {dp}")
-    _require(t.global_batch_size % dp == 0, f"train.global_batch_size={t.global_batch_size} is not divisible by the data-parallel size {dp}; pick a multiple of {dp}")
+    require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (world {world_size} / tp {p.tp} / pp {p.pp}); choose ep dividing {dp}")
+    require(t.global_batch_size % dp == 0, f"train.global_batch_size={t.global_batch_size} is not divisible by the data-parallel size {dp}; pick a multiple of {dp}")
     per_rank = t.global_batch_size // dp
     micro = t.micro_batch_size or per_rank
-    _require(per_rank % micro == 0, f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} (global {t.global_batch_size} / dp {dp})")
+    require(per_rank % micro == 0, f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} (global {t.global_batch_size} / dp {dp})")
     return dp

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparselm.config import ConfigError, register_section, register_validator
+from sparselm.config import register_section, register_validator, require
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 EXPERT_IMPLS = ("auto", "grouped_mm", "padded")
@@ -50,11 +50,6 @@ class MoEConfig:
     largest), 'auto' (grouped_mm on CPU and on compute-capability >= 9.0 GPUs in bf16, padded elsewhere)."""
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
 def resolved_expert_hidden(cfg) -> int:
     m = cfg.moe
     return m.expert_hidden or max(1, cfg.model.ffn_hidden // (m.top_k + m.num_shared_experts))
@@ -65,20 +60,20 @@ def validate_moe(cfg) -> None:
     m = cfg.moe
     if "moe" not in cfg.model.pattern:
         return
-    _require(m.num_experts >= 1, f"moe.num_experts must be >= 1, got {m.num_experts}")
-    _require(1 <= m.top_k <= m.num_experts,
+    require(m.num_experts >= 1, f"moe.num_experts must be >= 1, got {m.num_experts}")
+    require(1 <= m.top_k <= m.num_experts,
              f"moe.top_k={m.top_k} must be between 1 and moe.num_experts={m.num_experts}; lower moe.top_k or add experts")
     ep = cfg.parallel.ep
-    _require(m.num_experts % ep == 0,
+    require(m.num_experts % ep == 0,
              f"moe.num_experts={m.num_experts} is not divisible by parallel.ep={ep}; every expert-parallel rank "
              f"holds the same number of experts")
-    _require(m.expert_hidden >= 0, f"moe.expert_hidden must be >= 0 (0 derives it), got {m.expert_hidden}")
-    _require(m.num_shared_experts >= 0, f"moe.num_shared_experts must be >= 0, got {m.num_shared_experts}")
-    _require(m.score_func in SCORE_FUNCS, f"moe.score_func='{m.score_func}' is not one of {', '.join(SCORE_FUNCS)}")
-    _require(m.expert_impl in EXPERT_IMPLS, f"moe.expert_impl='{m.expert_impl}' is not one of {', '.join(EXPERT_IMPLS)}")
+    require(m.expert_hidden >= 0, f"moe.expert_hidden must be >= 0 (0 derives it), got {m.expert_hidden}")
+    require(m.num_shared_experts >= 0, f"moe.num_shared_experts must be >= 0, got {m.num_shared_experts}")
+    require(m.score_func in SCORE_FUNCS, f"moe.score_func='{m.score_func}' is not one of {', '.join(SCORE_FUNCS)}")
+    require(m.expert_impl in EXPERT_IMPLS, f"moe.expert_impl='{m.expert_impl}' is not one of {', '.join(EXPERT_IMPLS)}")
     if m.drop_tokens:
-        _require(m.capacity_factor > 0,
+        require(m.capacity_factor > 0,
                  f"moe.capacity_factor={m.capacity_factor} must be > 0 with moe.drop_tokens=true "
                  f"(or set moe.drop_tokens=false for dropless routing)")
     for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-        _require(getattr(m, name) >= 0, f"moe.{name} must be >= 0, got {getattr(m, name)}")
+        require(getattr(m, name) >= 0, f"moe.{name} must be >= 0, got {getattr(m, name)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from sparselm.config import ConfigError, register_section, register_validator
+from sparselm.config import register_section, register_validator, require
 
 PKM_KINDS = ("pkm", "pkm_ffn")
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
@@ -54,11 +54,6 @@ class PKMConfig:
 
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
 @register_validator
 def validate_pkm(cfg) -> None:
     p, m = cfg.pkm, cfg.model
@@ -66,31 +61,31 @@ def validate_pkm(cfg) -> None:
     pkm_layers = [i for i, k in enumerate(kinds) if k in PKM_KINDS]
     if not pkm_layers and not p.share_values:
         return
-    _require(p.n_keys > 0 and p.n_sub ** 2 == p.n_keys,
+    require(p.n_keys > 0 and p.n_sub ** 2 == p.n_keys,
              f"pkm.n_keys={p.n_keys} is not a perfect square; use e.g. {max(1, p.n_sub) ** 2} or {(p.n_sub + 1) ** 2}")
-    _require(1 <= p.knn <= p.n_sub,
+    require(1 <= p.knn <= p.n_sub,
              f"pkm.knn={p.knn} must be between 1 and the sqrt(pkm.n_keys)={p.n_sub} sub-keys per query half; "
              f"lower pkm.knn or raise pkm.n_keys")
-    _require(p.heads >= 1, f"pkm.heads must be >= 1, got {p.heads}")
-    _require(p.k_dim >= 2 and p.k_dim % 2 == 0, f"pkm.k_dim={p.k_dim} must be even and >= 2 (it is split into two halves)")
-    _require(p.v_dim >= 0, f"pkm.v_dim must be >= 0 (0 means model.d_model), got {p.v_dim}")
+    require(p.heads >= 1, f"pkm.heads must be >= 1, got {p.heads}")
+    require(p.k_dim >= 2 and p.k_dim % 2 == 0, f"pkm.k_dim={p.k_dim} must be even and >= 2 (it is split into two halves)")
+    require(p.v_dim >= 0, f"pkm.v_dim must be >= 0 (0 means model.d_model), got {p.v_dim}")
     v_dim = p.v_dim or m.d_model
     tp = cfg.parallel.tp
-    _require(v_dim % tp == 0, f"the PKM value width {v_dim} (pkm.v_dim, 0 = model.d_model) is not divisible by "
+    require(v_dim % tp == 0, f"the PKM value width {v_dim} (pkm.v_dim, 0 = model.d_model) is not divisible by "
                               f"parallel.tp={tp}; the value table is sharded along it")
-    _require(p.query_norm in QUERY_NORMS, f"pkm.query_norm='{p.query_norm}' is not one of {', '.join(QUERY_NORMS)}")
-    _require(p.value_init_std >= 0, f"pkm.value_init_std must be >= 0, got {p.value_init_std}")
-    _require(p.value_lr_scale > 0, f"pkm.value_lr_scale must be positive, got {p.value_lr_scale}")
-    _require(p.value_weight_decay >= 0, f"pkm.value_weight_decay must be >= 0, got {p.value_weight_decay}")
-    _require(p.value_grad_clip >= 0, f"pkm.value_grad_clip must be >= 0, got {p.value_grad_clip}")
-    _require(p.usage_window >= 1 and p.dead_after >= 1,
+    require(p.query_norm in QUERY_NORMS, f"pkm.query_norm='{p.query_norm}' is not one of {', '.join(QUERY_NORMS)}")
+    require(p.value_init_std >= 0, f"pkm.value_init_std must be >= 0, got {p.value_init_std}")
+    require(p.value_lr_scale > 0, f"pkm.value_lr_scale must be positive, got {p.value_lr_scale}")
+    require(p.value_weight_decay >= 0, f"pkm.value_weight_decay must be >= 0, got {p.value_weight_decay}")
+    require(p.value_grad_clip >= 0, f"pkm.value_grad_clip must be >= 0, got {p.value_grad_clip}")
+    require(p.usage_window >= 1 and p.dead_after >= 1,
              f"pkm.usage_window ({p.usage_window}) and pkm.dead_after ({p.dead_after}) must be >= 1")
     if p.share_values:
-        _require(len(p.share_values) >= 2 and len(set(p.share_values)) == len(p.share_values),
+        require(len(p.share_values) >= 2 and len(set(p.share_values)) == len(p.share_values),
                  f"pkm.share_values={p.share_values} must list at least two distinct PKM layer indices")
-        _require(cfg.parallel.pp == 1, f"pkm.share_values needs parallel.pp=1: pipeline stages cannot hold one table "
+        require(cfg.parallel.pp == 1, f"pkm.share_values needs parallel.pp=1: pipeline stages cannot hold one table "
                                        f"between them (got parallel.pp={cfg.parallel.pp})")
         for i in p.share_values:
-            _require(i in pkm_layers,
+            require(i in pkm_layers,
                      f"pkm.share_values names layer {i}, which is not a PKM layer; PKM layers of model.pattern "
                      f"over model.n_layers={m.n_layers}: {pkm_layers or 'none'}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sparselm.config import ConfigError, register_section, register_validator
+from sparselm.config import register_section, register_validator, require
 
 PATTERNS = ("causal", "sliding_window", "strided", "fixed", "block_local", "bigbird")
 BACKENDS = ("auto", "flex", "reference", "block_sparse")
@@ -53,26 +53,21 @@ def memory_slots(cfg) -> int:
     return math.ceil(3 * m.d_model * m.ffn_hidden / (2 * m.kv_heads * m.head_dim))
 
 
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
 @register_validator
 def validate_attention(cfg) -> None:
     a, seq = cfg.attention, cfg.data.seq_len
-    _require(a.pattern in PATTERNS, f"attention.pattern='{a.pattern}' is unknown; choose one of {', '.join(PATTERNS)}")
-    _require(a.backend in BACKENDS, f"attention.backend='{a.backend}' is unknown; choose one of {', '.join(BACKENDS)}")
-    _require(a.persistent_slots >= 0, f"attention.persistent_slots must be >= 0, got {a.persistent_slots}")
-    _require(a.memory_lr_scale > 0, f"attention.memory_lr_scale must be positive, got {a.memory_lr_scale}")
+    require(a.pattern in PATTERNS, f"attention.pattern='{a.pattern}' is unknown; choose one of {', '.join(PATTERNS)}")
+    require(a.backend in BACKENDS, f"attention.backend='{a.backend}' is unknown; choose one of {', '.join(BACKENDS)}")
+    require(a.persistent_slots >= 0, f"attention.persistent_slots must be >= 0, got {a.persistent_slots}")
+    require(a.memory_lr_scale > 0, f"attention.memory_lr_scale must be positive, got {a.memory_lr_scale}")
     if a.pattern == "sliding_window":
-        _require(1 <= a.window <= seq, f"attention.window={a.window} must be between 1 and the sequence length data.seq_len={seq}; lower the window (or use pattern causal)")
+        require(1 <= a.window <= seq, f"attention.window={a.window} must be between 1 and the sequence length data.seq_len={seq}; lower the window (or use pattern causal)")
     if a.pattern in ("strided", "fixed"):
-        _require(1 <= a.stride <= seq, f"attention.stride={a.stride} must be between 1 and the sequence length data.seq_len={seq}")
+        require(1 <= a.stride <= seq, f"attention.stride={a.stride} must be between 1 and the sequence length data.seq_len={seq}")
     if a.pattern == "fixed":
-        _require(1 <= a.summary <= a.stride, f"attention.summary={a.summary} must be between 1 and attention.stride={a.stride}")
+        require(1 <= a.summary <= a.stride, f"attention.summary={a.summary} must be between 1 and attention.stride={a.stride}")
     if a.pattern in ("block_local", "bigbird"):
-        _require(a.block >= 1 and seq % a.block == 0, f"attention.block={a.block} does not divide the sequence length data.seq_len={seq}; pick a divisor of {seq}")
+        require(a.block >= 1 and seq % a.block == 0, f"attention.block={a.block} does not divide the sequence length data.seq_len={seq}; pick a divisor of {seq}")
     if a.pattern == "bigbird":
-        _require(a.global_blocks >= 0 and a.random_blocks >= 0, "attention.global_blocks and attention.random_blocks must be >= 0")
-        _require(a.window_blocks >= 1, f"attention.window_blocks must be >= 1 (a query sees its own block), got {a.window_blocks}")
+        require(a.global_blocks >= 0 and a.random_blocks >= 0, "attention.global_blocks and attention.random_blocks must be >= 0")
+        require(a.window_blocks >= 1, f"attention.window_blocks must be >= 1 (a query sees its own block), got {a.window_blocks}")
