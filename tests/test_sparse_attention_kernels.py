@@ -20,12 +20,14 @@ def reference_mask(name: str, t: int, n: int) -> torch.Tensor:
     return torch.cat([mask, torch.ones(t, n, dtype=torch.bool)], dim=1)
 
 
-def explicit_attention(q, k, v, mk, mv, mask):
-    """softmax(q k^T / sqrt(d) masked) v, written out, with memory slots appended to keys and values."""
-    b = q.shape[0]
-    k = torch.cat([k, mk.expand(b, -1, -1, -1)], 2).repeat_interleave(q.shape[1] // k.shape[1], 1)
-    v = torch.cat([v, mv.expand(b, -1, -1, -1)], 2).repeat_interleave(q.shape[1] // v.shape[1], 1)
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+def explicit_attention(q, k, v, mk, mv, mask, qm=None):
+    """softmax(q k^T / sqrt(d) masked) v, written out, with memory slots appended to keys and values;
+    the memory keys are scored against qm (default q)."""
+    b, rep = q.shape[0], q.shape[1] // k.shape[1]
+    k, mk = k.repeat_interleave(rep, 1), mk.expand(b, -1, -1, -1).repeat_interleave(rep, 1)
+    v = torch.cat([v, mv.expand(b, -1, -1, -1)], 2).repeat_interleave(rep, 1)
+    qm = q if qm is None else qm
+    scores = torch.cat([q @ k.transpose(-1, -2), qm @ mk.transpose(-1, -2)], -1) / q.shape[-1] ** 0.5
     return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
@@ -54,6 +56,19 @@ def test_output_and_grads_equal_explicit_reference(name, n, backend):
         torch.testing.assert_close(g if g is not None else torch.zeros_like(w), w, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["reference", "block_sparse"])
+@pytest.mark.parametrize("name", PATTERNS)
+def test_memory_query_scores_the_memory_and_nothing_else(name, backend):
+    """The query before rotary scores the memory keys; the context keys keep the rotated query."""
+    tensors = inputs(N) + (inputs(N)[0].detach().flip(2).requires_grad_(),)
+    mask = reference_mask(name, T, N)
+    want, want_g = run(lambda q, k, v, mk, mv, qm: explicit_attention(q, k, v, mk, mv, mask, qm), tensors)
+    got, got_g = run(lambda q, k, v, mk, mv, qm: sparse_attention(q, k, v, spec(name), (mk, mv), backend, memory_query=qm), tensors)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", PATTERNS)
 def test_eager_flex_on_cpu_equals_reference(name):
     """torch 2.13 runs FlexAttention eagerly on CPU, forward only (its backward raises on CPU)."""
@@ -62,16 +77,21 @@ def test_eager_flex_on_cpu_equals_reference(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
         got = sparse_attention(q, k, v, spec(name), (mk, mv), "flex")
+        got_qm = sparse_attention(q, k, v, spec(name), (mk, mv), "flex", memory_query=q.flip(2))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want_qm = explicit_attention(q, k, v, mk, mv, reference_mask(name, T, N), q.flip(2))
+    torch.testing.assert_close(got_qm, want_qm, rtol=1e-5, atol=1e-5)
 
 
 @needs_cuda
 @pytest.mark.parametrize("name", PATTERNS)
 def test_compiled_flex_on_gpu_equals_reference(name):
+    """With a separate memory query, as the allattn layers run it (the query's head dim doubles)."""
     tensors = inputs(N, dtype=torch.float32, device="cuda", t=512)
+    tensors += (tensors[0].detach().flip(2).requires_grad_(),)
     mask = reference_mask(name, 512, N).cuda()
-    want, want_g = run(lambda q, k, v, mk, mv: explicit_attention(q, k, v, mk, mv, mask), tensors)
-    got, got_g = run(lambda q, k, v, mk, mv: sparse_attention(q, k, v, spec(name), (mk, mv), "flex"), tensors)
+    want, want_g = run(lambda q, k, v, mk, mv, qm: explicit_attention(q, k, v, mk, mv, mask, qm), tensors)
+    got, got_g = run(lambda q, k, v, mk, mv, qm: sparse_attention(q, k, v, spec(name), (mk, mv), "flex", memory_query=qm), tensors)
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
     for g, w in zip(got_g, want_g):
         torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)

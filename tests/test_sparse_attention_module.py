@@ -50,6 +50,17 @@ def test_memory_is_seen_by_every_position():
     assert (changed > 1e-4).all(), "a query does not see the persistent memory"
 
 
+@pytest.mark.parametrize("backend", ["reference", "block_sparse"])
+def test_memory_lookup_does_not_depend_on_position(backend):
+    """With a window of one token a query sees itself (relative distance 0) and the memory, so the same
+    input at every position must give the same output: rotary must not reach the memory scores."""
+    torch.manual_seed(0)
+    attn = SparseAttention(MCFG, AttentionConfig(pattern="sliding_window", window=1, backend=backend), 16)
+    x = torch.randn(1, 1, MCFG.d_model).expand(2, 200, -1)
+    out = attn(x)
+    torch.testing.assert_close(out, out[:, :1].expand_as(out), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["reference", "block_sparse", "flex"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_no_query_sees_the_future(pattern, backend):

@@ -23,14 +23,15 @@ class Attention(nn.Module):
         self.rotary = Rotary(mcfg.head_dim, mcfg.max_seq_len, mcfg.rope_theta)
 
     def heads(self, x: torch.Tensor):
-        """Project to q, k, v of shape [B, heads, T, head_dim] with rotary applied to q and k."""
+        """Project to q, k, v of shape [B, heads, T, head_dim], before rotary (``attend`` applies it)."""
         b, t, _ = x.shape
         split = lambda y: y.view(b, t, -1, self.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        return self.rotary(q), self.rotary(k), v
+        return q, k, v
 
     def attend(self, q, k, v) -> torch.Tensor:
-        """Causal attention core; subclasses change the pattern or add memory slots."""
+        """Causal attention core over q, k before rotary; subclasses change the pattern or add memory slots."""
+        q, k = self.rotary(q), self.rotary(k)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

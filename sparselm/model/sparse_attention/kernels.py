@@ -15,24 +15,43 @@ from sparselm.model.sparse_attention.patterns import PatternSpec, dense_mask, fu
 FLEX_BLOCK = 128  # FlexAttention's tile; also the query block of the block-sparse CPU path
 
 
-def sparse_attention(q, k, v, spec: PatternSpec, memory=None, backend: str = "auto") -> torch.Tensor:
-    """Attention of q over k, v (and the memory slots ``(mk, mv)``, each [Hkv, N, D]) under `spec`."""
-    t = q.shape[-2]
+def sparse_attention(q, k, v, spec: PatternSpec, memory=None, backend: str = "auto", memory_query=None) -> torch.Tensor:
+    """Attention of q over k, v (and the memory slots ``(mk, mv)``, each [Hkv, N, D]) under `spec`.
+
+    `memory_query` ([B, H, T, D], default q) is what the memory keys are scored against: the query
+    before rotary, so that a memory lookup does not depend on the query's position (the paper's
+    position-free persistent vectors).  The memory still shares the context's softmax.
+    """
+    t, scale = q.shape[-2], q.shape[-1] ** -0.5
     if memory is not None and memory[0].shape[-2] > 0:
-        k, v = (torch.cat([x, m.to(x.dtype).expand(x.shape[0], -1, -1, -1)], dim=2) for x, m in zip((k, v), memory))
+        q, k, v = append_memory(q, k, v, memory, memory_query)
     gqa = q.shape[1] != k.shape[1]
     if spec.name == "causal" and k.shape[-2] == t:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
     if backend == "auto":
         backend = "flex" if q.is_cuda else "reference"
     if backend == "reference":
         mask = dense_mask(spec, t, k.shape[-2], q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
     if backend == "block_sparse":
-        return block_sparse_attention(q, k, v, spec, gqa)
+        return block_sparse_attention(q, k, v, spec, gqa, scale)
     if backend == "flex":
-        return flex_attention(q, k, v, spec, gqa)
+        return flex_attention(q, k, v, spec, gqa, scale)
     raise ValueError(f"unknown attention backend '{backend}'")
+
+
+def append_memory(q, k, v, memory, memory_query=None):
+    """Keys and values with the memory slots after the context.  With a separate `memory_query` the
+    head dimension doubles so that one softmax scores context keys against q and memory keys against
+    memory_query: q' = [q | mq], context k' = [k | 0], memory k' = [0 | mk] (callers keep the
+    1/sqrt(D) scale of the original width)."""
+    mk, mv = (m.to(k.dtype).expand(k.shape[0], -1, -1, -1) for m in memory)
+    v = torch.cat([v, mv], dim=2)
+    if memory_query is None:
+        return q, torch.cat([k, mk], dim=2), v
+    context_keys = torch.cat([k, torch.zeros_like(k)], dim=-1)
+    memory_keys = torch.cat([torch.zeros_like(mk), mk], dim=-1)
+    return torch.cat([q, memory_query], dim=-1), torch.cat([context_keys, memory_keys], dim=2), v
 
 
 @lru_cache(maxsize=1)
@@ -51,13 +70,13 @@ def block_mask(spec: PatternSpec, q_len: int, kv_len: int, device: torch.device)
     return create_block_mask(mod, None, None, q_len, kv_len, device=device, BLOCK_SIZE=FLEX_BLOCK)
 
 
-def flex_attention(q, k, v, spec: PatternSpec, gqa: bool) -> torch.Tensor:
+def flex_attention(q, k, v, spec: PatternSpec, gqa: bool, scale: float) -> torch.Tensor:
     """Compiled on CUDA; eager elsewhere (torch 2.13 runs eager FlexAttention on CPU forward-only)."""
     from torch.nn.attention.flex_attention import flex_attention as eager
 
     fn = _compiled_flex() if q.is_cuda else eager
     bm = block_mask(spec, q.shape[-2], k.shape[-2], q.device)
-    return fn(q, k, v, block_mask=bm, enable_gqa=gqa)
+    return fn(q, k, v, block_mask=bm, enable_gqa=gqa, scale=scale)
 
 
 @lru_cache(maxsize=8)
@@ -83,13 +102,13 @@ def block_plan(spec: PatternSpec, q_len: int, kv_len: int, device: torch.device,
     return idx.flatten(), mask.unsqueeze(1)
 
 
-def block_sparse_attention(q, k, v, spec: PatternSpec, gqa: bool) -> torch.Tensor:
+def block_sparse_attention(q, k, v, spec: PatternSpec, gqa: bool, scale: float) -> torch.Tensor:
     """Exact attention that computes only the key blocks each query block can see (sub-quadratic on
     CPU): one gather of those keys for all query blocks, then one batched SDPA over the blocks."""
-    b, h, t, d = q.shape
+    b, h, t, d = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
     idx, mask = block_plan(spec, t, k.shape[-2], q.device)
     n_blocks, block, width = mask.shape[0], mask.shape[2], mask.shape[3]
-    qb = F.pad(q, (0, 0, 0, n_blocks * block - t)).view(b, h, n_blocks, block, d).transpose(1, 2)
-    kb, vb = (x.index_select(2, idx).view(b, x.shape[1], n_blocks, width, d).transpose(1, 2) for x in (k, v))
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=gqa)  # [B, blocks, H, block, D]
+    qb = F.pad(q, (0, 0, 0, n_blocks * block - t)).view(b, h, n_blocks, block, q.shape[-1]).transpose(1, 2)
+    kb, vb = (x.index_select(2, idx).view(b, x.shape[1], n_blocks, width, x.shape[-1]).transpose(1, 2) for x in (k, v))
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=gqa, scale=scale)  # [B, blocks, H, block, D]
     return out.transpose(1, 2).reshape(b, h, n_blocks * block, d)[:, :, :t]

@@ -11,7 +11,8 @@ from sparselm.model.sparse_attention.patterns import PatternSpec
 
 class SparseAttention(Attention):
     """``Attention`` whose core runs `acfg.pattern` over the context plus `memory_slots` learned
-    key/value vectors per kv head.  The memory has no position (no rotary) and is visible to every query.
+    key/value vectors per kv head.  The memory has no position (neither it nor the query that scores it is
+    rotated) and is visible to every query.
 
     Memory is kept as parameters U of this module and used as k = sqrt(d_h) U_k, v = sqrt(N) U_v with
     U_k ~ N(0, 1/d_h), U_v ~ N(0, 1/N) (the paper's reparametrisation: unit-variance vectors whose
@@ -49,7 +50,10 @@ class SparseAttention(Attention):
         return self.memory_k * self.head_dim**0.5, self.memory_v * self.memory_slots**0.5
 
     def attend(self, q, k, v) -> torch.Tensor:
-        return sparse_attention(q, k, v, self.spec, self.memory(), self.backend)
+        """Context keys are scored against the rotated query, memory keys against the query before
+        rotary: with rotary on the query alone a memory lookup would turn with the query's position."""
+        memory = self.memory()
+        return sparse_attention(self.rotary(q), self.rotary(k), v, self.spec, memory, self.backend, memory_query=q if memory else None)
 
     def extra_repr(self) -> str:
         return f"pattern={self.spec.name}, memory_slots={self.memory_slots}, backend={self.backend}"
