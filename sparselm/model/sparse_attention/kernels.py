@@ -1,7 +1,8 @@
 """Executing an attention pattern: compiled FlexAttention on CUDA, exact masked SDPA elsewhere.
 
-All paths take q [B, H, T, D] and k, v [B, Hkv, S, D] where keys T .. S - 1 are persistent memory
-slots (see patterns.py), and give identical results up to floating-point rounding.
+All paths take q [B, H, T, E] and k, v [B, Hkv, S, E] / [B, Hkv, S, D] where keys T .. S - 1 are
+persistent memory slots (see patterns.py; E = 2D when the memory has its own query, see append_memory),
+and give identical results up to floating-point rounding.
 """
 from __future__ import annotations
 
