@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from sparselm import checkpoint as ckpt
 from sparselm.config import ConfigError, to_yaml
+from sparselm.data.indexed import DatasetError
 from sparselm.data.loader import build_datasets
 from sparselm.data.sampler import DataExhausted, GlobalBatchSampler
 from sparselm.data.tokenizer import load_tokenizer
@@ -74,6 +75,8 @@ class Trainer:
         if not self.is_rank0:
             self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer)
         self.sampler = GlobalBatchSampler(len(self.train_data), t.global_batch_size, t.seed, cfg.data.allow_repeat)
+        self.micro = micro = (t.micro_batch_size or t.global_batch_size // self.topo.dp_size)
+        self._check_validation_data()
 
         # The full model is built identically on every rank; a checkpoint goes into it before any
         # sharding, so tensor/expert/pipeline pieces and every ZeRO stage start from the same weights.
@@ -83,7 +86,6 @@ class Trainer:
         if restored is not None:
             full_model.load_state_dict(restored[1], strict=False)
         model = parallelize(full_model, cfg, self.topo)
-        micro = (t.micro_batch_size or t.global_batch_size // self.topo.dp_size)
         if self.topo.pp > 1:
             self.module = build_pipeline(model, self.topo.ds_topology, cfg.parallel.pp_partition,
                                          cfg.parallel.activation_checkpoint_interval)
@@ -169,13 +171,21 @@ class Trainer:
             record["grad_norm"] = float(norm)
         return record
 
+    def _eval_samples(self) -> int:
+        """Validation samples one evaluation uses: whole micro-batches on every data-parallel rank."""
+        n = min(len(self.valid_data), self.cfg.train.eval_batches * self.cfg.train.global_batch_size)
+        return n - n % (self.topo.dp_size * self.micro)
+
+    def _check_validation_data(self) -> None:
+        if self.cfg.train.eval_every and self._eval_samples() == 0:
+            raise DatasetError(
+                f"the validation split holds {len(self.valid_data)} samples of {self.cfg.data.seq_len} tokens, fewer "
+                f"than one micro-batch on each of the {self.topo.dp_size} data-parallel rank(s) "
+                f"({self.micro} per rank), so evaluation would be skipped; set "
+                "data.valid_dataset, raise data.valid_fraction, or set train.eval_every=0")
+
     def evaluate(self) -> dict:
-        cfg = self.cfg
-        n = min(len(self.valid_data), cfg.train.eval_batches * cfg.train.global_batch_size)
-        micro = self.ds_config["train_micro_batch_size_per_gpu"]
-        n -= n % (self.topo.dp_size * micro)
-        if n == 0:
-            return {}
+        n = self._eval_samples()
         mine = self._rank_slice(np.arange(n))
         val = self._dp_mean({"val_loss": self.steps.evaluate(self.valid_data.batch(mine))})["val_loss"]
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}

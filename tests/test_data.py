@@ -6,6 +6,8 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from conftest import PYTHON, TINY, run_cmd, train
+
 from sparselm.data.indexed import DatasetError, flat_tokens, open_indexed, write_indexed
 from sparselm.data.packing import PackedSamples
 from sparselm.data.sampler import DataExhausted, GlobalBatchSampler
@@ -143,3 +145,70 @@ def test_default_corpus_split_is_disjoint_and_deterministic():
     valid = [f for f in files if is_valid_split(f, 0.02)]
     assert 0 < len(valid) < 0.1 * len(files)
     assert valid == [f for f in files if is_valid_split(f, 0.02)]
+
+
+def _jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("line,words", [
+    ('{"text": null}', "in.jsonl:2 has 'text': null (null), not a string"),
+    ('{"text": 123}', "in.jsonl:2 has 'text': 123 (int), not a string"),
+    ('{"text": ["a"]}', "in.jsonl:2 has 'text': [\"a\"] (list), not a string"),
+    ('"a line holding the word text"', "in.jsonl:2 is a JSON str, not an object"),  # was a TypeError
+])
+def test_preprocess_stops_at_a_record_that_is_not_text(tmp_path, line, words):
+    from sparselm.data.sources import RecordError
+    from tools.preprocess_data import main
+
+    src = _jsonl(tmp_path / "in.jsonl", ['{"text": "abc"}', line])
+    with pytest.raises(RecordError) as err:
+        main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--append-eod"])
+    assert words in str(err.value) and "--skip-invalid-records" in str(err.value)
+    assert not list(tmp_path.glob("o*")), "nothing is left under the output prefix"
+
+
+def test_preprocess_skips_and_counts_invalid_records_when_asked(tmp_path, capsys):
+    from tools.preprocess_data import main
+
+    src = _jsonl(tmp_path / "in.jsonl", ['{"text": null}', '{"text": "abc"}', '{"text": 123}', '{"body": "x"}'])
+    [prefix] = main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--append-eod",
+                     "--skip-invalid-records"])
+    tok = ByteTokenizer()
+    ds = IndexedDataset(prefix)
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode("abc") + [tok.eod_id]]  # not "None", "123"
+    out = capsys.readouterr().out
+    assert "1 documents" in out and "skipped 2 ('text' not a string)" in out and "skipped 1 (no key 'text')" in out
+
+
+def test_preprocess_of_empty_input_fails_and_writes_nothing(tmp_path):
+    src = _jsonl(tmp_path / "empty.jsonl", [])
+    proc = run_cmd([PYTHON, "tools/preprocess_data.py", "--input", str(src), "--output-prefix", str(tmp_path / "o"),
+                    "--append-eod"], check=False)
+    assert proc.returncode == 2
+    assert "preprocess_data.py: error: no token to write" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("o*"))
+
+
+def test_a_dataset_without_tokens_is_named_as_such(tmp_path):
+
+    IndexedDatasetBuilder(str(tmp_path / "empty.bin"), dtype=np.uint16).finalize(str(tmp_path / "empty.idx"))
+    with pytest.raises(DatasetError, match="holds no tokens"):
+        open_indexed(tmp_path / "empty")
+    proc = train(TINY + ["--train.steps=1", f"--data.dataset={tmp_path / 'empty'}",
+                         f"--train.out_dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode != 0
+    assert "holds no tokens" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_empty_validation_split_is_an_error_not_a_silent_skip(tmp_path):
+    from tools.preprocess_data import main
+
+    (tmp_path / "one.txt").write_text("one long document. " * 500)
+    [prefix] = main(["--input", str(tmp_path / "one.txt"), "--output-prefix", str(tmp_path / "one"), "--append-eod"])
+    proc = train(TINY + ["--train.steps=1", "--train.eval_every=1", f"--data.dataset={prefix}",
+                         f"--train.out_dir={tmp_path / 'run'}"], check=False)  # its one document is held for training
+    assert proc.returncode != 0
+    assert "the validation split holds 0 samples" in proc.stderr and "train.eval_every=0" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

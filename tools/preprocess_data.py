@@ -17,7 +17,7 @@ import sys
 from multiprocessing import Pool
 
 from sparselm.data.indexed import write_indexed
-from sparselm.data.sources import expand_inputs, iter_documents
+from sparselm.data.sources import RecordError, expand_inputs, iter_documents
 from sparselm.data.tokenizer import load_tokenizer
 
 _TOKENIZER = None
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json path")
     parser.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document token")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    parser.add_argument("--skip-invalid-records", action="store_true",
+                        help="skip .jsonl lines whose key is missing or not a string (counted in the summary) "
+                             "instead of stopping at the first one")
     args = parser.parse_args(argv)
 
     files = expand_inputs(args.input)
@@ -49,18 +52,33 @@ def main(argv: list[str] | None = None) -> list[str]:
     prefixes = []
     for key in args.json_keys:
         prefix = args.output_prefix if len(args.json_keys) == 1 else f"{args.output_prefix}_{key}"
-        docs = ((text, args.append_eod) for text in iter_documents(files, key))
+        skipped: dict[str, int] | None = {} if args.skip_invalid_records else None
+        docs = ((text, args.append_eod) for text in iter_documents(files, key, skipped))
         if args.workers > 1:
             with Pool(args.workers, initializer=_init, initargs=(args.tokenizer,)) as pool:
-                count = write_indexed(prefix, pool.imap(_encode, docs, chunksize=16), tokenizer.vocab_size)
+                count, tokens = write_indexed(prefix, pool.imap(_encode, docs, chunksize=16), tokenizer.vocab_size)
         else:
             _init(args.tokenizer)
-            count = write_indexed(prefix, map(_encode, docs), tokenizer.vocab_size)
+            count, tokens = write_indexed(prefix, map(_encode, docs), tokenizer.vocab_size)
         size = os.path.getsize(prefix + ".bin")
-        print(f"wrote {prefix}.bin/.idx: {count} documents, {size:,} bytes ({tokenizer.name} tokenizer)")
+        note = "".join(f", skipped {n} ({why})" for why, n in sorted((skipped or {}).items()))
+        print(f"wrote {prefix}.bin/.idx: {count} documents, {tokens:,} tokens, {size:,} bytes "
+              f"({tokenizer.name} tokenizer){note}")
         prefixes.append(prefix)
     return prefixes
 
 
+def cli() -> int:
+    """Command-line entry: bad input ends with one line naming it, exit status 2."""
+    from sparselm.data.indexed import DatasetError
+
+    try:
+        main()
+    except (DatasetError, RecordError, FileNotFoundError) as err:
+        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli())
