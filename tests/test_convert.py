@@ -121,3 +121,112 @@ def test_upcycled_model_computes_the_dense_function(tmp_path):
     convert(["upcycle", "--input", str(tmp_path / "dense"), "--output", str(every_other), "--experts", "4",
              "--every", "2"])
     assert load_model(every_other)[1].model.layer_kinds() == ["dense", "moe"]
+
+
+# ---------------------------------------------------------------------------------------------
+# import-hf refuses every setting that changes the function and that sparselm does not compute
+def _positional_llama(tmp_path):
+    """A tiny Llama whose q/k weights are scaled x20, so that rotary positions matter to its logits."""
+    hf_cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+            layer.self_attn.k_proj.weight.mul_(20)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+def _edit_config(hf_dir, drop=(), **values):
+    path = hf_dir / "config.json"
+    config = json.loads(path.read_text())
+    for key in drop:
+        config.pop(key, None)
+    config.update(values)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit, named", [
+    ({"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}, "rope_scaling.type='linear'"),
+    ({"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_scaling.rope_type='linear'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_parameters.rope_type='dynamic'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor=0.5"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),  # was imported silently as silu
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config="),
+])
+def test_import_refuses_settings_it_cannot_compute_naming_field_and_value(tmp_path, edit, named):
+    hf_dir = _positional_llama(tmp_path)
+    _edit_config(hf_dir, drop=["rope_parameters"] if "rope_scaling" in edit else (), **edit)
+    with pytest.raises(ConversionError) as err:
+        convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
+    assert named in str(err.value), str(err.value)
+    assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    {"rope_theta": 2500.0, "rope_scaling": None},  # the transformers 4.x spelling of a default rotary
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 2500.0}},
+    {"rope_parameters": {"type": "default", "rope_theta": 2500.0}},
+])
+def test_import_carries_supported_rope_spellings_and_the_logits_match(tmp_path, edit):
+    from sparselm import load_model
+
+    hf_dir = _positional_llama(tmp_path)
+    _edit_config(hf_dir, drop=["rope_parameters"] if "rope_scaling" in edit else (), **edit)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).eval()
+    convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
+    ours, cfg = load_model(tmp_path / "ours")
+    assert cfg.model.rope_theta == 2500.0
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        assert (theirs - ours(ids)).abs().max().item() < 1e-4
+        assert (theirs[:, 1:] - theirs[:, :-1]).abs().max().item() > 0.1  # positions do matter here
+
+
+# ---------------------------------------------------------------------------------------------
+# export-hf carries the token ids transformers would otherwise assume
+def _stops_early(model, cfg, eod_id):
+    """Make greedy decoding emit end-of-document after a few tokens: its output row copies, slightly larger,
+    the row of a token that greedy decoding picks a few steps in."""
+    from sparselm.generate import generate
+
+    prompt = torch.tensor([[5, 6, 7]])
+    free = generate(model.eval(), prompt, 12, temperature=0)[0, 3:].tolist()
+    target = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+    with torch.no_grad():
+        model.head.proj.weight[eod_id] = model.head.proj.weight[target] * 1.05
+    return prompt
+
+
+@pytest.mark.parametrize("layout", ["llama", "mixtral"])
+def test_exported_model_stops_generating_where_sparselm_does(tmp_path, layout):
+    from sparselm.generate import generate
+
+    model, cfg = make_checkpoint(tmp_path / "ckpt0", "--model.vocab_size=320", *(MIXTRAL if layout == "mixtral" else []))
+    eod = 256  # the byte tokenizer's end of document
+    prompt = _stops_early(model, cfg, eod)
+    write_model_checkpoint(tmp_path / "ckpt", dict(model.state_dict()), cfg, source="test")
+    convert(["export-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == eod and config["bos_token_id"] is None
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == eod
+    ours = generate(model.eval(), prompt, 20, temperature=0, eod_id=eod)[0].tolist()
+    assert ours[-1] == eod and len(ours) < 23
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False)[0].tolist()
+    assert theirs == ours
+
+
+def test_export_names_the_trained_tokenizers_end_of_document(tmp_path):
+    from sparselm.data.tokenizer import train_bpe
+
+    tok = train_bpe(["some text to learn merges from " * 20], 300, tmp_path / "tok" / "tokenizer.json")
+    assert tok.eod_id != 256
+    make_checkpoint(tmp_path / "ckpt", f"--data.tokenizer={tmp_path / 'tok' / 'tokenizer.json'}",
+                    "--model.vocab_size=320")
+    convert(["export-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == tok.eod_id

@@ -45,6 +45,8 @@ def _tokenizer_file(cfg) -> dict:
 def export_hf(args) -> Path:
     from safetensors.torch import save_file
 
+    from sparselm.convert.llama import generation_config
+
     ckpt, meta, cfg, tensors = _load(args.input)
     if set(cfg.model.layer_kinds()) <= {"dense"}:
         from sparselm.convert.llama import to_llama as convert
@@ -57,6 +59,7 @@ def export_hf(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in hf_tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=1))
+    (out / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=1))
     for name, path in _tokenizer_file(cfg).items():
         (out / name).write_bytes(path.read_bytes())
     print(f"wrote {out} ({hf_config['architectures'][0]}, {len(hf_tensors)} tensors)")

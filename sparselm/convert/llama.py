@@ -48,9 +48,23 @@ def check_exportable(cfg, allowed_kinds: set[str], target: str) -> None:
                               f"{target} does not have; use `consolidate` instead")
 
 
+def token_ids(cfg) -> dict:
+    """The special token ids a Hugging Face config must carry, or transformers assumes Llama's 1 and 2: end of
+    sequence = our end-of-document id; no beginning-of-sequence token (sparselm prepends none)."""
+    from sparselm.data.tokenizer import load_tokenizer
+
+    return {"bos_token_id": None, "eos_token_id": load_tokenizer(cfg.data.tokenizer).eod_id}
+
+
+def generation_config(cfg) -> dict:
+    """generation_config.json: transformers' generate stops at our end-of-document token and pads with it."""
+    ids = token_ids(cfg)
+    return {**ids, "pad_token_id": ids["eos_token_id"]}
+
+
 def common_hf_config(cfg) -> dict:
     m = cfg.model
-    return {
+    return {**token_ids(cfg),
         "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
@@ -89,16 +103,53 @@ def read_hf_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, json.loads(config_file.read_text())
 
 
+def hf_rope(hf: dict) -> tuple[str, float, float, str]:
+    """(rope type, theta, partial rotary factor, the key the rope settings came from) of a Hugging Face config,
+    read with transformers' own precedence (``PreTrainedConfig.convert_rope_params_to_dict``): a non-empty
+    ``rope_scaling`` (the 4.x spelling) replaces ``rope_parameters``; the type is ``rope_type`` or the older
+    ``type``; theta and partial_rotary_factor come from that dict, else from the top level."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(key) or {}
+    if not isinstance(params, dict):
+        raise ConversionError(f"config.json has {key}={params!r}, which is not a dict of rotary settings")
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    return kind, theta, 1.0 if partial is None else float(partial), key
+
+
+# Settings of a Llama config.json that change the function and that sparselm blocks do not implement:
+# (key, whether the value is one sparselm computes, what it means).  Everything else a Llama model reads
+# is carried over by from_llama.
+_UNSUPPORTED = (
+    ("hidden_act", lambda v: v in (None, "silu", "swish"), "the feed-forward activation; sparselm's SwiGLU uses silu"),
+    ("attention_bias", lambda v: not v, "biases in the attention projections"),
+    ("mlp_bias", lambda v: not v, "biases in the feed-forward projections"),
+    ("quantization_config", lambda v: not v, "quantized weights; dequantize and save_pretrained them first"),
+)
+
+
+def check_importable(hf: dict, hf_dir) -> None:
+    """Refuse, naming each field and its value, a Llama config that computes what sparselm cannot."""
+    problems = [f"{key}={hf[key]!r} ({meaning})" for key, ok, meaning in _UNSUPPORTED if not ok(hf.get(key))]
+    kind, _, partial, key = hf_rope(hf)
+    if kind != "default":
+        spelled = "rope_type" if "rope_type" in (hf.get(key) or {}) else "type"
+        problems.append(f"{key}.{spelled}={kind!r} (rotary scaling; sparselm implements default rotary only)")
+    if partial != 1.0:
+        problems.append(f"partial_rotary_factor={partial!r} (rotary on part of each head; sparselm rotates all of it)")
+    if problems:
+        raise ConversionError(f"'{hf_dir}' cannot be imported without changing what it computes: "
+                              + "; ".join(problems))
+
+
 def from_llama(hf_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Hugging Face Llama directory -> (our tensors, overrides for our model config)."""
     tensors, hf = read_hf_dir(hf_dir)
     if hf.get("model_type") != "llama":
         raise ConversionError(f"'{hf_dir}' holds a {hf.get('model_type')!r} model; import-hf reads the Llama layout")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConversionError("this Llama model has biases, which sparselm blocks do not have")
-    rope = hf.get("rope_parameters") or {}
-    if (rope.get("rope_type") or (hf.get("rope_scaling") or {}).get("rope_type") or "default") != "default":
-        raise ConversionError(f"rope scaling {rope.get('rope_type')!r} is not supported; only default rotary")
+    check_importable(hf, hf_dir)
+    rope_theta = hf_rope(hf)[1]
     n_layers = hf["num_hidden_layers"]
     inverse = {v: k for k, v in GLOBAL_NAMES.items()}
     ours = {inverse[k]: v for k, v in tensors.items() if k in inverse}
@@ -119,7 +170,7 @@ def from_llama(hf_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
         "d_model": hf["hidden_size"], "n_layers": n_layers, "n_heads": heads,
         "n_kv_heads": hf.get("num_key_value_heads") or heads, "d_ff": hf["intermediate_size"],
         "vocab_size": hf["vocab_size"], "pad_vocab_to": 1, "max_seq_len": hf.get("max_position_embeddings", 2048),
-        "rope_theta": float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
+        "rope_theta": rope_theta,
         "norm_eps": hf.get("rms_norm_eps", 1e-6), "tie_embeddings": tied, "pattern": ["dense"],
     }
     return {k: v.float() for k, v in ours.items()}, model
