@@ -5,7 +5,10 @@ from dataclasses import dataclass
 
 from sparselm.config import register_section, register_validator, require
 
+from sparselm.model.moe.dispatch import DROP_POLICIES
+
 SCORE_FUNCS = ("softmax", "sigmoid")
+BALANCE_SCOPES = ("sequence", "micro_batch")
 EXPERT_IMPLS = ("auto", "grouped_mm", "padded")
 
 
@@ -29,7 +32,8 @@ class MoEConfig:
     """Rescale the top-k scores of a token to sum to 1. With top_k=1 and softmax this makes every gate 1, so the
     router then learns only through the auxiliary losses; Switch (top_k=1) leaves it off."""
     noisy_gating: bool = False
-    """Noisy top-k gating (Shazeer 2017): add N(0,1) * softplus(x W_noise) to the router logits while training."""
+    """Noisy top-k gating (Shazeer 2017): add N(0,1) * softplus(x W_noise) to the router logits while training.
+    The noise is drawn per micro-batch from each rank's generator, so its values depend on the layout."""
     bias_balancing: bool = False
     """Auxiliary-loss-free balancing (Wang 2024, DeepSeek-V3): a per-expert bias added to the scores for the
     top-k selection only, moved by bias_update_rate toward uniform load after every optimizer step."""
@@ -41,10 +45,22 @@ class MoEConfig:
     z_loss_coef: float = 1e-3
     """Coefficient of the ST-MoE router z-loss mean(logsumexp(logits)^2); 0 disables it."""
     drop_tokens: bool = False
-    """Limit each expert to capacity_factor * tokens * top_k / num_experts assignments per micro-batch and rank,
-    dropping the lowest-probability ones (their residual passes through); false is dropless."""
+    """Limit each expert to capacity_factor * tokens * top_k / num_experts assignments per balance_scope group
+    (tokens: the group's), dropping the rest in drop_policy order (their residual passes through); false is
+    dropless."""
     capacity_factor: float = 1.25
     """Expert capacity relative to a perfectly even split; used when drop_tokens is true."""
+    drop_policy: str = "position"
+    """Which assignments an expert over capacity keeps: 'position' - the earliest positions first (Switch,
+    GShard), so no token is dropped because of a later one and the model stays causal; 'probability' - the
+    highest routing probability first, which lets a later token push an earlier one out: NOT causal (a
+    position's output depends on future tokens), for non-autoregressive use or ablations only."""
+    balance_scope: str = "sequence"
+    """Tokens the balancing loss statistics and the expert capacity are taken over: 'sequence' - each sequence
+    alone, the loss averaged over sequences (DeepSeek-V3's sequence-wise balance loss, Megatron's
+    seq_aux_loss), so results do not depend on the micro-batch size or the parallel layout; 'micro_batch' -
+    all tokens of a micro-batch on one rank (Switch, DeepSpeed): losses, gradients and drops then change
+    with train.micro_batch_size and the data-parallel degree (layout-dependent)."""
     expert_impl: str = "auto"
     """Grouped expert matmul: 'grouped_mm' (torch._grouped_mm), 'padded' (one bmm over groups padded to the
     largest), 'auto' (grouped_mm on CPU and on compute-capability >= 9.0 GPUs in bf16, padded elsewhere)."""
@@ -71,6 +87,9 @@ def validate_moe(cfg) -> None:
     require(m.num_shared_experts >= 0, f"moe.num_shared_experts must be >= 0, got {m.num_shared_experts}")
     require(m.score_func in SCORE_FUNCS, f"moe.score_func='{m.score_func}' is not one of {', '.join(SCORE_FUNCS)}")
     require(m.expert_impl in EXPERT_IMPLS, f"moe.expert_impl='{m.expert_impl}' is not one of {', '.join(EXPERT_IMPLS)}")
+    require(m.drop_policy in DROP_POLICIES, f"moe.drop_policy='{m.drop_policy}' is not one of {', '.join(DROP_POLICIES)}")
+    require(m.balance_scope in BALANCE_SCOPES,
+            f"moe.balance_scope='{m.balance_scope}' is not one of {', '.join(BALANCE_SCOPES)}")
     if m.drop_tokens:
         require(m.capacity_factor > 0,
                  f"moe.capacity_factor={m.capacity_factor} must be > 0 with moe.drop_tokens=true "

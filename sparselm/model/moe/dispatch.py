@@ -22,25 +22,52 @@ class DispatchPlan:
     """[E] assignments per expert before capacity drops (int64)."""
 
 
+DROP_POLICIES = ("position", "probability")
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """Assignments one expert may take: ceil(capacity_factor * tokens * k / E)."""
+    """Assignments one expert may take from a group of ``num_tokens`` tokens: ceil(capacity_factor * tokens * k / E)."""
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def plan_dispatch(experts: torch.Tensor, probs: torch.Tensor, num_experts: int, capacity: int | None = None) -> DispatchPlan:
-    """Group assignments by expert; with a capacity keep, per expert, the ``capacity`` assignments of highest
-    routing probability (ties: lower assignment id first) and drop the rest."""
+def plan_dispatch(experts: torch.Tensor, probs: torch.Tensor, num_experts: int, capacity: int | None = None,
+                  sequences: int = 1, per_sequence: bool = False, policy: str = "position") -> DispatchPlan:
+    """Group assignments by expert; with a capacity, keep at most ``capacity`` assignments per expert (per
+    expert and sequence with ``per_sequence``) and drop the rest.
+
+    experts, probs: [N, k] chosen experts and their probabilities; the N tokens are ``sequences`` sequences of
+    equal length, sequence-major.  policy: which assignments an expert keeps when over capacity:
+      'position' - earlier positions first (then sequence, then choice), as Switch and GShard dispatch in
+                   token order: an assignment is never dropped because of a token at a later position, so
+                   the layer stays causal;
+      'probability' - the highest routing probability first (ties: earlier first).  A later token can push
+                   an earlier one out, so the output at a position depends on the future: not causal.
+    Raises ValueError for an unknown policy or N not divisible by ``sequences``."""
+    if policy not in DROP_POLICIES:
+        raise ValueError(f"unknown drop policy {policy!r}; use one of {DROP_POLICIES}")
     flat_e = experts.reshape(-1)
     routed = torch.bincount(flat_e, minlength=num_experts)
-    if capacity is None or capacity >= flat_e.numel():
+    groups = sequences if per_sequence else 1
+    if capacity is None or capacity * groups >= flat_e.numel():
         order = torch.argsort(flat_e, stable=True)
         return DispatchPlan(order=order, counts=routed, routed=routed)
-    by_prob = torch.argsort(probs.reshape(-1), descending=True, stable=True)
-    order = by_prob[torch.argsort(flat_e[by_prob], stable=True)]  # by expert, then probability
-    starts = torch.cumsum(routed, 0) - routed
-    rank_in_expert = torch.arange(order.numel(), device=order.device) - starts.repeat_interleave(routed)
-    kept = order[rank_in_expert < capacity]
-    return DispatchPlan(order=kept, counts=routed.clamp(max=capacity), routed=routed)
+    (n, k), m = experts.shape, flat_e.numel()
+    if n % sequences:
+        raise ValueError(f"{n} tokens do not split into {sequences} sequences of equal length")
+    ids = torch.arange(m, device=flat_e.device)
+    if policy == "probability":
+        priority = torch.argsort(probs.reshape(-1), descending=True, stable=True)
+    else:  # assignment (sequence, position, choice) ranked by (position, sequence, choice)
+        seq_len = n // sequences
+        seq, pos, choice = ids // (seq_len * k), ids // k % seq_len, ids % k
+        priority = torch.argsort((pos * sequences + seq) * k + choice)
+    bucket = (ids // (m // groups)) * num_experts + flat_e  # (group, expert)
+    order = priority[torch.argsort(bucket[priority], stable=True)]  # by bucket, then priority
+    sizes = torch.bincount(bucket, minlength=groups * num_experts)
+    rank_in_bucket = ids - (torch.cumsum(sizes, 0) - sizes).repeat_interleave(sizes, output_size=m)
+    kept = order[rank_in_bucket < capacity]
+    kept = kept[torch.argsort(flat_e[kept], stable=True)]
+    return DispatchPlan(order=kept, counts=torch.bincount(flat_e[kept], minlength=num_experts), routed=routed)
 
 
 class LocalDispatcher:

@@ -1,8 +1,11 @@
 """The MoE feed-forward slot: route, drop over capacity, dispatch, grouped experts, combine.
 
-``forward(x) -> (y, aux_loss)``; ``self.metrics`` describes the last forward.  Routing statistics
-(capacity, balancing loss) are taken per micro-batch on each rank, as in Switch and DeepSpeed, so results do
-not depend on the parallel layout as long as the micro-batches are the same.
+``forward(x) -> (y, aux_loss)``; ``self.metrics`` describes the last forward and ``self.step_metrics`` the
+last optimizer step.  Routing statistics (capacity, balancing loss) are taken per sequence by default
+(``balance_scope='sequence'``), so results depend neither on the micro-batch size nor on the parallel
+layout; ``'micro_batch'`` takes them over a rank's micro-batch, as Switch and DeepSpeed do.  Per-forward
+metrics are means over equal-sized micro-batches (the trainer averages them into global-batch figures);
+the load imbalance, a maximum, is taken once per step from the step's summed counts.
 """
 from __future__ import annotations
 
@@ -22,20 +25,23 @@ class MoELayer(nn.Module):
                  score_func: str = "softmax", renormalize: bool = True, noisy_gating: bool = False,
                  bias_balancing: bool = False, bias_update_rate: float = 1e-3, aux_loss_coef: float = 1e-2,
                  z_loss_coef: float = 1e-3, drop_tokens: bool = False, capacity_factor: float = 1.25,
-                 expert_impl: str = "auto", init_std: float = 0.02, out_std: float = 0.02):
+                 drop_policy: str = "position", balance_scope: str = "sequence", expert_impl: str = "auto",
+                 init_std: float = 0.02, out_std: float = 0.02):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.capacity_factor = capacity_factor if drop_tokens else None
+        self.drop_policy, self.per_sequence = drop_policy, balance_scope == "sequence"
         self.bias_update_rate = bias_update_rate
         self.router = Router(d_model, num_experts, top_k, score_func, renormalize, noisy_gating, bias_balancing, init_std)
         self.experts = GroupedExperts(num_experts, d_model, expert_hidden, init_std, out_std, expert_impl)
         self.shared_experts = SwiGLU(d_model, num_shared_experts * expert_hidden) if num_shared_experts else None
         self.dispatcher = LocalDispatcher()
-        # Set by sparselm.parallel: sums a tensor over the data-parallel ranks (load counts for the bias update).
+        # Set by sparselm.parallel: sums a tensor over the data-parallel ranks (the step's load counts).
         self.stats_reducer = None
         self.register_buffer("load_since_update", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.metrics: dict[str, torch.Tensor] = {}
+        self.step_metrics: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg, layer_idx: int) -> "MoELayer":
@@ -46,16 +52,22 @@ class MoELayer(nn.Module):
                    num_shared_experts=m.num_shared_experts, score_func=m.score_func, renormalize=m.renormalize,
                    noisy_gating=m.noisy_gating, bias_balancing=m.bias_balancing, bias_update_rate=m.bias_update_rate,
                    aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef, drop_tokens=m.drop_tokens,
-                   capacity_factor=m.capacity_factor, expert_impl=m.expert_impl, init_std=mm.init_std,
+                   capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, balance_scope=m.balance_scope,
+                   expert_impl=m.expert_impl, init_std=mm.init_std,
                    out_std=mm.init_std / math.sqrt(2 * mm.n_layers))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, D] (or [N, D]: one group) -> (y like x, aux_loss scalar fp32)."""
         shape, d, k = x.shape, x.shape[-1], self.top_k
         tokens = x.reshape(-1, d)
         n = tokens.shape[0]
+        sequences = shape[0] if x.dim() == 3 else 1
+        groups = sequences if self.per_sequence else 1  # what capacity and balance statistics are taken over
         routing = self.router(tokens)
-        capacity = None if self.capacity_factor is None else expert_capacity(n, k, self.num_experts, self.capacity_factor)
-        plan = plan_dispatch(routing.experts, routing.probs, self.num_experts, capacity)
+        capacity = (None if self.capacity_factor is None
+                    else expert_capacity(n // groups, k, self.num_experts, self.capacity_factor))
+        plan = plan_dispatch(routing.experts, routing.probs, self.num_experts, capacity, sequences,
+                             self.per_sequence, self.drop_policy)
 
         rows = tokens.index_select(0, plan.order // k)
         local_rows, local_counts, context = self.dispatcher.dispatch(rows, plan.counts)
@@ -68,9 +80,13 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(tokens)
 
-        lb, z = balance_loss(routing.scores, plan.routed), z_loss(routing.logits)
+        group_of = torch.arange(n * k, device=x.device) // max(1, n * k // groups)
+        group_counts = torch.bincount(group_of * self.num_experts + routing.experts.reshape(-1),
+                                      minlength=groups * self.num_experts)
+        lb = balance_loss(routing.scores.view(groups, n // groups, -1), group_counts.view(groups, -1))
+        z = z_loss(routing.logits)
         aux = self.aux_loss_coef * lb + self.z_loss_coef * z
-        if self.training and self.router.expert_bias is not None:
+        if self.training:
             self.load_since_update += plan.routed
         self._record(plan, lb, z)
         return y.view(shape), aux
@@ -78,23 +94,19 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def _record(self, plan, lb: torch.Tensor, z: torch.Tensor) -> None:
         total = plan.routed.sum().clamp_min(1)
-        load = plan.routed.float() / total
         self.metrics = {
-            "expert_load": load,
-            "load_max": load.max() * self.num_experts,
+            "expert_load": plan.routed.float() / total,
             "dropped_frac": 1 - plan.counts.sum().float() / total,
             "balance_loss": lb.detach(),
             "z_loss": z.detach(),
         }
 
     @torch.no_grad()
-    def update_bias(self) -> None:
-        """Auxiliary-loss-free balancing step (DeepSeek-V3): bias_i += rate * sign(mean load - load_i), from the
-        integer assignment counts since the last update summed over data-parallel ranks, hence bit-identical on
-        every rank.  Call once after each optimizer step (``after_optimizer_step`` does)."""
-        bias = self.router.expert_bias
-        if bias is None:
-            return
+    def after_optimizer_step(self) -> None:
+        """Hook the trainer calls on every module after each optimizer step: sums the step's assignment counts
+        over data-parallel ranks (integers, hence bit-identical on every rank), records ``load_max`` (the
+        busiest expert's share x E, 1 at perfect balance) in ``step_metrics`` and, with bias balancing, moves
+        the bias (DeepSeek-V3): bias_i += rate * sign(mean load - load_i)."""
         counts = self.load_since_update.clone()
         if self.stats_reducer is not None:
             counts = self.stats_reducer(counts)
@@ -102,11 +114,10 @@ class MoELayer(nn.Module):
         if int(counts.sum()) == 0:
             return
         counts = counts.double()
-        bias += (self.bias_update_rate * torch.sign(counts.mean() - counts)).to(bias.dtype)
-
-    def after_optimizer_step(self) -> None:
-        """Hook the trainer calls on every module after each optimizer step."""
-        self.update_bias()
+        self.step_metrics = {"load_max": counts.max() / counts.sum() * self.num_experts}
+        bias = self.router.expert_bias
+        if bias is not None:
+            bias += (self.bias_update_rate * torch.sign(counts.mean() - counts)).to(bias.dtype)
 
     def active_params(self) -> int:
         """Parameters one token uses: router, shared experts and top_k routed experts."""

@@ -38,22 +38,20 @@ def route(logits: torch.Tensor, k: int, score_func: str = "softmax", renormalize
     return Routing(experts=experts, gates=gates, probs=probs, scores=scores, logits=logits)
 
 
-def assignment_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Routed assignments per expert (int64, before any capacity drop)."""
-    return torch.bincount(experts.reshape(-1), minlength=num_experts)
-
-
 def balance_loss(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch/GShard load-balancing loss E * sum_i f_i P_i; 1 at perfect balance.
 
-    f_i: fraction of the N*k assignments routed to expert i (not differentiable); P_i: mean over tokens of
-    the router probability of expert i (sigmoid scores are normalised per token first)."""
+    scores: [T, E] router scores of one group of tokens, or [G, T, E] for G groups (sequences);
+    counts: [E] or [G, E] assignments per expert in each group.  f_i: fraction of the group's T*k assignments
+    routed to expert i (not differentiable); P_i: mean over the group's tokens of the router probability of
+    expert i (sigmoid scores are normalised per token first).  With groups, the loss is the mean over groups:
+    DeepSeek-V3's sequence-wise balance loss, Megatron's seq_aux_loss."""
     num_experts = scores.shape[-1]
-    if scores.shape[0] == 0:
+    if scores.shape[-2] == 0:
         return scores.sum()
     probs = scores / scores.sum(-1, keepdim=True)
-    f = counts.to(scores.dtype) / counts.sum().clamp_min(1)
-    return num_experts * (f * probs.mean(0)).sum()
+    f = counts.to(scores.dtype) / counts.sum(-1, keepdim=True).clamp_min(1)
+    return num_experts * (f * probs.mean(-2)).sum(-1).mean()
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
