@@ -1,47 +1,26 @@
 """DeepSpeed engine construction: the JSON from ds_configs/ completed from our config.
 
-Batch sizes, accumulation and clipping always come from our config (so a layout change never changes
-the batch); ZeRO stage, offload and precision come from the JSON.
+Batch sizes, accumulation, clipping, the optimizer and its schedule always come from our config (so a
+layout change never changes the batch); ZeRO stage, offload and precision come from the JSON
+(``sparselm.ds_config`` states the rule).
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 
 from sparselm.config import ConfigError
+from sparselm.ds_config import load_ds_json, resolve_ds_json
 from sparselm.optim import param_groups
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
-
-def load_ds_json(name_or_path: str) -> dict:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = DS_CONFIG_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-        raise ConfigError(f"parallel.ds_config: '{name_or_path}' is neither a file nor one of {names}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"parallel.ds_config: '{path}' is not valid JSON: {err}") from None
-
-
-def build_ds_config(cfg, dp_size: int) -> dict:
-    t = cfg.train
-    per_rank = t.global_batch_size // dp_size
-    micro = t.micro_batch_size or per_rank
-    ds = load_ds_json(cfg.parallel.ds_config)
-    ds.update(
-        train_batch_size=t.global_batch_size,
-        train_micro_batch_size_per_gpu=micro,
-        gradient_accumulation_steps=per_rank // micro,
-        gradient_clipping=cfg.optim.grad_clip,
-        steps_per_print=10**9,
-        wall_clock_breakdown=False,
-    )
+def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None) -> dict:
+    """The DeepSpeed config of this run: the user's JSON resolved by ``sparselm.ds_config`` (sparselm owns the
+    batch, optimizer, schedule and clipping), then our fixed settings.  ``notes`` (a list) receives what the
+    resolution changed or passed through, for the start-up log.  Raises ConfigError naming the key."""
+    raw = load_ds_json(cfg.parallel.ds_config)
+    ds, found = resolve_ds_json(raw, cfg, dp_size, cfg.parallel.ds_config)
+    if notes is not None:
+        notes.extend(found)
     if cfg.parallel.pp > 1:
         # DeepSpeed partitions the activations sent between stages over the TP group whenever tp > 1, which
         # requires later stages' outputs not to need grad; ours carry the aux loss, which does.

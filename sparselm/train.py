@@ -4,6 +4,7 @@ The same module runs under ``deepspeed --module sparselm.train`` and ``torchrun 
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from sparselm.config import ConfigError, describe, load_config
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, CheckpointError, DatasetError, DataExhausted, FileNotFoundError) as err:
         if argv is not None:
             raise
-        print(f"sparselm: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; one says why
+            print(f"sparselm: error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

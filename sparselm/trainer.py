@@ -5,6 +5,7 @@ averaged over the whole global batch, so they do not depend on the layout.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -20,7 +21,7 @@ from sparselm.data.indexed import DatasetError
 from sparselm.data.loader import build_datasets
 from sparselm.data.sampler import DataExhausted, GlobalBatchSampler
 from sparselm.data.tokenizer import load_tokenizer
-from sparselm.engine import build_engine, settle_pipeline_zero_stage
+from sparselm.engine import build_ds_config, build_engine, settle_pipeline_zero_stage
 from sparselm.logging_sinks import MetricsWriter, format_line
 from sparselm.model import build_model
 from sparselm.optim import lr_at, set_lr
@@ -64,6 +65,8 @@ class Trainer:
         self.is_rank0 = self.rank == 0
         t = cfg.train
         self.topo = Topology(cfg)
+        ds_notes: list[str] = []
+        build_ds_config(cfg, self.topo.dp_size, ds_notes)  # refuses a JSON sparselm cannot honour, before any work
         self.resume_from = find_resume(cfg)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         resolve_vocab(cfg, self.tokenizer)
@@ -115,6 +118,9 @@ class Trainer:
         if self.is_rank0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+            (self.out_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
+            for note in ds_notes:
+                print(f"sparselm: ds_config: {note}")
             print(f"sparselm: {self.world} process(es), layout {self.topo.as_dict()}, "
                   f"{self.num_params[0]:,} parameters ({self.num_params[1]:,} active per token)")
             print(to_yaml(cfg))
