@@ -77,11 +77,11 @@ def _bias_balancing(rank):
     ref = _fresh_layer(k=1, bias_balancing=True, bias_update_rate=0.1)
     for x in inputs:
         ref(x)
-    ref.update_bias()  # one process saw every rank's tokens
+    ref.after_optimizer_step()  # one process saw every rank's tokens
     layer = _fresh_layer(k=1, bias_balancing=True, bias_update_rate=0.1)
     apply_expert_parallel(nn.Sequential(layer), 2)
     layer(inputs[rank])
-    layer.update_bias()
+    layer.after_optimizer_step()
     return {"bias": layer.router.expert_bias.tolist(), "ref": ref.router.expert_bias.tolist()}
 
 
@@ -153,7 +153,9 @@ def _deepspeed_reference(rank):
     _ensure_deepspeed_comm()
     result = {}
     for k in (1, 2):
-        ours = _fresh_layer(seed=4, k=k, renormalize=k == 2, aux_loss_coef=1.0, z_loss_coef=0.0, init_std=0.3, out_std=0.3)
+        # DeepSpeed takes the balance statistics over the micro-batch: compare with our micro_batch scope
+        ours = _fresh_layer(seed=4, k=k, renormalize=k == 2, aux_loss_coef=1.0, z_loss_coef=0.0, init_std=0.3, out_std=0.3,
+                            balance_scope="micro_batch")
         hidden = ours.experts.hidden
         ds = MoE(16, SwiGLU(16, hidden), num_experts=8, ep_size=1, k=k, drop_tokens=False, use_rts=False,
                  noisy_gate_policy=None, min_capacity=0, top2_2nd_expert_sampling=False)
