@@ -24,13 +24,11 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sparselm.errors import CheckpointError
+
 FORMAT = "sparselm-checkpoint"
 VERSION = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match; the message names the file and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------

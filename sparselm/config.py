@@ -1,8 +1,10 @@
-"""One typed configuration tree for sparselm.
+"""One typed configuration tree for sparselm, declared statically (``Config``).
 
-Every field has a docstring (the string literal under it); ``describe()`` prints them.  Configs come
-from a YAML preset (found by name in ``sparselm/configs/`` or by path), then dotted overrides
-``--section.key=value``; ``validate()`` runs before any work and names the bad field and the fix.
+Every field has a docstring (the string literal under it); ``describe()`` prints them.  Choices are
+``Literal[...]`` types, checked when a value is set.  The layer sections (``moe``, ``pkm``,
+``attention``) are declared beside their layers and listed here.  Configs come from a YAML preset
+(found by name in ``sparselm/configs/`` or by path), then dotted overrides ``--section.key=value``;
+``validate()`` runs before any work, checks each rule once and names the bad field and the fix.
 """
 from __future__ import annotations
 
@@ -14,15 +16,21 @@ import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sparselm.errors import ConfigError, require
+from sparselm.model.moe.config import MoEConfig, validate_moe
+from sparselm.model.pkm.config import PKMConfig, validate_pkm
+from sparselm.model.registry import BLOCKS
+from sparselm.model.sparse_attention.config import AttentionConfig, validate_attention
+from sparselm.parallel.layout import check_layout_fits_model
+
+__all__ = ["Config", "ConfigError", "require", "load_config", "config_from_dict", "to_dict", "to_yaml", "describe",
+           "validate", "parse_overrides", "field_docs"]
+
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the field and the fix."""
 
 
 @dataclass
@@ -173,54 +181,17 @@ class Config:
     """Datasets and tokenizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop."""
-
-
-# Layer sections (moe, pkm, attention, ...) register themselves here so that this file does not
-# need to know every layer.  Each entry: (section name, dataclass type).
-_EXTRA_SECTIONS: dict[str, type] = {}
-
-
-def register_section(name: str):
-    """Class decorator: add a config dataclass as a top-level section `name`."""
-
-    def wrap(cls):
-        _EXTRA_SECTIONS[name] = cls
-        return cls
-
-    return wrap
-
-
-_FULL_TYPE: dict[tuple, type] = {}
-
-
-def _config_type():
-    """Config extended with the registered layer sections (one class per set of sections)."""
-    import sparselm.model.layers  # noqa: F401  layer packages register their sections on import
-
-    key = tuple(_EXTRA_SECTIONS.items())
-    if key not in _FULL_TYPE:
-        extra = [(n, t, field(default_factory=t)) for n, t in _EXTRA_SECTIONS.items()]
-        cls = dataclasses.make_dataclass("FullConfig", extra, bases=(Config,)) if extra else Config
-        cls.__module__ = __name__
-        _FULL_TYPE[key] = cls
-    return _FULL_TYPE[key]
-
-
-def __getattr__(name: str):
-    # Lets pickle find the dynamically built class in a fresh process (spawned test ranks).
-    if name == "FullConfig":
-        return _config_type()
-    raise AttributeError(name)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts layers (block kind `moe`): router, experts, capacity, balancing losses."""
+    pkm: PKMConfig = field(default_factory=PKMConfig)
+    """Product-key memory layers (block kinds `pkm`, `pkm_ffn`): keys, lookup, values, usage metrics."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Attention in every block: sparse pattern, persistent memory slots (all-attention), backend."""
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Docstrings written under each field of a dataclass; a registered layer section is described by
-    its class docstring."""
+    """Docstrings written under each field of a dataclass."""
     docs: dict[str, str] = {}
-    for name, section in _EXTRA_SECTIONS.items():
-        doc = inspect.getdoc(section) or ""
-        if issubclass(cls, Config) and not doc.startswith(section.__name__ + "("):  # not dataclass's signature
-            docs[name] = doc.split("\n")[0]
     for klass in reversed(cls.__mro__):
         try:
             tree = ast.parse(inspect.getsource(klass))
@@ -235,6 +206,11 @@ def field_docs(cls) -> dict[str, str]:
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = get_origin(typ)
+    if origin is Literal:
+        choices = get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{where.strip(chr(39))}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if origin is list:
         (inner,) = get_args(typ)
         if isinstance(value, str):
@@ -330,7 +306,7 @@ def parse_overrides(args: list[str]) -> dict:
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | dict | None = None):
     """Build a validated Config from a preset/YAML and overrides."""
-    cfg = _config_type()()
+    cfg = Config()
     if name_or_path:
         path = resolve_preset(name_or_path)
         try:
@@ -348,7 +324,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | dict | N
 
 def config_from_dict(data: dict):
     """Rebuild a config saved by to_dict (checkpoints); unknown sections are an error."""
-    cfg = _config_type()()
+    cfg = Config()
     _apply(cfg, data, "")
     validate(cfg)
     return cfg
@@ -364,7 +340,7 @@ def to_yaml(cfg) -> str:
 
 def describe(cfg=None) -> str:
     """Every key with its default and docstring, for --help-config."""
-    cfg = cfg or _config_type()()
+    cfg = cfg or Config()
     lines = []
     for sec in fields(cfg):
         section = getattr(cfg, sec.name)
@@ -375,21 +351,6 @@ def describe(cfg=None) -> str:
     return "\n".join(lines)
 
 
-# Validators registered by layer modules: fn(cfg) raising ConfigError.
-_VALIDATORS: list = []
-
-
-def register_validator(fn):
-    _VALIDATORS.append(fn)
-    return fn
-
-
-def require(cond: bool, msg: str) -> None:
-    """Raise ConfigError(msg) unless ``cond``: the start-up checks of every config section use it."""
-    if not cond:
-        raise ConfigError(msg)
-
-
 def validate(cfg) -> None:
     m, p, t, d, o = cfg.model, cfg.parallel, cfg.train, cfg.data, cfg.optim
     for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_to"):
@@ -398,8 +359,6 @@ def validate(cfg) -> None:
     require(m.head_dim % 2 == 0, f"model.d_model/model.n_heads = {m.head_dim} must be even for rotary positions")
     require(m.n_heads % m.kv_heads == 0, f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.kv_heads}")
     require(len(m.pattern) > 0, "model.pattern is empty; give at least one block kind, e.g. [dense]")
-    from sparselm.model.registry import BLOCKS  # local: registry imports config
-
     for kind in m.pattern:
         require(kind in BLOCKS, f"model.pattern names unknown block kind '{kind}'; known kinds: {', '.join(sorted(BLOCKS))}")
     require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
@@ -408,8 +367,7 @@ def validate(cfg) -> None:
     for name in ("tp", "pp", "ep"):
         require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")
-    require(m.n_heads % p.tp == 0 and m.kv_heads % p.tp == 0, f"model.n_heads={m.n_heads} (kv {m.kv_heads}) is not divisible by parallel.tp={p.tp}; choose tp dividing the head count")
-    require(m.n_layers >= p.pp, f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} stages; lower parallel.pp")
+    check_layout_fits_model(cfg)
     require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
     require(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
@@ -417,19 +375,5 @@ def validate(cfg) -> None:
     require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
-    for fn in _VALIDATORS:
-        fn(cfg)
-
-
-def check_world(cfg, world_size: int) -> int:
-    """Validate the layout against the world size; return the data-parallel size."""
-    p, t = cfg.parallel, cfg.train
-    model_parallel = p.tp * p.pp
-    require(world_size % model_parallel == 0, f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {model_parallel}; launch a multiple of {model_parallel} processes")
-    dp = world_size // model_parallel
-    require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (world {world_size} / tp {p.tp} / pp {p.pp}); choose ep dividing {dp}")
-    require(t.global_batch_size % dp == 0, f"train.global_batch_size={t.global_batch_size} is not divisible by the data-parallel size {dp}; pick a multiple of {dp}")
-    per_rank = t.global_batch_size // dp
-    micro = t.micro_batch_size or per_rank
-    require(per_rank % micro == 0, f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} (global {t.global_batch_size} / dp {dp})")
-    return dp
+    for validate_section in (validate_moe, validate_pkm, validate_attention):
+        validate_section(cfg)

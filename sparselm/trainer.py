@@ -40,8 +40,6 @@ def resolve_vocab(cfg, tokenizer) -> None:
         m.vocab_size = multiple * math.ceil(tokenizer.vocab_size / multiple)
     elif m.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; set 0 to derive it")
-    elif m.vocab_size % cfg.parallel.tp:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={cfg.parallel.tp}; set 0 to derive a padded size")
 
 
 def find_resume(cfg) -> Path | None:

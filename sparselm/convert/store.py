@@ -11,10 +11,7 @@ from safetensors.torch import save_file
 
 from sparselm.checkpoint import FORMAT, VERSION, _versions
 from sparselm.config import to_yaml
-
-
-class ConversionError(RuntimeError):
-    """A conversion cannot be done; the message says why and what would make it possible."""
+from sparselm.errors import ConversionError
 
 
 def write_model_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg, source: str,

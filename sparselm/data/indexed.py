@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DatasetError(ValueError):
-    """A dataset file is missing or unreadable; the message names it and the fix."""
+from sparselm.errors import DatasetError
 
 
 def token_dtype(vocab_size: int):

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-class DataExhausted(RuntimeError):
-    pass
+from sparselm.errors import DataExhausted
 
 
 class GlobalBatchSampler:

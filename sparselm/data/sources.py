@@ -5,6 +5,8 @@ import glob
 import json
 from pathlib import Path
 
+from sparselm.errors import RecordError
+
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
     files: list[Path] = []
@@ -20,10 +22,6 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 raise FileNotFoundError(f"--input '{item}' matches no file")
             files += [Path(m) for m in matches]
     return files
-
-
-class RecordError(ValueError):
-    """An input record that holds no text under the requested key; the message names file, line and key."""
 
 
 def iter_documents(files: list[Path], key: str, skipped: dict[str, int] | None = None):

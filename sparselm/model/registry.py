@@ -2,8 +2,8 @@
 
 A block is pre-norm attention followed by an optional feed-forward slot.  A kind is a function
 ``(cfg, layer_idx) -> (attention_module, ffn_module_or_None)`` registered under a name.  Layer
-packages (MoE, PKM, all-attention) register their kinds on import; ``sparselm.model.layers``
-imports them all.
+packages (MoE, PKM, all-attention) register their kinds on import; ``sparselm.model`` imports
+them all.
 
 Contract for the modules a kind returns:
 - attention: ``forward(x[B,T,D]) -> y[B,T,D]``;

@@ -141,8 +141,6 @@ class SparseLM(nn.Module):
 
 def build_model(cfg, seed: int | None = None) -> SparseLM:
     """Build on CPU in fp32 with a fixed seed, so every rank starts from identical weights."""
-    import sparselm.model.layers  # noqa: F401  registers every block kind
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed if seed is None else seed)
         return SparseLM(cfg)

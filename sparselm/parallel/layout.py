@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sparselm.config import ConfigError, check_world
+from sparselm.errors import require
 
 AXES = ("tp", "dp", "pp", "mp", "ep", "edp")
 """Group kinds: tensor, data, pipeline, model (tp x pp), expert, expert-data parallel."""
@@ -77,20 +77,55 @@ class Layout:
         return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "dp": self.dp}
 
 
+def check_layout_fits_model(cfg) -> None:
+    """The rules between the parallel layout and the model that need no world size, checked once here
+    (``config.validate`` runs them at load time, ``validate_layout`` again with the world).
+    Raises ConfigError naming the settings and the fix."""
+    m, p = cfg.model, cfg.parallel
+    require(m.n_layers >= p.pp, f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages; "
+                                "every stage needs at least one layer, lower parallel.pp")
+    require(m.n_heads % p.tp == 0 and m.kv_heads % p.tp == 0,
+            f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and the key/value heads ({m.kv_heads}): "
+            "tensor parallelism gives each rank whole heads")
+    require(not m.vocab_size or m.vocab_size % p.tp == 0,
+            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp} (vocab-parallel embedding and "
+            "loss); set model.vocab_size=0 to derive a padded size, or pad to a multiple of tp")
+    for width, setting in feed_forward_widths(cfg):
+        require(width % p.tp == 0, f"the feed-forward width {width} ({setting}) is not divisible by parallel.tp={p.tp}; "
+                                   f"choose {setting.split(' ')[0]} so that it is a multiple of tp")
+
+
+def feed_forward_widths(cfg) -> list[tuple[int, str]]:
+    """(hidden width, the setting that gives it) of every SwiGLU the model builds; tensor parallelism splits
+    each by hidden units.  Routed experts are not split (they are replicated over tp)."""
+    m, kinds = cfg.model, set(cfg.model.layer_kinds())
+    widths = []
+    if kinds & {"dense", "pkm_ffn"}:
+        widths.append((m.ffn_hidden, "model.d_ff"))
+    if "moe" in kinds and cfg.moe.num_shared_experts:
+        from sparselm.model.moe.config import resolved_expert_hidden
+
+        widths.append((cfg.moe.num_shared_experts * resolved_expert_hidden(cfg),
+                       "moe.expert_hidden x moe.num_shared_experts (shared experts)"))
+    return widths
+
+
+def check_world(cfg, world_size: int) -> int:
+    """Validate the layout against the world size; return the data-parallel size."""
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tp * p.pp
+    require(world_size % model_parallel == 0, f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {model_parallel}; launch a multiple of {model_parallel} processes")
+    dp = world_size // model_parallel
+    require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (world {world_size} / tp {p.tp} / pp {p.pp}); choose ep dividing {dp}")
+    require(t.global_batch_size % dp == 0, f"train.global_batch_size={t.global_batch_size} is not divisible by the data-parallel size {dp}; pick a multiple of {dp}")
+    per_rank = t.global_batch_size // dp
+    micro = t.micro_batch_size or per_rank
+    require(per_rank % micro == 0, f"train.micro_batch_size={micro} does not divide the per-rank batch {per_rank} (global {t.global_batch_size} / dp {dp})")
+    return dp
+
+
 def validate_layout(cfg, world_size: int) -> Layout:
     """Check the layout against the world and the model; name the violated constraint."""
+    check_layout_fits_model(cfg)
     dp = check_world(cfg, world_size)
-    m, p = cfg.model, cfg.parallel
-    if m.n_layers < p.pp:
-        raise ConfigError(f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} pipeline stages; "
-                          "every stage needs at least one layer, lower parallel.pp")
-    if m.n_heads % p.tp or m.kv_heads % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and the key/value heads "
-                          f"({m.kv_heads}): tensor parallelism gives each rank whole heads")
-    if m.vocab_size and m.vocab_size % p.tp:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp} (vocab-parallel "
-                          "embedding and loss); set model.vocab_size=0 to derive a padded size, or pad to a multiple of tp")
-    if "dense" in m.pattern and m.ffn_hidden % p.tp:
-        raise ConfigError(f"the dense feed-forward width {m.ffn_hidden} (model.d_ff) is not divisible by "
-                          f"parallel.tp={p.tp}; choose model.d_ff as a multiple of tp")
-    return Layout(tp=p.tp, pp=p.pp, dp=dp, ep=p.ep)
+    return Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, ep=cfg.parallel.ep)

@@ -76,8 +76,6 @@ def apply_tp(model: nn.Module, topo) -> nn.Module:
         importlib.import_module(name)
     from sparselm.parallel import vocab
 
-    if model.config.model.vocab_size % topo.tp:
-        raise ConfigError(f"model.vocab_size={model.config.model.vocab_size} is not divisible by parallel.tp={topo.tp}")
     tied = model.head.proj.weight is model.embed.weight
     model.embed = vocab.vocab_parallel_embedding(model.embed, topo)
     _walk(model, topo)
@@ -187,10 +185,6 @@ def row_parallel(linear: nn.Linear, topo) -> nn.Module:
 @register_tp_rule(Attention)
 def tp_attention(attn, topo):
     """Shard an ``Attention`` (or subclass) in place by heads; returns it.  For subclass rules to call."""
-    q_heads = attn.q_proj.out_features // attn.head_dim
-    kv_heads = attn.k_proj.out_features // attn.head_dim
-    if q_heads % topo.tp or kv_heads % topo.tp:
-        raise ConfigError(f"parallel.tp={topo.tp} must divide the attention heads ({q_heads} query, {kv_heads} key/value)")
     attn.q_proj = column_parallel(attn.q_proj, topo)
     attn.k_proj = column_parallel(attn.k_proj, topo)
     attn.v_proj = column_parallel(attn.v_proj, topo)
@@ -201,9 +195,6 @@ def tp_attention(attn, topo):
 @register_tp_rule(SwiGLU)
 def tp_swiglu(ffn, topo):
     """Shard a ``SwiGLU`` in place by hidden units; returns it."""
-    hidden = ffn.gate_proj.out_features
-    if hidden % topo.tp:
-        raise ConfigError(f"the feed-forward width {hidden} (model.d_ff) is not divisible by parallel.tp={topo.tp}")
     ffn.gate_proj = column_parallel(ffn.gate_proj, topo)
     ffn.up_proj = column_parallel(ffn.up_proj, topo)
     ffn.down_proj = row_parallel(ffn.down_proj, topo)

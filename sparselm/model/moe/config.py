@@ -2,17 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from sparselm.config import register_section, register_validator, require
-
-from sparselm.model.moe.dispatch import DROP_POLICIES
-
-SCORE_FUNCS = ("softmax", "sigmoid")
-BALANCE_SCOPES = ("sequence", "micro_batch")
-EXPERT_IMPLS = ("auto", "grouped_mm", "padded")
+from sparselm.errors import require
 
 
-@register_section("moe")
 @dataclass
 class MoEConfig:
     """Mixture-of-experts layers (block kind `moe`): router, experts, capacity, balancing losses."""
@@ -26,7 +20,7 @@ class MoEConfig:
     active feed-forward parameters equal those of the dense block."""
     num_shared_experts: int = 0
     """Experts that see every token (DeepSeek-MoE); their output is added to the routed experts' output."""
-    score_func: str = "softmax"
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
     """Router scores: 'softmax' over experts, or 'sigmoid' per expert (DeepSeek-V3)."""
     renormalize: bool = True
     """Rescale the top-k scores of a token to sum to 1. With top_k=1 and softmax this makes every gate 1, so the
@@ -50,18 +44,18 @@ class MoEConfig:
     dropless."""
     capacity_factor: float = 1.25
     """Expert capacity relative to a perfectly even split; used when drop_tokens is true."""
-    drop_policy: str = "position"
+    drop_policy: Literal["position", "probability"] = "position"
     """Which assignments an expert over capacity keeps: 'position' - the earliest positions first (Switch,
     GShard), so no token is dropped because of a later one and the model stays causal; 'probability' - the
     highest routing probability first, which lets a later token push an earlier one out: NOT causal (a
     position's output depends on future tokens), for non-autoregressive use or ablations only."""
-    balance_scope: str = "sequence"
+    balance_scope: Literal["sequence", "micro_batch"] = "sequence"
     """Tokens the balancing loss statistics and the expert capacity are taken over: 'sequence' - each sequence
     alone, the loss averaged over sequences (DeepSeek-V3's sequence-wise balance loss, Megatron's
     seq_aux_loss), so results do not depend on the micro-batch size or the parallel layout; 'micro_batch' -
     all tokens of a micro-batch on one rank (Switch, DeepSpeed): losses, gradients and drops then change
     with train.micro_batch_size and the data-parallel degree (layout-dependent)."""
-    expert_impl: str = "auto"
+    expert_impl: Literal["auto", "grouped_mm", "padded"] = "auto"
     """Grouped expert matmul: 'grouped_mm' (torch._grouped_mm), 'padded' (one bmm over groups padded to the
     largest), 'auto' (grouped_mm on CPU and on compute-capability >= 9.0 GPUs in bf16, padded elsewhere)."""
 
@@ -71,7 +65,6 @@ def resolved_expert_hidden(cfg) -> int:
     return m.expert_hidden or max(1, cfg.model.ffn_hidden // (m.top_k + m.num_shared_experts))
 
 
-@register_validator
 def validate_moe(cfg) -> None:
     m = cfg.moe
     if "moe" not in cfg.model.pattern:
@@ -85,11 +78,6 @@ def validate_moe(cfg) -> None:
              f"holds the same number of experts")
     require(m.expert_hidden >= 0, f"moe.expert_hidden must be >= 0 (0 derives it), got {m.expert_hidden}")
     require(m.num_shared_experts >= 0, f"moe.num_shared_experts must be >= 0, got {m.num_shared_experts}")
-    require(m.score_func in SCORE_FUNCS, f"moe.score_func='{m.score_func}' is not one of {', '.join(SCORE_FUNCS)}")
-    require(m.expert_impl in EXPERT_IMPLS, f"moe.expert_impl='{m.expert_impl}' is not one of {', '.join(EXPERT_IMPLS)}")
-    require(m.drop_policy in DROP_POLICIES, f"moe.drop_policy='{m.drop_policy}' is not one of {', '.join(DROP_POLICIES)}")
-    require(m.balance_scope in BALANCE_SCOPES,
-            f"moe.balance_scope='{m.balance_scope}' is not one of {', '.join(BALANCE_SCOPES)}")
     if m.drop_tokens:
         require(m.capacity_factor > 0,
                  f"moe.capacity_factor={m.capacity_factor} must be > 0 with moe.drop_tokens=true "

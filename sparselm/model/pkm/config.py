@@ -4,13 +4,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from sparselm.config import register_section, register_validator, require
+from typing import Literal
+
+from sparselm.errors import require
 
 PKM_KINDS = ("pkm", "pkm_ffn")
-QUERY_NORMS = ("layernorm", "batchnorm", "none")
 
 
-@register_section("pkm")
 @dataclass
 class PKMConfig:
     """Product-key memory layers (block kinds `pkm`, `pkm_ffn`): keys, lookup, values, usage metrics."""
@@ -25,7 +25,7 @@ class PKMConfig:
     """Query/key width per head; even, split into two halves of k_dim/2."""
     v_dim: int = 0
     """Value width; 0 means model.d_model. Must be divisible by parallel.tp (the table is sharded along it)."""
-    query_norm: str = "layernorm"
+    query_norm: Literal["layernorm", "batchnorm", "none"] = "layernorm"
     """Normalisation of the queries: 'layernorm' (per token, causal-safe), 'batchnorm' (Lample 2019; mixes
     statistics over the batch and time, so it leaks future tokens in a causal LM: non-causal use only), 'none'."""
     gated: bool = False
@@ -54,7 +54,6 @@ class PKMConfig:
 
 
 
-@register_validator
 def validate_pkm(cfg) -> None:
     p, m = cfg.pkm, cfg.model
     kinds = m.layer_kinds()
@@ -73,7 +72,6 @@ def validate_pkm(cfg) -> None:
     tp = cfg.parallel.tp
     require(v_dim % tp == 0, f"the PKM value width {v_dim} (pkm.v_dim, 0 = model.d_model) is not divisible by "
                               f"parallel.tp={tp}; the value table is sharded along it")
-    require(p.query_norm in QUERY_NORMS, f"pkm.query_norm='{p.query_norm}' is not one of {', '.join(QUERY_NORMS)}")
     require(p.value_init_std >= 0, f"pkm.value_init_std must be >= 0, got {p.value_init_std}")
     require(p.value_lr_scale > 0, f"pkm.value_lr_scale must be positive, got {p.value_lr_scale}")
     require(p.value_weight_decay >= 0, f"pkm.value_weight_decay must be >= 0, got {p.value_weight_decay}")

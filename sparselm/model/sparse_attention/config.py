@@ -3,19 +3,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
-from sparselm.config import register_section, register_validator, require
-
-PATTERNS = ("causal", "sliding_window", "strided", "fixed", "block_local", "bigbird")
-BACKENDS = ("auto", "flex", "reference", "block_sparse")
+from sparselm.errors import require
 
 
-@register_section("attention")
 @dataclass
 class AttentionConfig:
     """Attention in every block: sparse pattern, persistent memory slots (all-attention), backend."""
 
-    pattern: str = "causal"
+    pattern: Literal["causal", "sliding_window", "strided", "fixed", "block_local", "bigbird"] = "causal"
     """Attention pattern of every layer: causal (dense, SDPA), sliding_window, strided, fixed, block_local or bigbird."""
     window: int = 256
     """sliding_window: tokens each query sees, itself included; at most data.seq_len."""
@@ -40,7 +37,7 @@ class AttentionConfig:
     """Learning-rate multiplier of the persistent keys and values (their own optimizer group,
     'persistent_memory').  Under Adam the paper's reparametrisation (k = sqrt(d_h) U_k, v = sqrt(N) U_v)
     already moves the used vectors sqrt(d_h) and sqrt(N) times faster than U; values below 1 undo that."""
-    backend: str = "auto"
+    backend: Literal["auto", "flex", "reference", "block_sparse"] = "auto"
     """auto (compiled FlexAttention on CUDA, exact masked SDPA elsewhere), flex, reference (masked SDPA)
     or block_sparse (exact, computes only the key blocks a query block can see; for long sequences on CPU)."""
 
@@ -53,11 +50,8 @@ def memory_slots(cfg) -> int:
     return math.ceil(3 * m.d_model * m.ffn_hidden / (2 * m.kv_heads * m.head_dim))
 
 
-@register_validator
 def validate_attention(cfg) -> None:
     a, seq = cfg.attention, cfg.data.seq_len
-    require(a.pattern in PATTERNS, f"attention.pattern='{a.pattern}' is unknown; choose one of {', '.join(PATTERNS)}")
-    require(a.backend in BACKENDS, f"attention.backend='{a.backend}' is unknown; choose one of {', '.join(BACKENDS)}")
     require(a.persistent_slots >= 0, f"attention.persistent_slots must be >= 0, got {a.persistent_slots}")
     require(a.memory_lr_scale > 0, f"attention.memory_lr_scale must be positive, got {a.memory_lr_scale}")
     if a.pattern == "sliding_window":

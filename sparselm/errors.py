@@ -1,0 +1,40 @@
+"""The errors sparselm raises for bad input, in one place.
+
+Each message names the problem and the fix; entry points print it as one line (rank 0) and exit 2.
+The modules that raise them re-export their own (``sparselm.config.ConfigError`` etc.).
+"""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and the fix."""
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, unreadable or empty; the message names it and the fix."""
+
+
+class RecordError(DatasetError):
+    """An input record that holds no text under the requested key; the message names file, line and key."""
+
+
+class DataExhausted(RuntimeError):
+    """The data cannot supply the requested steps without repeating samples."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model; the message names the file."""
+
+
+class ConversionError(RuntimeError):
+    """A conversion cannot be done faithfully; the message names the setting that prevents it."""
+
+
+USER_ERRORS = (ConfigError, DatasetError, DataExhausted, CheckpointError, ConversionError, FileNotFoundError)
+"""What entry points report as one line instead of a traceback."""
+
+
+def require(cond: bool, msg: str) -> None:
+    """Raise ConfigError(msg) unless ``cond``: the start-up checks of every config section use it."""
+    if not cond:
+        raise ConfigError(msg)
