@@ -76,14 +76,6 @@ def make_optimizer(model: torch.nn.Module, cfg, ds: dict):
     return torch.optim.AdamW(groups, foreach=False, **kwargs)
 
 
-def precision_dtype(ds: dict) -> torch.dtype:
-    if ds.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
 def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
     """deepspeed.initialize with our optimizer; returns (engine, ds_config).  ``mpu`` goes to DeepSpeed
     (None for pipelines); ``norm_mpu`` (megatron-core's groups, pipeline included) serves the norm."""

@@ -32,8 +32,3 @@ def init_distributed() -> torch.device:
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
-
-def is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sparselm.model.hooks import AfterOptimizerStep
 from sparselm.model.transformer import layer_metrics
 
 
@@ -20,7 +21,7 @@ def after_optimizer_step(indexed_blocks) -> dict[str, torch.Tensor]:
     out = {}
     for index, block in indexed_blocks:
         for module in block.modules():
-            if hasattr(module, "after_optimizer_step"):
+            if isinstance(module, AfterOptimizerStep):
                 module.after_optimizer_step()
         out.update(layer_metrics(index, block, "step_metrics"))
     return out

@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from sparselm.data.loader import build_datasets
 from sparselm.data.sampler import DataExhausted, GlobalBatchSampler
 from sparselm.data.tokenizer import load_tokenizer
 from sparselm.engine import build_ds_config, build_engine, settle_pipeline_zero_stage
+from sparselm.engine_state import load_full_state
 from sparselm.logging_sinks import MetricsWriter, format_line
 from sparselm.model import build_model
 from sparselm.optim import lr_at, set_lr
@@ -30,6 +32,14 @@ from sparselm.parallel.pipeline import build_pipeline
 from sparselm.parallel.topology import Topology
 from sparselm.runtime import init_distributed
 from sparselm.steps import EngineSteps, PipelineSteps
+
+
+class Restored(NamedTuple):
+    """A checkpoint read for resuming: where it is, its meta.json, model tensors and optimizer moments."""
+    path: Path
+    meta: dict
+    tensors: dict
+    moments: dict
 
 
 def resolve_vocab(cfg, tokenizer) -> None:
@@ -56,93 +66,118 @@ def find_resume(cfg) -> Path | None:
 
 
 class Trainer:
+    """One training run: construction is the list of steps in __init__, ``run()`` the loop, ``close()`` the end."""
+
     def __init__(self, cfg):
         self.cfg = cfg
+        self._start_processes()
+        self._open_data()
+        restored = self._read_resume_checkpoint()
+        self._build_engine(restored)
+        self.step = 0
+        if restored is not None:
+            self._restore(restored)
+        self._check_data_suffices()
+        self._open_run_dir()
+
+    # ---------------------------------------------------------------------------- construction
+    def _start_processes(self) -> None:
+        """Process group, layout and the DeepSpeed JSON: every check that needs no data or model."""
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
-        t = cfg.train
-        self.topo = Topology(cfg)
-        ds_notes: list[str] = []
-        build_ds_config(cfg, self.topo.dp_size, ds_notes)  # refuses a JSON sparselm cannot honour, before any work
-        self.resume_from = find_resume(cfg)
+        self.topo = Topology(self.cfg)
+        self.ds_notes: list[str] = []
+        build_ds_config(self.cfg, self.topo.dp_size, self.ds_notes)  # refuses a JSON sparselm cannot honour
+        self.resume_from = find_resume(self.cfg)
+
+    def _open_data(self) -> None:
+        """Tokenizer, vocabulary size, datasets (rank 0 tokenizes the default corpus once, the others then
+        open the cache), the sampler and the micro-batch."""
+        cfg, t = self.cfg, self.cfg.train
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         resolve_vocab(cfg, self.tokenizer)
-
-        # Data: rank 0 tokenizes the default corpus once, the others then open the cache.
         if self.is_rank0:
             self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer)
         dist.barrier()
         if not self.is_rank0:
             self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer)
         self.sampler = GlobalBatchSampler(len(self.train_data), t.global_batch_size, t.seed, cfg.data.allow_repeat)
-        self.micro = micro = (t.micro_batch_size or t.global_batch_size // self.topo.dp_size)
+        self.micro = t.micro_batch_size or t.global_batch_size // self.topo.dp_size
         self._check_validation_data()
 
-        # The full model is built identically on every rank; a checkpoint goes into it before any
-        # sharding, so tensor/expert/pipeline pieces and every ZeRO stage start from the same weights.
+    def _read_resume_checkpoint(self) -> Restored | None:
+        if self.resume_from is None:
+            return None
+        path = self.resume_from
+        return Restored(path, ckpt.read_meta(path), ckpt.read_tensors(path / "model.safetensors"),
+                        ckpt.read_tensors(path / "optimizer.safetensors"))
+
+    def _build_engine(self, restored: Restored | None) -> None:
+        """The full model is built identically on every rank; a checkpoint goes into it before any sharding,
+        so tensor/expert/pipeline pieces and every ZeRO stage start from the same weights.  Then the
+        parallel layout, the pipeline stages and the DeepSpeed engine."""
+        cfg, topo = self.cfg, self.topo
         full_model = build_model(cfg)
         self.num_params = (full_model.num_params(), full_model.num_params(active=True))
-        restored = self._read_checkpoint(self.resume_from, full_model) if self.resume_from is not None else None
         if restored is not None:
-            full_model.load_state_dict(restored[1], strict=False)
-        model = parallelize(full_model, cfg, self.topo)
-        if self.topo.pp > 1:
-            self.module = build_pipeline(model, self.topo.ds_topology, cfg.parallel.pp_partition,
+            ckpt.check_tensors_match(full_model, restored.tensors, restored.path / "model.safetensors")
+            full_model.load_state_dict(restored.tensors, strict=False)
+        model = parallelize(full_model, cfg, topo)
+        if topo.pp > 1:
+            self.module = build_pipeline(model, topo.ds_topology, cfg.parallel.pp_partition,
                                          cfg.parallel.activation_checkpoint_interval)
-            note = settle_pipeline_zero_stage(self.module, cfg, self.topo.pp_group)
+            note = settle_pipeline_zero_stage(self.module, cfg, topo.pp_group)
             if note and self.is_rank0:
                 print(f"sparselm: {note}")
-            self.engine, self.ds_config = build_engine(self.module, cfg, self.topo.dp_size, mpu=None,
-                                                       norm_mpu=self.topo.parallel_state_mpu)
-            self.steps = PipelineSteps(self.engine, self.module, self.device, micro, self.topo.pp_group)
+            self.engine, self.ds_config = build_engine(self.module, cfg, topo.dp_size, mpu=None,
+                                                       norm_mpu=topo.parallel_state_mpu)
+            self.steps = PipelineSteps(self.engine, self.module, self.device, self.micro, topo.pp_group)
         else:
             self.module = model
-            self.engine, self.ds_config = build_engine(model, cfg, self.topo.dp_size, mpu=self.topo.mpu,
-                                                       norm_mpu=self.topo.parallel_state_mpu)
-            self.steps = EngineSteps(self.engine, model, self.device, micro)
-        del full_model, model  # a pipeline stage keeps only its own layers
-        self.step = 0
-        if restored is not None:
-            self._restore(self.resume_from, *restored)
+            self.engine, self.ds_config = build_engine(model, cfg, topo.dp_size, mpu=topo.mpu,
+                                                       norm_mpu=topo.parallel_state_mpu)
+            self.steps = EngineSteps(self.engine, model, self.device, self.micro)
+        # full_model and model go out of scope here: a pipeline stage keeps only its own layers
+
+    def _restore(self, restored: Restored) -> None:
+        meta = restored.meta
+        load_full_state(self.engine, self.module, restored.tensors, restored.moments, meta["optimizer_step"],
+                             self._groups())
+        if meta["sampler"] is not None:  # None: a converted model, trained from the start of the data
+            self.sampler.load_state_dict(meta["sampler"])
+        self.step = meta["step"]
+        rng_file = restored.path / f"rng_rank{self.rank}.safetensors"
+        if meta["layout"] == self.topo.as_dict() and rng_file.is_file():
+            torch.set_rng_state(ckpt.read_tensors(rng_file)[f"rank{self.rank}"])
+        if self.is_rank0:
+            print(f"sparselm: resumed from {restored.path} at step {self.step}")
+
+    def _check_data_suffices(self) -> None:
+        t = self.cfg.train
         remaining = self.sampler.steps_available()
         if remaining is not None and remaining < t.steps - self.step:
             raise DataExhausted(
-                f"the training data holds {len(self.train_data)} samples of {cfg.data.seq_len} tokens: enough for "
-                f"{remaining} more steps at train.global_batch_size={t.global_batch_size}, but train.steps asks for "
-                f"{t.steps - self.step}; add data, lower train.steps, or set data.allow_repeat=true")
+                f"the training data holds {len(self.train_data)} samples of {self.cfg.data.seq_len} tokens: enough "
+                f"for {remaining} more steps at train.global_batch_size={t.global_batch_size}, but train.steps asks "
+                f"for {t.steps - self.step}; add data, lower train.steps, or set data.allow_repeat=true")
 
-        self.out_dir = Path(t.out_dir)
+    def _open_run_dir(self) -> None:
+        """config.yaml, ds_config.json (what DeepSpeed ran with), the start-up summary and the metric sinks."""
+        cfg = self.cfg
+        self.out_dir = Path(cfg.train.out_dir)
         if self.is_rank0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
             (self.out_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
-            for note in ds_notes:
+            for note in self.ds_notes:
                 print(f"sparselm: ds_config: {note}")
             print(f"sparselm: {self.world} process(es), layout {self.topo.as_dict()}, "
                   f"{self.num_params[0]:,} parameters ({self.num_params[1]:,} active per token)")
             print(to_yaml(cfg))
-        self.writer = MetricsWriter(self.out_dir, t.tensorboard, self.is_rank0)
+        self.writer = MetricsWriter(self.out_dir, cfg.train.tensorboard, self.is_rank0)
 
     # ----------------------------------------------------------------------------------------
-    def _read_checkpoint(self, path: Path, full_model):
-        meta = ckpt.read_meta(path)
-        tensors = ckpt.read_tensors(path / "model.safetensors")
-        ckpt.check_tensors_match(full_model, tensors, path / "model.safetensors")
-        moments = ckpt.read_tensors(path / "optimizer.safetensors")
-        return meta, tensors, moments
-
-    def _restore(self, path: Path, meta: dict, tensors: dict, moments: dict) -> None:
-        ckpt.load_full_state(self.engine, self.module, tensors, moments, meta["optimizer_step"], self._groups())
-        if meta["sampler"] is not None:  # None: a converted model, trained from the start of the data
-            self.sampler.load_state_dict(meta["sampler"])
-        self.step = meta["step"]
-        rng_file = path / f"rng_rank{self.rank}.safetensors"
-        if meta["layout"] == self.topo.as_dict() and rng_file.is_file():
-            torch.set_rng_state(ckpt.read_tensors(rng_file)[f"rank{self.rank}"])
-        if self.is_rank0:
-            print(f"sparselm: resumed from {path} at step {self.step}")
-
     def _groups(self) -> dict:
         return {"tp": self.topo.tp_group, "ep": self.topo.ep_group}
 

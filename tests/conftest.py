@@ -51,3 +51,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+def rel_error(a, b) -> float:
+    """||a - b|| / ||b|| in float64: how far a result is from its reference, whatever the scale."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()

@@ -17,6 +17,7 @@
 import pytest
 import torch
 
+from equivalence import adamw_reference_steps
 from sparselm.distributed_testing import run_distributed
 
 WORLD = 4
@@ -89,7 +90,7 @@ def _engine_steps(rank, stage):
     from sparselm.config import load_config
     from sparselm.engine import build_engine
     from sparselm.model import build_model
-    from sparselm.optim import param_groups, set_lr
+    from sparselm.optim import set_lr
     from sparselm.parallel.expert import apply_expert_parallel
 
     cfg = load_config("tiny_dense", ["--model.pattern=moe,dense", "--model.n_layers=2", "--model.d_model=32",
@@ -102,17 +103,7 @@ def _engine_steps(rank, stage):
     lr = cfg.optim.lr
 
     ref = build_model(cfg)
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(ref, o), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, foreach=False)
-    set_lr(opt, lr)
-    ref_norms = []
-    for step in batches:
-        loss = sum(ref(b[:, :-1], b[:, 1:]).loss for b in step) / WORLD
-        loss.backward()
-        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), o.grad_clip).item())
-        opt.step()
-        opt.zero_grad()
+    ref_norms = adamw_reference_steps(ref, cfg, [[(b[:, :-1], b[:, 1:]) for b in step] for step in batches])
 
     model = build_model(cfg)
     apply_expert_parallel(model, cfg.parallel.ep)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from equivalence import adamw_reference_steps, parallel_vs_reference
 from pkm_reference import pkm_cfg
 from sparselm.distributed_testing import run_distributed
 
@@ -61,42 +62,23 @@ def _modules(rank, world, extras_by_name):
     return True
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
 
 def _check_model():
     """A whole model with both placements through apply_tp (the trainer's path), fp32: logits and every
     gradient, gathered to full shape, match the one-process model."""
-    import sparselm.parallel.pkm  # noqa: F401  registers the rule (until apply_tp imports it itself)
-    from sparselm.model import build_model
-    from sparselm.parallel import parallelize
     from sparselm.parallel.pkm import TensorParallelPKM
-    from sparselm.parallel.tensor import full_tensor
-    from sparselm.parallel.topology import Topology
 
     extra = ["--model.pattern=pkm_ffn,pkm", "--pkm.gated=true", "--data.seq_len=16", "--model.max_seq_len=16",
              "--train.global_batch_size=2"]
     cfg1, cfg2 = pkm_cfg(*extra), pkm_cfg(*extra, "--parallel.tp=2")
     g = torch.Generator().manual_seed(3)
     ids, labels = torch.randint(0, 128, (2, 12), generator=g), torch.randint(0, 128, (2, 12), generator=g)
-    ref = build_model(cfg1)
-    ref_out = ref(ids, labels)
-    ref_out.loss.backward()
-    ref_params = dict(ref.named_parameters())
-    topo = Topology(cfg2)
-    try:
-        model = parallelize(build_model(cfg2), cfg2, topo)
+
+    def check(model, topo):
         assert isinstance(model.layers[0].ffn.memory, TensorParallelPKM) and isinstance(model.layers[1].ffn, TensorParallelPKM)
         assert model.layers[1].ffn.values.shape == (256, 16)
-        out = model(ids, labels)
-        out.loss.backward()
-        errors = {"loss": _rel(out.loss, ref_out.loss), "logits": _rel(model(ids), ref(ids))}
-        for name, p in model.named_parameters():
-            errors[name] = _rel(full_tensor(p.grad, p, topo), ref_params[name].grad)
-        return errors
-    finally:
-        topo.teardown()
+
+    return parallel_vs_reference(cfg1, cfg2, ids, labels, check=check)
 
 
 def _engine_steps(rank, world, stage):
@@ -110,18 +92,12 @@ def _engine_steps(rank, world, stage):
                   "--model.max_seq_len=16")
     g = torch.Generator().manual_seed(5)
     batches = [[torch.randint(0, 128, (2, 17), generator=g) for _ in range(world)] for _ in range(2)]
-    o, lr = cfg.optim, cfg.optim.lr
+    lr = cfg.optim.lr
     ref = build_model(cfg)
-    opt = torch.optim.AdamW(param_groups(ref, o), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, foreach=False)
-    set_lr(opt, lr)
-    assert {g["name"]: g["lr"] for g in opt.param_groups}["pkm_values"] == lr * cfg.pkm.value_lr_scale
-    ref_norms = []
-    for step in batches:
-        (sum(ref(b[:, :-1], b[:, 1:]).loss for b in step) / world).backward()
-        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), o.grad_clip).item())
-        opt.step()
-        opt.zero_grad()
+    ref_norms = adamw_reference_steps(ref, cfg, [[(b[:, :-1], b[:, 1:]) for b in step] for step in batches])
+    probe = torch.optim.AdamW(param_groups(ref, cfg.optim), lr=lr)
+    set_lr(probe, lr)
+    assert {g["name"]: g["lr"] for g in probe.param_groups}["pkm_values"] == lr * cfg.pkm.value_lr_scale
     model = build_model(cfg)
     engine, _ = build_engine(model, cfg, dp_size=world)
     set_lr(engine.optimizer, lr)

@@ -4,6 +4,7 @@ import copy
 
 import torch
 
+from equivalence import parallel_vs_reference
 from sparselm.distributed_testing import run_distributed
 
 BASE = ["--model.d_model=32", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
@@ -16,41 +17,23 @@ MODEL_CASES = {
 CORE_PATTERNS = ["bigbird", "sliding_window", "causal"]
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
 
 def _model_case(overrides):
     from sparselm.config import load_config
     from sparselm.model.sparse_attention import SparseAttention
-    from sparselm.model.transformer import build_model
-    from sparselm.parallel import parallelize
-    from sparselm.parallel.tensor import ColumnLinear, full_tensor, is_tp_sharded
-    from sparselm.parallel.topology import Topology
+    from sparselm.parallel.tensor import ColumnLinear, is_tp_sharded
 
     cfg1 = load_config(None, BASE + overrides)
     cfg2 = load_config(None, BASE + overrides + ["--parallel.tp=2"])
     ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(3))
-    ref = build_model(cfg1)
-    ref_out = ref(ids, ids)
-    ref_out.loss.backward()
-    ref_params = dict(ref.named_parameters())
 
-    topo = Topology(cfg2)
-    try:
-        model = parallelize(build_model(cfg2), cfg2, topo)
+    def check(model, topo):
         attn = model.layers[0].attn
         assert isinstance(attn, SparseAttention) and isinstance(attn.k_proj, ColumnLinear)
         assert attn.memory_k.shape == (1, 6, 8) and is_tp_sharded(attn.memory_k) and is_tp_sharded(attn.memory_v)
         assert isinstance(model.layers[1].attn, SparseAttention) and model.layers[1].attn.memory_k is None
-        out = model(ids, ids)
-        out.loss.backward()
-        errors = {"loss": _rel(out.loss, ref_out.loss)}
-        for name, p in model.named_parameters():
-            errors[name] = _rel(full_tensor(p.grad, p, topo), ref_params[name].grad)
-        return errors
-    finally:
-        topo.teardown()
+
+    return parallel_vs_reference(cfg1, cfg2, ids, ids, check=check)
 
 
 def _core_case(rank, world, group, pattern):

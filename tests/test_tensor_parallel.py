@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import rel_error
+from equivalence import adamw_reference_steps, parallel_vs_reference
 from sparselm.distributed_testing import run_distributed
 
 BASE = ["--model.d_model=32", "--model.n_layers=2", "--model.n_heads=4", "--model.vocab_size=64",
@@ -19,9 +21,6 @@ CASES = {
     "tied": ["--model.tie_embeddings=true"],
 }
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _batch(vocab: int):
@@ -34,24 +33,12 @@ def _batch(vocab: int):
 
 def _compare_case(overrides: list[str]) -> dict:
     from sparselm.config import load_config
-    from sparselm.model import build_model
-    from sparselm.parallel import parallelize
-    from sparselm.parallel.tensor import ColumnLinear, RowLinear, full_tensor, is_tp_sharded
-    from sparselm.parallel.topology import Topology
+    from sparselm.parallel.tensor import ColumnLinear, RowLinear, is_tp_sharded
 
     cfg1 = load_config(None, BASE + overrides)
     cfg2 = load_config(None, BASE + overrides + ["--parallel.tp=2"])
-    ids, labels = _batch(cfg1.model.vocab_size)
 
-    ref = build_model(cfg1)
-    ref_logits = ref(ids)
-    ref_out = ref(ids, labels)
-    ref_out.loss.backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-
-    topo = Topology(cfg2)
-    try:
-        model = parallelize(build_model(cfg2), cfg2, topo)
+    def check(model, topo):
         attn, ffn = model.layers[0].attn, model.layers[0].ffn
         # really sharded: this rank holds half of every split dimension
         assert isinstance(attn.q_proj, ColumnLinear) and isinstance(attn.o_proj, RowLinear)
@@ -60,24 +47,9 @@ def _compare_case(overrides: list[str]) -> dict:
         assert ffn.down_proj.weight.shape[1] == cfg1.model.ffn_hidden // 2
         assert model.embed.weight.shape[0] == model.head.proj.weight.shape[0] == cfg1.model.vocab_size // 2
         assert (model.head.proj.weight is model.embed.weight) == cfg1.model.tie_embeddings
-        assert model.state_dict().keys() == ref.state_dict().keys()  # layout-free names, nothing extra
+        return {"sharded_count": sum(is_tp_sharded(p) for p in model.parameters())}
 
-        logits = model(ids)
-        out = model(ids, labels)
-        out.loss.backward()
-        params = dict(model.named_parameters())
-        assert params.keys() == ref_grads.keys()
-        errors = {"logits": _rel(logits, ref_logits), "loss": _rel(out.loss, ref_out.loss)}
-        for name, p in params.items():
-            full_value = full_tensor(p.detach(), p, topo)
-            full_grad = full_tensor(p.grad, p, topo)
-            assert full_value.shape == ref_grads[name].shape, name
-            errors[f"value:{name}"] = _rel(full_value, dict(ref.named_parameters())[name])
-            errors[f"grad:{name}"] = _rel(full_grad, ref_grads[name])
-        errors["sharded_count"] = sum(is_tp_sharded(p) for p in params.values())
-        return errors
-    finally:
-        topo.teardown()
+    return parallel_vs_reference(cfg1, cfg2, *_batch(cfg1.model.vocab_size), check=check)
 
 
 def _engine_step() -> dict:
@@ -86,7 +58,6 @@ def _engine_step() -> dict:
     from sparselm.config import load_config
     from sparselm.engine import build_engine
     from sparselm.model import build_model
-    from sparselm.optim import param_groups
     from sparselm.parallel import parallelize
     from sparselm.parallel.tensor import full_tensor
     from sparselm.parallel.topology import Topology
@@ -97,12 +68,7 @@ def _engine_step() -> dict:
     o = cfg1.optim
 
     ref = build_model(cfg1)
-    ref(ids, labels).loss.backward()
-    ref_norm = torch.sqrt(sum(p.grad.double().square().sum() for p in ref.parameters())).item()
-    torch.nn.utils.clip_grad_norm_(ref.parameters(), o.grad_clip)
-    opt = torch.optim.AdamW(param_groups(ref, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, foreach=False)
-    opt.step()
+    [ref_norm] = adamw_reference_steps(ref, cfg1, [[(ids, labels)]])
 
     topo = Topology(cfg2)
     model = parallelize(build_model(cfg2), cfg2, topo)
@@ -112,7 +78,7 @@ def _engine_step() -> dict:
     errors = {"grad_norm": abs(float(engine.get_global_grad_norm()) - ref_norm) / ref_norm}
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
-        errors[f"updated:{name}"] = _rel(full_tensor(p.detach(), p, topo), ref_params[name].detach())
+        errors[f"updated:{name}"] = rel_error(full_tensor(p.detach(), p, topo), ref_params[name].detach())
     assert ref_norm > o.grad_clip  # the clipping path is exercised
     return errors
 

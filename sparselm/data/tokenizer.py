@@ -46,9 +46,6 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts)]
-
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) != self.eod_id])
 

@@ -9,8 +9,8 @@ Contract for the modules a kind returns:
 - attention: ``forward(x[B,T,D]) -> y[B,T,D]``;
 - ffn slot: ``forward(x[B,T,D])`` returns ``y`` or ``(y, aux_loss)`` where aux_loss is a 0-dim
   tensor already multiplied by its coefficient (it is added to the training loss);
-- any module may keep ``self.metrics: dict[str, Tensor]`` of detached scalars/vectors describing its
-  last forward; they are logged per layer (``layer{i}/{name}``), averaged over the global batch.
+- any module may implement the hooks of ``sparselm.model.hooks`` (``metrics``, ``step_metrics``,
+  ``after_optimizer_step``, ``active_params``, ``reset_parameters``).
 """
 from __future__ import annotations
 

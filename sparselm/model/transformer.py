@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparselm.model.hooks import ActiveParams
 from sparselm.model.norm import RMSNorm
 from sparselm.model.registry import BLOCKS
 
@@ -129,7 +130,7 @@ class SparseLM(nn.Module):
         total = 0
         seen = set()
         for module in self.modules():
-            if active and hasattr(module, "active_params") and module is not self:
+            if active and isinstance(module, ActiveParams) and module is not self:
                 total += module.active_params()
                 seen.update(id(p) for p in module.parameters())
         for p in self.parameters():

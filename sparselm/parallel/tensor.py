@@ -12,13 +12,15 @@ the walk does not enter it; ``None`` leaves it and the walk visits its children.
   split in contiguous blocks (rank r holds query heads [r*H/tp, (r+1)*H/tp) and the kv heads they use,
   so grouped-query attention keeps its grouping).  Subclasses with extra per-head parameters register
   their own rule, call ``tp_attention(module, topo)`` and slice their parameters with
-  ``shard_param(p, head_dim_of_p, topo)`` (e.g. persistent memory [H, M, d] -> dim 0), e.g.::
+  ``shard_param(p, head_dim_of_p, topo)`` (e.g. persistent memory [kv_heads, N, d] -> dim 0), as
+``sparselm.parallel.sparse_attention`` does for ``SparseAttention``::
 
-      @register_tp_rule(AllAttention)
-      def _(m, topo):
-          tp_attention(m, topo)
-          m.mem_k = shard_param(m.mem_k, 0, topo)
-          return m
+      @register_tp_rule(SparseAttention)
+      def tp_sparse_attention(attn, topo):
+          tp_attention(attn, topo)
+          attn.memory_k = shard_param(attn.memory_k, 0, topo)
+          ...
+          return attn
 
 - ``SwiGLU``: gate/up column-parallel, down row-parallel;
 - ``LMHead``: vocab-parallel projection and cross-entropy (``sparselm.parallel.vocab``);
@@ -48,7 +50,7 @@ from sparselm.parallel.comm import all_gather_cat
 _RULES: dict[type, Callable] = {}
 
 # Modules that register rules on import; add yours here (no model code imports sparselm.parallel).
-TP_RULE_MODULES = ["sparselm.parallel.vocab", "sparselm.parallel.pkm", "sparselm.parallel.allattn"]
+TP_RULE_MODULES = ["sparselm.parallel.vocab", "sparselm.parallel.pkm", "sparselm.parallel.sparse_attention"]
 
 
 def register_tp_rule(module_class: type):

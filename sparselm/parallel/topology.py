@@ -62,15 +62,6 @@ class Topology:
         return self.coord.dp
 
     @property
-    def pp_rank(self) -> int:
-        """This rank's pipeline stage."""
-        return self.coord.pp
-
-    @property
-    def ep_rank(self) -> int:
-        return self.coord.dp % self.ep
-
-    @property
     def dp_size(self) -> int:
         return self.dp
 
