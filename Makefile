@@ -10,12 +10,14 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	# torch first, pinned: anything else would pull CUDA wheels.
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q --no-build-isolation -e '.[dev]'
+	# compat mode: the checkout goes on sys.path, so a folder named like the package (a clone called
+	# sparselm, from its parent directory) cannot shadow the installed package.
+	$(PIP) install -q --no-build-isolation -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 train: setup

@@ -68,6 +68,15 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, then the file mode the process umask gives (save_file creates 0600, so
+    teammates could not read checkpoints or exports)."""
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, use an earlier one")
@@ -118,10 +127,10 @@ def save_checkpoint(out_dir, step: int, engine, model, cfg, sampler_state: dict,
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    save_file({f"rank{rank}": torch.get_rng_state()}, str(tmp / f"rng_rank{rank}.safetensors"))
+    write_safetensors({f"rank{rank}": torch.get_rng_state()}, tmp / f"rng_rank{rank}.safetensors")
     if rank == 0:
-        save_file(_drop_aliases(weights, model), str(tmp / "model.safetensors"))
-        save_file(_drop_aliases(moments, model), str(tmp / "optimizer.safetensors"))
+        write_safetensors(_drop_aliases(weights, model), tmp / "model.safetensors")
+        write_safetensors(_drop_aliases(moments, model), tmp / "optimizer.safetensors")
         (tmp / "config.yaml").write_text(to_yaml(cfg))
         meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": opt_step,
                 "sampler": sampler_state, "layout": layout, "world_size": dist.get_world_size(),

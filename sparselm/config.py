@@ -164,7 +164,7 @@ class TrainConfig:
     resume: str = ""
     """'latest' (newest checkpoint in out_dir, if any) or a checkpoint directory; empty starts fresh."""
     progress: bool = True
-    """Show a progress bar on rank 0."""
+    """Show a progress bar on rank 0 when stdout is a terminal (logs get one plain line per logged step)."""
     tensorboard: bool = True
     """Write TensorBoard events under out_dir/tensorboard."""
 
@@ -304,8 +304,9 @@ def parse_overrides(args: list[str]) -> dict:
     return nested
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | dict | None = None):
-    """Build a validated Config from a preset/YAML and overrides."""
+def load_config(name_or_path: str | None = None, overrides: list[str] | dict | None = None, check: bool = True):
+    """Build a Config from a preset/YAML and overrides, validated unless ``check`` is false (the trainer's
+    preflight validates it after the world-size check)."""
     cfg = Config()
     if name_or_path:
         path = resolve_preset(name_or_path)
@@ -318,7 +319,8 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | dict | N
         _apply(cfg, data, "")
     if overrides:
         _apply(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides, "")
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

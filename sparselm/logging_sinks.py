@@ -3,18 +3,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool):
+    """metrics.jsonl and TensorBoard.  ``resume_step``: the step a resumed run continues after; lines of later
+    steps (logged after that checkpoint by the run that stopped) are dropped first, so every step keeps
+    one line, and TensorBoard purges its events after that step."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
-        self.jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        path = out_dir / "metrics.jsonl"
+        if enabled and resume_step is not None and path.is_file():
+            _keep_until(path, resume_step)
+        self.jsonl = open(path, "a", encoding="utf-8") if enabled else None
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -35,6 +43,15 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def _keep_until(path: Path, step: int) -> None:
+    """Rewrite a metrics.jsonl keeping the lines of steps <= ``step`` (atomically: a crash keeps the old file)."""
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def format_line(record: dict, total_steps: int) -> str:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import sys
 
-from sparselm.config import ConfigError, describe, load_config
+from sparselm.config import ConfigError, describe, list_presets, load_config
+from sparselm.preflight import preflight
+from sparselm.runtime import quiet_third_party
 
 USAGE = """usage: python -m sparselm.train --config NAME_OR_PATH [--section.key=value ...]
        python -m sparselm.train --help-config      (every key, its default and meaning)"""
@@ -38,22 +40,32 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from sparselm.checkpoint import CheckpointError
-    from sparselm.data.indexed import DatasetError
-    from sparselm.data.sampler import DataExhausted
+    """Train; with ``argv`` given (tests), errors are raised instead of printed."""
+    from sparselm.errors import USER_ERRORS
 
     try:
         name, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        cfg = load_config(name, overrides)
+        if name is None:
+            raise ConfigError(f"no --config given; name a preset ({', '.join(list_presets())}) or a YAML path, "
+                              "e.g. --config tiny_dense")
+        cfg = load_config(name, overrides, check=False)
+        for note in preflight(cfg):  # every check that needs no process group, before DeepSpeed is imported
+            _say(f"sparselm: {note}")
+        quiet_third_party()
         from sparselm.trainer import Trainer
 
         return Trainer(cfg).run()
-    except (ConfigError, CheckpointError, DatasetError, DataExhausted, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         if argv is not None:
             raise
-        if os.environ.get("RANK", "0") == "0":  # every rank stops; one says why
-            print(f"sparselm: error: {err}", file=sys.stderr)
+        _say(f"sparselm: error: {err}", sys.stderr)  # every rank stops; one says why
         sys.exit(2)
+
+
+def _say(line: str, stream=None) -> None:
+    """Print on global rank 0 only (before the process group exists, from the launcher's RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=stream or sys.stdout, flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from sparselm import checkpoint as ckpt
 from sparselm.config import ConfigError, to_yaml
 from sparselm.data.indexed import DatasetError
 from sparselm.data.loader import build_datasets
-from sparselm.data.sampler import DataExhausted, GlobalBatchSampler
+from sparselm.data.sampler import GlobalBatchSampler, check_steps_available
 from sparselm.data.tokenizer import load_tokenizer
 from sparselm.engine import build_ds_config, build_engine, settle_pipeline_zero_stage
 from sparselm.engine_state import load_full_state
@@ -30,6 +30,7 @@ from sparselm.optim import lr_at, set_lr
 from sparselm.parallel import parallelize
 from sparselm.parallel.pipeline import build_pipeline
 from sparselm.parallel.topology import Topology
+from sparselm.preflight import find_resume
 from sparselm.runtime import init_distributed
 from sparselm.steps import EngineSteps, PipelineSteps
 
@@ -50,19 +51,6 @@ def resolve_vocab(cfg, tokenizer) -> None:
         m.vocab_size = multiple * math.ceil(tokenizer.vocab_size / multiple)
     elif m.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; set 0 to derive it")
-
-
-def find_resume(cfg) -> Path | None:
-    t = cfg.train
-    existing = ckpt.latest_checkpoint(t.out_dir)
-    if t.resume == "latest":
-        return existing
-    if t.resume:
-        return ckpt.resolve_checkpoint(t.resume)
-    if existing is not None:
-        raise ConfigError(f"train.out_dir '{t.out_dir}' already holds checkpoints (latest {existing.name}); "
-                          "pass --train.resume=latest to continue it, or choose another --train.out_dir")
-    return None
 
 
 class Trainer:
@@ -154,13 +142,7 @@ class Trainer:
             print(f"sparselm: resumed from {restored.path} at step {self.step}")
 
     def _check_data_suffices(self) -> None:
-        t = self.cfg.train
-        remaining = self.sampler.steps_available()
-        if remaining is not None and remaining < t.steps - self.step:
-            raise DataExhausted(
-                f"the training data holds {len(self.train_data)} samples of {self.cfg.data.seq_len} tokens: enough "
-                f"for {remaining} more steps at train.global_batch_size={t.global_batch_size}, but train.steps asks "
-                f"for {t.steps - self.step}; add data, lower train.steps, or set data.allow_repeat=true")
+        check_steps_available(len(self.train_data), self.sampler.consumed, self.cfg.train.steps - self.step, self.cfg)
 
     def _open_run_dir(self) -> None:
         """config.yaml, ds_config.json (what DeepSpeed ran with), the start-up summary and the metric sinks."""
@@ -175,7 +157,8 @@ class Trainer:
             print(f"sparselm: {self.world} process(es), layout {self.topo.as_dict()}, "
                   f"{self.num_params[0]:,} parameters ({self.num_params[1]:,} active per token)")
             print(to_yaml(cfg))
-        self.writer = MetricsWriter(self.out_dir, cfg.train.tensorboard, self.is_rank0)
+        self.writer = MetricsWriter(self.out_dir, cfg.train.tensorboard, self.is_rank0,
+                                    resume_step=self.step if self.resume_from is not None else None)
 
     # ----------------------------------------------------------------------------------------
     def _groups(self) -> dict:
@@ -239,7 +222,8 @@ class Trainer:
 
         t = self.cfg.train
         tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
-        bar = tqdm(total=t.steps, initial=self.step, disable=not (self.is_rank0 and t.progress), unit="step",
+        show_bar = self.is_rank0 and t.progress and sys.stdout.isatty()  # no \r frames in log files
+        bar = tqdm(total=t.steps, initial=self.step, disable=not show_bar, unit="step",
                    dynamic_ncols=True, file=sys.stdout)
         record: dict = {}
         if t.eval_every and self.step == 0:  # where training starts from, for comparison

@@ -26,8 +26,8 @@ def subprocess_env() -> dict:
     return env
 
 
-def run_cmd(cmd: list[str], check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+def run_cmd(cmd: list[str], check: bool = True, timeout: int = 600, cwd=REPO) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc

@@ -43,8 +43,7 @@ def _tokenizer_file(cfg) -> dict:
 
 
 def export_hf(args) -> Path:
-    from safetensors.torch import save_file
-
+    from sparselm.checkpoint import write_safetensors
     from sparselm.convert.llama import generation_config
 
     ckpt, meta, cfg, tensors = _load(args.input)
@@ -57,7 +56,7 @@ def export_hf(args) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"output directory '{out}' exists and is not empty; choose a new --output")
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in hf_tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors({k: v.contiguous() for k, v in hf_tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=1))
     for name, path in _tokenizer_file(cfg).items():

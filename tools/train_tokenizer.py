@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> str:
             yield from iter_documents(expand_inputs(args.input), args.json_key)
 
     tok = train_bpe(texts(), args.vocab_size, args.output)
-    print(f"wrote {args.output}: {tok.vocab_size} tokens")
+    note = "" if tok.vocab_size >= args.vocab_size else (
+        f" (asked for {args.vocab_size}: the input has too few distinct merges for more; give more text)")
+    print(f"wrote {args.output}: {tok.vocab_size} tokens{note}")
     return args.output
 
 

@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from sparselm.checkpoint import FORMAT, VERSION, _versions
+from sparselm.checkpoint import FORMAT, VERSION, _versions, write_safetensors
 from sparselm.config import to_yaml
 from sparselm.errors import ConversionError
 
@@ -25,8 +24,8 @@ def write_model_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor]
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
-    save_file({}, str(tmp / "optimizer.safetensors"))
+    write_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors")
+    write_safetensors({}, tmp / "optimizer.safetensors")
     for name, path in (extra_files or {}).items():
         shutil.copy(path, tmp / name)
     (tmp / "config.yaml").write_text(to_yaml(cfg))

@@ -98,6 +98,18 @@ def _check_index_header(prefix: str) -> None:
                            "tools/preprocess_data.py from input that has text")
 
 
+def document_lengths(prefix: str | Path) -> np.ndarray:
+    """Token count of every document, read from the .idx with numpy alone (no megatron-core import), after
+    the same checks as ``open_indexed``.  Raises DatasetError naming the file."""
+    prefix = str(prefix)
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise DatasetError(f"dataset file '{prefix}{ext}' does not exist; create it with tools/preprocess_data.py --output-prefix {prefix}")
+    _check_index_header(prefix)
+    sequences = _HEADER.unpack(open(prefix + ".idx", "rb").read(_HEADER.size))[3]
+    return np.fromfile(prefix + ".idx", dtype=np.int32, count=sequences, offset=_HEADER.size).astype(np.int64)
+
+
 def flat_tokens(ds) -> np.ndarray:
     """All tokens of an opened dataset as one read-only memmap (documents in order)."""
     return np.memmap(ds.path_prefix + ".bin", dtype=ds.index.dtype, mode="r")

@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 
 from sparselm.data.corpus import build_default_corpus
-from sparselm.data.indexed import flat_tokens, open_indexed
+from sparselm.data.indexed import document_lengths, flat_tokens, open_indexed
 from sparselm.data.packing import PackedSamples
 
 
@@ -27,6 +27,27 @@ def build_datasets(dcfg, tokenizer) -> tuple[PackedSamples, PackedSamples]:
         return _packed(train_prefix, dcfg.seq_len), _packed(valid_prefix, dcfg.seq_len)
     if dcfg.valid_dataset:
         return _packed(dcfg.dataset, dcfg.seq_len), _packed(dcfg.valid_dataset, dcfg.seq_len)
-    held_out = lambda i: zlib.crc32(str(i).encode()) % 10_000 < dcfg.valid_fraction * 10_000  # noqa: E731
-    return (_packed(dcfg.dataset, dcfg.seq_len, keep=lambda i: not held_out(i)),
-            _packed(dcfg.dataset, dcfg.seq_len, keep=held_out))
+    held = lambda i: held_out(i, dcfg.valid_fraction)  # noqa: E731
+    return (_packed(dcfg.dataset, dcfg.seq_len, keep=lambda i: not held(i)),
+            _packed(dcfg.dataset, dcfg.seq_len, keep=held))
+
+
+def held_out(document: int, valid_fraction: float) -> bool:
+    """Whether document ``document`` of a dataset without data.valid_dataset is held out for validation."""
+    return zlib.crc32(str(document).encode()) % 10_000 < valid_fraction * 10_000
+
+
+def packed_samples(total_tokens: int, seq_len: int) -> int:
+    """Samples of seq_len inputs (+1 label) that ``total_tokens`` packed tokens make (as PackedSamples)."""
+    return max(0, (total_tokens - 1) // seq_len)
+
+
+def train_samples_on_disk(dcfg) -> int | None:
+    """Training samples of a user dataset counted from its .idx alone (no megatron-core import); None for
+    the default corpus, which is built on first use."""
+    if dcfg.dataset == "default":
+        return None
+    lengths = document_lengths(dcfg.dataset)
+    if not dcfg.valid_dataset:
+        lengths = lengths[[not held_out(i, dcfg.valid_fraction) for i in range(len(lengths))]]
+    return packed_samples(int(lengths.sum()), dcfg.seq_len)

@@ -16,7 +16,7 @@ class PackedSamples:
         self.cum = np.concatenate([[0], np.cumsum(self.lengths)])
         self.seq_len = seq_len
         total = int(self.cum[-1])
-        self.num_samples = max(0, (total - 1) // seq_len)
+        self.num_samples = max(0, (total - 1) // seq_len)  # as sparselm.data.loader.packed_samples
 
     def __len__(self) -> int:
         return self.num_samples

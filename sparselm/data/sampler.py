@@ -11,6 +11,21 @@ import numpy as np
 from sparselm.errors import DataExhausted
 
 
+def check_steps_available(num_samples: int, consumed: int, steps_left: int, cfg) -> None:
+    """The one check that the training data holds ``steps_left`` more global batches after ``consumed``
+    samples (one epoch, unless data.allow_repeat).  Raises DataExhausted naming the sizes and the fix."""
+    t = cfg.train
+    if num_samples <= 0:
+        raise DataExhausted(f"the dataset holds no complete sample of data.seq_len={cfg.data.seq_len} tokens; use more "
+                            "data or a shorter data.seq_len")
+    available = (num_samples - consumed) // t.global_batch_size
+    if not cfg.data.allow_repeat and available < steps_left:
+        raise DataExhausted(
+            f"the training data holds {num_samples} samples of {cfg.data.seq_len} tokens: enough for {available} "
+            f"more steps at train.global_batch_size={t.global_batch_size}, but train.steps asks for {steps_left}; "
+            "add data, lower train.steps, or set data.allow_repeat=true")
+
+
 class GlobalBatchSampler:
     def __init__(self, num_samples: int, global_batch_size: int, seed: int, allow_repeat: bool = False, consumed: int = 0):
         if num_samples <= 0:
