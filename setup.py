@@ -30,15 +30,18 @@ setup(
         "safetensors",
         "tqdm",
         "tensorboard",
+        "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers", "product-key-memory==0.3.0"],
+        "dev": ["pytest", "pytest-timeout", "transformers", "product-key-memory==0.3.0", "wandb"],
         "hf": ["transformers"],
+        "wandb": ["wandb"],
     },
     entry_points={
         "console_scripts": [
             "sparselm-train=sparselm.train:main",
             "sparselm-generate=sparselm.generate:main",
+            "sparselm-evaluate=sparselm.evaluate:main",
         ]
     },
 )

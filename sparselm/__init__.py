@@ -9,4 +9,11 @@ def load_model(path: str):
     return _load(path)
 
 
-__all__ = ["load_model", "__version__"]
+def load_tokenizer(path: str):
+    """The tokenizer of a checkpoint or run directory (``encode(text) -> ids``, ``decode(ids)``, ``eod_id``)."""
+    from sparselm.checkpoint import load_tokenizer as _load
+
+    return _load(path)
+
+
+__all__ = ["load_model", "load_tokenizer", "__version__"]

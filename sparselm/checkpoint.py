@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from sparselm.errors import CheckpointError
 
 FORMAT = "sparselm-checkpoint"
+TOKENIZER_FILE = "tokenizer.json"
 VERSION = 1
 
 
@@ -132,6 +133,8 @@ def save_checkpoint(out_dir, step: int, engine, model, cfg, sampler_state: dict,
         write_safetensors(_drop_aliases(weights, model), tmp / "model.safetensors")
         write_safetensors(_drop_aliases(moments, model), tmp / "optimizer.safetensors")
         (tmp / "config.yaml").write_text(to_yaml(cfg))
+        if cfg.data.tokenizer != "byte":  # self-contained: the tokenizer travels with the checkpoint
+            shutil.copyfile(cfg.data.tokenizer, tmp / TOKENIZER_FILE)
         meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": opt_step,
                 "sampler": sampler_state, "layout": layout, "world_size": dist.get_world_size(),
                 "versions": _versions()}
@@ -190,6 +193,21 @@ def check_tensors_match(model, tensors: dict, source: Path) -> None:
             f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
             f"shape mismatch {wrong[:5]}" if wrong else ""]))
         raise CheckpointError(f"'{source}' does not match the model its config describes: {detail}")
+
+
+def load_tokenizer(path):
+    """The tokenizer a checkpoint (or a run directory's latest) was trained with: its own copy of the
+    tokenizer file when there is one, the byte tokenizer when its config says so.  Raises CheckpointError."""
+    from sparselm.data.tokenizer import load_tokenizer as from_spec
+
+    ckpt = resolve_checkpoint(path)
+    if (ckpt / TOKENIZER_FILE).is_file():
+        return from_spec(str(ckpt / TOKENIZER_FILE))
+    spec = read_config(ckpt).data.tokenizer
+    if spec != "byte" and not Path(spec).is_file():
+        raise CheckpointError(f"'{ckpt}' holds no {TOKENIZER_FILE} and its data.tokenizer '{spec}' does not exist "
+                              "from here; copy the tokenizer file into the checkpoint as tokenizer.json")
+    return from_spec(spec)
 
 
 def load_model(path):

@@ -167,6 +167,9 @@ class TrainConfig:
     """Show a progress bar on rank 0 when stdout is a terminal (logs get one plain line per logged step)."""
     tensorboard: bool = True
     """Write TensorBoard events under out_dir/tensorboard."""
+    wandb_project: str = ""
+    """Also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline writes
+    out_dir/wandb without a network); empty disables it."""
 
 
 @dataclass

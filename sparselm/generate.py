@@ -79,14 +79,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from sparselm.checkpoint import CheckpointError, load_model
-    from sparselm.data.tokenizer import load_tokenizer
+    from sparselm.checkpoint import CheckpointError, load_model, load_tokenizer
 
     try:
         model, cfg = load_model(args.ckpt)
+        tokenizer = load_tokenizer(args.ckpt)
     except CheckpointError as err:
         parser.exit(2, f"sparselm.generate: error: {err}\n")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
     prompt = tokenizer.encode(args.prompt) or [tokenizer.eod_id]
     gen = torch.Generator().manual_seed(args.seed)
     out = generate(model, torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k, args.top_p,

@@ -1,4 +1,5 @@
-"""Metric sinks (rank 0 only): metrics.jsonl, TensorBoard, and one fixed-format console line."""
+"""Metric sinks (rank 0 only): metrics.jsonl, TensorBoard, Weights & Biases (optional), and one
+fixed-format console line."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ class MetricsWriter:
     steps (logged after that checkpoint by the run that stopped) are dropped first, so every step keeps
     one line, and TensorBoard purges its events after that step."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool, resume_step: int | None = None):
+    def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool, resume_step: int | None = None,
+                 wandb_project: str = "", config: dict | None = None):
         self.enabled = enabled
         path = out_dir / "metrics.jsonl"
         if enabled and resume_step is not None and path.is_file():
@@ -23,6 +25,12 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step)
+        self.wandb = None
+        if enabled and wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, name=Path(out_dir).name, dir=str(out_dir), config=config,
+                                    resume="allow")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -37,12 +45,16 @@ class MetricsWriter:
                 elif isinstance(value, list):
                     for i, v in enumerate(value):
                         self.tb.add_scalar(f"{key}/{i}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _keep_until(path: Path, step: int) -> None:

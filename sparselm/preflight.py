@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from sparselm.config import validate
+from sparselm.errors import ConfigError
 from sparselm.parallel.layout import check_world
 
 
@@ -30,6 +31,12 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
     check_world(cfg, world)  # first: a layout that does not fit the world is named as such
     validate(cfg)
     d, t = cfg.data, cfg.train
+    if t.wandb_project:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"train.wandb_project='{t.wandb_project}' needs Weights & Biases: pip install wandb "
+                              "(or leave train.wandb_project empty)")
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer file '{d.tokenizer}' does not exist; use data.tokenizer=byte or train one "
                                 "with tools/train_tokenizer.py")
@@ -56,7 +63,6 @@ def find_resume(cfg) -> Path | None:
     """The checkpoint to resume from, or None to start fresh.  Raises ConfigError when train.out_dir already
     holds checkpoints and train.resume is empty (nothing is overwritten), CheckpointError for a bad path."""
     from sparselm import checkpoint as ckpt
-    from sparselm.errors import ConfigError
 
     t = cfg.train
     existing = ckpt.latest_checkpoint(t.out_dir)

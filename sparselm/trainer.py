@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from sparselm import checkpoint as ckpt
-from sparselm.config import ConfigError, to_yaml
+from sparselm.config import ConfigError, to_dict, to_yaml
 from sparselm.data.indexed import DatasetError
 from sparselm.data.loader import build_datasets
 from sparselm.data.sampler import GlobalBatchSampler, check_steps_available
@@ -158,7 +158,8 @@ class Trainer:
                   f"{self.num_params[0]:,} parameters ({self.num_params[1]:,} active per token)")
             print(to_yaml(cfg))
         self.writer = MetricsWriter(self.out_dir, cfg.train.tensorboard, self.is_rank0,
-                                    resume_step=self.step if self.resume_from is not None else None)
+                                    resume_step=self.step if self.resume_from is not None else None,
+                                    wandb_project=cfg.train.wandb_project, config=to_dict(cfg))
 
     # ----------------------------------------------------------------------------------------
     def _groups(self) -> dict:
@@ -194,17 +195,22 @@ class Trainer:
         return record
 
     def _eval_samples(self) -> int:
-        """Validation samples one evaluation uses: whole micro-batches on every data-parallel rank."""
-        n = min(len(self.valid_data), self.cfg.train.eval_batches * self.cfg.train.global_batch_size)
-        return n - n % (self.topo.dp_size * self.micro)
+        """Validation samples one evaluation uses: up to train.eval_batches global batches, the same number on
+        every data-parallel rank (a partial last micro-batch is evaluated; pipelines take whole micro-batches)."""
+        per_rank = min(len(self.valid_data), self.cfg.train.eval_batches * self.cfg.train.global_batch_size)
+        per_rank //= self.topo.dp_size
+        if self.topo.pp > 1:
+            per_rank -= per_rank % self.micro
+        return per_rank * self.topo.dp_size
 
     def _check_validation_data(self) -> None:
         if self.cfg.train.eval_every and self._eval_samples() == 0:
             raise DatasetError(
                 f"the validation split holds {len(self.valid_data)} samples of {self.cfg.data.seq_len} tokens, fewer "
-                f"than one micro-batch on each of the {self.topo.dp_size} data-parallel rank(s) "
-                f"({self.micro} per rank), so evaluation would be skipped; set "
-                "data.valid_dataset, raise data.valid_fraction, or set train.eval_every=0")
+                f"than one for each of the {self.topo.dp_size} data-parallel rank(s)"
+                + (f" ({self.micro}, a whole micro-batch, per pipeline)" if self.topo.pp > 1 else "")
+                + ", so evaluation would be skipped; set data.valid_dataset, raise data.valid_fraction, or set "
+                "train.eval_every=0")
 
     def evaluate(self) -> dict:
         n = self._eval_samples()

@@ -108,3 +108,112 @@ def test_a_folder_named_like_the_package_does_not_shadow_it(tmp_path):
     proc = run_cmd([PYTHON, "-c", "import sparselm, json; print(json.dumps(callable(sparselm.load_model)))"],
                    check=False, cwd=tmp_path)
     assert proc.returncode == 0 and json.loads(proc.stdout) is True, proc.stderr
+
+
+# ------------------------------------------------------------------------ self-contained checkpoints
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A run on a locally trained BPE tokenizer given by a relative path, as a user would type it."""
+    from sparselm.data.tokenizer import train_bpe
+    from tools.preprocess_data import main as preprocess
+
+    root = tmp_path_factory.mktemp("bpe")
+    text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n" * 60
+    (root / "corpus.txt").write_text(text)
+    train_bpe([text], 300, root / "tok" / "tokenizer.json")
+    prefix = preprocess(["--input", str(root / "corpus.txt"), "--output-prefix", str(root / "data" / "c"),
+                         "--tokenizer", str(root / "tok" / "tokenizer.json"), "--append-eod"])[0]
+    run_cmd([PYTHON, "-m", "sparselm.train", *TINY, "--train.steps=2", "--train.global_batch_size=2",
+             "--data.tokenizer=tok/tokenizer.json", f"--data.dataset={prefix}", f"--data.valid_dataset={prefix}",
+             "--data.seq_len=16", "--model.max_seq_len=16", f"--train.out_dir={root / 'run'}"], cwd=root)
+    return root
+
+
+def test_a_checkpoint_carries_its_tokenizer(bpe_run, tmp_path):
+    import sparselm
+
+    ckpt = bpe_run / "run" / "checkpoints" / "step_2"
+    assert (ckpt / "tokenizer.json").read_bytes() == (bpe_run / "tok" / "tokenizer.json").read_bytes()
+    tok = sparselm.load_tokenizer(bpe_run / "run")
+    assert tok.decode(tok.encode("return a + b")) == "return a + b" and tok.name.startswith("bpe-")
+    # from another directory, where the relative data.tokenizer path means nothing
+    proc = run_cmd([PYTHON, "-m", "sparselm.generate", "--ckpt", str(bpe_run / "run"), "--prompt", "def ",
+                    "--max-new-tokens", "5"], cwd=tmp_path, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("which", ["byte", "bpe"])
+def test_export_hf_writes_a_tokenizer_that_transformers_loads_and_that_encodes_as_ours(bpe_run, resumed_run,
+                                                                                      tmp_path, which):
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
+    import sparselm
+    from tools.convert_checkpoint import main as convert
+
+    run = bpe_run / "run" if which == "bpe" else resumed_run[0]
+    convert(["export-hf", "--input", str(run), "--output", str(tmp_path / "hf")])
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ours = sparselm.load_tokenizer(run)
+    sample = "def add(a, b):\n    return a + b  # héllo ✓\n"
+    assert hf.encode(sample, add_special_tokens=False) == ours.encode(sample)
+    assert hf.eos_token_id == ours.eod_id
+    assert hf.decode(ours.encode(sample)) == sample
+
+
+# ------------------------------------------------------------------------ evaluation and plots
+def test_evaluate_reports_loss_bits_per_byte_and_loss_by_position(resumed_run, tmp_path):
+    from sparselm.evaluate import main as evaluate
+
+    run, _, _ = resumed_run
+    result = evaluate(["--ckpt", str(run), "--batches", "2", "--batch-size", "4", "--out", str(tmp_path / "e.json"),
+                       "--plot", str(tmp_path / "positions.png")])
+    assert result["samples"] == 8 and result["tokens"] == 8 * 32 and len(result["loss_by_position"]) == 32
+    assert result["loss"] == pytest.approx(sum(result["loss_by_position"]) / 32, rel=1e-5)
+    # byte tokenizer: one byte per token except end-of-document, so bpb = loss / ln 2 * tokens / bytes
+    import math
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2) * result["tokens"] / result["bytes"],
+                                                    rel=1e-5)
+    assert result["bytes"] <= result["tokens"]
+    assert json.loads((tmp_path / "e.json").read_text())["loss"] == result["loss"]
+    assert (tmp_path / "positions.png").stat().st_size > 1000
+
+
+def test_evaluate_on_another_dataset_and_its_errors(bpe_run, tmp_path):
+    proc = run_cmd([PYTHON, "-m", "sparselm.evaluate", "--ckpt", str(bpe_run / "run"), "--data",
+                    str(bpe_run / "data" / "c"), "--batches", "1", "--batch-size", "2"])
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["samples"] == 2
+    proc = run_cmd([PYTHON, "-m", "sparselm.evaluate", "--ckpt", str(bpe_run / "run"), "--data", "/nonexistent/x"],
+                   check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plot_run_draws_loss_and_layer_panels(resumed_run, tmp_path):
+    from tools.plot_run import main as plot_run
+
+    moe = tmp_path / "moe"
+    train(["--config", "tiny_moe", "--train.steps=2", "--train.eval_every=1", "--model.n_layers=2",
+           "--train.global_batch_size=4", "--data.seq_len=32", "--model.max_seq_len=32",
+           "--train.tensorboard=false", f"--train.out_dir={moe}"])
+    panels = plot_run([str(resumed_run[0]), str(moe), "--out", str(tmp_path / "runs.png")])
+    assert panels[:2] == ["loss against steps", "loss against tokens"]
+    assert "MoE load imbalance (max load x E)" in panels
+    assert (tmp_path / "runs.png").stat().st_size > 1000
+
+
+def test_partial_validation_batch_is_evaluated(tmp_path, small_dataset):
+    # 22 samples of 32 tokens: the held-out share of a one-document dataset is empty, so validate on a
+    # dataset of 3 samples, fewer than one micro-batch of 8
+    from tools.preprocess_data import main as preprocess
+
+    (tmp_path / "v.txt").write_text("x" * 100)
+    valid = preprocess(["--input", str(tmp_path / "v.txt"), "--output-prefix", str(tmp_path / "v")])[0]
+    train(TINY + ["--train.steps=1", "--train.eval_every=1", f"--data.dataset={small_dataset}",
+                  f"--data.valid_dataset={valid}", f"--train.out_dir={tmp_path / 'run'}"])
+    assert any("val_loss" in r for r in read_metrics(tmp_path / "run"))
+
+
+def test_weights_and_biases_sink_works_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional extra (make setup installs it)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(TINY + ["--train.steps=1", "--train.wandb_project=sparselm-test", f"--train.out_dir={tmp_path}"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb"))

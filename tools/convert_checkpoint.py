@@ -31,19 +31,35 @@ def consolidate(args) -> Path:
     ckpt, meta, cfg, tensors = _load(args.input)
     dtype = DTYPES[args.dtype]
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    extra = _tokenizer_file(cfg)
+    extra = _tokenizer_file(ckpt, cfg)
     out = write_model_checkpoint(args.output, tensors, cfg, source=f"consolidate {ckpt}", step=meta["step"], extra_files=extra)
     print(f"wrote {out}/model.safetensors ({len(tensors)} tensors, {args.dtype}) and config.yaml")
     return out
 
 
-def _tokenizer_file(cfg) -> dict:
+def _tokenizer_file(ckpt: Path, cfg) -> dict:
+    """The tokenizer file a converted checkpoint carries along (none for the byte tokenizer)."""
+    own = ckpt / "tokenizer.json"
+    if own.is_file():
+        return {"tokenizer.json": own}
     tok = cfg.data.tokenizer
     return {"tokenizer.json": Path(tok)} if tok != "byte" and Path(tok).is_file() else {}
 
 
+def _write_hf_tokenizer(tokenizer, cfg, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json that ``AutoTokenizer.from_pretrained`` loads and that encode as
+    sparselm does, for the byte tokenizer too."""
+    from sparselm.data.tokenizer import eod_token, tokenizer_json
+
+    (out / "tokenizer.json").write_text(tokenizer_json(tokenizer), encoding="utf-8")
+    eos = eod_token(tokenizer)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos, "bos_token": None,
+        "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False}, indent=1))
+
+
 def export_hf(args) -> Path:
-    from sparselm.checkpoint import write_safetensors
+    from sparselm.checkpoint import load_tokenizer, write_safetensors
     from sparselm.convert.llama import generation_config
 
     ckpt, meta, cfg, tensors = _load(args.input)
@@ -51,16 +67,16 @@ def export_hf(args) -> Path:
         from sparselm.convert.llama import to_llama as convert
     else:
         from sparselm.convert.mixtral import to_mixtral as convert
-    hf_tensors, hf_config = convert(tensors, cfg)
+    tokenizer = load_tokenizer(ckpt)
+    hf_tensors, hf_config = convert(tensors, cfg, tokenizer.eod_id)
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"output directory '{out}' exists and is not empty; choose a new --output")
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.contiguous() for k, v in hf_tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=1))
-    (out / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=1))
-    for name, path in _tokenizer_file(cfg).items():
-        (out / name).write_bytes(path.read_bytes())
+    (out / "generation_config.json").write_text(json.dumps(generation_config(tokenizer.eod_id), indent=1))
+    _write_hf_tokenizer(tokenizer, cfg, out)
     print(f"wrote {out} ({hf_config['architectures'][0]}, {len(hf_tensors)} tensors)")
     return out
 
@@ -92,7 +108,7 @@ def upcycle(args) -> Path:
 
     ckpt, meta, cfg, tensors = _load(args.input)
     new_tensors, new_cfg = do_upcycle(tensors, cfg, experts=args.experts, top_k=args.top_k, every=args.every, seed=args.seed)
-    out = write_model_checkpoint(args.output, new_tensors, new_cfg, source=f"upcycle {ckpt}", extra_files=_tokenizer_file(cfg))
+    out = write_model_checkpoint(args.output, new_tensors, new_cfg, source=f"upcycle {ckpt}", extra_files=_tokenizer_file(ckpt, cfg))
     print(f"wrote {out}: {args.experts} experts, top-{args.top_k}, every {args.every} layer(s)")
     return out
 

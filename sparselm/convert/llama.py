@@ -48,23 +48,20 @@ def check_exportable(cfg, allowed_kinds: set[str], target: str) -> None:
                               f"{target} does not have; use `consolidate` instead")
 
 
-def token_ids(cfg) -> dict:
+def token_ids(eod_id: int) -> dict:
     """The special token ids a Hugging Face config must carry, or transformers assumes Llama's 1 and 2: end of
     sequence = our end-of-document id; no beginning-of-sequence token (sparselm prepends none)."""
-    from sparselm.data.tokenizer import load_tokenizer
-
-    return {"bos_token_id": None, "eos_token_id": load_tokenizer(cfg.data.tokenizer).eod_id}
+    return {"bos_token_id": None, "eos_token_id": eod_id}
 
 
-def generation_config(cfg) -> dict:
+def generation_config(eod_id: int) -> dict:
     """generation_config.json: transformers' generate stops at our end-of-document token and pads with it."""
-    ids = token_ids(cfg)
-    return {**ids, "pad_token_id": ids["eos_token_id"]}
+    return {**token_ids(eod_id), "pad_token_id": eod_id}
 
 
-def common_hf_config(cfg) -> dict:
+def common_hf_config(cfg, eod_id: int) -> dict:
     m = cfg.model
-    return {**token_ids(cfg),
+    return {**token_ids(eod_id),
         "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
@@ -73,7 +70,7 @@ def common_hf_config(cfg) -> dict:
     }
 
 
-def to_llama(tensors: dict[str, torch.Tensor], cfg) -> tuple[dict[str, torch.Tensor], dict]:
+def to_llama(tensors: dict[str, torch.Tensor], cfg, eod_id: int) -> tuple[dict[str, torch.Tensor], dict]:
     check_exportable(cfg, {"dense"}, "Llama")
     out = {GLOBAL_NAMES[k]: v for k, v in tensors.items() if k in GLOBAL_NAMES}
     if cfg.model.tie_embeddings:
@@ -81,7 +78,7 @@ def to_llama(tensors: dict[str, torch.Tensor], cfg) -> tuple[dict[str, torch.Ten
     for i in range(cfg.model.n_layers):
         for ours, theirs in LAYER_NAMES.items():
             out[f"model.layers.{i}.{theirs}"] = tensors[f"layers.{i}.{ours}"]
-    hf = {**common_hf_config(cfg), "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    hf = {**common_hf_config(cfg, eod_id), "architectures": ["LlamaForCausalLM"], "model_type": "llama",
           "intermediate_size": cfg.model.ffn_hidden, "mlp_bias": False}
     return out, hf
 

@@ -26,7 +26,7 @@ def check_mixtral_equivalent(cfg) -> None:
         raise ConversionError("this MoE configuration computes a different function from Mixtral's: " + "; ".join(wrong))
 
 
-def to_mixtral(tensors: dict[str, torch.Tensor], cfg) -> tuple[dict[str, torch.Tensor], dict]:
+def to_mixtral(tensors: dict[str, torch.Tensor], cfg, eod_id: int) -> tuple[dict[str, torch.Tensor], dict]:
     check_mixtral_equivalent(cfg)
     out = {GLOBAL_NAMES[k]: v for k, v in tensors.items() if k in GLOBAL_NAMES}
     if cfg.model.tie_embeddings:
@@ -38,7 +38,7 @@ def to_mixtral(tensors: dict[str, torch.Tensor], cfg) -> tuple[dict[str, torch.T
         out[f"{prefix}.gate.weight"] = tensors[f"layers.{i}.ffn.router.weight"]
         out[f"{prefix}.experts.gate_up_proj"] = tensors[f"layers.{i}.ffn.experts.gate_up_proj"]
         out[f"{prefix}.experts.down_proj"] = tensors[f"layers.{i}.ffn.experts.down_proj"]
-    hf = {**common_hf_config(cfg), "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+    hf = {**common_hf_config(cfg, eod_id), "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
           "intermediate_size": resolved_expert_hidden(cfg), "num_local_experts": cfg.moe.num_experts,
           "num_experts_per_tok": cfg.moe.top_k, "router_aux_loss_coef": cfg.moe.aux_loss_coef,
           "output_router_logits": False, "router_jitter_noise": 0.0, "sliding_window": None}

@@ -10,7 +10,7 @@ from sparselm.data.indexed import document_lengths, flat_tokens, open_indexed
 from sparselm.data.packing import PackedSamples
 
 
-def _packed(prefix: str, seq_len: int, keep=None) -> PackedSamples:
+def pack_dataset(prefix: str, seq_len: int, keep=None) -> PackedSamples:
     ds = open_indexed(prefix)
     lengths = np.asarray(ds.sequence_lengths, dtype=np.int64)
     offsets = np.asarray(ds.index.sequence_pointers, dtype=np.int64) // np.dtype(ds.index.dtype).itemsize
@@ -24,12 +24,12 @@ def build_datasets(dcfg, tokenizer) -> tuple[PackedSamples, PackedSamples]:
     """(train, valid) packed samples for the data config."""
     if dcfg.dataset == "default":
         train_prefix, valid_prefix = build_default_corpus(tokenizer, dcfg.valid_fraction, dcfg.cache_dir)
-        return _packed(train_prefix, dcfg.seq_len), _packed(valid_prefix, dcfg.seq_len)
+        return pack_dataset(train_prefix, dcfg.seq_len), pack_dataset(valid_prefix, dcfg.seq_len)
     if dcfg.valid_dataset:
-        return _packed(dcfg.dataset, dcfg.seq_len), _packed(dcfg.valid_dataset, dcfg.seq_len)
+        return pack_dataset(dcfg.dataset, dcfg.seq_len), pack_dataset(dcfg.valid_dataset, dcfg.seq_len)
     held = lambda i: held_out(i, dcfg.valid_fraction)  # noqa: E731
-    return (_packed(dcfg.dataset, dcfg.seq_len, keep=lambda i: not held(i)),
-            _packed(dcfg.dataset, dcfg.seq_len, keep=held))
+    return (pack_dataset(dcfg.dataset, dcfg.seq_len, keep=lambda i: not held(i)),
+            pack_dataset(dcfg.dataset, dcfg.seq_len, keep=held))
 
 
 def held_out(document: int, valid_fraction: float) -> bool:

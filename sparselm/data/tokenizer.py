@@ -59,6 +59,43 @@ def load_tokenizer(spec: str):
     return BPETokenizer(path)
 
 
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for every byte (the alphabet of byte-level pre-tokenizers)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def tokenizer_json(tokenizer) -> str:
+    """A Hugging Face ``tokenizer.json`` that encodes exactly as ``tokenizer`` does: the BPE file itself, or
+    for the byte tokenizer a byte-level model whose 256 single-byte tokens have ids 0-255 and no merges,
+    plus the end-of-document token at 256."""
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer.path.read_text(encoding="utf-8")
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: b for b, char in _byte_to_unicode().items()}
+    vocab[EOD_TOKEN] = tokenizer.eod_id
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOD_TOKEN, special=True)])
+    return tok.to_str()
+
+
+def eod_token(tokenizer) -> str:
+    """The text of the end-of-document token."""
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer._tok.id_to_token(tokenizer.eod_id)
+    return EOD_TOKEN
+
+
 def train_bpe(texts, vocab_size: int, out_path: str | Path) -> BPETokenizer:
     """Train a byte-level BPE on an iterable of strings and save tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
