@@ -201,13 +201,14 @@ def load_tokenizer(path):
     from sparselm.data.tokenizer import load_tokenizer as from_spec
 
     ckpt = resolve_checkpoint(path)
+    data = read_config(ckpt).data
     if (ckpt / TOKENIZER_FILE).is_file():
-        return from_spec(str(ckpt / TOKENIZER_FILE))
-    spec = read_config(ckpt).data.tokenizer
+        return from_spec(str(ckpt / TOKENIZER_FILE), data.eod_token)
+    spec = data.tokenizer
     if spec != "byte" and not Path(spec).is_file():
         raise CheckpointError(f"'{ckpt}' holds no {TOKENIZER_FILE} and its data.tokenizer '{spec}' does not exist "
                               "from here; copy the tokenizer file into the checkpoint as tokenizer.json")
-    return from_spec(spec)
+    return from_spec(spec, data.eod_token)
 
 
 def load_model(path):

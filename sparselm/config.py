@@ -14,12 +14,14 @@ import difflib
 import inspect
 import math
 import os
+import types
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sparselm.data.blend import parse_blend
 from sparselm.errors import ConfigError, require
 from sparselm.model.moe.config import MoEConfig, validate_moe
 from sparselm.model.pkm.config import PKMConfig, validate_pkm
@@ -123,20 +125,31 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "default"
-    """'default' (the Python standard library source, embedded) or an indexed dataset prefix (PATH without .bin/.idx)."""
-    valid_dataset: str = ""
-    """Indexed dataset prefix for validation; empty means a held-out split of `dataset`."""
+    dataset: str | list = "default"
+    """'default' (the Python standard library source, embedded), an indexed dataset prefix (PATH without
+    .bin/.idx), or a weighted mixture: Megatron's string 'W1 PREFIX1 W2 PREFIX2 ...' or a YAML list of
+    {prefix, weight, name} (see sparselm.data.blend)."""
+    valid_dataset: str | list = ""
+    """Validation data: a prefix or a mixture (each source is evaluated on its own, val_loss/<name>); empty
+    means the held-out documents of each `dataset` source."""
     valid_fraction: float = 0.02
     """Fraction of documents held out for validation when valid_dataset is empty (split by document hash)."""
     tokenizer: str = "byte"
-    """'byte' (no file needed) or the path of a tokenizer.json made by `tools/train_tokenizer.py`."""
+    """'byte' (no file needed) or the path of any tokenizers-library tokenizer.json (made by
+    `tools/train_tokenizer.py`, or saved by transformers for an existing model)."""
+    eod_token: str = ""
+    """Text of the end-of-document token when the tokenizer's own special tokens do not tell it (e.g.
+    '<|im_end|>'); empty: <|endoftext|>, </s>, <|end_of_text|>, <eos>, or the eos_token of a
+    tokenizer_config.json beside the tokenizer file."""
     seq_len: int = 128
     """Tokens per training sample; documents are packed with an end-of-document token."""
     allow_repeat: bool = False
     """Start a new shuffled epoch when the data runs out instead of stopping with an error."""
     cache_dir: str = ""
     """Where the default corpus is tokenized once; empty means ~/.cache/sparselm."""
+    prefetch: int = 2
+    """Training batches read ahead on a background thread while the current step runs (the same batches as
+    reading them in turn); 0 reads each on the training thread."""
 
 
 @dataclass
@@ -209,6 +222,8 @@ def field_docs(cls) -> dict[str, str]:
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = get_origin(typ)
+    if origin is types.UnionType:  # `str | list`: a list stays a list, anything else is a string
+        return list(value) if isinstance(value, (list, tuple)) else _coerce(value, str, where)
     if origin is Literal:
         choices = get_args(typ)
         if value not in choices:
@@ -369,6 +384,9 @@ def validate(cfg) -> None:
     require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")
     require(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
     require(0 < d.valid_fraction < 1, f"data.valid_fraction must be in (0, 1), got {d.valid_fraction}")
+    require(d.prefetch >= 0, f"data.prefetch must be >= 0 (0 reads on the training thread), got {d.prefetch}")
+    parse_blend(d.dataset, "data.dataset")  # a malformed blend names its source
+    parse_blend(d.valid_dataset, "data.valid_dataset")
     for name in ("tp", "pp", "ep"):
         require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")

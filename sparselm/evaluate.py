@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ def evaluate(model, samples, tokenizer, batches: int, batch_size: int) -> dict:
     Returns {"loss", "ppl", "bits_per_byte", "tokens", "bytes", "samples", "loss_by_position"}."""
     n = min(len(samples), batches * batch_size)
     if n == 0:
-        raise ValueError("the dataset holds no complete sample at this sequence length")
+        raise ValueError(f"the dataset holds no complete sample of {samples.seq_len} tokens; pass a smaller --seq-len "
+                         "or more data")
     model.eval()
     seq_len = samples.seq_len
     by_position = torch.zeros(seq_len, dtype=torch.float64)
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from sparselm.checkpoint import load_model, load_tokenizer
     from sparselm.errors import USER_ERRORS
+    from sparselm.runtime import quiet_third_party
+
+    quiet_third_party()
 
     try:
         model, cfg = load_model(args.ckpt)
@@ -89,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"checkpoint": str(args.ckpt), "data": args.data or "validation split", "seq_len": seq_len, **result}
     text = json.dumps(result)
     print(text)
+    for path in (args.out, args.plot):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
@@ -100,10 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
 def _samples(cfg, tokenizer, prefix: str, seq_len: int):
     from sparselm.data.loader import pack_dataset, build_datasets
 
+    from sparselm.errors import DatasetError
+
     if prefix:
         return pack_dataset(prefix, seq_len)
     cfg.data.seq_len = seq_len
-    return build_datasets(cfg.data, tokenizer)[1]
+    try:
+        return build_datasets(cfg.data, tokenizer)[1]
+    except DatasetError as err:
+        raise DatasetError(f"{err} (the run's validation data, as its config names it: relative paths are read from "
+                           "the current directory; pass --data PREFIX or run from the directory training ran in)") from None
 
 
 if __name__ == "__main__":

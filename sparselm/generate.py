@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     from sparselm.checkpoint import CheckpointError, load_model, load_tokenizer
+    from sparselm.runtime import quiet_third_party
+
+    quiet_third_party()
 
     try:
         model, cfg = load_model(args.ckpt)

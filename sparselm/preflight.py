@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from sparselm.config import validate
-from sparselm.errors import ConfigError
+from sparselm.errors import ConfigError, DatasetError
 from sparselm.parallel.layout import check_world
 
 
@@ -24,11 +24,12 @@ def launcher_world_size() -> int:
 def preflight(cfg, world_size: int | None = None) -> list[str]:
     """Check ``cfg`` (loaded without validation) for a world of ``world_size`` processes; returns notes."""
     from sparselm import checkpoint as ckpt
-    from sparselm.data.loader import train_samples_on_disk
+    from sparselm.data.loader import check_dataset_tokenizer, train_samples_on_disk
     from sparselm.data.sampler import check_steps_available
+    from sparselm.data.tokenizer import load_tokenizer
 
     world = launcher_world_size() if world_size is None else world_size
-    check_world(cfg, world)  # first: a layout that does not fit the world is named as such
+    _check_layout(cfg, world)
     validate(cfg)
     d, t = cfg.data, cfg.train
     if t.wandb_project:
@@ -40,10 +41,12 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer file '{d.tokenizer}' does not exist; use data.tokenizer=byte or train one "
                                 "with tools/train_tokenizer.py")
+    check_dataset_tokenizer(d, load_tokenizer(d.tokenizer, d.eod_token))
     notes = []
     resume = find_resume(cfg)
     consumed, start = 0, 0
     if resume is not None:
+        check_same_model(cfg, ckpt.read_config(resume), resume)
         meta = ckpt.read_meta(resume)
         start = meta["step"]
         consumed = (meta.get("sampler") or {}).get("consumed", 0)
@@ -52,11 +55,58 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
     samples = train_samples_on_disk(d)
     if samples is not None:
         check_steps_available(samples, consumed, t.steps - start, cfg)
-        if d.valid_dataset:
-            from sparselm.data.indexed import document_lengths
+    if d.valid_dataset and not is_blend_spec(d.valid_dataset):
+        from sparselm.data.indexed import document_lengths
+        from sparselm.data.loader import packed_samples
 
-            document_lengths(d.valid_dataset)  # exists, and is a Megatron index with tokens
+        valid = packed_samples(int(document_lengths(d.valid_dataset).sum()), d.seq_len)
+        dp = world // (cfg.parallel.tp * cfg.parallel.pp)
+        if t.eval_every and valid < dp:
+            raise DatasetError(f"data.valid_dataset '{d.valid_dataset}' holds {valid} samples of {d.seq_len} tokens, "
+                               f"fewer than one for each of the {dp} data-parallel rank(s); give a larger "
+                               "data.valid_dataset or set train.eval_every=0")
     return notes
+
+
+def is_blend_spec(spec) -> bool:
+    return isinstance(spec, list) or len(str(spec).split()) > 1
+
+
+def _check_layout(cfg, world: int) -> None:
+    """The layout against the world and against the model, every violated rule in one message, so that
+    fixing one does not only reveal the next."""
+    from sparselm.parallel.layout import check_layout_fits_model
+
+    problems = []
+    for check in (lambda: check_world(cfg, world), lambda: check_layout_fits_model(cfg)):
+        try:
+            check()
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("; and ".join(problems))
+
+
+# Settings a checkpoint's tensors depend on: resuming with other values cannot load it.
+SHAPE_SETTINGS = {
+    "model": ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "pattern", "tie_embeddings"),
+    "moe": ("num_experts", "expert_hidden", "num_shared_experts", "noisy_gating", "bias_balancing"),
+    "pkm": ("n_keys", "heads", "k_dim", "v_dim", "gated", "query_norm"),
+    "attention": ("persistent_slots",),
+}
+
+
+def check_same_model(cfg, saved, path) -> None:
+    """A resumed run keeps its checkpoint's model: name the first override that would change a tensor."""
+    for section, names in SHAPE_SETTINGS.items():
+        for name in names:
+            ours, theirs = getattr(getattr(cfg, section), name), getattr(getattr(saved, section), name)
+            if section == "model" and name == "vocab_size" and ours == 0:
+                continue  # derived from the tokenizer; the checkpoint holds the resolved size
+            if ours != theirs:
+                raise ConfigError(f"{section}.{name}={ours!r} differs from {theirs!r} in the checkpoint being resumed "
+                                  f"({path}); a resumed run keeps its model: drop the override, or start a new run "
+                                  "in another train.out_dir")
 
 
 def find_resume(cfg) -> Path | None:

@@ -17,6 +17,7 @@ def _free_port() -> int:
 QUIET_WARNINGS = (
     "Transformer Engine and Apex are not installed",  # megatron-core, CPU or no apex: we do not use them
     "`torch.distributed.all_gather_into_tensor` is deprecated",  # called inside DeepSpeed's ZeRO
+    "CUDA_DEVICE_MAX_CONNECTIONS",  # megatron-core's advice for GPU overlap, printed on CPU too
 )
 
 

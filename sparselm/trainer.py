@@ -5,6 +5,7 @@ averaged over the whole global batch, so they do not depend on the layout.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -19,7 +20,9 @@ import torch.distributed as dist
 from sparselm import checkpoint as ckpt
 from sparselm.config import ConfigError, to_dict, to_yaml
 from sparselm.data.indexed import DatasetError
-from sparselm.data.loader import build_datasets
+from sparselm.data.blend import parse_blend
+from sparselm.data.loader import build_blend, build_datasets, is_blend
+from sparselm.data.prefetch import Prefetcher
 from sparselm.data.sampler import GlobalBatchSampler, check_steps_available
 from sparselm.data.tokenizer import load_tokenizer
 from sparselm.engine import build_ds_config, build_engine, settle_pipeline_zero_stage
@@ -83,14 +86,22 @@ class Trainer:
         """Tokenizer, vocabulary size, datasets (rank 0 tokenizes the default corpus once, the others then
         open the cache), the sampler and the micro-batch."""
         cfg, t = self.cfg, self.cfg.train
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
         resolve_vocab(cfg, self.tokenizer)
+        self.blended = is_blend(cfg.data)
+        build = ((lambda: build_blend(cfg.data, self.tokenizer, t.steps * t.global_batch_size, t.seed)) if self.blended
+                 else (lambda: build_datasets(cfg.data, self.tokenizer)))
         if self.is_rank0:
-            self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer)
+            self.train_data, valid = build()
         dist.barrier()
         if not self.is_rank0:
-            self.train_data, self.valid_data = build_datasets(cfg.data, self.tokenizer)
-        self.sampler = GlobalBatchSampler(len(self.train_data), t.global_batch_size, t.seed, cfg.data.allow_repeat)
+            self.train_data, valid = build()
+        # validation sets by name ("" for a single one) and the weights their losses are averaged with
+        self.valid_sets = valid if isinstance(valid, dict) else {"": valid}
+        self.valid_weights = ({s.name: s.weight for s in parse_blend(cfg.data.valid_dataset or cfg.data.dataset)}
+                              if isinstance(valid, dict) else {"": 1.0})
+        self.sampler = GlobalBatchSampler(len(self.train_data), t.global_batch_size, t.seed,
+                                          cfg.data.allow_repeat and not self.blended, shuffle=not self.blended)
         self.micro = t.micro_batch_size or t.global_batch_size // self.topo.dp_size
         self._check_validation_data()
 
@@ -194,29 +205,49 @@ class Trainer:
             record["grad_norm"] = float(norm)
         return record
 
-    def _eval_samples(self) -> int:
+    def _eval_samples(self, data) -> int:
         """Validation samples one evaluation uses: up to train.eval_batches global batches, the same number on
         every data-parallel rank (a partial last micro-batch is evaluated; pipelines take whole micro-batches)."""
-        per_rank = min(len(self.valid_data), self.cfg.train.eval_batches * self.cfg.train.global_batch_size)
+        per_rank = min(len(data), self.cfg.train.eval_batches * self.cfg.train.global_batch_size)
         per_rank //= self.topo.dp_size
         if self.topo.pp > 1:
             per_rank -= per_rank % self.micro
         return per_rank * self.topo.dp_size
 
     def _check_validation_data(self) -> None:
-        if self.cfg.train.eval_every and self._eval_samples() == 0:
+        for name, data in self.valid_sets.items():
+            if not self.cfg.train.eval_every or self._eval_samples(data) > 0:
+                continue
             raise DatasetError(
-                f"the validation split holds {len(self.valid_data)} samples of {self.cfg.data.seq_len} tokens, fewer "
+                f"the validation split{f' of source {name!r}' if name else ''} holds {len(data)} samples of "
+                f"{self.cfg.data.seq_len} tokens, fewer "
                 f"than one for each of the {self.topo.dp_size} data-parallel rank(s)"
                 + (f" ({self.micro}, a whole micro-batch, per pipeline)" if self.topo.pp > 1 else "")
-                + ", so evaluation would be skipped; set data.valid_dataset, raise data.valid_fraction, or set "
-                "train.eval_every=0")
+                + ", so evaluation would be skipped; "
+                + ("give a larger data.valid_dataset" if self.cfg.data.valid_dataset
+                   else "set data.valid_dataset, raise data.valid_fraction")
+                + ", or set train.eval_every=0")
 
     def evaluate(self) -> dict:
-        n = self._eval_samples()
-        mine = self._rank_slice(np.arange(n))
-        val = self._dp_mean({"val_loss": self.steps.evaluate(self.valid_data.batch(mine))})["val_loss"]
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        """val_loss (and val_ppl) over the validation data; for several sources also val_loss/<name> of each,
+        val_loss being their mean weighted by the blend."""
+        local = {}
+        for name, data in self.valid_sets.items():
+            mine = self._rank_slice(np.arange(self._eval_samples(data)))
+            local[f"val_loss/{name}" if name else "val_loss"] = self.steps.evaluate(data.batch(mine))
+        out = self._dp_mean(local)
+        if "val_loss" not in out:
+            out["val_loss"] = sum(self.valid_weights[n] * out[f"val_loss/{n}"] for n in self.valid_sets)
+        return {**out, "val_ppl": math.exp(min(out["val_loss"], 50.0))}
+
+    def _batches(self) -> Prefetcher | None:
+        """The coming steps' batches (this rank's rows), read ahead on a thread from a copy of the sampler,
+        so the sampler saved in checkpoints stays at the step the model is at; None: read on this thread."""
+        if not self.cfg.data.prefetch:
+            return None
+        sampler = copy.deepcopy(self.sampler)
+        return Prefetcher(lambda: self.train_data.batch(self._rank_slice(sampler.next_batch())),
+                          self.cfg.train.steps - self.step, self.cfg.data.prefetch)
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.cfg.train.out_dir, self.step, self.engine, self.module, self.cfg,
@@ -237,15 +268,20 @@ class Trainer:
             self.writer.write(start)
             if self.is_rank0:
                 bar.write(format_line(start, t.steps))
+        ahead = self._batches()
         while self.step < t.steps:
             lr = lr_at(self.step, self.cfg.optim, t.steps)
             set_lr(self.engine.optimizer, lr)
-            batch = self.train_data.batch(self._rank_slice(self.sampler.next_batch()))
+            indices = self.sampler.next_batch()
+            batch = ahead.next() if ahead is not None else self.train_data.batch(self._rank_slice(indices))
             started = time.perf_counter()
             record = self.train_step(batch)
             elapsed = time.perf_counter() - started
             self.step += 1
             record = {"step": self.step, **record, "lr": lr, "tokens_per_s": tokens_per_step / elapsed}
+            if self.blended:
+                record.update({f"data/{name}_samples": n for name, n in
+                               self.train_data.consumed_by_source(self.sampler.consumed).items()})
             last = self.step == t.steps
             if t.eval_every and (self.step % t.eval_every == 0 or last):
                 record.update(self.evaluate())
@@ -259,6 +295,8 @@ class Trainer:
                 path = self.save()
                 if self.is_rank0:
                     bar.write(f"saved {path}")
+        if ahead is not None:
+            ahead.close()
         bar.close()
         self.writer.close()
         return record

@@ -179,7 +179,7 @@ def test_preprocess_skips_and_counts_invalid_records_when_asked(tmp_path, capsys
     ds = IndexedDataset(prefix)
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode("abc") + [tok.eod_id]]  # not "None", "123"
     out = capsys.readouterr().out
-    assert "1 documents" in out and "skipped 2 ('text' not a string)" in out and "skipped 1 (no key 'text')" in out
+    assert "1 document," in out and "skipped 2 ('text' not a string)" in out and "skipped 1 (no key 'text')" in out
 
 
 def test_preprocess_of_empty_input_fails_and_writes_nothing(tmp_path):

@@ -36,8 +36,8 @@ def small_dataset(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["missing dataset", "missing resume", "taken out_dir", "too little data",
-                                  "world size", "no config"])
-def test_start_up_checks_run_before_deepspeed_or_megatron_is_imported(tmp_path, small_dataset, case):
+                                  "world size", "no config", "small validation", "changed model"])
+def test_start_up_checks_run_before_deepspeed_or_megatron_is_imported(tmp_path, small_dataset, resumed_run, case):
     taken = tmp_path / "taken"
     (taken / "checkpoints" / "step_1").mkdir(parents=True)
     (taken / "checkpoints" / "step_1" / "meta.json").write_text("{}")
@@ -47,8 +47,14 @@ def test_start_up_checks_run_before_deepspeed_or_megatron_is_imported(tmp_path, 
         "missing resume": (["--train.resume=/nonexistent/ckpt"], None, "'/nonexistent/ckpt' does not exist"),
         "taken out_dir": ([f"--train.out_dir={taken}"], None, "already holds checkpoints"),
         "too little data": ([f"--data.dataset={small_dataset}", "--train.steps=50"], None, "enough for 2 more steps"),
-        "world size": (["--parallel.tp=3"], 2, "world size 2 is not divisible by parallel.tp * parallel.pp = 3"),
+        "world size": (["--parallel.tp=3"], 2, "world size 2 is not divisible by parallel.tp * parallel.pp = 3; "
+                                               "launch a multiple of 3 processes; and parallel.tp=3 must divide "
+                                               "model.n_heads=2"),
         "no config": (None, None, "no --config given"),
+        "small validation": ([f"--data.valid_dataset={small_dataset}", "--data.seq_len=1024", "--model.max_seq_len=1024",
+                              "--train.eval_every=1"], None, "give a larger data.valid_dataset or set train.eval_every=0"),
+        "changed model": ([f"--train.resume={resumed_run[0] / 'checkpoints' / 'step_2'}", "--model.d_model=32"], None,
+                          "model.d_model=32 differs from 64 in the checkpoint being resumed"),
     }[case]
     argv = ([] if args is None else TINY + [f"--train.out_dir={tmp_path / 'run'}"] + args)
     out = _probe(argv, world)
@@ -165,7 +171,7 @@ def test_evaluate_reports_loss_bits_per_byte_and_loss_by_position(resumed_run, t
 
     run, _, _ = resumed_run
     result = evaluate(["--ckpt", str(run), "--batches", "2", "--batch-size", "4", "--out", str(tmp_path / "e.json"),
-                       "--plot", str(tmp_path / "positions.png")])
+                       "--plot", str(tmp_path / "new" / "positions.png")])  # a parent directory is made
     assert result["samples"] == 8 and result["tokens"] == 8 * 32 and len(result["loss_by_position"]) == 32
     assert result["loss"] == pytest.approx(sum(result["loss_by_position"]) / 32, rel=1e-5)
     # byte tokenizer: one byte per token except end-of-document, so bpb = loss / ln 2 * tokens / bytes
@@ -174,16 +180,33 @@ def test_evaluate_reports_loss_bits_per_byte_and_loss_by_position(resumed_run, t
                                                     rel=1e-5)
     assert result["bytes"] <= result["tokens"]
     assert json.loads((tmp_path / "e.json").read_text())["loss"] == result["loss"]
-    assert (tmp_path / "positions.png").stat().st_size > 1000
+    assert (tmp_path / "new" / "positions.png").stat().st_size > 1000
 
 
 def test_evaluate_on_another_dataset_and_its_errors(bpe_run, tmp_path):
     proc = run_cmd([PYTHON, "-m", "sparselm.evaluate", "--ckpt", str(bpe_run / "run"), "--data",
                     str(bpe_run / "data" / "c"), "--batches", "1", "--batch-size", "2"])
     assert json.loads(proc.stdout.strip().splitlines()[-1])["samples"] == 2
+    assert "Transformer Engine" not in proc.stderr and "Setting accelerator" not in proc.stdout + proc.stderr
     proc = run_cmd([PYTHON, "-m", "sparselm.evaluate", "--ckpt", str(bpe_run / "run"), "--data", "/nonexistent/x"],
                    check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tools_stop_bad_input_in_one_line(tmp_path):
+    proc = run_cmd([PYTHON, "tools/train_tokenizer.py", "--input", str(tmp_path / "nothing"), "--output",
+                    str(tmp_path / "t.json")], check=False)
+    assert proc.returncode == 2 and "matches no file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_default_corpus_validates_on_data_valid_dataset_when_given(small_dataset):
+    from sparselm.config import load_config
+    from sparselm.data.loader import build_datasets, pack_dataset
+    from sparselm.data.tokenizer import ByteTokenizer
+
+    cfg = load_config("tiny_dense", [f"--data.valid_dataset={small_dataset}", "--data.seq_len=32", "--model.max_seq_len=32"])
+    _, valid = build_datasets(cfg.data, ByteTokenizer())  # was silently the default held-out split
+    assert len(valid) == len(pack_dataset(small_dataset, 32))
 
 
 def test_plot_run_draws_loss_and_layer_panels(resumed_run, tmp_path):

@@ -136,6 +136,9 @@ def inspect(args) -> dict:
 
 
 def main(argv: list[str] | None = None):
+    from sparselm.runtime import quiet_third_party
+
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in (("consolidate", consolidate), ("export-hf", export_hf), ("import-hf", import_hf),

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         runs = [read_run(Path(r)) for r in args.runs]
     except FileNotFoundError as err:
         parser.exit(2, f"plot_run.py: error: {err}\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     panels = plot(runs, args.out)
     print(f"wrote {args.out}: {', '.join(panels)}")
     return panels

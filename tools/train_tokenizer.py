@@ -14,7 +14,9 @@ from sparselm.data.tokenizer import train_bpe
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="*", default=[], help="files, directories or globs (.txt, .jsonl)")
-    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--json-key", "--json-keys", dest="json_key", default="text", help="key of .jsonl records")
+    parser.add_argument("--skip-invalid-records", action="store_true",
+                        help="skip .jsonl lines whose key is missing or not a string instead of stopping")
     parser.add_argument("--stdlib", action="store_true", help="train on the embedded default corpus")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--output", required=True)
@@ -31,11 +33,21 @@ def main(argv: list[str] | None = None) -> str:
         if args.input:
             from sparselm.data.sources import expand_inputs, iter_documents
 
-            yield from iter_documents(expand_inputs(args.input), args.json_key)
+            yield from iter_documents(expand_inputs(args.input), args.json_key,
+                                      {} if args.skip_invalid_records else None)
 
-    tok = train_bpe(texts(), args.vocab_size, args.output)
-    note = "" if tok.vocab_size >= args.vocab_size else (
-        f" (asked for {args.vocab_size}: the input has too few distinct merges for more; give more text)")
+    from sparselm.errors import RecordError
+
+    try:
+        tok = train_bpe(texts(), args.vocab_size, args.output)
+    except (FileNotFoundError, RecordError) as err:
+        parser.exit(2, f"train_tokenizer.py: error: {err}\n")
+    if tok.vocab_size < args.vocab_size:
+        note = f" (asked for {args.vocab_size}: the input has too few distinct merges for more; give more text)"
+    elif tok.vocab_size > args.vocab_size:
+        note = f" (asked for {args.vocab_size}: the 256-byte alphabet and the special token alone need {tok.vocab_size})"
+    else:
+        note = ""
     print(f"wrote {args.output}: {tok.vocab_size} tokens{note}")
     return args.output
 

@@ -27,7 +27,8 @@ def check_steps_available(num_samples: int, consumed: int, steps_left: int, cfg)
 
 
 class GlobalBatchSampler:
-    def __init__(self, num_samples: int, global_batch_size: int, seed: int, allow_repeat: bool = False, consumed: int = 0):
+    def __init__(self, num_samples: int, global_batch_size: int, seed: int, allow_repeat: bool = False, consumed: int = 0,
+                 shuffle: bool = True):
         if num_samples <= 0:
             raise DataExhausted("the dataset holds no complete sample; use more data or a shorter data.seq_len")
         self.num_samples = num_samples
@@ -35,6 +36,7 @@ class GlobalBatchSampler:
         self.seed = seed
         self.allow_repeat = allow_repeat
         self.consumed = consumed
+        self.shuffle = shuffle  # False: the dataset is a stream already mixed and shuffled (a blend)
         self._epoch, self._perm = -1, None
 
     def steps_available(self) -> int | None:
@@ -43,7 +45,9 @@ class GlobalBatchSampler:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._epoch = epoch
+            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(self.num_samples) if self.shuffle
+                          else np.arange(self.num_samples))
         return self._perm
 
     def next_batch(self) -> np.ndarray:
@@ -65,6 +69,6 @@ class GlobalBatchSampler:
         return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_samples"] != self.num_samples:
+        if self.shuffle and state["num_samples"] != self.num_samples:  # a blend's stream is prefix-stable
             raise DataExhausted(f"the checkpoint was trained on a dataset of {state['num_samples']} samples but this one has {self.num_samples}; resume with the same data and data.seq_len")
         self.consumed = state["consumed"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from sparselm.errors import DatasetError
+
 EOD_TOKEN = "<|endoftext|>"
 # End-of-document tokens of imported (Hugging Face) tokenizers.
 OTHER_EOD_TOKENS = ("</s>", "<|end_of_text|>", "<eos>")
@@ -27,21 +29,29 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """Byte-level BPE from a tokenizer.json written by ``train_bpe``."""
+    """Any tokenizers-library tokenizer.json: one trained by ``train_bpe``, or one saved by transformers.
 
-    def __init__(self, path: str | Path):
+    The end-of-document token is ``eod_token`` when given, else the eos_token of a tokenizer_config.json
+    beside the file, else the first of <|endoftext|>, </s>, <|end_of_text|>, <eos> the vocabulary holds.
+    Raises DatasetError when none is found or the named one is not in the vocabulary."""
+
+    def __init__(self, path: str | Path, eod_token: str = ""):
         from tokenizers import Tokenizer
 
         self.path = Path(path)
         self._tok = Tokenizer.from_file(str(self.path))
-        found = [self._tok.token_to_id(t) for t in (EOD_TOKEN, *OTHER_EOD_TOKENS)]
+        candidates = [eod_token] if eod_token else [*_config_eos(self.path), EOD_TOKEN, *OTHER_EOD_TOKENS]
+        found = [self._tok.token_to_id(t) for t in candidates]
         eod = next((i for i in found if i is not None), None)
         if eod is None:
-            raise ValueError(f"tokenizer '{path}' has no end-of-document token ({EOD_TOKEN} or one of "
-                             f"{', '.join(OTHER_EOD_TOKENS)}); train one with tools/train_tokenizer.py")
+            named = f"data.eod_token '{eod_token}' is not in its vocabulary" if eod_token else (
+                f"it has no end-of-document token ({', '.join(candidates)})")
+            raise DatasetError(f"tokenizer '{path}': {named}; set data.eod_token to the text of its end-of-document "
+                               "token, or train one with tools/train_tokenizer.py")
         self.eod_id = eod
         self.vocab_size = self._tok.get_vocab_size()
-        self.name = "bpe-" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+        digest = hashlib.sha256(self.path.read_bytes() + eod_token.encode()).hexdigest()[:12]
+        self.name = "bpe-" + digest
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -50,13 +60,28 @@ class BPETokenizer:
         return self._tok.decode([int(i) for i in ids if int(i) != self.eod_id])
 
 
-def load_tokenizer(spec: str):
+def _config_eos(path: Path) -> list[str]:
+    """The eos_token of a transformers tokenizer_config.json beside ``path``, if any."""
+    import json
+
+    config = path.parent / "tokenizer_config.json"
+    try:
+        eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+    except (OSError, ValueError):
+        return []
+    if isinstance(eos, dict):  # an AddedToken written out
+        eos = eos.get("content")
+    return [eos] if isinstance(eos, str) and eos else []
+
+
+def load_tokenizer(spec: str, eod_token: str = ""):
+    """'byte' or a tokenizer.json path (``eod_token``: data.eod_token) -> tokenizer."""
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file '{spec}' does not exist; use data.tokenizer=byte or train one with tools/train_tokenizer.py")
-    return BPETokenizer(path)
+    return BPETokenizer(path, eod_token)
 
 
 def _byte_to_unicode() -> dict[int, str]:
