@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from sparselm.config import validate
+from sparselm.data.blend import is_blend
 from sparselm.errors import ConfigError, DatasetError
 from sparselm.parallel.layout import check_world
 
@@ -55,7 +56,7 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
     samples = train_samples_on_disk(d)
     if samples is not None:
         check_steps_available(samples, consumed, t.steps - start, cfg)
-    if d.valid_dataset and not is_blend_spec(d.valid_dataset):
+    if d.valid_dataset and not is_blend(d.valid_dataset):
         from sparselm.data.indexed import document_lengths
         from sparselm.data.loader import packed_samples
 
@@ -66,10 +67,6 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
                                f"fewer than one for each of the {dp} data-parallel rank(s); give a larger "
                                "data.valid_dataset or set train.eval_every=0")
     return notes
-
-
-def is_blend_spec(spec) -> bool:
-    return isinstance(spec, list) or len(str(spec).split()) > 1
 
 
 def _check_layout(cfg, world: int) -> None:

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from sparselm import checkpoint as ckpt
 from sparselm.config import ConfigError, to_dict, to_yaml
 from sparselm.data.indexed import DatasetError
-from sparselm.data.blend import parse_blend
-from sparselm.data.loader import build_blend, build_datasets, is_blend
+from sparselm.data.blend import is_blend, parse_blend
+from sparselm.data.loader import build_blend, build_datasets
 from sparselm.data.prefetch import Prefetcher
 from sparselm.data.sampler import GlobalBatchSampler, check_steps_available
 from sparselm.data.tokenizer import load_tokenizer
@@ -88,7 +88,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
         resolve_vocab(cfg, self.tokenizer)
-        self.blended = is_blend(cfg.data)
+        self.blended = is_blend(cfg.data.dataset)
         build = ((lambda: build_blend(cfg.data, self.tokenizer, t.steps * t.global_batch_size, t.seed)) if self.blended
                  else (lambda: build_datasets(cfg.data, self.tokenizer)))
         if self.is_rank0:

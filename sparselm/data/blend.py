@@ -60,6 +60,11 @@ def parse_blend(spec, key: str = "data.dataset") -> list[Source]:
     return [Source(s.name, s.prefix, s.weight / total) for s in sources]
 
 
+def is_blend(spec) -> bool:
+    """Whether a data.dataset / data.valid_dataset value names a mixture rather than one prefix."""
+    return isinstance(spec, list) or len(str(spec).split()) > 1
+
+
 def _name(prefix: str) -> str:
     return Path(prefix).name or prefix
 

@@ -53,9 +53,6 @@ def open_indexed(prefix: str | Path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = str(prefix)
-    for ext in (".bin", ".idx"):
-        if not os.path.isfile(prefix + ext):
-            raise DatasetError(f"dataset file '{prefix}{ext}' does not exist; create it with tools/preprocess_data.py --output-prefix {prefix}")
     _check_index_header(prefix)
     if os.path.getsize(prefix + ".bin") == 0:
         raise DatasetError(f"dataset '{prefix}' holds no tokens (its .bin is empty); regenerate it with "
@@ -79,8 +76,11 @@ _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count
 
 
 def _check_index_header(prefix: str) -> None:
-    """Check the .idx header and its exact size before megatron-core's reader opens it: its reader asserts
-    on a bad header and, half-constructed, prints destructor tracebacks at exit."""
+    """Check that both files exist, and the .idx header and its exact size, before megatron-core's reader
+    opens them: its reader asserts on a bad header and, half-constructed, prints destructor tracebacks."""
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise DatasetError(f"dataset file '{prefix}{ext}' does not exist; create it with tools/preprocess_data.py --output-prefix {prefix}")
     path = prefix + ".idx"
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
@@ -102,9 +102,6 @@ def document_lengths(prefix: str | Path) -> np.ndarray:
     """Token count of every document, read from the .idx with numpy alone (no megatron-core import), after
     the same checks as ``open_indexed``.  Raises DatasetError naming the file."""
     prefix = str(prefix)
-    for ext in (".bin", ".idx"):
-        if not os.path.isfile(prefix + ext):
-            raise DatasetError(f"dataset file '{prefix}{ext}' does not exist; create it with tools/preprocess_data.py --output-prefix {prefix}")
     _check_index_header(prefix)
     sequences = _HEADER.unpack(open(prefix + ".idx", "rb").read(_HEADER.size))[3]
     return np.fromfile(prefix + ".idx", dtype=np.int32, count=sequences, offset=_HEADER.size).astype(np.int64)

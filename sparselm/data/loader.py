@@ -21,11 +21,6 @@ def pack_dataset(prefix: str, seq_len: int, keep=None) -> PackedSamples:
     return PackedSamples(flat_tokens(ds), offsets, lengths, seq_len)
 
 
-def is_blend(dcfg) -> bool:
-    """Whether data.dataset names a mixture (a list, or a Megatron blend string) rather than one prefix."""
-    return isinstance(dcfg.dataset, list) or len(str(dcfg.dataset).split()) > 1
-
-
 def build_blend(dcfg, tokenizer, size: int, seed: int):
     """(BlendedSamples for training, {source name: validation PackedSamples}).  Validation: the sources of
     data.valid_dataset (a prefix or a blend), else each training source's held-out documents."""
@@ -94,9 +89,9 @@ def train_samples_on_disk(dcfg) -> int | None:
     """Training samples of a user dataset counted from its .idx alone (no megatron-core import); None for
     the default corpus, which is built on first use, and for a blend (each source's files are checked;
     the trainer names a source that runs out)."""
-    if is_blend(dcfg):
-        from sparselm.data.blend import parse_blend
+    from sparselm.data.blend import is_blend, parse_blend
 
+    if is_blend(dcfg.dataset):
         for source in parse_blend(dcfg.dataset):
             document_lengths(source.prefix)
         return None
