@@ -87,6 +87,55 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({err}); use an earlier checkpoint") from None
 
 
+class LazyTensors:
+    """The tensors of a safetensors file, read one at a time on demand (``safe_open``: the JSON header at
+    open, then only the bytes of the tensor asked for), so a rank never holds a whole checkpoint.
+    ``aliases``: other names of a tensor (a tied output projection) -> the name it is stored under.
+    Raises CheckpointError for a missing or corrupt file."""
+
+    def __init__(self, path: Path, aliases: dict[str, str] | None = None):
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, use an earlier one")
+        self.path, self.aliases = path, aliases or {}
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({err}); use an earlier checkpoint") from None
+
+    def _stored(self, name: str) -> str:
+        return name if name in self.shapes else self.aliases.get(name, name)
+
+    def __contains__(self, name: str) -> bool:
+        return self._stored(name) in self.shapes
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self else default
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(self._stored(name))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"tensor '{name}' of '{self.path}' cannot be read ({err}); use an earlier checkpoint") from None
+
+    full = __getitem__
+
+    def rows(self, name: str, first: int, count: int) -> torch.Tensor:
+        """Rows [first, first + count) along dim 0 only (only their bytes are read)."""
+        try:
+            return self._file.get_slice(self._stored(name))[first:first + count]
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"tensor '{name}' of '{self.path}' cannot be read ({err}); use an earlier checkpoint") from None
+
+
 def read_config(ckpt: Path):
     from sparselm.config import ConfigError, config_from_dict
 
@@ -181,13 +230,14 @@ def expected_shapes(model) -> dict[str, tuple]:
     return shapes
 
 
-def check_tensors_match(model, tensors: dict, source: Path) -> None:
+def check_tensors_match(model, tensors, source: Path) -> None:
+    """``tensors``: a dict or ``LazyTensors`` (shapes from its header); ``model`` may be on the meta device."""
     expected = expected_shapes(model)
+    shapes = getattr(tensors, "shapes", None) or {k: tuple(v.shape) for k, v in tensors.items()}
     tied = {n for n, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    missing = [k for k in expected if k not in tensors and k not in tied]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} vs model {expected[k]}"
-             for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    missing = [k for k in expected if k not in shapes and k not in tied]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k} {shapes[k]} vs model {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
     if missing or unexpected or wrong:
         detail = "; ".join(filter(None, [
             f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
@@ -218,9 +268,11 @@ def load_model(path):
     ckpt = resolve_checkpoint(path)
     read_meta(ckpt)
     cfg = read_config(ckpt)
-    model = build_model(cfg)
-    tensors = read_tensors(ckpt / "model.safetensors")
+    from sparselm.parallel.materialize import materialize_pieces, tied_aliases
+
+    model = build_model(cfg, device="meta")  # filled from the file tensor by tensor: no random init
+    tensors = LazyTensors(ckpt / "model.safetensors", tied_aliases(model))
     check_tensors_match(model, tensors, ckpt / "model.safetensors")
-    model.load_state_dict(tensors, strict=False)
+    materialize_pieces(model, tensors, {}, load_buffers=True)
     model.eval()
     return model, cfg

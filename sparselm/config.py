@@ -97,10 +97,12 @@ class ParallelConfig:
     counts) or 'type:REGEX' (balance layers whose class matches, e.g. 'type:BlockStage')."""
     activation_checkpoint_interval: int = 0
     """Pipeline runs: recompute activations in backward every N layers (0 keeps all activations)."""
-    moe_tp_dedup: bool = True
-    """With tp > 1, each tensor-parallel rank computes 1/tp of the routed expert rows instead of all of
-    them (routed experts are replicated over tp): expert compute / tp, paid for by an all-reduce of the
-    expert outputs and of the expert gradients over the tp group.  Same numbers either way."""
+    moe_tp_mode: Literal["weights", "rows"] = "weights"
+    """With tp > 1, how routed experts use the tensor-parallel group (same numbers either way).
+    'weights': each TP rank holds 1/tp of every local expert's hidden width (gate/up rows, down columns)
+    and the outputs are all-reduced over tp (expert tensor parallelism, as Megatron's): expert memory and
+    compute / tp.  'rows': experts stay whole on every TP rank and each computes 1/tp of the routed rows
+    (outputs and expert gradients all-reduced over tp): compute / tp, expert memory not divided."""
 
 
 @dataclass

@@ -93,9 +93,8 @@ def _keep_stage0_grad_norm(engine, norm_mpu) -> None:
     discards the result.  Clip by the true global norm instead (``sparselm.parallel.expert``: expert shards
     summed over their group, tensor-parallel replicas counted once, every pipeline stage included through
     ``norm_mpu``'s model-parallel group) and keep it for ``engine.get_global_grad_norm()``."""
+    from sparselm.parallel.deepspeed_private import replace_fp32_clipping
     from sparselm.parallel.expert import clip_grad_norm_
 
-    def clip_and_record():
-        engine._global_grad_norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=norm_mpu)
-
-    engine.clip_fp32_gradients = clip_and_record
+    replace_fp32_clipping(engine, lambda: clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
+                                                          mpu=norm_mpu))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from sparselm.parallel.deepspeed_private import relink_zero_optimizer_state, zero_flat_fp32_partitions
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 """Adam's state tensors, stored as ``{canonical name}::{moment}``."""
 
@@ -34,7 +36,7 @@ def _stateful_tensors(engine) -> list[torch.Tensor]:
     sit outside ``param_groups`` between steps."""
     opt = base_optimizer(engine)
     tensors = [p for group in opt.param_groups for p in group["params"]]
-    return tensors + list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
+    return tensors + zero_flat_fp32_partitions(engine.optimizer)
 
 
 def link_optimizer_state(engine) -> None:
@@ -52,10 +54,7 @@ def link_optimizer_state(engine) -> None:
             st["step"] = 0 if integer_steps else torch.zeros((), dtype=torch.float32)
             st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-    zero = engine.optimizer
-    if hasattr(zero, "_hp_optimizer_states_linked") and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
+    relink_zero_optimizer_state(engine.optimizer)
 
 
 def _local_tensors(model) -> dict[str, torch.Tensor]:
@@ -76,7 +75,8 @@ def collect_state(engine, model, groups: dict, pp_group=None) -> tuple[dict | No
     """Collective: (canonical model tensors, canonical Adam moments) on global rank 0, (None, None) elsewhere."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    from sparselm.parallel.canonical import gather_full, shard_of
+    from sparselm.parallel.canonical import gather_full
+    from sparselm.parallel.pieces import placements
 
     link_optimizer_state(engine)
     names = canonical_names_of(model)
@@ -84,7 +84,7 @@ def collect_state(engine, model, groups: dict, pp_group=None) -> tuple[dict | No
     weights, moments, specs = {}, {}, {}
     for local, tensor in _local_tensors(model).items():
         canon = names[local]
-        specs[canon] = shard_of(tensor)
+        specs[canon] = placements(tensor)
         weights[canon] = _full_fp32(tensor).detach().float().cpu()
         p = params.get(local)
         if p is None:
@@ -110,14 +110,14 @@ def load_full_state(engine, model, tensors: dict, moments: dict | None, optimize
     checkpoint (load it into the full model before parallelising and building the engine)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from sparselm.parallel.canonical import local_piece, shard_of
+    from sparselm.parallel.pieces import piece, placements
 
     aliases = getattr(model, "canonical_aliases", {})
     names = {local: aliases.get(canon, canon) for local, canon in canonical_names_of(model).items()}
     params = dict(model.named_parameters())
     for local, p in params.items():
         if _zero_managed(p):  # the fp32 master copy ZeRO steps from
-            safe_set_full_fp32_param(p, local_piece(tensors[names[local]], shard_of(p), groups).to(p.device))
+            safe_set_full_fp32_param(p, piece(tensors[names[local]], placements(p), groups).contiguous().to(p.device))
     if not moments:
         return
     link_optimizer_state(engine)
@@ -126,7 +126,7 @@ def load_full_state(engine, model, tensors: dict, moments: dict | None, optimize
             value = moments.get(f"{names[local]}::{key}")
             if value is None:
                 continue
-            value = local_piece(value, shard_of(p), groups)
+            value = piece(value, placements(p), groups)
             if _zero_managed(p):
                 safe_set_full_optimizer_state(p, value.to(p.device), key)
             else:

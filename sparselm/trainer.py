@@ -30,8 +30,7 @@ from sparselm.engine_state import load_full_state
 from sparselm.logging_sinks import MetricsWriter, format_line
 from sparselm.model import build_model
 from sparselm.optim import lr_at, set_lr
-from sparselm.parallel import parallelize
-from sparselm.parallel.pipeline import build_pipeline
+from sparselm.parallel.materialize import build_sharded
 from sparselm.parallel.topology import Topology
 from sparselm.preflight import find_resume
 from sparselm.runtime import init_distributed
@@ -39,11 +38,12 @@ from sparselm.steps import EngineSteps, PipelineSteps
 
 
 class Restored(NamedTuple):
-    """A checkpoint read for resuming: where it is, its meta.json, model tensors and optimizer moments."""
+    """A checkpoint opened for resuming: where it is, its meta.json, model tensors and optimizer moments
+    (``LazyTensors``: each rank reads only the tensors it needs, one at a time)."""
     path: Path
     meta: dict
-    tensors: dict
-    moments: dict
+    tensors: ckpt.LazyTensors
+    moments: ckpt.LazyTensors
 
 
 def resolve_vocab(cfg, tokenizer) -> None:
@@ -64,7 +64,8 @@ class Trainer:
         self._start_processes()
         self._open_data()
         restored = self._read_resume_checkpoint()
-        self._build_engine(restored)
+        self._build_module(restored)
+        self._build_engine()
         self.step = 0
         if restored is not None:
             self._restore(restored)
@@ -109,23 +110,25 @@ class Trainer:
         if self.resume_from is None:
             return None
         path = self.resume_from
-        return Restored(path, ckpt.read_meta(path), ckpt.read_tensors(path / "model.safetensors"),
-                        ckpt.read_tensors(path / "optimizer.safetensors"))
+        return Restored(path, ckpt.read_meta(path), ckpt.LazyTensors(path / "model.safetensors"),
+                        ckpt.LazyTensors(path / "optimizer.safetensors"))
 
-    def _build_engine(self, restored: Restored | None) -> None:
-        """The full model is built identically on every rank; a checkpoint goes into it before any sharding,
-        so tensor/expert/pipeline pieces and every ZeRO stage start from the same weights.  Then the
-        parallel layout, the pipeline stages and the DeepSpeed engine."""
-        cfg, topo = self.cfg, self.topo
-        full_model = build_model(cfg)
-        self.num_params = (full_model.num_params(), full_model.num_params(active=True))
+    def _build_module(self, restored: Restored | None) -> None:
+        """This rank's pieces of the model only (``parallel.materialize.build_sharded``): from the checkpoint when
+        resuming (no random init), else from the seeded init, so every layout and ZeRO stage starts from
+        the one-process weights."""
+        reference = build_model(self.cfg, device="meta")
+        self.num_params = (reference.num_params(), reference.num_params(active=True))
+        tensors = None
         if restored is not None:
-            ckpt.check_tensors_match(full_model, restored.tensors, restored.path / "model.safetensors")
-            full_model.load_state_dict(restored.tensors, strict=False)
-        model = parallelize(full_model, cfg, topo)
+            ckpt.check_tensors_match(reference, restored.tensors, restored.path / "model.safetensors")
+            tensors = restored.tensors
+        self.module = build_sharded(self.cfg, self.topo, tensors)
+
+    def _build_engine(self) -> None:
+        """The DeepSpeed engine over the module, and the step functions for its kind (pipeline or not)."""
+        cfg, topo = self.cfg, self.topo
         if topo.pp > 1:
-            self.module = build_pipeline(model, topo.ds_topology, cfg.parallel.pp_partition,
-                                         cfg.parallel.activation_checkpoint_interval)
             note = settle_pipeline_zero_stage(self.module, cfg, topo.pp_group)
             if note and self.is_rank0:
                 print(f"sparselm: {note}")
@@ -133,11 +136,9 @@ class Trainer:
                                                        norm_mpu=topo.parallel_state_mpu)
             self.steps = PipelineSteps(self.engine, self.module, self.device, self.micro, topo.pp_group)
         else:
-            self.module = model
-            self.engine, self.ds_config = build_engine(model, cfg, topo.dp_size, mpu=topo.mpu,
+            self.engine, self.ds_config = build_engine(self.module, cfg, topo.dp_size, mpu=topo.mpu,
                                                        norm_mpu=topo.parallel_state_mpu)
-            self.steps = EngineSteps(self.engine, model, self.device, self.micro)
-        # full_model and model go out of scope here: a pipeline stage keeps only its own layers
+            self.steps = EngineSteps(self.engine, self.module, self.device, self.micro)
 
     def _restore(self, restored: Restored) -> None:
         meta = restored.meta

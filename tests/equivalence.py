@@ -15,7 +15,7 @@ def parallel_vs_reference(cfg1, cfg2, ids, labels, check=None) -> dict:
     Call on every rank of a world that fits ``cfg2``."""
     from sparselm.model import build_model
     from sparselm.parallel import parallelize
-    from sparselm.parallel.tensor import full_tensor
+    from sparselm.parallel.pieces import assemble, placements
     from sparselm.parallel.topology import Topology
 
     ref = build_model(cfg1)
@@ -31,7 +31,12 @@ def parallel_vs_reference(cfg1, cfg2, ids, labels, check=None) -> dict:
         out = model(ids, labels)
         out.loss.backward()
         params = dict(model.named_parameters())
-        assert params.keys() == ref_params.keys()  # layout-free names, nothing extra
+        assert params.keys() == ref_params.keys()
+        groups = {"tp": topo.tp_group, "ep": topo.ep_group}
+
+        def full_tensor(t, p, topo):
+            return assemble(t, placements(p), groups)
+  # layout-free names, nothing extra
         errors = {"logits": rel_error(logits, ref_logits), "loss": rel_error(out.loss, ref_out.loss)}
         for name, p in params.items():
             assert full_tensor(p.detach(), p, topo).shape == ref_params[name].shape, name

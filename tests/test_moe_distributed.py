@@ -7,7 +7,8 @@
   gradient clipping active) give the global grad norm and the parameters of one process on the whole batch,
   and the expert shards gather back to the one-process tensors (what checkpoints store);
 - with tensor parallelism (TP=2, alone and with EP=2), routed rows split over the TP ranks
-  (``deduplicate_over_tp``) give every rank the outputs and the full expert gradients of the unsplit layer;
+  (``deduplicate_over_tp``) and experts sharded by hidden width (``apply_expert_tensor_parallel``) give every
+  rank the outputs and its piece of every gradient of the unsplit layer;
 - our layer equals ``deepspeed.moe.layer.MoE`` on identical weights for top-1 and top-2.  Settings that make
   them the same function: DeepSpeed ``drop_tokens=False`` (ours dropless), ``use_rts=False``,
   ``noisy_gate_policy=None``, ``top2_2nd_expert_sampling=False``, a SwiGLU expert module; ours softmax
@@ -124,11 +125,12 @@ def _engine_steps(rank, stage):
             experts = model.get_submodule(name.rsplit(".", 1)[0])
             expected = expected[experts.first_expert:experts.first_expert + experts.num_local_experts]
         err = max(err, (p.detach() - expected.detach()).abs().max().item())
-    from sparselm.parallel.canonical import gather_full, shard_of
+    from sparselm.parallel.canonical import gather_full
+    from sparselm.parallel.pieces import placements
     from sparselm.parallel.expert import expert_groups
 
     full = gather_full({n: p.detach() for n, p in model.named_parameters()},
-                       {n: shard_of(p) for n, p in model.named_parameters()}, {"ep": expert_groups(2)[0]})
+                       {n: placements(p) for n, p in model.named_parameters()}, {"ep": expert_groups(2)[0]})
     canon_err = max((full[n] - ref_params[n].detach()).abs().max().item() for n in ref_params) if rank == 0 else 0.0
     moved = max((p.detach() - q.detach()).abs().max().item() for p, q in zip(ref.parameters(), build_model(cfg).parameters()))
     return {"norms": norms, "ref_norms": ref_norms, "param_err": err, "canonical_err": canon_err, "moved": moved,
@@ -168,14 +170,17 @@ def _deepspeed_reference(rank):
     return result
 
 
-def _tp_dedup(rank):
+def _tp_experts(rank, mode):
     """Ranks (0, 1) and (2, 3) are tensor-parallel pairs seeing the same tokens; (0, 2) and (1, 3) the
-    expert-parallel groups, as the Topology places them for tp=2 x dp=2."""
+    expert-parallel groups, as the Topology places them for tp=2 x dp=2.  ``mode``: 'rows' (routed rows split
+    over TP, experts whole) or 'weights' (expert tensor parallelism: each TP rank holds half of every
+    expert's hidden width)."""
     import torch.distributed as dist
     from torch import nn
 
     from sparselm.parallel.comm import GroupReducer
-    from sparselm.parallel.expert import apply_expert_parallel, deduplicate_over_tp
+    from sparselm.parallel.expert import apply_expert_parallel, apply_expert_tensor_parallel, deduplicate_over_tp
+    from sparselm.parallel.pieces import piece, placements
 
     tp_group = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
     ep_group = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
@@ -186,6 +191,7 @@ def _tp_dedup(rank):
     torch.manual_seed(2)
     inputs = [torch.randn(3, 10, 16) for _ in range(2)]
     for ep in (1, 2):
+        groups = {"tp": tp_group, "ep": ep_group if ep > 1 else None}
         for case, kw in {"dropless": {}, "dropping+shared": dict(drop_tokens=True, capacity_factor=0.7,
                                                                  num_shared_experts=1)}.items():
             ref = _fresh_layer(**kw)
@@ -194,7 +200,11 @@ def _tp_dedup(rank):
             layer = _fresh_layer(**kw)
             if ep > 1:
                 apply_expert_parallel(nn.Sequential(layer), ep, ep_group=ep_group)
-            deduplicate_over_tp(nn.Sequential(layer), tp_group)
+            if mode == "rows":
+                deduplicate_over_tp(nn.Sequential(layer), tp_group)
+            else:
+                apply_expert_tensor_parallel(nn.Sequential(layer), tp_group)
+                assert layer.experts.gate_up_proj.shape[1] == 8 and layer.experts.down_proj.shape[2] == 4  # halves
             mine = inputs[rank // 2]
             y, aux = layer(mine)
             ((y * y).sum() + aux).backward()
@@ -203,9 +213,9 @@ def _tp_dedup(rank):
             y_own, aux_own = own(mine)
             ((y_own * y_own).sum() + aux_own).backward()
             for (name, p), p_ref, p_own in zip(layer.named_parameters(), ref.parameters(), own.parameters()):
-                if name.startswith("experts") and ep > 1:  # the shard gets the tokens of both EP ranks
-                    first, count = layer.experts.first_expert, layer.experts.num_local_experts
-                    errs.append((p.grad - p_ref.grad[first:first + count]).abs().max().item())
+                if name.startswith("experts"):  # this rank's piece; with ep > 1 it gets the tokens of both EP ranks
+                    expected = piece((p_ref if ep > 1 else p_own).grad, placements(p), groups)
+                    errs.append((p.grad - expected).abs().max().item())
                 else:
                     errs.append((p.grad - p_own.grad).abs().max().item())
             errors[f"{case} ep={ep}"] = max(errs)
@@ -213,7 +223,7 @@ def _tp_dedup(rank):
 
 
 def _all_cases(rank, world_size):
-    return {"layer": _layer_equivalence(rank), "tp_dedup": _tp_dedup(rank), "bias": _bias_balancing(rank),
+    return {"layer": _layer_equivalence(rank), "tp_dedup": _tp_experts(rank, "rows"), "tp_experts": _tp_experts(rank, "weights"), "bias": _bias_balancing(rank),
             "engine0": _engine_steps(rank, 0), "engine1": _engine_steps(rank, 1), "engine2": _engine_steps(rank, 2),
             "deepspeed": _deepspeed_reference(rank)}
 
@@ -230,10 +240,13 @@ def test_expert_parallel_layer_matches_one_process(report):
             assert err < 1e-5, (rank, case, err)
 
 
-def test_rows_split_over_tensor_parallel_ranks_match_one_process(report):
+@pytest.mark.parametrize("mode", ["tp_dedup", "tp_experts"])
+def test_experts_under_tensor_parallelism_match_one_process(report, mode):
+    """Routed rows split over the TP ranks (moe_tp_mode=rows) and experts sharded by hidden width (weights):
+    outputs and every gradient piece equal the unsharded layer, with TP=2 alone and TP=2 x EP=2."""
     for rank, r in enumerate(report):
-        assert set(r["tp_dedup"]) == {"layouts"} | {f"{c} ep={ep}" for c in ("dropless", "dropping+shared") for ep in (1, 2)}
-        for case, err in r["tp_dedup"].items():
+        assert set(r[mode]) == {"layouts"} | {f"{c} ep={ep}" for c in ("dropless", "dropping+shared") for ep in (1, 2)}
+        for case, err in r[mode].items():
             assert err < 1e-5, (rank, case, err)
 
 

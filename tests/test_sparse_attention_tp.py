@@ -21,7 +21,8 @@ CORE_PATTERNS = ["bigbird", "sliding_window", "causal"]
 def _model_case(overrides):
     from sparselm.config import load_config
     from sparselm.model.sparse_attention import SparseAttention
-    from sparselm.parallel.tensor import ColumnLinear, is_tp_sharded
+    from sparselm.parallel.pieces import is_sharded_over
+    from sparselm.parallel.tensor import ColumnLinear
 
     cfg1 = load_config(None, BASE + overrides)
     cfg2 = load_config(None, BASE + overrides + ["--parallel.tp=2"])
@@ -30,7 +31,7 @@ def _model_case(overrides):
     def check(model, topo):
         attn = model.layers[0].attn
         assert isinstance(attn, SparseAttention) and isinstance(attn.k_proj, ColumnLinear)
-        assert attn.memory_k.shape == (1, 6, 8) and is_tp_sharded(attn.memory_k) and is_tp_sharded(attn.memory_v)
+        assert attn.memory_k.shape == (1, 6, 8) and is_sharded_over(attn.memory_k, "tp") and is_sharded_over(attn.memory_v, "tp")
         assert isinstance(model.layers[1].attn, SparseAttention) and model.layers[1].attn.memory_k is None
 
     return parallel_vs_reference(cfg1, cfg2, ids, ids, check=check)
@@ -40,7 +41,7 @@ def _core_case(rank, world, group, pattern):
     """Each rank's heads of the attention core, with its memory slice, equal those heads unsharded (fp64)."""
     from sparselm.config import ModelConfig
     from sparselm.model.sparse_attention import AttentionConfig, SparseAttention
-    from sparselm.parallel.tensor import shard_param
+    from sparselm.parallel.pieces import Shard, shard_
 
     mcfg = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=96)
     torch.manual_seed(0)  # identical layer, inputs and upstream gradient on every rank
@@ -50,10 +51,8 @@ def _core_case(rank, world, group, pattern):
     dy = torch.randn_like(q)
     sharded = copy.deepcopy(full)
 
-    class Topo:  # the fields shard_param reads
-        tp, tp_rank = world, rank
-
-    sharded.memory_k, sharded.memory_v = (shard_param(p, 0, Topo) for p in (full.memory_k, full.memory_v))
+    for p in (sharded.memory_k, sharded.memory_v):
+        shard_(p, Shard(0, "tp"), {"tp": group})
     qkv = [t.clone().requires_grad_() for t in (q, k, v)]
     out = full.attend(*qkv)
     (out * dy).sum().backward()

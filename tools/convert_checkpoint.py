@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sparselm.checkpoint import CheckpointError, read_config, read_meta, read_tensors, resolve_checkpoint
+from sparselm.checkpoint import CheckpointError, LazyTensors, read_config, read_meta, read_tensors, resolve_checkpoint
 from sparselm.convert.store import ConversionError, write_model_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,7 +96,7 @@ def import_hf(args) -> Path:
     if tok.is_file():
         overrides["data"]["tokenizer"] = str(Path(args.output).resolve() / "tokenizer.json")
     cfg = load_config(None, overrides)
-    check_tensors_match(build_model(cfg), tensors, hf_dir)
+    check_tensors_match(build_model(cfg, device="meta"), tensors, hf_dir)
     out = write_model_checkpoint(args.output, tensors, cfg, source=f"import-hf {hf_dir}",
                                  extra_files={"tokenizer.json": tok} if tok.is_file() else None)
     print(f"wrote {out} (sparselm checkpoint; train from it with --train.resume={out})")
@@ -121,7 +121,7 @@ def inspect(args) -> dict:
         "world_size": meta.get("world_size"), "versions": meta.get("versions"), "source": meta.get("source", "training"),
         "layer_kinds": cfg.model.layer_kinds(), "parameters": total,
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
-        "optimizer_state": (ckpt / "optimizer.safetensors").is_file() and bool(read_tensors(ckpt / "optimizer.safetensors")),
+        "optimizer_state": (ckpt / "optimizer.safetensors").is_file() and len(LazyTensors(ckpt / "optimizer.safetensors")) > 0,
     }
     if args.json:
         print(json.dumps(info, indent=1))

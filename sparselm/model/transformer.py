@@ -1,7 +1,6 @@
 """Decoder-only language model assembled from the block kinds in ``model.pattern``."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +82,9 @@ class SparseLM(nn.Module):
             attention, ffn = BLOCKS[kind](cfg, i)
             blocks.append(Block(mcfg, attention, ffn, kind))
         self.layers = nn.ModuleList(blocks)
+        from sparselm.model.pkm.blocks import bind_shared_values
+
+        bind_shared_values(self.layers)  # a layer of pkm.share_values reads its owner's table
         self.head = LMHead(mcfg)
         self.reset_parameters()
         # No weight decay on the embedding matrix, wherever a layout puts it (tied, sharded, staged).
@@ -91,16 +93,19 @@ class SparseLM(nn.Module):
             self.head.proj.weight = self.embed.weight
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) for matrices, output projections scaled by 1/sqrt(2 n_layers);
-        modules with their own ``reset_parameters`` (norms, layer-specific tables) keep theirs."""
-        std = self.config.model.init_std
-        out_std = std / math.sqrt(2 * self.config.model.n_layers)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, out_std if getattr(module, "is_output_proj", False) else std)
-            elif module is not self and hasattr(module, "reset_parameters") and not isinstance(module, nn.ModuleList):
-                module.reset_parameters()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialise every module from its own stream (``sparselm.model.init``): the same values whichever
+        rank builds which piece.  ``seed``: train.seed unless given.  A no-op on the meta device."""
+        from sparselm.model.init import initial_values, owned_parameters
+
+        if self.embed.weight.is_meta:
+            return
+        seed = self.config.train.seed if seed is None else seed
+        for name, attrs in owned_parameters(self).items():
+            module = self.get_submodule(name)
+            values = initial_values(module, name, self.config.model, seed)
+            for attr in attrs:
+                module._parameters[attr].copy_(values[attr])
 
     def hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.embed(input_ids)
@@ -140,8 +145,21 @@ class SparseLM(nn.Module):
         return total
 
 
-def build_model(cfg, seed: int | None = None) -> SparseLM:
-    """Build on CPU in fp32 with a fixed seed, so every rank starts from identical weights."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed if seed is None else seed)
-        return SparseLM(cfg)
+def build_model(cfg, seed: int | None = None, device: str = "cpu") -> SparseLM:
+    """The one-process model in fp32.  ``device="meta"``: parameters on the meta device (no memory, not
+    initialised; buffers are real), what a parallel layout starts from before each rank materialises its
+    pieces.  On CPU every module is initialised from ``seed`` (train.seed) and its name, so every layout
+    starts from these exact values."""
+    from sparselm.model.init import deferred_init
+
+    with deferred_init():
+        model = SparseLM(cfg)
+    if device == "meta":
+        return model
+    if device != "cpu":
+        raise ValueError(f"build_model: device must be 'cpu' or 'meta', got {device!r}")
+    from sparselm.model.init import InitSource, check_materialized, materialize
+
+    materialize(model, InitSource(build_model(cfg, device="meta"), cfg, seed))
+    check_materialized(model)
+    return model

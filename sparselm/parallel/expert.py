@@ -13,8 +13,13 @@
 
 The optimizer must receive expert parameters in their own groups (``split_expert_param_groups``), and without
 ZeRO the gradient norm must be taken with ``clip_grad_norm_`` from here: DeepSpeed's stage-0 clipping
-averages per-rank norms instead of summing squares over the expert shards.  Expert shards carry
-``ShardSpec(dim=0, group="ep")`` (sparselm.parallel.canonical), so checkpoints stay layout-free.
+averages per-rank norms instead of summing squares over the expert shards.  Expert shards carry the
+placement ``Shard(0, "ep")`` (sparselm.parallel.pieces), so checkpoints stay layout-free.
+
+Under tensor parallelism (``parallel.moe_tp_mode``) routed experts are either sharded by their hidden
+width over the TP group (``weights``, the default: ``apply_expert_tensor_parallel``, as Megatron's
+expert tensor parallelism) or kept whole with the routed rows split over the TP ranks (``rows``:
+``deduplicate_over_tp``).
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from torch import nn
 
 from sparselm.model.moe import MoELayer
-from sparselm.parallel.canonical import mark_shard
+from sparselm.model.moe.experts import GroupedExperts
 from sparselm.parallel.comm import GroupReducer
+from sparselm.parallel.pieces import Shard, is_sharded_over, shard_
 
 
 def group_name(ep_size: int) -> str:
@@ -133,20 +139,20 @@ def _ensure_deepspeed_comm() -> None:
 
 def expert_groups(ep_size: int):
     """(expert-parallel group, expert-data-parallel group) of this rank, created once through DeepSpeed."""
-    from deepspeed.utils import groups
+    from sparselm.parallel import deepspeed_private as dsp
 
     _ensure_deepspeed_comm()
     name = group_name(ep_size)
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+    if not dsp.expert_groups_exist(name):
+        dsp.create_expert_groups(ep_size)
+    return dsp.expert_parallel_group(name), dsp.expert_data_parallel_group(name)
 
 
 def apply_expert_parallel(model: nn.Module, ep_size: int, dp_group=None, ep_group=None) -> nn.Module:
     """Shard every MoE layer of ``model`` over ``ep_size`` ranks and connect it to the data-parallel group.
 
-    Every rank must hold the same full model when this is called (build_model seeds the init; a checkpoint
-    is loaded into the full model before).  ``ep_group``: this rank's expert-parallel group (None: DeepSpeed's
+    Works on the meta device (each rank's experts are then described, not allocated) or on a real model
+    (every rank must hold the same full model: its experts are cut out of it).  ``ep_group``: this rank's expert-parallel group (None: DeepSpeed's
     ``ep_size_<ep>`` group, created if missing).  ``dp_group``: the data-parallel group the load statistics of
     bias balancing are summed over (None: the whole world).  Returns the model, changed in place."""
     layers = moe_layers(model)
@@ -167,11 +173,11 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, dp_group=None, ep_grou
         if experts.num_experts % ep_size:
             raise ValueError(f"{experts.num_experts} experts cannot be split over expert-parallel degree {ep_size}")
         local = experts.num_experts // ep_size
-        experts.keep_experts(ep_rank * local, local)
+        experts.first_expert = ep_rank * local
         for p in experts.parameters():
+            shard_(p, Shard(0, "ep"), {"ep": ep_group})  # experts [r * local, (r + 1) * local)
             p.allreduce = False
             p.group_name = group_name(ep_size)
-            mark_shard(p, dim=0, group="ep")
         layer.dispatcher = AllToAllDispatcher(ep_group, ep_size, local)
         layer.deepspeed_tag = DeepSpeedMoETag(experts.num_experts, ep_size)
     return model
@@ -193,8 +199,9 @@ def global_grad_norm(parameters, ep_group=None, mpu=None) -> torch.Tensor:
     """L2 norm of the full-model gradient after data-parallel reduction: every parameter counted once.
 
     Expert shards: squares summed over the expert-parallel group.  With a model-parallel ``mpu``
-    (DeepSpeed's interface, e.g. tensor parallelism): tensor-parallel shards are summed over the model-parallel
-    group, parameters replicated across it (experts included) are counted on model-parallel rank 0 only.
+    (DeepSpeed's interface, e.g. tensor parallelism): tensor-parallel shards (experts under expert tensor
+    parallelism included) are summed over the model-parallel group, parameters replicated across it are
+    counted on model-parallel rank 0 only.
     When ``mpu`` has pipeline stages, the stages' sums are added over its pipeline group (tied copies
     marked ``ds_pipe_replicated`` are skipped: counted on their first stage)."""
     from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
@@ -202,25 +209,26 @@ def global_grad_norm(parameters, ep_group=None, mpu=None) -> torch.Tensor:
     from deepspeed.runtime.utils import is_model_parallel_parameter
 
     mp_rank0 = mpu is None or bwc_tensor_model_parallel_rank(mpu) == 0
-    shared, expert = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    shared = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros(2, dtype=torch.float64)  # [TP-sharded experts, experts replicated over TP]
     groups_seen = set()
     for p in parameters:
         if p.grad is None or getattr(p, "ds_pipe_replicated", False):  # a tied copy, counted on its first stage
             continue
         sq = p.grad.detach().double().square().sum().cpu()
         if is_moe_param(p):
-            expert += sq
+            expert[0 if is_model_parallel_parameter(p) else 1] += sq
             groups_seen.add(p.group_name)
         elif mp_rank0 or is_model_parallel_parameter(p):
             shared += sq
     if groups_seen:
         assert len(groups_seen) == 1, f"one expert-parallel degree per model, got {sorted(groups_seen)}"
         if ep_group is None:
-            from deepspeed.utils import groups
+            from sparselm.parallel.deepspeed_private import expert_parallel_group
 
-            ep_group = groups._get_expert_parallel_group(groups_seen.pop())
+            ep_group = expert_parallel_group(groups_seen.pop())
         dist.all_reduce(expert, group=ep_group)  # every rank of an expert group has the same model-parallel rank
-    total = shared + (expert if mp_rank0 else 0)
+    total = shared + expert[0] + (expert[1] if mp_rank0 else 0)
     if mpu is not None:
         dist.all_reduce(total, group=mpu.get_model_parallel_group())
         if getattr(mpu, "get_pipeline_model_parallel_world_size", lambda: 1)() > 1:
@@ -251,8 +259,7 @@ class TensorParallelDedupDispatcher:
 
     Autograd: the rows enter through megatron's copy-to-TP-region (backward all-reduce: each rank's
     gradient covers its chunk only), the outputs leave through reduce-from-TP-region (the zero-padded
-    chunks summed).  Expert weight gradients are partial too; ``deduplicate_over_tp`` sums them over the
-    group with a gradient hook."""
+    chunks summed).  Expert weight gradients are partial too; ``RowSplitExperts`` sums them over the group."""
 
     def __init__(self, inner, tp_group):
         self.inner, self.tp_group = inner, tp_group
@@ -278,14 +285,64 @@ class TensorParallelDedupDispatcher:
         return reduce_from_tensor_model_parallel_region(padded, self.tp_group)
 
 
+class RowSplitExperts(GroupedExperts):
+    """Whole experts used by a TP rank for its chunk of the routed rows (``TensorParallelDedupDispatcher``):
+    the weights enter through copy-to-TP-region, so their gradients (each rank's covers its chunk of rows)
+    are summed over the group in backward.  In the graph rather than a hook, so it survives
+    materialisation (a hook would stay on the meta Parameter)."""
+
+    tp_group = None
+
+    def weights(self):
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+        return tuple(copy_to_tensor_model_parallel_region(w, self.tp_group) for w in super().weights())
+
+
 def deduplicate_over_tp(model: nn.Module, tp_group) -> nn.Module:
     """Split every MoE layer's routed rows over ``tp_group`` (see TensorParallelDedupDispatcher); call after
     ``apply_expert_parallel``.  A no-op for a group of one rank."""
     if not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
         return model
-    sum_over_tp = GroupReducer(tp_group)
     for layer in moe_layers(model):
         layer.dispatcher = TensorParallelDedupDispatcher(layer.dispatcher, tp_group)
-        for p in layer.experts.parameters():
-            p.register_hook(sum_over_tp)  # each TP rank's gradient covers its chunk of rows only
+        layer.experts.__class__ = RowSplitExperts
+        layer.experts.tp_group = tp_group
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# expert tensor parallelism
+class TensorParallelExperts(GroupedExperts):
+    """GroupedExperts holding 1/tp of every local expert's hidden width: ``gate_up_proj`` [E, 2H/tp, D] (this
+    rank's gate rows then its up rows), ``down_proj`` [E, D, H/tp].  Every TP rank receives the same rows
+    (activations are replicated over TP), computes its slice of the hidden units, and the partial outputs
+    are summed over the group, as a column- then row-parallel MLP (Megatron's expert tensor parallelism).
+    The rows enter through copy-to-TP-region (backward all-reduce: each rank's input gradient covers its
+    hidden slice only); weight gradients are complete for each rank's slice."""
+
+    tp_group = None
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                            reduce_from_tensor_model_parallel_region)
+
+        out = super().forward(copy_to_tensor_model_parallel_region(x, self.tp_group), counts)
+        return reduce_from_tensor_model_parallel_region(out, self.tp_group)
+
+
+def apply_expert_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
+    """Shard every MoE layer's routed experts by hidden width over ``tp_group`` (in place, meta or real); call
+    after ``apply_expert_parallel``.  A no-op for a group of one rank.  Raises ConfigError when the expert
+    hidden width is not divisible by the group size."""
+    if not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
+        return model
+    groups = {"tp": tp_group}
+    for layer in moe_layers(model):
+        experts = layer.experts
+        if not is_sharded_over(experts.gate_up_proj, "tp"):
+            shard_(experts.gate_up_proj, Shard(1, "tp", blocks=2), groups)  # [gate_r | up_r]
+            shard_(experts.down_proj, Shard(2, "tp"), groups)
+        experts.__class__ = TensorParallelExperts
+        experts.tp_group = tp_group
     return model

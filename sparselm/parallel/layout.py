@@ -97,11 +97,15 @@ def check_layout_fits_model(cfg) -> None:
 
 def feed_forward_widths(cfg) -> list[tuple[int, str]]:
     """(hidden width, the setting that gives it) of every SwiGLU the model builds; tensor parallelism splits
-    each by hidden units.  Routed experts are not split (they are replicated over tp)."""
+    each by hidden units, routed experts too unless parallel.moe_tp_mode='rows' keeps them whole."""
     m, kinds = cfg.model, set(cfg.model.layer_kinds())
     widths = []
     if kinds & {"dense", "pkm_ffn"}:
         widths.append((m.ffn_hidden, "model.d_ff"))
+    if "moe" in kinds and cfg.parallel.moe_tp_mode == "weights":
+        from sparselm.model.moe.config import resolved_expert_hidden
+
+        widths.append((resolved_expert_hidden(cfg), "moe.expert_hidden (routed experts; or parallel.moe_tp_mode=rows)"))
     if "moe" in kinds and cfg.moe.num_shared_experts:
         from sparselm.model.moe.config import resolved_expert_hidden
 

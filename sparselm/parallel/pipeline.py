@@ -2,15 +2,20 @@
 
 Activations between stages are ``(hidden, aux_loss, labels)``: the auxiliary losses of MoE layers
 travel with the hidden states so the last stage adds them to the token loss, and the labels travel so
-the (possibly vocab-parallel) head computes the loss itself.  Stages wrap the modules of an already
-built (and tensor-parallel) ``SparseLM``, so weights are identical to the one-process model.
+the (possibly vocab-parallel) head computes the loss itself.
+
+Stages wrap the modules of a (tensor- and expert-parallel) ``SparseLM`` on the meta device and reach
+DeepSpeed as ``StageSpec`` layer specs: DeepSpeed partitions by the meta modules' parameter counts and
+builds only this rank's stages, which is when they are materialised (``materialize``).  The other
+stages' layers never get memory on this rank and are dropped from the module afterwards.
 """
 from __future__ import annotations
 
 import torch
-from deepspeed.pipe import PipelineModule
+from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 
+from sparselm.errors import ConfigError
 from sparselm.model.transformer import layer_metrics
 
 
@@ -25,6 +30,9 @@ class EmbeddingStage(nn.Module):
         # A zero that is part of the graph: DeepSpeed back-propagates through every float output.
         aux = h.reshape(-1)[:1].float() * 0.0
         return h, aux, labels
+
+    def canonical(self, name: str) -> str:
+        return name
 
 
 class BlockStage(nn.Module):
@@ -45,6 +53,10 @@ class BlockStage(nn.Module):
             self._sums[name] = self._sums.get(name, 0) + value.cpu()
         self._count += 1
         return h, aux + layer_aux.reshape(1), labels
+
+    def canonical(self, name: str) -> str:
+        """'block.attn.q_proj.weight' -> 'layers.<i>.attn.q_proj.weight'."""
+        return f"layers.{self.layer_index}.{name.removeprefix('block.')}"
 
     def pop_metrics(self) -> dict[str, torch.Tensor]:
         """Average over the forwards since the last call (a recomputed forward adds an identical value)."""
@@ -67,6 +79,21 @@ class HeadStage(nn.Module):
         self.parts.append((lm_loss.detach(), aux.detach().reshape(())))
         return (lm_loss + aux.reshape(())).reshape(1)
 
+    def canonical(self, name: str) -> str:
+        return name
+
+
+class StageSpec(LayerSpec):
+    """One stage module for DeepSpeed's PipelineModule: ``build()`` (called only on the rank that runs the
+    stage) returns it through ``materialize(module)``."""
+
+    def __init__(self, module: nn.Module, materialize=None):
+        super().__init__(type(module))
+        self.module, self.materialize = module, materialize
+
+    def build(self, log=False):
+        return self.module if self.materialize is None else self.materialize(self.module)
+
 
 def total_loss(output: torch.Tensor, _labels) -> torch.Tensor:
     return output.sum()
@@ -80,6 +107,30 @@ class SparseLMPipe(PipelineModule):
     """(tied weight, group of the first and last stage of this lane) on those two stages."""
     canonical_aliases: dict = {}
     """Canonical names this stage holds that are the same tensor as another name (tied embeddings)."""
+
+    def _partition_layers(self, method="uniform"):
+        """DeepSpeed's partition, refused before anything is built when a stage would get no transformer
+        layer (e.g. 'type:' matching only the embedding)."""
+        super()._partition_layers(method)
+        for stage in range(self.num_stages):
+            specs = self._layer_specs[self.parts[stage]:self.parts[stage + 1]]
+            if not any(spec.typename is BlockStage for spec in specs):
+                raise ConfigError(f"parallel.pp_partition={method!r} leaves pipeline stage {stage} of {self.num_stages} "
+                                  f"without a transformer layer (it gets {[s.typename.__name__ for s in specs]}); "
+                                  "use parallel.pp_partition=uniform or parameters, or fewer stages")
+
+    def _count_layer_params(self):
+        """Parameter counts for partition_method='parameters', from the (meta) modules: nothing is built."""
+        return [sum(p.numel() for p in spec.module.parameters() if p.requires_grad) for spec in self._layer_specs]
+
+    def _get_frozen_parameter_names(self, layer):
+        return [n for n, p in layer.module.named_parameters() if not p.requires_grad]
+
+    def drop_other_stages(self) -> None:
+        """Forget the modules of the stages other ranks run (DeepSpeed keeps every spec)."""
+        for index, spec in enumerate(self._layer_specs):
+            if not self._local_start <= index < self._local_stop:
+                spec.module = None
 
     def get_tied_weights_and_groups(self):
         """DeepSpeed all-reduces each (weight, group) gradient before the data-parallel reduction."""
@@ -103,24 +154,38 @@ class SparseLMPipe(PipelineModule):
         return rest
 
 
-def build_pipeline(model, topology, partition_method: str = "parameters", activation_checkpoint_interval: int = 0):
-    """Wrap a built ``SparseLM`` as a ``SparseLMPipe`` over DeepSpeed ``topology``."""
+def build_pipeline(model, topology, partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
+                   materialize=None):
+    """Wrap a ``SparseLM`` as a ``SparseLMPipe`` over DeepSpeed ``topology``.  ``materialize(stage) -> stage``
+    gives a meta stage its memory and values (``stage.canonical`` maps its names to the one-process model's);
+    None: ``model`` is real already.  Only this rank's stages are materialised."""
     stages: list[nn.Module] = [EmbeddingStage(model.embed)]
     stages += [BlockStage(block, i) for i, block in enumerate(model.layers)]
     stages.append(HeadStage(model.head))
-    pipe = SparseLMPipe(layers=stages, topology=topology, loss_fn=total_loss, partition_method=partition_method,
+    tied = model.head.proj.weight is model.embed.weight
+    del model  # the stages hold its modules; nothing else may keep the other stages alive
+    pipe = SparseLMPipe(layers=[StageSpec(stage, materialize) for stage in stages], topology=topology,
+                        loss_fn=total_loss, partition_method=partition_method,
                         activation_checkpoint_interval=activation_checkpoint_interval)
-    if model.head.proj.weight is model.embed.weight:
-        _tie_first_and_last_stage(pipe, topology, model.embed.weight)
+    pipe.drop_other_stages()
+    if tied:
+        _tie_first_and_last_stage(pipe, topology)
     return pipe
 
 
-def _tie_first_and_last_stage(pipe: SparseLMPipe, topology, weight: torch.Tensor) -> None:
+def _tie_first_and_last_stage(pipe: SparseLMPipe, topology) -> None:
     """The first stage reads the matrix as embedding, the last as output projection; one process would
     sum both gradients into one tensor, so the two copies' gradients are summed over a group of the two
-    ranks of each pipeline lane.  Both copies start equal (every rank builds the same model)."""
+    ranks of each pipeline lane.  Both copies start equal (both are materialised from the same canonical
+    tensor, 'embed.weight')."""
     import torch.distributed as dist
 
+    weight = None
+    for stage in pipe.forward_funcs:
+        if isinstance(stage, EmbeddingStage):
+            weight = stage.embed.weight
+        elif isinstance(stage, HeadStage):
+            weight = stage.head.proj.weight
     me = dist.get_rank()
     for lane in topology.get_axis_comm_lists("pipe"):  # every rank creates every group, in one order
         group = dist.new_group([lane[0], lane[-1]])

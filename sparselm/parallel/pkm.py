@@ -23,7 +23,8 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
 from sparselm.model.pkm.memory import ProductKeyMemory
 from sparselm.model.pkm.usage import SlotUsage
 from sparselm.parallel.comm import GroupReducer, gather_along_dim
-from sparselm.parallel.tensor import register_tp_rule, set_tp_attributes
+from sparselm.parallel.pieces import Shard, shard_
+from sparselm.parallel.tensor import register_tp_rule
 
 
 class TensorParallelPKM(ProductKeyMemory):
@@ -43,31 +44,20 @@ class TensorParallelPKM(ProductKeyMemory):
         return reduce_from_group(F.linear(memory, self.out_weight), self.tp_group)
 
 
-def _shard_(param: torch.nn.Parameter, dim: int, rank: int, size: int) -> None:
-    """Keep this rank's slice of ``param`` along ``dim``, in place: layers sharing the Parameter see it too."""
-    if getattr(param, "tensor_model_parallel", False):
-        return  # already sharded through another layer that shares it
-    width = param.shape[dim]
-    if width % size:
-        raise ValueError(f"PKM tensor parallelism: dimension {dim} of size {width} is not divisible by tp={size}")
-    param.data = param.data.narrow(dim, rank * (width // size), width // size).clone()
-    set_tp_attributes(param, dim)
-
-
 def shard_pkm(module: ProductKeyMemory, tp_group) -> ProductKeyMemory:
     """Shard a built (and initialised) ProductKeyMemory across ``tp_group`` in place and return it.
 
     Shared value tables: call it for every layer; the shared Parameter is sliced once."""
-    size, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    if size == 1:
+    if dist.get_world_size(tp_group) == 1:
         return module
     if module.values is None:
         raise ValueError("shard_pkm: bind shared value tables before sharding")
-    _shard_(module.values, 1, rank, size)
+    groups = {"tp": tp_group}
+    shard_(module.values, Shard(1, "tp"), groups)  # a shared table is cut once, through its first layer
     if module.gate_weight is not None:
-        _shard_(module.gate_weight, 0, rank, size)
+        shard_(module.gate_weight, Shard(0, "tp"), groups)
     if module.out_weight is not None:
-        _shard_(module.out_weight, 1, rank, size)
+        shard_(module.out_weight, Shard(1, "tp"), groups)
     module.__class__ = TensorParallelPKM
     module.tp_group = tp_group
     return module

@@ -9,13 +9,14 @@ the same contiguous block along dim 0.
 from __future__ import annotations
 
 from sparselm.model.sparse_attention import SparseAttention
-from sparselm.parallel.tensor import register_tp_rule, shard_param, tp_attention
+from sparselm.parallel.pieces import Shard, shard_
+from sparselm.parallel.tensor import register_tp_rule, tp_attention, tp_groups
 
 
 @register_tp_rule(SparseAttention)
 def tp_sparse_attention(attn: SparseAttention, topo) -> SparseAttention:
     tp_attention(attn, topo)
     if attn.memory_k is not None:
-        attn.memory_k = shard_param(attn.memory_k, 0, topo)
-        attn.memory_v = shard_param(attn.memory_v, 0, topo)
+        shard_(attn.memory_k, Shard(0, "tp"), tp_groups(topo))
+        shard_(attn.memory_v, Shard(0, "tp"), tp_groups(topo))
     return attn

@@ -1,8 +1,10 @@
 """Tensor parallelism: megatron-core ``tensor_parallel`` layers swapped into a built model.
 
-The model is built identically on every rank (same seed), then ``apply_tp(model, topo)`` replaces
-modules by sharded ones holding this rank's slice of the same weights, so TP=n computes what TP=1
-computes up to fp32 reduction order.
+``apply_tp(model, topo)`` replaces modules of the one-process model by sharded ones holding this rank's
+piece of the same weights (``sparselm.parallel.pieces``), so TP=n computes what TP=1 computes up to fp32
+reduction order.  The model is normally on the meta device (``build_model(cfg, device="meta")``): rules
+then only describe each piece, and ``sparselm.parallel.materialize`` gives it memory and values; given a
+real model, the rules cut the pieces out of its values.
 
 Rules.  ``register_tp_rule(ModuleClass)(fn)`` registers ``fn(module, topo) -> replacement or None``.
 ``apply_tp`` walks the model top-down; for each child it uses the rule of the most specific class in the
@@ -11,14 +13,14 @@ the walk does not enter it; ``None`` leaves it and the walk visits its children.
 - ``Attention`` -> ``tp_attention``: q/k/v column-parallel, o row-parallel; query and key/value heads are
   split in contiguous blocks (rank r holds query heads [r*H/tp, (r+1)*H/tp) and the kv heads they use,
   so grouped-query attention keeps its grouping).  Subclasses with extra per-head parameters register
-  their own rule, call ``tp_attention(module, topo)`` and slice their parameters with
-  ``shard_param(p, head_dim_of_p, topo)`` (e.g. persistent memory [kv_heads, N, d] -> dim 0), as
-``sparselm.parallel.sparse_attention`` does for ``SparseAttention``::
+  their own rule, call ``tp_attention(module, topo)`` and cut their parameters with
+  ``shard_(p, Shard(head_dim_of_p, "tp"), tp_groups(topo))`` (e.g. persistent memory [kv_heads, N, d] ->
+  dim 0), as ``sparselm.parallel.sparse_attention`` does for ``SparseAttention``::
 
       @register_tp_rule(SparseAttention)
       def tp_sparse_attention(attn, topo):
           tp_attention(attn, topo)
-          attn.memory_k = shard_param(attn.memory_k, 0, topo)
+          shard_(attn.memory_k, Shard(0, "tp"), tp_groups(topo))
           ...
           return attn
 
@@ -28,9 +30,9 @@ the walk does not enter it; ``None`` leaves it and the walk visits its children.
   ``nn.Embedding`` rule would also catch unrelated tables); a tied output projection stays tied.
 Modules without a rule stay replicated (identical on every TP rank), which is correct but unsharded.
 
-Sharded parameters carry megatron's attributes ``tensor_model_parallel``, ``partition_dim``,
-``partition_stride`` (DeepSpeed's gradient norm counts replicated parameters once per TP group by
-them); ``full_tensor``/``local_shard`` convert between a shard and the full single-process tensor.
+Sharded parameters carry their ``placements`` and megatron's attributes ``tensor_model_parallel``,
+``partition_dim``, ``partition_stride`` (DeepSpeed's gradient norm counts replicated parameters once per
+TP group by them); ``pieces.assemble`` gathers the full single-process tensor.
 """
 from __future__ import annotations
 
@@ -39,13 +41,13 @@ from typing import Callable
 
 import torch
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from sparselm.config import ConfigError
 from sparselm.model.attention import Attention
 from sparselm.model.feedforward import SwiGLU
-from sparselm.parallel.comm import all_gather_cat
+from sparselm.model.init import deferred_init
+from sparselm.parallel.pieces import Shard, shard_
 
 _RULES: dict[type, Callable] = {}
 
@@ -78,11 +80,8 @@ def apply_tp(model: nn.Module, topo) -> nn.Module:
         importlib.import_module(name)
     from sparselm.parallel import vocab
 
-    tied = model.head.proj.weight is model.embed.weight
     model.embed = vocab.vocab_parallel_embedding(model.embed, topo)
-    _walk(model, topo)
-    if tied:  # both are sharded by vocabulary rows in the same way, so one shard serves both
-        model.head.proj.weight = model.embed.weight
+    _walk(model, topo)  # a tied output projection is the same Parameter, cut once (pieces.shard_)
     return model
 
 
@@ -96,42 +95,14 @@ def _walk(module: nn.Module, topo) -> None:
             setattr(module, name, new)
 
 
-# --------------------------------------------------------------------------------- shards
-def set_tp_attributes(param: torch.Tensor, dim: int) -> torch.Tensor:
-    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
-    return param
-
-
-def shard_param(full: torch.Tensor, dim: int, topo) -> nn.Parameter:
-    """This rank's contiguous 1/tp of ``full`` along ``dim`` as a new tensor-parallel Parameter."""
-    if full.shape[dim] % topo.tp:
-        raise ConfigError(f"cannot shard a tensor of shape {tuple(full.shape)} along dim {dim} over parallel.tp={topo.tp}")
-    chunk = full.detach().chunk(topo.tp, dim=dim)[topo.tp_rank].clone()
-    return set_tp_attributes(nn.Parameter(chunk, requires_grad=full.requires_grad), dim)
-
-
-def is_tp_sharded(param: torch.Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
-
-
-def full_tensor(shard: torch.Tensor, param: torch.Tensor, topo) -> torch.Tensor:
-    """The full single-process tensor from every rank's ``shard`` (a value or gradient of ``param``)."""
-    if not is_tp_sharded(param) or topo.tp == 1:
-        return shard
-    return all_gather_cat(shard.detach(), param.partition_dim, topo.tp_group)
-
-
-def local_shard(full: torch.Tensor, param: torch.Tensor, topo) -> torch.Tensor:
-    """This rank's part of the full tensor ``full`` for ``param`` (e.g. loading a canonical checkpoint)."""
-    if not is_tp_sharded(param) or topo.tp == 1:
-        return full
-    return full.chunk(topo.tp, dim=param.partition_dim)[topo.tp_rank]
-
-
 # --------------------------------------------------------------------------------- linears
+def tp_groups(topo) -> dict:
+    return {"tp": topo.tp_group}
+
+
 def megatron_config(topo, dtype: torch.dtype) -> ModelParallelConfig:
-    # perform_initialization=False: the weights are copied from the full model, and megatron's CPU
-    # init would draw from the global RNG; the TP attributes it would set are set by set_tp_attributes.
+    # perform_initialization=False: megatron's CPU init would draw from the global RNG; values come from
+    # sparselm.parallel.materialize (or the full tensor being cut), the attributes from pieces.place.
     return ModelParallelConfig(tensor_model_parallel_size=topo.tp, use_cpu_initialization=True,
                                perform_initialization=False, params_dtype=dtype)
 
@@ -159,28 +130,47 @@ class RowLinear(RowParallelLinear):
         return super().forward(x)[0]
 
 
+def adopt(layer: nn.Module, attr: str, param: nn.Parameter | None, shard: Shard | None, topo) -> None:
+    """Make ``param`` (cut in place to this rank's piece along ``shard``; None: replicated) the ``attr`` of a
+    megatron ``layer``, keeping the attributes megatron set on its own (never allocated) parameter."""
+    own = getattr(layer, attr)
+    if param is None:
+        return
+    if shard is not None:
+        shard_(param, shard, tp_groups(topo))
+    for key, value in own.__dict__.items():
+        if key not in param.__dict__:
+            setattr(param, key, value)
+    setattr(layer, attr, param)
+
+
 def column_parallel(linear: nn.Linear, topo) -> nn.Module:
     """Output features split over TP ranks (the bias with them); the input is the full activation."""
-    layer = ColumnLinear(linear.in_features, linear.out_features, config=megatron_config(topo, linear.weight.dtype),
-                            init_method=_no_init, bias=linear.bias is not None, gather_output=False,
-                            tp_group=topo.tp_group)
-    with torch.no_grad():
-        layer.weight.copy_(local_shard(linear.weight, set_tp_attributes(layer.weight, 0), topo))
-        if linear.bias is not None:
-            layer.bias.copy_(local_shard(linear.bias, layer.bias, topo))
+    with deferred_init():  # megatron allocates its own weight; ours (cut from ``linear``) replaces it
+        layer = ColumnLinear(linear.in_features, linear.out_features, config=megatron_config(topo, linear.weight.dtype),
+                             init_method=_no_init, bias=linear.bias is not None, gather_output=False,
+                             tp_group=topo.tp_group)
+    adopt(layer, "weight", linear.weight, Shard(0, "tp"), topo)
+    adopt(layer, "bias", linear.bias, Shard(0, "tp"), topo)
+    _keep_module_attributes(linear, layer)
     return layer
 
 
 def row_parallel(linear: nn.Linear, topo) -> nn.Module:
     """Input features split over TP ranks; outputs are summed over the group (the bias is replicated)."""
-    layer = RowLinear(linear.in_features, linear.out_features, config=megatron_config(topo, linear.weight.dtype),
-                         init_method=_no_init, bias=linear.bias is not None, input_is_parallel=True,
-                         skip_bias_add=False, tp_group=topo.tp_group)
-    with torch.no_grad():
-        layer.weight.copy_(local_shard(linear.weight, set_tp_attributes(layer.weight, 1), topo))
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
+    with deferred_init():
+        layer = RowLinear(linear.in_features, linear.out_features, config=megatron_config(topo, linear.weight.dtype),
+                          init_method=_no_init, bias=linear.bias is not None, input_is_parallel=True,
+                          skip_bias_add=False, tp_group=topo.tp_group)
+    adopt(layer, "weight", linear.weight, Shard(1, "tp"), topo)
+    adopt(layer, "bias", linear.bias, None, topo)
+    _keep_module_attributes(linear, layer)
     return layer
+
+
+def _keep_module_attributes(linear: nn.Module, layer: nn.Module) -> None:
+    if getattr(linear, "is_output_proj", False):
+        layer.is_output_proj = True
 
 
 # --------------------------------------------------------------------------------- rules

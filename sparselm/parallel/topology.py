@@ -93,16 +93,16 @@ class Topology:
 
     @property
     def ep_group(self):
-        from deepspeed.utils import groups
+        from sparselm.parallel.deepspeed_private import expert_parallel_group
 
-        return groups._get_expert_parallel_group(self.ep_group_name)
+        return expert_parallel_group(self.ep_group_name)
 
     @property
     def expert_dp_group(self):
         """Ranks holding the same experts: expert gradients are averaged over this group."""
-        from deepspeed.utils import groups
+        from sparselm.parallel.deepspeed_private import expert_data_parallel_group
 
-        return groups._get_expert_data_parallel_group(self.ep_group_name)
+        return expert_data_parallel_group(self.ep_group_name)
 
     @property
     def mpu(self):
@@ -123,23 +123,19 @@ class Topology:
 
     # ------------------------------------------------------------------ set-up and teardown
     def _create_expert_groups(self) -> None:
-        from deepspeed.utils import groups
+        from sparselm.parallel import deepspeed_private as dsp
 
-        if self.ep_group_name in groups._get_expert_parallel_group_dict():
+        if dsp.expert_groups_exist(self.ep_group_name):
             raise RuntimeError(f"DeepSpeed expert groups '{self.ep_group_name}' already exist in this process; "
                                "call teardown() on the previous Topology first")
-        saved = groups.mpu, groups.expert_tensor_parallel_world_size
-        groups.mpu = self._ps_mpu  # DeepSpeed reads the data-parallel size from its global mpu
-        try:
-            groups._create_expert_data_and_model_parallel(self.ep, mpu=self._ps_mpu)
-        finally:
-            groups.mpu, groups.expert_tensor_parallel_world_size = saved
+        dsp.create_expert_groups(self.ep, mpu=self._ps_mpu)
 
     def _check_agreement(self) -> None:
         """Every rank compares megatron-core's coordinates of all ranks and its own groups with DeepSpeed's
         topology and expert groups and with ``Layout``; all ranks raise together on any mismatch."""
-        from deepspeed.utils import groups
         from megatron.core import parallel_state as ps
+
+        from sparselm.parallel.deepspeed_private import expert_group_ranks
 
         mine = torch.tensor([ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
                              ps.get_tensor_model_parallel_rank()], dtype=torch.long)
@@ -161,10 +157,8 @@ class Topology:
             found = {"live": dist.get_process_group_ranks(group)}
             if axis in ds_axis:
                 found["deepspeed topology"] = next(g for g in self.ds_topology.get_axis_comm_lists(ds_axis[axis]) if self.rank in g)
-            if axis == "ep":
-                found["deepspeed groups"] = list(groups._get_expert_parallel_group_ranks(self.ep_group_name))
-            if axis == "edp":
-                found["deepspeed groups"] = list(groups._get_expert_data_parallel_group_ranks(self.ep_group_name))
+            if axis in ("ep", "edp"):
+                found["deepspeed groups"] = expert_group_ranks(self.ep_group_name)[axis == "edp"]
             for source, ranks in found.items():
                 if sorted(ranks) != sorted(expected):
                     problems.append(f"rank {self.rank} {axis} group: {source} {ranks}, layout {expected}")
@@ -177,13 +171,13 @@ class Topology:
     def teardown(self) -> None:
         """Destroy megatron-core's parallel_state and the expert groups so another Topology can be built."""
         import deepspeed.comm
-        from deepspeed.utils import groups
         from megatron.core import parallel_state as ps
+
+        from sparselm.parallel.deepspeed_private import forget_mpu
 
         for group in {id(g): g for g in (self.ep_group, self.expert_dp_group)}.values():
             deepspeed.comm.destroy_process_group(group)  # also drops DeepSpeed's references to it
-        if groups.mpu is self._ps_mpu:
-            groups.mpu = None
+        forget_mpu(self._ps_mpu)
         ps.destroy_model_parallel()
 
 

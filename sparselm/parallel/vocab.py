@@ -8,17 +8,18 @@ from torch import nn
 
 from sparselm.model.transformer import LMHead
 from sparselm.parallel.comm import gather_along_dim
-from sparselm.parallel.tensor import column_parallel, megatron_config, register_tp_rule, set_tp_attributes
+from sparselm.model.init import deferred_init
+from sparselm.parallel.pieces import Shard
+from sparselm.parallel.tensor import adopt, column_parallel, megatron_config, register_tp_rule
 
 
 def vocab_parallel_embedding(embed: nn.Embedding, topo) -> VocabParallelEmbedding:
-    weight = embed.weight
-    layer = VocabParallelEmbedding(embed.num_embeddings, embed.embedding_dim, init_method=lambda w: None,
-                                   config=megatron_config(topo, weight.dtype), tp_group=topo.tp_group)
-    with torch.no_grad():
-        layer.weight.copy_(weight[layer.vocab_start_index:layer.vocab_end_index])
-    set_tp_attributes(layer.weight, 0)
-    layer.weight.optim_group = weight.optim_group  # the model's tag (no weight decay) survives the swap
+    """Rows [r*V/tp, (r+1)*V/tp) on TP rank r: the piece ``Shard(0, "tp")`` of the embedding (its Parameter,
+    so the model's tags, e.g. no weight decay, and a tied output projection stay)."""
+    with deferred_init():
+        layer = VocabParallelEmbedding(embed.num_embeddings, embed.embedding_dim, init_method=lambda w: None,
+                                       config=megatron_config(topo, embed.weight.dtype), tp_group=topo.tp_group)
+    adopt(layer, "weight", embed.weight, Shard(0, "tp"), topo)
     return layer
 
 

@@ -75,21 +75,28 @@ class GroupedExperts(nn.Module):
     def num_local_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
+    init_by_rows = True
+    """Each expert (a row along dim 0 of both tensors) is drawn from its own stream, so a rank can draw only
+    the experts it holds (``sparselm.model.init.InitSource.rows``)."""
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate_up_proj, 0.0, self.init_std)
-        nn.init.normal_(self.down_proj, 0.0, self.out_std)
+        """Normal(0, init_std) gate/up and Normal(0, out_std) down weights; global expert ``first_expert + e``
+        from a stream seeded by the current seed (the module's, under sparselm.model.init) and its index."""
+        from sparselm.model.init import module_seed
+
+        base = torch.initial_seed()
+        for e in range(self.num_local_experts):
+            stream = torch.Generator().manual_seed(module_seed(base, f"expert{self.first_expert + e}"))
+            self.gate_up_proj[e].normal_(0.0, self.init_std, generator=stream)
+            self.down_proj[e].normal_(0.0, self.out_std, generator=stream)
 
     def params_per_expert(self) -> int:
         return (self.gate_up_proj[0].numel() + self.down_proj[0].numel())
 
-    @torch.no_grad()
-    def keep_experts(self, first: int, count: int) -> None:
-        """Keep only experts [first, first + count) (expert parallelism); parameters are replaced."""
-        assert self.first_expert == 0 and self.num_local_experts == self.num_experts, "already sharded"
-        self.first_expert = first
-        self.gate_up_proj = nn.Parameter(self.gate_up_proj[first:first + count].clone())
-        self.down_proj = nn.Parameter(self.down_proj[first:first + count].clone())
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj, down_proj) as the forward uses them (a parallel subclass may wrap them)."""
+        return self.gate_up_proj, self.down_proj
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] grouped by local expert, counts [E_local] (sum M) -> [M, D]."""
@@ -102,8 +109,9 @@ class GroupedExperts(nn.Module):
 
     def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(device=x.device, dtype=torch.int32)
-        h = _contiguous_grad(torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs))
-        return _contiguous_grad(torch._grouped_mm(_swiglu(h), self.down_proj.transpose(-2, -1), offs=offs))
+        gate_up, down = self.weights()
+        h = _contiguous_grad(torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs))
+        return _contiguous_grad(torch._grouped_mm(_swiglu(h), down.transpose(-2, -1), offs=offs))
 
     def _padded(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # With no rows (an expert-parallel rank nobody routed to) this still builds the graph, so the
@@ -115,6 +123,7 @@ class GroupedExperts(nn.Module):
         expert_of_row = torch.repeat_interleave(torch.arange(n_exp, device=x.device), counts, output_size=x.shape[0])
         slot = expert_of_row * cap + row - starts[expert_of_row]
         padded = x.new_zeros(n_exp * cap, d).index_copy(0, slot, x).view(n_exp, cap, d)
-        h = torch.bmm(padded, self.gate_up_proj.transpose(1, 2))
-        out = torch.bmm(_swiglu(h), self.down_proj.transpose(1, 2))
+        gate_up, down = self.weights()
+        h = torch.bmm(padded, gate_up.transpose(1, 2))
+        out = torch.bmm(_swiglu(h), down.transpose(1, 2))
         return out.view(n_exp * cap, d).index_select(0, slot)

@@ -1,0 +1,95 @@
+"""Every private DeepSpeed name sparselm relies on, in one place: what to check when DeepSpeed is upgraded.
+
+DeepSpeed has no public API for these; each function says what it reaches into and why.  Besides them,
+two subclasses override private methods by name and are listed here for the same reason:
+- ``sparselm.parallel.pipeline.SparseLMPipe`` (a ``PipelineModule``): ``_partition_layers`` (refuse a stage
+  without layers), ``_count_layer_params`` and ``_get_frozen_parameter_names`` (count the meta modules, build
+  nothing), and reads ``_layer_specs``, ``_local_start``, ``_local_stop`` and ``parts``;
+- ``sparselm.parallel.expert.DeepSpeedMoETag`` (a ``deepspeed.moe.layer.MoE``): skips its ``__init__`` and
+  sets the attributes ``deepspeed.initialize`` reads (``num_experts``, ``ep_size``, ``expert_group_name``,
+  ``num_local_experts``, ``enable_expert_tensor_parallelism``).
+Tested against the DeepSpeed version in ``setup.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+# ------------------------------------------------------------------ expert groups (deepspeed.utils.groups)
+def expert_groups_exist(name: str) -> bool:
+    from deepspeed.utils import groups
+
+    return name in groups._get_expert_parallel_group_dict()
+
+
+def create_expert_groups(ep_size: int, mpu=None) -> None:
+    """DeepSpeed's expert-parallel and expert-data-parallel groups ``ep_size_<ep>``: with ``mpu``, laid out
+    inside its data-parallel lanes (``_create_expert_data_and_model_parallel``, which reads the global
+    ``groups.mpu``: set for the call and restored, as is the expert-tensor-parallel size it may change);
+    without, over the whole world (``_create_expert_and_data_parallel``)."""
+    from deepspeed.utils import groups
+
+    if mpu is None:
+        groups._create_expert_and_data_parallel(ep_size)
+        return
+    saved = groups.mpu, groups.expert_tensor_parallel_world_size
+    groups.mpu = mpu
+    try:
+        groups._create_expert_data_and_model_parallel(ep_size, mpu=mpu)
+    finally:
+        groups.mpu, groups.expert_tensor_parallel_world_size = saved
+
+
+def expert_parallel_group(name: str):
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_group(name)
+
+
+def expert_data_parallel_group(name: str):
+    from deepspeed.utils import groups
+
+    return groups._get_expert_data_parallel_group(name)
+
+
+def expert_group_ranks(name: str) -> tuple[list[int], list[int]]:
+    """(expert-parallel ranks, expert-data-parallel ranks) of this rank's groups ``name``."""
+    from deepspeed.utils import groups
+
+    return (list(groups._get_expert_parallel_group_ranks(name)),
+            list(groups._get_expert_data_parallel_group_ranks(name)))
+
+
+def forget_mpu(mpu) -> None:
+    """Drop DeepSpeed's global reference to ``mpu`` (``groups.mpu``) when it is ours, at teardown."""
+    from deepspeed.utils import groups
+
+    if groups.mpu is mpu:
+        groups.mpu = None
+
+
+# ------------------------------------------------------------------ engine and ZeRO optimizer
+def zero_flat_fp32_partitions(optimizer) -> list[torch.Tensor]:
+    """ZeRO-3's flat fp32 partitions (``fp32_partitioned_groups_flat``): its base optimizer keys state by
+    them, and they sit outside ``param_groups`` between steps.  Empty for other stages."""
+    return list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
+
+
+def relink_zero_optimizer_state(optimizer) -> None:
+    """ZeRO 1/2 link each parameter's optimizer-state fragments lazily after the first parameter group's step
+    (``_hp_optimizer_states_linked``, ``_lazy_init_hp_params_optimizer_state``), leaving later groups
+    unlinked; redo the link for all groups so ``safe_get/set_full_optimizer_state`` reach every parameter."""
+    if hasattr(optimizer, "_hp_optimizer_states_linked") and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def replace_fp32_clipping(engine, clip) -> None:
+    """Without ZeRO, the engine clips fp32 gradients in ``clip_fp32_gradients`` (averaging per-rank norms)
+    and keeps no norm; ``clip()`` replaces it and must return the global norm, stored where
+    ``engine.get_global_grad_norm()`` reads it (``_global_grad_norm``)."""
+
+    def clip_and_record():
+        engine._global_grad_norm = clip()
+
+    engine.clip_fp32_gradients = clip_and_record

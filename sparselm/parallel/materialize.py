@@ -1,0 +1,132 @@
+"""Each rank materialises only its own pieces of the one-process model.
+
+The trainer builds the one-process model on the meta device (``build_model(cfg, device="meta")``: no
+parameter memory), parallelises it (every parameter becomes a meta *piece*, ``sparselm.parallel.pieces``),
+and then ``materialize_pieces`` allocates each piece and fills it from a source of canonical tensors, one
+tensor at a time:
+- ``InitSource`` (sparselm.model.init): the seeded initial values, drawn module by module from a second meta
+  copy of the model, so every layout starts from exactly the one-process weights;
+- ``LazyTensors`` (sparselm.checkpoint): a checkpoint's ``model.safetensors``, read tensor by tensor, so a
+  resumed run skips random init entirely and never holds the whole file.
+The peak is this rank's pieces plus one full tensor (or one module's tensors when initialising); a piece
+of a tensor drawn or stored row by row (experts) is read or drawn row by row (``source.rows``), so expert
+parallelism never holds another rank's experts, and tensor parallelism one whole expert at most.  As
+torchtitan does with ``to_empty`` + ``init_weights``, with the values layout-free.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparselm.model.init import InitSource, check_materialized, materialize
+from sparselm.parallel.pieces import group_rank_size, piece, placements
+
+
+def tied_aliases(reference: torch.nn.Module) -> dict[str, str]:
+    """Every other name of a tied or shared parameter of the one-process model -> its first name (the one a
+    checkpoint stores)."""
+    first, aliases = {}, {}
+    for name, p in reference.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(p), name)
+        if owner != name:
+            aliases[name] = owner
+    return aliases
+
+
+@torch.no_grad()
+def materialize_pieces(module: torch.nn.Module, source, groups: dict, canonical=None, what: str = "the model",
+                       load_buffers: bool = False) -> torch.nn.Module:
+    """Allocate and fill every meta parameter of ``module`` with this rank's piece of its canonical tensor
+    from ``source``; with ``load_buffers``, persistent buffers the source holds are loaded too (a checkpoint's
+    MoE selection bias, PKM usage statistics).  ``canonical(local name) -> canonical name``; ``groups``:
+    'tp'/'ep' -> process group.  Raises ValueError naming any tensor left on the meta device."""
+    canonical = canonical or (lambda name: name)
+
+    def take(source, name, param):
+        shards = placements(param)
+        if hasattr(source, "rows") and all(s.dim != 0 for s in shards[1:]) and not (shards and shards[0].blocks > 1
+                                                                                    and shards[0].dim == 0):
+            rows = _rows_piece(source, name, param, shards, groups)
+            if rows is not None:
+                return rows
+        return piece(source.full(name), shards, groups)
+
+    materialize(module, source, canonical, take)
+    if load_buffers:
+        persistent = set(module.state_dict(keep_vars=True))
+        for name, buf in module.named_buffers():
+            if name in persistent and canonical(name) in source:
+                buf.copy_(piece(source.full(canonical(name)), placements(buf), groups))
+    check_materialized(module, what)
+    return module
+
+
+def _rows_piece(source, name, param, shards, groups) -> torch.Tensor | None:
+    """This rank's piece read or drawn row by row along dim 0 (``source.rows``; None where the source cannot):
+    the rank's rows at once when dim 0 is all that is cut (experts over ep), else one row at a time, each cut
+    by the other placements (experts' hidden width over tp), so at most one full row is held besides the piece."""
+    head = shards[0] if shards and shards[0].dim == 0 else None
+    rest = shards[1:] if head is not None else shards
+    first = group_rank_size(groups.get(head.group))[0] * param.shape[0] if head is not None else 0
+    count = param.shape[0]
+    if not rest:
+        return source.rows(name, first, count)
+    row = source.rows(name, first, 1)
+    if row is None:
+        return None
+    out = torch.empty(param.shape, dtype=param.dtype)
+    for i in range(count):
+        if i:
+            row = source.rows(name, first + i, 1)
+        out[i:i + 1].copy_(piece(row, rest, groups))
+    return out
+
+
+def build_sharded(cfg, topo, tensors=None, source=None) -> torch.nn.Module:
+    """This rank's module of the model ``cfg`` describes under ``topo``: the parallelised model (pp = 1) or its
+    pipeline stages (a ``SparseLMPipe``), every parameter its piece, nothing else allocated.  Values from
+    ``tensors`` (a checkpoint's ``LazyTensors``: persistent buffers too) or else the seeded init
+    (``source`` overrides, e.g. an instrumented ``InitSource``)."""
+    from sparselm.model import build_model
+    from sparselm.parallel import parallelize
+    from sparselm.parallel.pipeline import build_pipeline
+
+    reference = build_model(cfg, device="meta")
+    if tensors is not None:
+        tensors.aliases = tied_aliases(reference)
+        source = tensors
+    elif source is None:
+        source = InitSource(reference, cfg)
+    groups, load_buffers = {"tp": topo.tp_group, "ep": topo.ep_group}, tensors is not None
+    model = parallelize(build_model(cfg, device="meta"), cfg, topo)
+    if topo.pp == 1:
+        return materialize_pieces(model, source, groups, load_buffers=load_buffers)
+
+    def materialize_stage(stage):
+        return materialize_pieces(stage, source, groups, stage.canonical, f"pipeline stage {type(stage).__name__}",
+                                  load_buffers)
+
+    return build_pipeline(model, topo.ds_topology, cfg.parallel.pp_partition, cfg.parallel.activation_checkpoint_interval,
+                          materialize_stage)
+
+
+def reachable_parameters(root) -> int:
+    """Elements of the distinct parameters with memory (not meta) reachable from ``root`` through modules,
+    containers and the attributes of sparselm's and DeepSpeed's pipeline objects (its layer specs): what
+    a module keeps alive.  For tests and ``tools/bench_memory.py``."""
+    seen, count, stack = set(), 0, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if isinstance(obj, torch.nn.Parameter) and not obj.is_meta:
+                count += obj.numel()
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif isinstance(obj, torch.nn.Module) or (
+                hasattr(obj, "__dict__") and type(obj).__module__.startswith(("sparselm", "deepspeed.runtime.pipe"))):
+            stack.extend(vars(obj).values())
+    return count
