@@ -82,6 +82,10 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
     import deepspeed
 
     ds = build_ds_config(cfg, dp_size)
+    if ds["zero_optimization"].get("stage", 0) == 3:
+        from sparselm.parallel.expert import tag_experts_for_zero3
+
+        tag_experts_for_zero3(model)
     optimizer = make_optimizer(model, cfg, ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
     _keep_stage0_grad_norm(engine, norm_mpu if norm_mpu is not None else mpu)
