@@ -166,3 +166,35 @@ def test_zero3_resume_through_the_command_line_is_exact():
     for got, want in zip(resumed, full[2:], strict=True):
         for key in ("loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
+
+
+@pytest.mark.parametrize("overrides, world, needles", [
+    (["--parallel.pp=2", "--parallel.ds_config=zero3_offload"], 2,
+     ["parallel.pp=2 with ZeRO stage 3", "incompatible with pipeline parallelism", "--parallel.zero_stage=1"]),
+    (["--parallel.pp=2", "--parallel.ds_config=zero2_offload"], 2, ["ZeRO stage 2", "--parallel.zero_stage=1"]),
+    (["--parallel.tp=2", "--parallel.ep=2", "--parallel.ds_config=zero3_offload"], 4,
+     ["parallel.ep=2 with parallel.tp=2 under ZeRO stage 3", "_grad_norm_counts_every_rank", "parallel.ds_config=zero1"]),
+])
+def test_combinations_deepspeed_cannot_run_stop_at_start_up(tmp_path, monkeypatch, overrides, world, needles):
+    """Refused by the command line before any process group or DeepSpeed import, naming the rule and a fix."""
+    from sparselm.errors import ConfigError
+    from sparselm.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError) as err:
+        main(["--config", "tiny_mixed", f"--train.out_dir={tmp_path}", *overrides])
+    for needle in needles:
+        assert needle in str(err.value)
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_pipeline_with_zero1_keeps_optimizer_offload():
+    """What the pipeline error proposes is accepted: ZeRO-1 with the JSON's CPU optimizer offload."""
+    from sparselm.config import load_config
+    from sparselm.engine import build_ds_config, offloads_optimizer
+
+    cfg = load_config("tiny_mixed", ["--parallel.pp=2", "--parallel.ds_config=zero2_offload", "--parallel.zero_stage=1"])
+    ds = build_ds_config(cfg, 1)
+    assert ds["zero_optimization"]["stage"] == 1 and offloads_optimizer(ds)
+    cfg.parallel.zero_stage = 0  # what a pipeline whose stages hold different parameter groups falls back to
+    assert not offloads_optimizer(build_ds_config(cfg, 1))
