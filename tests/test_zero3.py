@@ -39,9 +39,9 @@ CASES = {  # together: every block kind and variant the issue names
 SETTINGS = {
     "zero1": ["--parallel.ds_config=zero1"],
     "micro1": ["--parallel.ds_config=zero1", "--train.micro_batch_size=1"],
-    "zero3": ["--parallel.ds_config=zero1", "--parallel.zero_stage=3"],
+    "zero3": ["--parallel.ds_config=zero3"],
     "zero3_offload": ["--parallel.ds_config=zero3_offload"],
-    "ep2_zero3": ["--parallel.ds_config=zero1", "--parallel.zero_stage=3", "--parallel.ep=2"],
+    "ep2_zero3": ["--parallel.ds_config=zero3", "--parallel.ep=2"],
     "ep2_zero3_offload": ["--parallel.ds_config=zero3_offload", "--parallel.ep=2"],
 }
 EXPERT_PARALLEL = [("moe_top2_shared_noisy", "ep2_zero3_offload"), ("moe_top1_capacity_bias", "ep2_zero3")]
