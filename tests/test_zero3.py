@@ -85,14 +85,16 @@ def _train_cases(rank, world, jobs, out):
 
 def _resume_through_cli(rank, world, out):
     """A ZeRO-3 (offload) run of 4 steps saving at step 2, then a new run resumed from step 2 through
-    ``sparselm.train.main`` with --train.resume; returns both runs' metrics."""
+    ``sparselm.train.main`` with --train.resume, under ZeRO-3 and under ZeRO-1; returns the runs' metrics."""
     from sparselm.train import main
 
-    full, resumed = Path(out) / "full", Path(out) / "resumed"
+    full, resumed, zero1 = Path(out) / "full", Path(out) / "resumed", Path(out) / "zero1"
+    step2 = full / "checkpoints" / "step_2"
     main(RESUME + ["--train.steps=4", "--train.save_every=2", f"--train.out_dir={full}"])
-    main(RESUME + ["--train.steps=4", f"--train.resume={full / 'checkpoints' / 'step_2'}",
-                   f"--train.out_dir={resumed}"])
-    return (_rows(full), _rows(resumed)) if rank == 0 else None
+    main(RESUME + ["--train.steps=4", f"--train.resume={step2}", f"--train.out_dir={resumed}"])
+    main(RESUME + ["--train.steps=4", f"--train.resume={step2}", f"--train.out_dir={zero1}",
+                   "--parallel.ds_config=zero1"])  # the same checkpoint under ZeRO-1 (the last flag wins)
+    return (_rows(full), _rows(resumed), _rows(zero1)) if rank == 0 else None
 
 
 def _sharded_world(rank, world, jobs, out):
@@ -161,11 +163,20 @@ def test_noise_is_keyed_by_step_and_token_not_by_generator_state():
 
 
 def test_zero3_resume_through_the_command_line_is_exact():
-    _, _, (full, resumed) = sharded()
+    _, _, (full, resumed, _) = sharded()
     assert [r["step"] for r in resumed] == [3, 4]
     for got, want in zip(resumed, full[2:], strict=True):
         for key in ("loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
+
+
+def test_zero3_checkpoint_resumes_under_zero1():
+    """The checkpoint is layout-free: ZeRO-1 (torch AdamW instead of CPU Adam) continues the ZeRO-3 run."""
+    _, _, (full, _, zero1) = sharded()
+    assert [r["step"] for r in zero1] == [3, 4]
+    for got, want in zip(zero1, full[2:], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
 
 
 @pytest.mark.parametrize("overrides, world, needles", [
