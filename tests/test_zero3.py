@@ -12,7 +12,6 @@ loss, gradient norm; fp32, clipping active).
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -101,19 +100,18 @@ def _sharded_world(rank, world, jobs, out):
     return _train_cases(rank, world, jobs, out), _resume_through_cli(rank, world, out)
 
 
-@functools.cache
-def reference() -> dict:
-    out = Path(__import__("tempfile").mkdtemp(prefix="zero3-ref-"))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """Metrics of every case under one-process zero1 (and micro-batches of 1 for noisy gating)."""
     jobs = [(case, "zero1") for case in CASES] + [("moe_top2_shared_noisy", "micro1")]
-    return run_distributed(_train_cases, 1, jobs, str(out))[0][0]
+    return run_distributed(_train_cases, 1, jobs, str(tmp_path_factory.mktemp("zero3-ref")))[0][0]
 
 
-@functools.cache
-def sharded():
-    out = Path(__import__("tempfile").mkdtemp(prefix="zero3-"))
-    jobs = [(case, s) for case in CASES for s in ("zero3", "zero3_offload")]
-    jobs += EXPERT_PARALLEL
-    (rows, partition), resume = run_distributed(_sharded_world, WORLD, jobs, str(out))[0]
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """(metrics of every 4-rank run, expert-parallel partition group sizes, the resume runs' metrics)."""
+    jobs = [(case, s) for case in CASES for s in ("zero3", "zero3_offload")] + EXPERT_PARALLEL
+    (rows, partition), resume = run_distributed(_sharded_world, WORLD, jobs, str(tmp_path_factory.mktemp("zero3")))[0]
     return rows, partition, resume
 
 
@@ -126,24 +124,24 @@ def assert_same_run(rows, ref, tol=1e-5):
 
 @pytest.mark.parametrize("setting", ["zero3", "zero3_offload"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_zero3_trains_every_block_kind_as_one_process(case, setting):
-    rows, _, _ = sharded()
-    assert_same_run(rows[(case, setting)], reference()[(case, "zero1")])
+def test_zero3_trains_every_block_kind_as_one_process(reference, sharded, case, setting):
+    rows, _, _ = sharded
+    assert_same_run(rows[(case, setting)], reference[(case, "zero1")])
 
 
 @pytest.mark.parametrize("case, setting", EXPERT_PARALLEL)
-def test_expert_parallel_zero3_partitions_experts_over_their_group(case, setting):
-    rows, partition, _ = sharded()
-    assert_same_run(rows[(case, setting)], reference()[(case, "zero1")])
+def test_expert_parallel_zero3_partitions_experts_over_their_group(reference, sharded, case, setting):
+    rows, partition, _ = sharded
+    assert_same_run(rows[(case, setting)], reference[(case, "zero1")])
     # experts over the expert-data-parallel group (4 / ep 2), everything else over all data-parallel ranks
     assert partition[(case, setting)] == {"autoep_expert": {WORLD // 2}, "replicated": {WORLD}}
 
 
-def test_noisy_gating_does_not_depend_on_the_layout():
+def test_noisy_gating_does_not_depend_on_the_layout(reference, sharded):
     """Noise keyed by token: 4 micro-batches of 1 and 4 data-parallel ranks draw the one-process noise."""
-    ref = reference()
+    ref = reference
     assert_same_run(ref[("moe_top2_shared_noisy", "micro1")], ref[("moe_top2_shared_noisy", "zero1")])
-    rows, _, _ = sharded()
+    rows, _, _ = sharded
     assert_same_run(rows[("moe_top2_shared_noisy", "zero3")], ref[("moe_top2_shared_noisy", "zero1")])
 
 
@@ -162,17 +160,17 @@ def test_noise_is_keyed_by_step_and_token_not_by_generator_state():
     assert abs(many.mean().item()) < 0.02 and abs(many.std().item() - 1) < 0.02
 
 
-def test_zero3_resume_through_the_command_line_is_exact():
-    _, _, (full, resumed, _) = sharded()
+def test_zero3_resume_through_the_command_line_is_exact(sharded):
+    _, _, (full, resumed, _) = sharded
     assert [r["step"] for r in resumed] == [3, 4]
     for got, want in zip(resumed, full[2:], strict=True):
         for key in ("loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (got["step"], key)
 
 
-def test_zero3_checkpoint_resumes_under_zero1():
+def test_zero3_checkpoint_resumes_under_zero1(sharded):
     """The checkpoint is layout-free: ZeRO-1 (torch AdamW instead of CPU Adam) continues the ZeRO-3 run."""
-    _, _, (full, _, zero1) = sharded()
+    _, _, (full, _, zero1) = sharded
     assert [r["step"] for r in zero1] == [3, 4]
     for got, want in zip(zero1, full[2:], strict=True):
         for key in ("loss", "grad_norm"):
