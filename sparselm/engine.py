@@ -10,6 +10,7 @@ import torch
 
 from sparselm.config import ConfigError
 from sparselm.ds_config import load_ds_json, resolve_ds_json
+from sparselm.zero_rules import check_zero_rules
 from sparselm.optim import param_groups
 
 
@@ -31,13 +32,15 @@ def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None) -> dict:
     if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
         raise ConfigError(f"parallel.ds_config={cfg.parallel.ds_config} enables fp16, which needs a CUDA GPU "
                           "(DeepSpeed's CPU accelerator rejects it); use parallel.ds_config=bf16 on CPU")
-    if zero.get("stage", 0) >= 2 and cfg.parallel.pp > 1:
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp} needs ZeRO stage 0 or 1 (DeepSpeed's pipeline engine); set parallel.zero_stage=1 or parallel.ds_config=zero1")
+    check_zero_rules(cfg, ds, cfg.parallel.ds_config)
     return ds
 
 
 def offloads_optimizer(ds: dict) -> bool:
-    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+    """Whether DeepSpeed keeps the optimizer on the CPU: offload_optimizer set and a ZeRO stage >= 1 (stage 0
+    ignores offload_optimizer, so the optimizer then steps where the parameters are)."""
+    zero = ds.get("zero_optimization", {})
+    return zero.get("stage", 0) >= 1 and zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
 
 
 def optimizer_groups(model: torch.nn.Module, cfg) -> list[dict]:
@@ -60,9 +63,11 @@ def settle_pipeline_zero_stage(module: torch.nn.Module, cfg, pp_group) -> str | 
     dist.all_gather_object(every, mine, group=pp_group)
     if stage == 0 or all(names == mine for names in every):
         return None
+    offload = offloads_optimizer(build_ds_config(cfg, 1))
     cfg.parallel.zero_stage = 0
     return (f"pipeline stages hold different parameter groups ({every}); DeepSpeed's ZeRO-{stage} would "
-            "deadlock reducing their norms, so this run uses ZeRO stage 0")
+            "deadlock reducing their norms, so this run uses ZeRO stage 0"
+            + (" (without optimizer offload, which needs ZeRO stage >= 1)" if offload else ""))
 
 
 def make_optimizer(model: torch.nn.Module, cfg, ds: dict):
@@ -82,6 +87,10 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
     import deepspeed
 
     ds = build_ds_config(cfg, dp_size)
+    if ds["zero_optimization"].get("stage", 0) == 3:
+        from sparselm.parallel.expert import tag_experts_for_zero3
+
+        tag_experts_for_zero3(model)
     optimizer = make_optimizer(model, cfg, ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
     _keep_stage0_grad_norm(engine, norm_mpu if norm_mpu is not None else mpu)

@@ -32,6 +32,7 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
     world = launcher_world_size() if world_size is None else world_size
     _check_layout(cfg, world)
     validate(cfg)
+    _check_zero(cfg)
     d, t = cfg.data, cfg.train
     if t.wandb_project:
         import importlib.util
@@ -67,6 +68,17 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
                                f"fewer than one for each of the {dp} data-parallel rank(s); give a larger "
                                "data.valid_dataset or set train.eval_every=0")
     return notes
+
+
+def _check_zero(cfg) -> None:
+    """The ZeRO stage and offload of the DeepSpeed JSON against the layout (``sparselm.zero_rules``)."""
+    from sparselm.ds_config import load_ds_json
+    from sparselm.zero_rules import check_zero_rules
+
+    zero = dict(load_ds_json(cfg.parallel.ds_config).get("zero_optimization") or {})
+    if cfg.parallel.zero_stage >= 0:
+        zero["stage"] = cfg.parallel.zero_stage
+    check_zero_rules(cfg, {"zero_optimization": zero}, cfg.parallel.ds_config)
 
 
 def _check_layout(cfg, world: int) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparselm.model.hooks import AfterOptimizerStep
+from sparselm.model.hooks import AfterOptimizerStep, StartStep
 from sparselm.model.transformer import layer_metrics
 
 
@@ -27,6 +27,16 @@ def after_optimizer_step(indexed_blocks) -> dict[str, torch.Tensor]:
     return out
 
 
+def start_step(blocks, step: int, first_sample: int, tokens: np.ndarray) -> None:
+    """Tell layers keyed by token position (``StartStep``) the step and this rank's first token: sample
+    ``first_sample`` of the global batch; ``tokens`` [samples, seq_len + 1] are this rank's rows."""
+    offset = first_sample * (tokens.shape[1] - 1)
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(module, StartStep):
+                module.start_step(step, offset)
+
+
 class EngineSteps:
     def __init__(self, engine, model, device, micro: int):
         self.engine, self.model, self.device, self.micro = engine, model, device, micro
@@ -36,10 +46,13 @@ class EngineSteps:
         for start in range(0, len(tokens), self.micro):
             yield torch.from_numpy(tokens[start:start + self.micro]).to(self.device)
 
-    def train(self, tokens: np.ndarray) -> dict[str, torch.Tensor]:
+    def train(self, tokens: np.ndarray, step: int = 0, first_sample: int = 0) -> dict[str, torch.Tensor]:
+        """One optimizer step on this rank's rows ``tokens``; ``step``: steps done before it; ``first_sample``:
+        the global-batch index of this rank's first row (noise keyed by token position)."""
         sums: dict[str, torch.Tensor] = {}
         n = 0
         self.engine.train()
+        start_step(self.blocks, step, first_sample, tokens)
         for chunk in self._chunks(tokens):
             out = self.engine(chunk[:, :-1], chunk[:, 1:])
             self.engine.backward(out.loss)
@@ -96,8 +109,9 @@ class PipelineSteps:
             local.update(loss=lm + aux, lm_loss=lm, aux_loss=aux)
         return local
 
-    def train(self, tokens: np.ndarray) -> dict[str, torch.Tensor]:
+    def train(self, tokens: np.ndarray, step: int = 0, first_sample: int = 0) -> dict[str, torch.Tensor]:
         self._pop_local()  # drop anything left from a validation pass
+        start_step([stage.block for stage in self.stages], step, first_sample, tokens)
         self.engine.train_batch(data_iter=iter(list(self._batches(tokens))))
         step = after_optimizer_step((stage.layer_index, stage.block) for stage in self.stages)
         return self._stage_values({**self._pop_local(), **{k: v.cpu() for k, v in step.items()}})

@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
         quiet_third_party()
         from sparselm.trainer import Trainer
 
-        return Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        record = trainer.run()
+        trainer.close()  # releases the process groups: a caller may train again in this process
+        return record
     except USER_ERRORS as err:
         if argv is not None:
             raise

@@ -205,7 +205,7 @@ class Trainer:
 
     def train_step(self, tokens: np.ndarray) -> dict:
         """One optimizer step on this rank's share of a global batch; metrics averaged over the global batch."""
-        record = self._dp_mean(self.steps.train(tokens))
+        record = self._dp_mean(self.steps.train(tokens, self.step, self.topo.dp_rank * len(tokens)))
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             record["grad_norm"] = float(norm)

@@ -113,7 +113,7 @@ def test_model_with_moe_blocks():
 def test_router_runs_in_fp32_for_bf16_models():
     layer = _layer().to(torch.bfloat16)
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
-    routing = layer.router(x.view(-1, 16))
+    routing = layer.router.route(x.view(-1, 16))
     assert routing.logits.dtype == torch.float32 and routing.gates.dtype == torch.float32
     y, aux = layer(x)
     assert y.dtype == torch.bfloat16 and aux.dtype == torch.float32

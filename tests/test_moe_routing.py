@@ -89,7 +89,7 @@ def test_dropped_tokens_output_zero_and_kept_tokens_unchanged():
     x = torch.randn(1, 12, 8)
     y_full, _ = dropless(x)
     y_drop, _ = dropping(x)
-    routing = dropping.router(x.view(-1, 8))
+    routing = dropping.router.route(x.view(-1, 8))
     plan = plan_dispatch(routing.experts, routing.probs, 2, expert_capacity(12, 1, 2, 0.5))
     kept = torch.zeros(12, dtype=torch.bool)
     kept[plan.order] = True
@@ -165,8 +165,8 @@ def test_bias_balancing_moves_load_toward_uniform():
     assert sum(late) / len(late) < 1 + 0.25 * (start - 1)  # a sign update oscillates near balance: average
     assert layer.router.expert_bias[0] < 0  # the overloaded expert is pushed down
     # The bias only selects: gates are still the unbiased probabilities.
-    routing = layer.router(x.view(-1, 8))
-    probs = torch.softmax(layer.router.logits(x.view(-1, 8)), -1)
+    routing = layer.router.route(x.view(-1, 8))
+    probs = torch.softmax(layer.router(x.view(-1, 8)), -1)
     assert torch.allclose(routing.gates[:, 0], probs.gather(1, routing.experts)[:, 0])
     # Eval forwards do not count toward the next update.
     layer.eval()

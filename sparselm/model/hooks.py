@@ -42,3 +42,11 @@ class ActiveParams(Protocol):
 class ResetParameters(Protocol):
     def reset_parameters(self) -> None:
         """(Re)initialise this module's own parameters from the stds it was built with."""
+
+
+@runtime_checkable
+class StartStep(Protocol):
+    def start_step(self, step: int, token_offset: int) -> None:
+        """Called on every rank before each optimizer step's first micro-batch: ``step`` optimizer steps are
+        done, and this rank's first token is at position ``token_offset`` of the step's global batch
+        (sample * seq_len + t).  Lets a layer key its randomness by token, not by layout (noisy gating)."""

@@ -1,7 +1,7 @@
 """Decoder-only language model assembled from the block kinds in ``model.pattern``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +12,9 @@ from sparselm.model.norm import RMSNorm
 from sparselm.model.registry import BLOCKS
 
 
-@dataclass
-class LossOutput:
+class LossOutput(NamedTuple):
+    """A named tuple, so hooks that wrap module outputs (ZeRO-3's) see its tensors."""
+
     loss: torch.Tensor
     """lm_loss + aux_loss: what is back-propagated."""
     lm_loss: torch.Tensor

@@ -122,6 +122,59 @@ class DeepSpeedMoETag(_DeepSpeedMoE):
         raise RuntimeError("DeepSpeedMoETag is a marker for deepspeed.initialize and has no forward")
 
 
+def _autoep_tag_class():
+    """``AutoEPTag``: the marker ZeRO-3 accepts (DeepSpeed 0.19 refuses its native MoE class under ZeRO-3,
+    ``DeepSpeedEngine._validate_zero3_moe_compatibility``, but partitions the experts of its AutoEP layers
+    over their expert-data-parallel group).  Built on first use: DeepSpeed's AutoEP module is only needed then."""
+    global _AUTOEP_TAG
+    if _AUTOEP_TAG is None:
+        from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+        class AutoEPTag(AutoEPMoELayer):
+            """No parameters, no forward; an ``AutoEPMoELayer`` so ``deepspeed.initialize`` under ZeRO-3 sets
+            ``has_moe_layers`` and takes its AutoEP path.  AutoEPMoELayer.__init__ is skipped on purpose (it
+            would build DeepSpeed's router and experts from a Hugging Face block)."""
+
+            def __init__(self, num_experts: int, ep_size: int):
+                nn.Module.__init__(self)
+                self.num_experts, self.ep_size = num_experts, ep_size
+                self.num_local_experts = num_experts // ep_size
+                self.ep_group_name = group_name(ep_size)
+
+            def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
+                                          folding_group_handles=None) -> None:
+                """The engine calls this; the groups exist already (Topology or apply_expert_parallel)."""
+
+            def forward(self, *args, **kwargs):
+                raise RuntimeError("AutoEPTag is a marker for deepspeed.initialize and has no forward")
+
+        _AUTOEP_TAG = AutoEPTag
+    return _AUTOEP_TAG
+
+
+_AUTOEP_TAG = None
+
+
+def tag_experts_for_zero3(model: nn.Module) -> int:
+    """Prepare an expert-parallel model for ZeRO stage 3 (call before ``deepspeed.initialize``): every MoE
+    layer's marker becomes an ``AutoEPTag`` and its expert parameters carry DeepSpeed's AutoEP placement
+    (``ds_zero_placement_family="autoep_expert"`` and the ``ep_size_<ep>`` group name), so the engine
+    partitions them over their expert-data-parallel group, averages their gradients over the whole
+    data-parallel size and sums their norm over the expert-parallel group (``runtime/zero/stage3.py``,
+    ``_autoep_expert_parallel_group``).  Returns the number of layers changed (0 without expert parallelism)."""
+    changed = 0
+    for layer in moe_layers(model):
+        tag = getattr(layer, "deepspeed_tag", None)
+        if not isinstance(tag, DeepSpeedMoETag):
+            continue
+        layer.deepspeed_tag = _autoep_tag_class()(tag.num_experts, tag.ep_size)
+        for p in layer.experts.parameters():
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = tag.expert_group_name
+        changed += 1
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------
 # applying
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -26,14 +26,15 @@ class MoELayer(nn.Module):
                  bias_balancing: bool = False, bias_update_rate: float = 1e-3, aux_loss_coef: float = 1e-2,
                  z_loss_coef: float = 1e-3, drop_tokens: bool = False, capacity_factor: float = 1.25,
                  drop_policy: str = "position", balance_scope: str = "sequence", expert_impl: str = "auto",
-                 init_std: float = 0.02, out_std: float = 0.02):
+                 init_std: float = 0.02, out_std: float = 0.02, seed: int = 0):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.capacity_factor = capacity_factor if drop_tokens else None
         self.drop_policy, self.per_sequence = drop_policy, balance_scope == "sequence"
         self.bias_update_rate = bias_update_rate
-        self.router = Router(d_model, num_experts, top_k, score_func, renormalize, noisy_gating, bias_balancing, init_std)
+        self.router = Router(d_model, num_experts, top_k, score_func, renormalize, noisy_gating, bias_balancing, init_std,
+                             seed)
         self.experts = GroupedExperts(num_experts, d_model, expert_hidden, init_std, out_std, expert_impl)
         self.shared_experts = SwiGLU(d_model, num_shared_experts * expert_hidden) if num_shared_experts else None
         self.dispatcher = LocalDispatcher()
@@ -54,7 +55,7 @@ class MoELayer(nn.Module):
                    aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef, drop_tokens=m.drop_tokens,
                    capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, balance_scope=m.balance_scope,
                    expert_impl=m.expert_impl, init_std=mm.init_std,
-                   out_std=mm.init_std / math.sqrt(2 * mm.n_layers))
+                   out_std=mm.init_std / math.sqrt(2 * mm.n_layers), seed=cfg.train.seed)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, D] (or [N, D]: one group) -> (y like x, aux_loss scalar fp32)."""
@@ -63,7 +64,7 @@ class MoELayer(nn.Module):
         n = tokens.shape[0]
         sequences = shape[0] if x.dim() == 3 else 1
         groups = sequences if self.per_sequence else 1  # what capacity and balance statistics are taken over
-        routing = self.router(tokens)
+        routing = self.router.route(tokens)
         capacity = (None if self.capacity_factor is None
                     else expert_capacity(n // groups, k, self.num_experts, self.capacity_factor))
         plan = plan_dispatch(routing.experts, routing.probs, self.num_experts, capacity, sequences,

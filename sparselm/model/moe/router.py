@@ -1,7 +1,9 @@
 """Token-choice top-k router, computed in fp32 whatever the model dtype.
 
-Selection may use biased scores (auxiliary-loss-free balancing) while the gate weights and the losses
-always use the unbiased scores.
+``Router`` (the module) returns plain fp32 logits, so hooks that wrap module calls (ZeRO-3 gathering its
+weight for forward and backward) see its output; ``route`` turns logits into the top-k ``Routing`` outside
+the module.  Selection may use biased scores (auxiliary-loss-free balancing) while the gate weights and the
+losses always use the unbiased scores.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sparselm.model.moe.noise import keyed_normal
 
 
 @dataclass
@@ -62,11 +66,19 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Linear router (no bias), optional noise projection, optional selection bias buffer."""
+    """Linear router (no bias), optional noise projection, optional selection bias buffer.
+
+    Noisy gating (Shazeer 2017) draws its noise from ``keyed_normal`` keyed by (``seed``, optimizer step,
+    global token position), so it does not depend on the layout.  The trainer calls ``start_step(step,
+    token_offset)`` before each step's first micro-batch (token_offset: the global position of this rank's
+    first token); each training forward then takes the next ``N`` positions.  Without that call the
+    positions simply count training tokens from 0."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, score_func: str = "softmax",
-                 renormalize: bool = True, noisy: bool = False, bias_balancing: bool = False, init_std: float = 0.02):
+                 renormalize: bool = True, noisy: bool = False, bias_balancing: bool = False, init_std: float = 0.02,
+                 seed: int = 0):
         super().__init__()
+        self.seed, self.noise_step, self.next_position = seed, 0, 0
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.renormalize, self.init_std = score_func, renormalize, init_std
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
@@ -82,14 +94,23 @@ class Router(nn.Module):
         if self.expert_bias is not None:
             self.expert_bias.zero_()
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def start_step(self, step: int, token_offset: int) -> None:
+        """Key the coming training forwards' noise: ``step`` optimizer steps done, this rank's first token at
+        global position ``token_offset`` of the step's global batch."""
+        self.noise_step, self.next_position = step, token_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, D] tokens -> fp32 logits [N, E] (with gating noise in training when noisy)."""
         x32 = x.float()
         logits = F.linear(x32, self.weight.float())
         if self.noise_weight is not None and self.training:
             noise_std = F.softplus(F.linear(x32, self.noise_weight.float()))
-            logits = logits + torch.randn_like(logits) * noise_std
+            positions = torch.arange(self.next_position, self.next_position + x.shape[0], device=x.device)
+            self.next_position += x.shape[0]
+            noise = keyed_normal(self.seed, self.noise_step, positions, self.num_experts)
+            logits = logits + noise * noise_std
         return logits
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """x: [N, D] tokens -> Routing."""
-        return route(self.logits(x), self.top_k, self.score_func, self.renormalize, self.expert_bias)
+    def route(self, x: torch.Tensor) -> Routing:
+        """x: [N, D] tokens -> Routing (``forward`` then ``route``; call it where no ZeRO hook is needed)."""
+        return route(self(x), self.top_k, self.score_func, self.renormalize, self.expert_bias)

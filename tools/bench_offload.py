@@ -1,0 +1,169 @@
+"""Parameter memory under ZeRO-1, ZeRO-3 and ZeRO-3 with CPU offload, measured side by side in one process each.
+
+    python tools/bench_offload.py --config tiny_mixed [--section.key=value ...] [--steps N] [--runs zero1,zero3]
+
+For each run (a DeepSpeed JSON from ds_configs/) a fresh process trains ``--steps`` optimizer steps of the
+model (one process, the trainer's own engine) and reports:
+- ``resident_param_peak_bytes``: the most parameter bytes held in working (device) storage at any moment
+  of a step, sampled at every module's forward (after ZeRO-3 gathered its parameters) and at every
+  parameter's gradient accumulation in backward (while its module's parameters are gathered).  A
+  parameter counts with its full size while gathered (ZeRO-3: ``ds_status`` available or in flight) and
+  with its partition (``ds_tensor``) while it is resident on the device (not offloaded);
+  parameters outside ZeRO-3 always count whole;
+- ``step_s``: mean wall time of the steps after the first;
+- ``peak_rss_gb``: the process's peak resident set during the steps (VmHWM, reset when the steps start).
+Ratios are against the model's parameter bytes and against the first run.  The last line is one JSON
+object: ``{"params_total_bytes": N, "runs": {NAME: {"resident_param_peak_bytes": x, "step_s": y,
+"peak_rss_gb": z}}}``.  On a CPU machine "device" and host memory are the same RAM, so the resident figure
+is what a GPU would hold and the RSS is the whole process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = {
+    "zero1": ["--parallel.ds_config=zero1"],
+    "zero3": ["--parallel.ds_config=zero3"],
+    "zero3_offload": ["--parallel.ds_config=zero3_offload"],
+}
+QUIET = ["--train.progress=false", "--train.tensorboard=false", "--train.eval_every=0", "--train.save_every=0"]
+
+
+def _param_bytes_resident(p, offloaded: bool) -> int:
+    if not hasattr(p, "ds_id"):
+        return p.numel() * p.element_size()
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    size = p.element_size()
+    held = p.ds_numel * size if p.ds_status in (ZeroParamStatus.AVAILABLE, ZeroParamStatus.INFLIGHT) else 0
+    if not offloaded and p.ds_tensor is not None:
+        held += p.ds_tensor.numel() * size
+    return held
+
+
+class ResidentParams:
+    """The peak of resident parameter bytes over samples taken at module forwards and gradient accumulations."""
+
+    def __init__(self, module, offloaded: bool):
+        self.params = list({id(p): p for p in module.parameters()}.values())
+        self.offloaded, self.peak = offloaded, 0
+        self.handles = [m.register_forward_pre_hook(lambda *_: self.sample()) for m in module.modules()]
+        self.handles += [p.register_post_accumulate_grad_hook(lambda *_: self.sample()) for p in self.params
+                         if p.requires_grad]
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, sum(_param_bytes_resident(p, self.offloaded) for p in self.params))
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(config: str, overrides: list[str], steps: int) -> dict:
+    """Train ``steps`` steps in this process; the figures of one run."""
+    from sparselm.config import load_config
+    from sparselm.optim import lr_at, set_lr
+    from sparselm.preflight import preflight
+    from sparselm.runtime import quiet_third_party
+
+    out = tempfile.mkdtemp(prefix="bench-offload-")
+    cfg = load_config(config, overrides + QUIET + [f"--train.out_dir={out}", f"--train.steps={steps}"], check=False)
+    preflight(cfg)
+    quiet_third_party()
+    from sparselm.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    zero = trainer.ds_config["zero_optimization"]
+    offloaded = zero.get("offload_param", {}).get("device", "none") != "none"
+    total = sum(p.ds_numel * p.element_size() if hasattr(p, "ds_id") else p.numel() * p.element_size()
+                for p in {id(p): p for p in trainer.engine.module.parameters()}.values())
+    probe = ResidentParams(trainer.engine.module, offloaded)
+    _reset_peak_rss()
+    times = []
+    for step in range(steps):
+        set_lr(trainer.engine.optimizer, lr_at(step, cfg.optim, steps))
+        batch = trainer.train_data.batch(trainer.sampler.next_batch())
+        started = time.perf_counter()
+        record = trainer.train_step(batch)
+        times.append(time.perf_counter() - started)
+    trainer.close()
+    later = times[1:] or times
+    return {"params_total_bytes": total, "resident_param_peak_bytes": probe.peak, "step_s": sum(later) / len(later),
+            "peak_rss_gb": _peak_rss_bytes() / 2**30, "loss": record["loss"], "zero_stage": zero.get("stage", 0)}
+
+
+def _run_child(name: str, config: str, overrides: list[str], steps: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = [sys.executable, __file__, "--child", name, "--config", config, f"--steps={steps}", *overrides, *RUNS[name]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"bench_offload: run {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _parse(argv: list[str]):
+    config, steps, runs, child, rest = None, 3, list(RUNS), None, []
+    it = iter(argv)
+    for arg in it:
+        key, _, value = arg.partition("=")
+        if key in ("--config", "--steps", "--runs", "--child") and not value:
+            value = next(it)
+        if key == "--config":
+            config = value
+        elif key == "--steps":
+            steps = int(value)
+        elif key == "--runs":
+            runs = value.split(",")
+        elif key == "--child":
+            child = value
+        else:
+            rest.append(arg)
+    if config is None:
+        raise SystemExit("usage: tools/bench_offload.py --config NAME [--section.key=value ...] [--steps N] [--runs a,b]")
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"bench_offload: unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
+    return config, steps, runs, child, rest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config, steps, runs, child, overrides = _parse(sys.argv[1:] if argv is None else argv)
+    if child is not None:
+        result = measure(config, overrides, steps)
+        print(json.dumps(result), flush=True)
+        return result
+    results = {name: _run_child(name, config, overrides, steps) for name in runs}
+    total = results[runs[0]]["params_total_bytes"]
+    base = results[runs[0]]
+    print(f"{config} {' '.join(overrides)}: {total / 2**20:.2f} MiB of fp32 parameters, {steps} steps per run")
+    print(f"{'run':<15}{'resident peak MiB':>18}{'x model':>9}{'step s':>9}{'x ' + runs[0]:>9}{'peak RSS GB':>13}"
+          f"{'loss':>9}")
+    for name, r in results.items():
+        print(f"{name:<15}{r['resident_param_peak_bytes'] / 2**20:>18.2f}{r['resident_param_peak_bytes'] / total:>9.2f}"
+              f"{r['step_s']:>9.3f}{r['step_s'] / base['step_s']:>9.2f}{r['peak_rss_gb']:>13.2f}{r['loss']:>9.4f}")
+    summary = {"params_total_bytes": total,
+               "runs": {name: {k: r[k] for k in ("resident_param_peak_bytes", "step_s", "peak_rss_gb")}
+                        for name, r in results.items()}}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
