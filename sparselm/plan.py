@@ -17,7 +17,8 @@ for experts; w: bytes of a weight, 2 under bf16/fp16, 4 in fp32; L: its largest 
 - ZeRO-0: weights wP, gradients wP, fp32 master 4P (when w < 4), Adam 8P, fp32 gradients 4P (when w < 4);
 - ZeRO-1: weights wP, gradients wP, master + Adam + fp32 gradients 16P/d (DeepSpeed keeps the fp32
   partition and its gradient even when the weights are fp32);
-- ZeRO-2: as ZeRO-1 with the w-byte gradients partitioned, wP/d; with offload_optimizer the 16P/d go to host;
+- ZeRO-2: as ZeRO-1 with the w-byte gradients partitioned, wP/d; with offload_optimizer the 16P/d go to host
+  and the gradients are reduced straight into it;
 - ZeRO-3: weights wP/d, 16P/d, and 4L of gathered weights and gradients; offload_optimizer moves the 16P/d
   to host, offload_param the weights too.
 Peak = runtime + model states + the larger of (activations of the micro-batches in flight + ZeRO-3's
@@ -27,6 +28,7 @@ partition: torch's AdamW, foreach=False, on DeepSpeed's flat groups).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -105,17 +107,39 @@ class StageHold:
 _MODELS: dict = {}
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Meta construction is many tiny tensor ops (rotary tables): threads only oversubscribe the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _parallel_model(cfg, topo):
-    from sparselm.config import to_yaml
     from sparselm.model import build_model
     from sparselm.parallel import parallelize
 
-    key = (to_yaml(cfg), topo.tp, topo.ep)
+    key = (_model_key(cfg), topo.tp, topo.ep, cfg.parallel.moe_tp_mode)
     if key not in _MODELS:
-        if len(_MODELS) > 8:
-            _MODELS.clear()
-        _MODELS[key] = parallelize(build_model(cfg, device="meta"), cfg, topo)
+        _MODELS.clear()  # one at a time: a meta model still holds its real buffers (rotary tables)
+        with _one_thread():
+            _MODELS[key] = parallelize(build_model(cfg, device="meta"), cfg, topo)
     return _MODELS[key]
+
+
+def _model_key(cfg) -> str:
+    """The settings a model's construction reads (not the layout's, training's or data's)."""
+    import yaml
+
+    from sparselm.config import to_dict
+
+    d = to_dict(cfg)
+    return yaml.safe_dump({k: d[k] for k in ("model", "moe", "pkm", "attention")})
 
 
 def stage_holdings(cfg, layout) -> list[StageHold]:
@@ -320,7 +344,7 @@ def plan_layout(cfg, world: int, gpu_mem_gb: float, host_mem_gb: float | None = 
         states["weights"] = w * (part if stage_no == 3 else s.params)
         if stage_no <= 1:
             states["gradients"] = w * s.params
-        elif stage_no == 2:
+        elif stage_no == 2 and not offload_opt:  # offloaded: reduced straight into the host's fp32 partition
             states["gradients"] = w * part
         if stage_no == 0:
             states["fp32 master + Adam + fp32 gradients"] = (16 if w < 4 else 8) * s.params
@@ -435,13 +459,25 @@ def _intra_node(layout, axis: str, per_node: int) -> bool:
     return all(len({r // per_node for r in group}) == 1 for group in layout.groups(axis))
 
 
+_ACTIVE: dict = {}
+
+
+def _active_matmul_params(key: str, cfg) -> int:
+    """Parameters one token multiplies by (the model's own ``num_params(active=True)``, less the embedding
+    lookup when untied)."""
+    if key not in _ACTIVE:
+        from sparselm.model import build_model
+
+        with _one_thread():
+            model = build_model(cfg, device="meta")
+        _ACTIVE[key] = model.num_params(active=True) - (0 if cfg.model.tie_embeddings else model.embed.weight.numel())
+    return _ACTIVE[key]
+
+
 def _step_time(cfg, layout, stages, comm, assume, ac, m_batches, offload_opt, w) -> dict:
     """Estimated seconds per optimizer step: compute at mfu x peak, communication over the stated bandwidths
     (not overlapped unless ``overlap_dp``), the pipeline bubble, CPU Adam and PCIe under offload."""
-    from sparselm.model import build_model
-
-    model = build_model(cfg, device="meta")
-    active = model.num_params(active=True) - (0 if cfg.model.tie_embeddings else model.embed.weight.numel())
+    active = _active_matmul_params(_model_key(cfg), cfg)
     n_attn = cfg.model.n_layers
     span = _attention_span(cfg)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
@@ -482,7 +518,7 @@ def search(cfg, world: int, gpu_mem_gb: float, host_mem_gb=None, device="gpu", a
     """(fitting plans ranked by estimated step time, refused layouts with their reasons, plans that do not
     fit).  Activation checkpointing is tried where the trainer has it (pipeline runs)."""
     fitting, refused, too_big = [], [], []
-    for tp, pp, ep in candidate_layouts(cfg, world):
+    for tp, pp, ep in sorted(candidate_layouts(cfg, world), key=lambda c: (c[0], c[2], c[1])):  # one model per (tp, ep)
         for ac in (ac_options if pp > 1 else (0,)):
             variant = configure(cfg, tp=tp, pp=pp, ep=ep, ac=ac)
             try:
@@ -563,11 +599,19 @@ def format_plan(plan: Plan, gpu_mem_gb: float) -> str:
                  f"ds_config={plan.cfg.parallel.ds_config} (ZeRO-{plan.zero_stage}, {_precision_bytes(plan.ds) * 8}-bit weights), "
                  f"micro-batch {plan.micro_batch} x {plan.micro_batches}, activation checkpointing "
                  f"{'every ' + str(plan.cfg.parallel.activation_checkpoint_interval) + ' layer(s)' if lay.pp > 1 and plan.cfg.parallel.activation_checkpoint_interval else 'off'}")
-    seen = {}
+    firsts = {}
     for r in plan.ranks:
-        seen.setdefault(r.stage, r)
+        firsts.setdefault(r.stage, r)
+    last = lay.pp - 1
+    middle = [firsts[s] for s in range(1, last)]
+    seen = {"stage 0": firsts[0]}
+    if middle:
+        worst = max(middle, key=lambda r: r.gpu_bytes + r.host_bytes)
+        seen[f"stage {worst.stage}" if len(middle) == 1 else f"stages 1-{last - 1}: max, {worst.stage}"] = worst
+    if last:
+        seen[f"stage {last}"] = firsts[last]
     lines.append("per rank (every rank of a stage alike; GiB = 2^30 bytes):")
-    header = ["", *[f"stage {s}" for s in seen]]
+    header = ["", *seen]
     rows = [["params (exact)", *[_human(r.params) for r in seen.values()]]]
     for kind in KINDS:
         rows.append([f"  {kind}", *[_human(r.by_kind[kind]) for r in seen.values()]])
