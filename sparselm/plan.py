@@ -120,15 +120,23 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
+def _short_tables(cfg):
+    """``cfg`` with a short rotary table: ``model.max_seq_len`` sizes only that buffer (real even on the meta
+    device: 2 GiB for 120 layers at 16k), never a parameter; the tests compare against full-length builds."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.max_seq_len = min(cfg.model.max_seq_len, 16)
+    return cfg
+
+
 def _parallel_model(cfg, topo):
     from sparselm.model import build_model
     from sparselm.parallel import parallelize
 
     key = (_model_key(cfg), topo.tp, topo.ep, cfg.parallel.moe_tp_mode)
     if key not in _MODELS:
-        _MODELS.clear()  # one at a time: a meta model still holds its real buffers (rotary tables)
+        _MODELS.clear()  # one at a time
         with _one_thread():
-            _MODELS[key] = parallelize(build_model(cfg, device="meta"), cfg, topo)
+            _MODELS[key] = parallelize(build_model(_short_tables(cfg), device="meta"), cfg, topo)
     return _MODELS[key]
 
 
@@ -469,7 +477,7 @@ def _active_matmul_params(key: str, cfg) -> int:
         from sparselm.model import build_model
 
         with _one_thread():
-            model = build_model(cfg, device="meta")
+            model = build_model(_short_tables(cfg), device="meta")
         _ACTIVE[key] = model.num_params(active=True) - (0 if cfg.model.tie_embeddings else model.embed.weight.numel())
     return _ACTIVE[key]
 
@@ -478,10 +486,12 @@ def _step_time(cfg, layout, stages, comm, assume, ac, m_batches, offload_opt, w)
     """Estimated seconds per optimizer step: compute at mfu x peak, communication over the stated bandwidths
     (not overlapped unless ``overlap_dp``), the pipeline bubble, CPU Adam and PCIe under offload."""
     active = _active_matmul_params(_model_key(cfg), cfg)
-    n_attn = cfg.model.n_layers
-    span = _attention_span(cfg)
+    # persistent memory slots are parameters every token reads: counted in ``active``, not here
+    spans = _attention_span(cfg) * cfg.model.n_layers
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    flops = (6 * active + 12 * n_attn * cfg.model.d_model * span) * tokens * (4 / 3 if ac else 1)
+    # 6 FLOPs per parameter and token (forward and backward), 12 d per attended context key and token;
+    # recomputation repeats the forward
+    flops = (6 * active + 12 * cfg.model.d_model * spans) * tokens * (4 / 3 if ac else 1)
     compute = flops / layout.world_size / (assume.peak_tflops * 1e12 * assume.mfu)
     bubble = (layout.pp - 1) / m_batches if layout.pp > 1 else 0.0
     bw = lambda axis: (assume.nvlink_gbs if _intra_node(layout, axis, assume.gpus_per_node) else assume.network_gbs) * 1e9
