@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 
 from sparselm.errors import USER_ERRORS, ConfigError
@@ -368,15 +367,18 @@ def plan_layout(cfg, world: int, gpu_mem_gb: float, host_mem_gb: float | None = 
         layer_elems = [_block_elems(kinds[i], cfg, t, a, s.memory_slots) for i in s.layers]
         ends = (cfg.model.d_model if s.first else 0) + ((2 * cfg.model.d_model + cfg.model.vocab_size / t * (a + 8) / a) if s.last else 0)
         full = tokens * a * (sum(layer_elems) + ends)
-        recompute = tokens * a * (len(s.layers) * cfg.model.d_model + max(layer_elems, default=0) + ends)
+        # DeepSpeed's pipeline recomputes every `interval` layers: it keeps each chunk's input and rebuilds one
+        # chunk at a time
+        every = max(1, cfg.parallel.activation_checkpoint_interval)
+        chunks = [sum(layer_elems[i:i + every]) for i in range(0, len(layer_elems), every)]
+        recompute = tokens * a * (len(chunks) * cfg.model.d_model + max(chunks, default=0) + ends)
         in_flight = min(layout.pp - stage, m_batches) if layout.pp > 1 else 1
         act = (recompute if ac else full) * in_flight
         if stage_no >= 1:
             workspace = 4 * max((n / (edp if moe else layout.dp) for n, moe in s.groups.values()), default=0)
         else:
             workspace = 4 * s.largest_tensor
-        if offload_opt:
-            host["optimizer step workspace"] = 0
+        if offload_opt:  # DeepSpeedCPUAdam updates in place, on the host
             workspace = 0
         transient = max(act, workspace)
         (gpu if device == "gpu" else host)["activations / step workspace"] = transient
@@ -422,8 +424,6 @@ def _bus(size: float, n: int, kind: str) -> float:
 
 def _communication(cfg, layout, stages, zero_stage, w, a, micro, m_batches, tokens) -> dict:
     """Bytes one rank of the busiest stage sends per optimizer step, by collective and group."""
-    from sparselm.model.moe.config import resolved_expert_hidden  # noqa: F401  (same model description)
-
     kinds = cfg.model.layer_kinds()
     d, t = cfg.model.d_model, layout.tp
     best = {}
@@ -603,7 +603,7 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def format_plan(plan: Plan, gpu_mem_gb: float) -> str:
+def format_plan(plan: Plan) -> str:
     lay, lines = plan.layout, []
     lines.append(f"layout tp={lay.tp} pp={lay.pp} ep={lay.ep} dp={lay.dp} ({lay.world_size} {plan.device.upper()}s), "
                  f"ds_config={plan.cfg.parallel.ds_config} (ZeRO-{plan.zero_stage}, {_precision_bytes(plan.ds) * 8}-bit weights), "
@@ -684,7 +684,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ds-config", default=None, help="DeepSpeed JSON name or path (parallel.ds_config)")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (train.micro_batch_size)")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
-                        help="cpu: the ranks are CPU processes (everything in host memory)")
+                        help="cpu: the ranks are CPU processes (everything in host memory; the step time still "
+                             "uses --peak-tflops)")
     parser.add_argument("--search", action="store_true", help="rank every valid layout of --gpus that fits")
     parser.add_argument("--top", type=int, default=8, help="layouts printed by --search")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -722,7 +723,7 @@ def _run(cfg, args, assume) -> dict:
             near = nearest_valid_worlds(cfg, world) if "world size" in str(err) or "data-parallel size" in str(err) else []
             hint = f"; GPU counts with a valid layout nearby: {', '.join(map(str, near))}" if near else ""
             raise ConfigError(f"this layout cannot run: {err}{hint}") from None
-        out(format_plan(plan, args.gpu_mem))
+        out(format_plan(plan))
         result = {"fits": plan.fits, **plan.as_dict()}
         if not plan.fits:
             fix = smallest_fix(cfg, world, args.gpu_mem, args.host_mem, args.device, assume)
@@ -750,7 +751,7 @@ def _run(cfg, args, assume) -> dict:
                           for (tp, pp, ep, ac), why in refused]}
     if fitting:
         out("best layout:")
-        out(format_plan(fitting[0], args.gpu_mem))
+        out(format_plan(fitting[0]))
     else:
         fix = ""
         for factor in (2, 4, 8, 16):
