@@ -14,10 +14,11 @@ from sparselm.zero_rules import check_zero_rules
 from sparselm.optim import param_groups
 
 
-def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None) -> dict:
+def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None, cuda: bool | None = None) -> dict:
     """The DeepSpeed config of this run: the user's JSON resolved by ``sparselm.ds_config`` (sparselm owns the
     batch, optimizer, schedule and clipping), then our fixed settings.  ``notes`` (a list) receives what the
-    resolution changed or passed through, for the start-up log.  Raises ConfigError naming the key."""
+    resolution changed or passed through, for the start-up log.  ``cuda``: whether the run has CUDA GPUs
+    (None: this machine's; a planner passes the target's).  Raises ConfigError naming the key."""
     raw = load_ds_json(cfg.parallel.ds_config)
     ds, found = resolve_ds_json(raw, cfg, dp_size, cfg.parallel.ds_config)
     if notes is not None:
@@ -29,7 +30,7 @@ def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None) -> dict:
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if cfg.parallel.zero_stage >= 0:
         zero["stage"] = cfg.parallel.zero_stage
-    if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
+    if ds.get("fp16", {}).get("enabled") and not (torch.cuda.is_available() if cuda is None else cuda):
         raise ConfigError(f"parallel.ds_config={cfg.parallel.ds_config} enables fp16, which needs a CUDA GPU "
                           "(DeepSpeed's CPU accelerator rejects it); use parallel.ds_config=bf16 on CPU")
     check_zero_rules(cfg, ds, cfg.parallel.ds_config)

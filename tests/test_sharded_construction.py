@@ -6,6 +6,7 @@ shared value table, all-attention with persistent memory, tied embeddings) and t
 tp2 x ep2, tp2 x pp2 and tp2 with the row split:
 - every parameter and persistent buffer a rank holds equals, bit for bit, its piece of the one-process model;
 - a rank holds its share of the parameters only (counted), and nothing else is reachable from its module;
+- the planner (sparselm.plan) counts exactly the pieces each rank holds, on paper;
 - the modules a rank initialises are its own (a pipeline stage never draws another stage's layers), and the
   memory it allocates while building is bounded by its own modules (counted with a dispatch mode).
 """
@@ -93,12 +94,21 @@ def _case(rank, config, layout):
             if t.shape != expected.shape or not torch.equal(t.detach(), expected):
                 wrong.append(local)
         own_full = sum(p.numel() for m in source.modules for p in ref.get_submodule(m).parameters(recurse=False))
+        # the planner's view of this rank, with no process group: the same rules on paper
+        from sparselm.parallel.materialize import held_pieces
+        from sparselm.parallel.topology import VirtualTopology
+        from sparselm.plan import plan_layout
+
+        shapes = {rename(n): tuple(p.shape) for n, p in module.named_parameters()}
+        paper = {n: tuple(p.shape) for n, p in held_pieces(cfg, VirtualTopology(topo.layout, topo.rank)).items()}
+        planned = plan_layout(cfg, topo.world_size, 80, device="cpu").ranks[topo.rank].params
         layers = sorted({int(n.split(".")[1]) for n in source.modules if n.startswith("layers.")})
         stage_layers = sorted(s.layer_index for s in getattr(module, "block_stages", lambda: [])()) or None
         return {"wrong": wrong, "held": sum(p.numel() for p in module.parameters()),
                 "reachable": reachable_parameters(module), "total": ref.num_params(), "initialised": sorted(source.modules),
                 "init_layers": layers, "stage_layers": stage_layers, "allocated": alloc.elements, "own_full": own_full,
-                "coord": (topo.coord.pp, topo.coord.dp, topo.coord.tp)}
+                "coord": (topo.coord.pp, topo.coord.dp, topo.coord.tp), "shapes": shapes, "paper": paper,
+                "planned": planned}
     finally:
         topo.teardown()
 
@@ -163,6 +173,15 @@ def test_ranks_hold_their_share_only(report, case):
     if "pp2" in layout:  # the stages of one data-parallel lane hold the model once between them
         lane = [r[case] for r in report if r[case]["coord"][1:] == (0, 0)]
         assert len(lane) == 2 and sum(c["own_full"] for c in lane) == lane[0]["total"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_planner_counts_what_each_rank_holds(report, case):
+    """sparselm.plan's per-rank pieces (VirtualTopology, no process group) are this rank's real ones."""
+    for rank, r in enumerate(report):
+        c = r[case]
+        assert c["paper"] == c["shapes"], (rank, set(c["paper"].items()) ^ set(c["shapes"].items()))
+        assert c["planned"] == c["held"], (rank, c["planned"], c["held"])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if "pp2" in c])

@@ -20,7 +20,7 @@ def parallelize(model, cfg, topo):
     from sparselm.parallel.tensor import apply_tp
 
     model = apply_tp(model, topo)
-    apply_expert_parallel(model, topo.ep, topo.dp_group)
+    apply_expert_parallel(model, topo.ep, topo.dp_group, topo.ep_group)
     if cfg.parallel.moe_tp_mode == "weights":
         apply_expert_tensor_parallel(model, topo.tp_group)
     else:

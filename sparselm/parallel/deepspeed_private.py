@@ -4,7 +4,9 @@ DeepSpeed has no public API for these; each function says what it reaches into a
 two subclasses override private methods by name and are listed here for the same reason:
 - ``sparselm.parallel.pipeline.SparseLMPipe`` (a ``PipelineModule``): ``_partition_layers`` (refuse a stage
   without layers), ``_count_layer_params`` and ``_get_frozen_parameter_names`` (count the meta modules, build
-  nothing), and reads ``_layer_specs``, ``_local_start``, ``_local_stop`` and ``parts``;
+  nothing), and reads ``_layer_specs``, ``_local_start``, ``_local_stop`` and ``parts``; ``stage_bounds`` runs
+  ``_partition_layers`` on an instance whose ``__init__`` is skipped, setting ``_layer_specs``, ``_topo``,
+  ``num_stages``, ``global_rank`` and ``loss_fn`` (what it reads) itself;
 - ``sparselm.parallel.expert.DeepSpeedMoETag`` (a ``deepspeed.moe.layer.MoE``): skips its ``__init__`` and
   sets the attributes ``deepspeed.initialize`` reads (``num_experts``, ``ep_size``, ``expert_group_name``,
   ``num_local_experts``, ``enable_expert_tensor_parallelism``).

@@ -32,7 +32,7 @@ from torch import nn
 from sparselm.model.moe import MoELayer
 from sparselm.model.moe.experts import GroupedExperts
 from sparselm.parallel.comm import GroupReducer
-from sparselm.parallel.pieces import Shard, is_sharded_over, shard_
+from sparselm.parallel.pieces import Shard, group_rank_size, in_world, is_sharded_over, shard_
 
 
 def group_name(ep_size: int) -> str:
@@ -209,9 +209,9 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, dp_group=None, ep_grou
     ``ep_size_<ep>`` group, created if missing).  ``dp_group``: the data-parallel group the load statistics of
     bias balancing are summed over (None: the whole world).  Returns the model, changed in place."""
     layers = moe_layers(model)
-    if not layers or not dist.is_initialized():
+    if not layers or not in_world(dp_group):
         return model
-    if dist.get_world_size(dp_group) > 1:
+    if group_rank_size(dp_group)[1] > 1:
         reducer = GroupReducer(dp_group)
         for layer in layers:
             layer.stats_reducer = reducer
@@ -219,8 +219,8 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, dp_group=None, ep_grou
         return model
     if ep_group is None:
         ep_group, _ = expert_groups(ep_size)
-    assert dist.get_world_size(ep_group) == ep_size, "ep_group does not have ep_size ranks"
-    ep_rank = dist.get_rank(ep_group)
+    ep_rank, size = group_rank_size(ep_group)
+    assert size == ep_size, "ep_group does not have ep_size ranks"
     for layer in layers:
         experts = layer.experts
         if experts.num_experts % ep_size:
@@ -316,7 +316,7 @@ class TensorParallelDedupDispatcher:
 
     def __init__(self, inner, tp_group):
         self.inner, self.tp_group = inner, tp_group
-        self.tp_size, self.tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        self.tp_rank, self.tp_size = group_rank_size(tp_group)
 
     def dispatch(self, rows: torch.Tensor, counts: torch.Tensor):
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
@@ -355,7 +355,7 @@ class RowSplitExperts(GroupedExperts):
 def deduplicate_over_tp(model: nn.Module, tp_group) -> nn.Module:
     """Split every MoE layer's routed rows over ``tp_group`` (see TensorParallelDedupDispatcher); call after
     ``apply_expert_parallel``.  A no-op for a group of one rank."""
-    if not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
+    if not in_world(tp_group) or group_rank_size(tp_group)[1] == 1:
         return model
     for layer in moe_layers(model):
         layer.dispatcher = TensorParallelDedupDispatcher(layer.dispatcher, tp_group)
@@ -388,7 +388,7 @@ def apply_expert_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
     """Shard every MoE layer's routed experts by hidden width over ``tp_group`` (in place, meta or real); call
     after ``apply_expert_parallel``.  A no-op for a group of one rank.  Raises ConfigError when the expert
     hidden width is not divisible by the group size."""
-    if not dist.is_initialized() or dist.get_world_size(tp_group) == 1:
+    if not in_world(tp_group) or group_rank_size(tp_group)[1] == 1:
         return model
     groups = {"tp": tp_group}
     for layer in moe_layers(model):

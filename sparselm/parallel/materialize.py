@@ -116,6 +116,33 @@ def build_sharded(cfg, topo, tensors=None, source=None) -> torch.nn.Module:
                           materialize_stage)
 
 
+def held_pieces(cfg, topo, model=None) -> dict[str, torch.nn.Parameter]:
+    """The pieces ``build_sharded(cfg, topo)`` gives this rank, on the meta device (nothing allocated), by
+    canonical name (a tied matrix once, under its first name): the same ``parallelize`` and pipeline partition,
+    without materialising.  With a ``topology.VirtualTopology`` it needs no process group: what any rank of
+    any layout holds, counted on paper (``sparselm.plan``).  ``model``: the parallelised meta model of an
+    earlier call for a rank with the same tp and ep degrees, reused (such ranks' pieces differ only in their
+    offsets, and pipeline stages only in which layers they take)."""
+    from sparselm.model import build_model
+    from sparselm.parallel import parallelize
+    from sparselm.parallel.pipeline import pipeline_stages, stage_bounds
+
+    if model is None:
+        model = parallelize(build_model(cfg, device="meta"), cfg, topo)
+    if topo.pp == 1:
+        named = [(name, p) for name, p in model.named_parameters()]
+    else:
+        stages, _ = pipeline_stages(model)
+        start, stop = stage_bounds(stages, topo.ds_topology, topo.rank, cfg.parallel.pp_partition)
+        named = [(stage.canonical(name), p) for stage in stages[start:stop] for name, p in stage.named_parameters()]
+    out, seen = {}, set()
+    for name, p in named:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
 def reachable_parameters(root) -> int:
     """Elements of the distinct parameters with memory (not meta) reachable from ``root`` through modules,
     containers and the attributes of sparselm's and DeepSpeed's pipeline objects (its layer specs): what

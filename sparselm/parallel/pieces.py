@@ -48,11 +48,33 @@ def is_sharded_over(tensor, group: str) -> bool:
     return any(s.group == group for s in placements(tensor))
 
 
+@dataclass(frozen=True)
+class VirtualGroup:
+    """A process group on paper: rank ``me``'s view of the group of global ``ranks``.  The parallelisation
+    rules take it wherever they take a live group, so a planner (``sparselm.plan``) can cut rank r's pieces on
+    the meta device with no torch.distributed at all; it cannot communicate."""
+    ranks: tuple[int, ...]
+    me: int
+
+    def rank(self) -> int:
+        return self.ranks.index(self.me)
+
+    def size(self) -> int:
+        return len(self.ranks)
+
+
 def group_rank_size(group) -> tuple[int, int]:
     """(rank in ``group``, its size); a process without torch.distributed is a group of one."""
+    if isinstance(group, VirtualGroup):
+        return group.rank(), group.size()
     if group is None and not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def in_world(group) -> bool:
+    """Whether ``group`` is part of a parallel world: torch.distributed is up, or ``group`` is virtual."""
+    return isinstance(group, VirtualGroup) or dist.is_initialized()
 
 
 def _narrow(full: torch.Tensor, shard: Shard, rank: int, size: int) -> torch.Tensor:

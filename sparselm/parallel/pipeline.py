@@ -11,6 +11,9 @@ stages' layers never get memory on this rank and are dropped from the module aft
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
@@ -159,10 +162,7 @@ def build_pipeline(model, topology, partition_method: str = "parameters", activa
     """Wrap a ``SparseLM`` as a ``SparseLMPipe`` over DeepSpeed ``topology``.  ``materialize(stage) -> stage``
     gives a meta stage its memory and values (``stage.canonical`` maps its names to the one-process model's);
     None: ``model`` is real already.  Only this rank's stages are materialised."""
-    stages: list[nn.Module] = [EmbeddingStage(model.embed)]
-    stages += [BlockStage(block, i) for i, block in enumerate(model.layers)]
-    stages.append(HeadStage(model.head))
-    tied = model.head.proj.weight is model.embed.weight
+    stages, tied = pipeline_stages(model)
     del model  # the stages hold its modules; nothing else may keep the other stages alive
     pipe = SparseLMPipe(layers=[StageSpec(stage, materialize) for stage in stages], topology=topology,
                         loss_fn=total_loss, partition_method=partition_method,
@@ -171,6 +171,28 @@ def build_pipeline(model, topology, partition_method: str = "parameters", activa
     if tied:
         _tie_first_and_last_stage(pipe, topology)
     return pipe
+
+
+def pipeline_stages(model) -> tuple[list[nn.Module], bool]:
+    """A ``SparseLM``'s pipeline stages in order (embedding, one per block, head) and whether the embedding is
+    tied to the output projection."""
+    stages: list[nn.Module] = [EmbeddingStage(model.embed)]
+    stages += [BlockStage(block, i) for i, block in enumerate(model.layers)]
+    stages.append(HeadStage(model.head))
+    return stages, model.head.proj.weight is model.embed.weight
+
+
+def stage_bounds(stages: list[nn.Module], topology, rank: int, partition_method: str = "parameters") -> tuple[int, int]:
+    """[start, stop) of ``stages`` that global ``rank`` of DeepSpeed ``topology`` runs: the partition
+    ``build_pipeline`` gets (``SparseLMPipe._partition_layers``, DeepSpeed's with our checks), computed on paper
+    without a process group or building anything; for planning (``sparselm.plan``)."""
+    pipe = SparseLMPipe.__new__(SparseLMPipe)
+    nn.Module.__init__(pipe)
+    pipe._layer_specs = [StageSpec(stage) for stage in stages]
+    pipe._topo, pipe.num_stages, pipe.global_rank, pipe.loss_fn = topology, topology.get_dim("pipe"), rank, None
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partition on rank 0
+        pipe._partition_layers(partition_method)
+    return pipe._local_start, pipe._local_stop
 
 
 def _tie_first_and_last_stage(pipe: SparseLMPipe, topology) -> None:

@@ -23,7 +23,7 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
 from sparselm.model.pkm.memory import ProductKeyMemory
 from sparselm.model.pkm.usage import SlotUsage
 from sparselm.parallel.comm import GroupReducer, gather_along_dim
-from sparselm.parallel.pieces import Shard, shard_
+from sparselm.parallel.pieces import Shard, group_rank_size, in_world, shard_
 from sparselm.parallel.tensor import register_tp_rule
 
 
@@ -48,7 +48,7 @@ def shard_pkm(module: ProductKeyMemory, tp_group) -> ProductKeyMemory:
     """Shard a built (and initialised) ProductKeyMemory across ``tp_group`` in place and return it.
 
     Shared value tables: call it for every layer; the shared Parameter is sliced once."""
-    if dist.get_world_size(tp_group) == 1:
+    if group_rank_size(tp_group)[1] == 1:
         return module
     if module.values is None:
         raise ValueError("shard_pkm: bind shared value tables before sharding")
@@ -72,7 +72,7 @@ def tp_pkm(module, topo):
 def share_usage_statistics(model: torch.nn.Module, dp_group) -> None:
     """Merge every PKM layer's slot-usage statistics over the data-parallel group at each step end, so its
     metrics describe the global batch (tensor-parallel ranks read the same slots and need nothing)."""
-    if not dist.is_initialized() or dist.get_world_size(dp_group) == 1:
+    if not in_world(dp_group) or group_rank_size(dp_group)[1] == 1:
         return
     reducer = GroupReducer(dp_group)
     for module in model.modules():

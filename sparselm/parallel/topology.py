@@ -187,3 +187,40 @@ def _ensure_deepspeed_comm() -> None:
 
     if not deepspeed.comm.is_initialized():
         deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+
+
+class VirtualTopology:
+    """Rank ``rank`` of ``layout`` on paper: what ``parallelize`` and the pipeline partition read from a
+    ``Topology`` (sizes, coordinates, DeepSpeed's topology, groups as ``pieces.VirtualGroup``), with no
+    process group, so a planner can cut any rank's pieces on the meta device (``materialize.held_pieces``).
+    The groups are ``Layout``'s, which ``Topology`` checks megatron-core and DeepSpeed agree with."""
+
+    def __init__(self, layout: Layout, rank: int):
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        self.layout, self.rank, self.world_size = layout, rank, layout.world_size
+        self.tp, self.pp, self.dp, self.ep = layout.tp, layout.pp, layout.dp, layout.ep
+        self.coord: Coord = layout.coord(rank)
+        self.ds_topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+
+    @classmethod
+    def for_config(cls, cfg, world_size: int, rank: int) -> "VirtualTopology":
+        """Validated as ``Topology`` validates (ConfigError naming the broken rule)."""
+        return cls(validate_layout(cfg, world_size), rank)
+
+    def group(self, axis: str):
+        from sparselm.parallel.pieces import VirtualGroup
+
+        return VirtualGroup(tuple(self.layout.group(axis, self.rank)), self.rank)
+
+    tp_group = property(lambda self: self.group("tp"))
+    dp_group = property(lambda self: self.group("dp"))
+    pp_group = property(lambda self: self.group("pp"))
+    ep_group = property(lambda self: self.group("ep"))
+    expert_dp_group = property(lambda self: self.group("edp"))
+
+    def as_dict(self) -> dict:
+        return self.layout.as_dict()
+
+    def __repr__(self) -> str:
+        return f"VirtualTopology(rank {self.rank}/{self.world_size}, {self.as_dict()}, {self.coord})"
