@@ -3,8 +3,10 @@
 SIGTERM (SLURM's time limit, ``scancel``, a preempting scheduler), SIGUSR1 (``sbatch --signal=USR1@120``)
 and SIGINT (Ctrl-C) only set a flag here: the step in progress finishes, every rank saves a checkpoint
 through the trainer's usual save, and the process exits with ``REQUEUE_EXIT``.  A save is never cut
-short by the first signal; a second signal ends the process at once (the checkpoint being written then
-is left incomplete and ``checkpoints/latest`` keeps naming the previous one).
+short by the first signal; a second SIGTERM or SIGINT ends the process at once (the checkpoint being
+written then is left incomplete and ``checkpoints/latest`` keeps naming the previous one).  SIGUSR1 is
+a warning: repeating it changes nothing (the sbatch scripts repeat it until the ranks stop, since one
+sent while a rank's interpreter is still starting is lost).
 
 The decision is taken collectively once per optimizer step (one small all-reduce over the world), so
 every rank stops after the same step even when the signal or the clock reaches them at different times.
@@ -21,15 +23,33 @@ import threading
 import time
 from typing import NamedTuple
 
-import torch
-import torch.distributed as dist
-
 REQUEUE_EXIT = 75
 """Exit status of a run that stopped early (signal or ``train.max_minutes``) after saving a checkpoint:
 run the same command with ``--train.resume=latest`` to continue.  75 is sysexits' EX_TEMPFAIL
 ("temporary failure, retry"); the sbatch scripts requeue the job on it."""
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_early: list[int] = []  # signals received between catch_early() and the StopGuard
+
+
+def catch_early() -> None:
+    """Record the stop signals from process start until the trainer's StopGuard takes over (start-up, e.g.
+    imports and data preparation, can last minutes): such a signal then stops the run after its first
+    step, with a checkpoint, instead of killing it.  Main thread only."""
+    def record(signum, frame):
+        if _early and signum == signal.SIGUSR1:
+            return
+        if _early:  # a second one: die of it, as later on
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        _early.append(signum)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sparselm: got {signal.Signals(signum).name} during start-up: the run will save and stop after its "
+                  "first step (send it again to exit now)", flush=True)
+
+    for sig in SIGNALS:
+        signal.signal(sig, record)
+        signal.siginterrupt(sig, False)
 
 
 class Decision(NamedTuple):
@@ -53,7 +73,7 @@ class StopGuard:
         self.say = say
         self.group = group
         self.started = self.last_save = time.monotonic()
-        self.received: int | None = None  # the first signal's number
+        self.received: int | None = _early[0] if _early else None  # the first signal's number (start-up's)
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # signal.signal only works there
             for sig in SIGNALS:
@@ -61,6 +81,8 @@ class StopGuard:
                 signal.siginterrupt(sig, False)  # restart system calls (gloo's socket reads) instead of EINTR
 
     def _on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGUSR1 and self.received is not None:
+            return  # a repeated warning (the sbatch scripts repeat it until the ranks stop), not "exit now"
         if self.received is None:
             self.received = signum
             self.say(f"sparselm: got {signal.Signals(signum).name}: finishing this step, saving a checkpoint and "
@@ -78,6 +100,9 @@ class StopGuard:
 
     def check(self) -> Decision:
         """Collective (every rank, after every step): whether to save now and whether to stop."""
+        import torch  # here, so that catch_early() costs no torch import at process start
+        import torch.distributed as dist
+
         now = time.monotonic()
         flags = torch.tensor([float(self.received is not None),
                               float(self.max_s > 0 and now - self.started >= self.max_s),
@@ -94,3 +119,4 @@ class StopGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        _early.clear()
