@@ -14,24 +14,28 @@ export PYTHONUNBUFFERED=1
 REQUEUE_EXIT=75  # sparselm.preemption.REQUEUE_EXIT: stopped early after saving a checkpoint
 echo "sparselm: job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST at $(date -u +%FT%TZ)"
 
+# The ranks are told to save and stop through a file (--train.stop_file), not a signal: a signal sent to a
+# job step reaches every process in it (a compiler or worker a rank started would die of SIGUSR1) and is
+# lost while a rank is still starting. The file lives in the repository, which every node sees.
+STOP_FILE="$REPO/.sparselm-stop-$SLURM_JOB_ID"
+rm -f "$STOP_FILE"
+
 # run_or_requeue CMD...: run the job step CMD (an srun) in the background so that this shell can take
-# signals meanwhile. SIGUSR1 (sbatch --signal=B:USR1@SECONDS, sent before the time limit) is forwarded to
-# every process of the job's steps: the ranks finish their step, save a checkpoint and exit 75 (launchers
-# in between ignore USR1, see IGNORE_USR1); on 75 the job is requeued and resumes from that checkpoint.
-# SIGTERM reaches the steps from SLURM itself, so this shell only outlives it to requeue.
-# The sbatch scripts run srun with --kill-on-bad-exit=0 --wait=60: ranks that stop with 75 leave within
-# moments of each other and must not be killed on the way out (srun would then report 143, not 75),
-# while a rank that crashed takes the others down after 60 s instead of a collective timeout.
+# signals meanwhile. On SIGUSR1 (sbatch --signal=B:USR1@SECONDS, sent before the time limit) it creates
+# STOP_FILE: the ranks finish their step, save a checkpoint and exit 75; on 75 the job is requeued and
+# resumes from that checkpoint. SIGTERM reaches the ranks from SLURM itself (scancel, the time limit).
+# The scripts run srun with --kill-on-bad-exit=0 --wait=60: ranks that stop with 75 leave within moments
+# of each other and must not be killed on the way out (srun would then report 143, not 75), while a rank
+# that crashed takes the others down after 60 s instead of a collective timeout.
 run_or_requeue() {
   "$@" &
   local pid=$! rc=0
-  # repeated every 10 s until the step ends: a rank still starting Python ignores it (IGNORE_USR1)
-  trap 'echo "sparselm: got SIGUSR1, asking the ranks to save and stop"
-        (while kill -0 "$pid" 2>/dev/null; do scancel --signal=USR1 "$SLURM_JOB_ID"; sleep 10; done) &' USR1
+  trap 'echo "sparselm: got SIGUSR1, asking the ranks to save and stop"; touch "$STOP_FILE"' USR1
   trap 'echo "sparselm: got SIGTERM"' TERM
   while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
   wait "$pid" || rc=$?
   trap - USR1 TERM
+  rm -f "$STOP_FILE"
   if [[ $rc == "$REQUEUE_EXIT" ]]; then
     echo "sparselm: the run saved a checkpoint and stopped early (status $rc): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
@@ -40,6 +44,3 @@ run_or_requeue() {
   echo "sparselm: job step ended with status $rc"
   exit "$rc"
 }
-# A launcher process (deepspeed) would die of SIGUSR1, and so would a rank before Python has set its
-# handler; started through this they ignore it until sparselm.train installs its own handler.
-IGNORE_USR1=(bash -c 'trap "" USR1; exec "$@"' _)

@@ -180,6 +180,10 @@ class TrainConfig:
     save_every_minutes: float = 0.0
     """Also checkpoint whenever this many minutes of wall-clock time passed since the last checkpoint
     (after the step in progress); 0 disables.  Bounds the work a crash or a hard kill can lose."""
+    stop_file: str = ""
+    """A path: once it exists the run saves a checkpoint and stops with exit status 75, as on SIGUSR1
+    (rank 0 looks once per step).  The sbatch scripts set it and create the file when SLURM warns of the
+    time limit.  Empty: not used."""
     max_minutes: float = 0.0
     """Save a checkpoint and stop (exit status 75, see sparselm.preemption) once the run has lasted this
     many minutes, counted from start-up; set it below a job's time limit.  0: no limit."""

@@ -5,8 +5,9 @@ and SIGINT (Ctrl-C) only set a flag here: the step in progress finishes, every r
 through the trainer's usual save, and the process exits with ``REQUEUE_EXIT``.  A save is never cut
 short by the first signal; a second SIGTERM or SIGINT ends the process at once (the checkpoint being
 written then is left incomplete and ``checkpoints/latest`` keeps naming the previous one).  SIGUSR1 is
-a warning: repeating it changes nothing (the sbatch scripts repeat it until the ranks stop, since one
-sent while a rank's interpreter is still starting is lost).
+a warning: repeating it changes nothing.  ``train.stop_file`` asks the same without a signal: the sbatch
+scripts create it when SLURM warns them, since a signal sent to a job step reaches every process in it
+(a compiler or worker the rank started would die of SIGUSR1) and is lost before a rank's handler exists.
 
 The decision is taken collectively once per optimizer step (one small all-reduce over the world), so
 every rank stops after the same step even when the signal or the clock reaches them at different times.
@@ -67,7 +68,9 @@ class StopGuard:
     the construction of this object on each rank, agreed by the all-reduce.  ``group``: the process
     group to agree over (None: the default group)."""
 
-    def __init__(self, save_every_minutes: float = 0.0, max_minutes: float = 0.0, say=print, group=None):
+    def __init__(self, save_every_minutes: float = 0.0, max_minutes: float = 0.0, say=print, group=None,
+                 stop_file: str = ""):
+        self.stop_file = stop_file
         self.save_every_s = save_every_minutes * 60.0
         self.max_s = max_minutes * 60.0
         self.say = say
@@ -104,13 +107,18 @@ class StopGuard:
         import torch.distributed as dist
 
         now = time.monotonic()
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if self.stop_file and rank0 and self.received is None and os.path.exists(self.stop_file):
+            self.received = signal.SIGUSR1  # asked through the file: as SIGUSR1
+            self.say(f"sparselm: {self.stop_file} exists: finishing this step, saving a checkpoint and exiting "
+                     f"with status {REQUEUE_EXIT}")
         flags = torch.tensor([float(self.received is not None),
                               float(self.max_s > 0 and now - self.started >= self.max_s),
                               float(self.save_every_s > 0 and now - self.last_save >= self.save_every_s)])
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         signalled, out_of_time, save_due = (bool(f) for f in flags.tolist())
-        stop = ("a signal" if signalled else
+        stop = ("asked to stop" if signalled else
                 f"train.max_minutes={self.max_s / 60:g} reached" if out_of_time else "")
         return Decision(save=bool(stop) or save_due, stop=stop)
 

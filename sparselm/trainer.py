@@ -64,7 +64,7 @@ class Trainer:
         self.cfg = cfg
         self._start_processes()
         # from here on, SIGTERM/SIGUSR1/SIGINT stop the run after its next step, with a checkpoint
-        self.guard = StopGuard(cfg.train.save_every_minutes, cfg.train.max_minutes, group=None,
+        self.guard = StopGuard(cfg.train.save_every_minutes, cfg.train.max_minutes, stop_file=cfg.train.stop_file,
                                say=print if self.is_rank0 else (lambda line: None))
         self._open_data()
         restored = self._read_resume_checkpoint()

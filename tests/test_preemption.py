@@ -81,7 +81,7 @@ def test_stop_guard_decisions():
     try:
         assert guard.check() == (False, "")
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert guard.check() == (True, "a signal")
+        assert guard.check() == (True, "asked to stop")
     finally:
         guard.close()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # handlers put back

@@ -17,7 +17,7 @@ import pytest
 from conftest import BIN, REPO, TINY, read_metrics, subprocess_env, train
 from local_slurm import LocalSlurm, missing_binaries
 
-SHORT, LONG = 12, 1500  # LONG: long enough that a 1-minute job is signalled before it ends (~25 s on 2 cores)
+SHORT, LONG = 12, 2500  # LONG: long enough that a 1-minute job is signalled before it ends (~30 s on 2 cores)
 ARGS = TINY + ["--optim.warmup_steps=5", "--optim.min_lr_ratio=1", "--data.allow_repeat=true"]
 
 
@@ -67,10 +67,12 @@ def test_deepspeed_sbatch_two_ranks_equals_one_process(cluster, reference, tmp_p
 
 
 def test_time_limit_saves_requeues_and_continues(cluster, reference, tmp_path):
-    """A 1-minute job of 2 ranks (train.sbatch) gets SIGUSR1 before its limit, saves, exits 75, requeues
-    itself and, resumed, reaches the uninterrupted run's final loss with one metrics line per step."""
+    """A 1-minute job (train.sbatch) gets SIGUSR1 before its limit, saves, exits 75, requeues itself and,
+    resumed, reaches the uninterrupted run's final loss with one metrics line per step.  One rank, as the
+    reference: over thousands of steps another data-parallel layout drifts by rounding (about 1e-3 after
+    50 steps for 2 ranks), which would hide what this test checks, an exact resume."""
     out = tmp_path / "run"
-    job, log = submit(cluster, tmp_path, "train.sbatch", ["--time=1", "--signal=B:USR1@59", "--ntasks-per-node=2"],
+    job, log = submit(cluster, tmp_path, "train.sbatch", ["--time=1", "--signal=B:USR1@59", "--ntasks-per-node=1"],
                       ARGS + [f"--train.steps={LONG}", f"--train.out_dir={out}"])
     end = time.monotonic() + 180
     while cluster.job(job).get("Restarts", "0") == "0":
@@ -93,8 +95,8 @@ def test_time_limit_saves_requeues_and_continues(cluster, reference, tmp_path):
     assert f"resumed from {out / 'checkpoints' / f'step_{first}'} at step {first}" in text
     run = read_metrics(out)
     assert [r["step"] for r in run] == list(range(1, LONG + 1)), "one metrics line per step after the requeue"
-    assert run[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-5)
-    assert run[first]["loss"] == pytest.approx(reference[first]["loss"], rel=1e-5)  # the first resumed step
+    assert run[first]["loss"] == pytest.approx(reference[first]["loss"], rel=1e-6)  # the first resumed step
+    assert run[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------- two nodes
