@@ -46,7 +46,7 @@ def catch_early() -> None:
         _early.append(signum)
         if os.environ.get("RANK", "0") == "0":
             print(f"sparselm: got {signal.Signals(signum).name} during start-up: the run will save and stop after its "
-                  "first step (send it again to exit now)", flush=True)
+                  "first step (a SIGTERM or SIGINT now exits at once)", flush=True)
 
     for sig in SIGNALS:
         signal.signal(sig, record)
@@ -85,11 +85,11 @@ class StopGuard:
 
     def _on_signal(self, signum: int, frame) -> None:
         if signum == signal.SIGUSR1 and self.received is not None:
-            return  # a repeated warning (the sbatch scripts repeat it until the ranks stop), not "exit now"
+            return  # a repeated warning (a scheduler may send several), not "exit now"
         if self.received is None:
             self.received = signum
             self.say(f"sparselm: got {signal.Signals(signum).name}: finishing this step, saving a checkpoint and "
-                     f"exiting with status {REQUEUE_EXIT} (send it again to exit at once, without saving)")
+                     f"exiting with status {REQUEUE_EXIT} (a SIGTERM or SIGINT now exits at once, without saving)")
             return
         # Second signal: die of it (status 128+N), as an unhandled signal would; the atomic checkpoint
         # write leaves `latest` naming the previous complete checkpoint.
