@@ -1,16 +1,46 @@
-# Sourced by the sbatch scripts: the Python environment and the rendezvous address.
-REPO="${SPARSELM_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
+# Sourced by the sbatch scripts (from the repository, found through $SLURM_SUBMIT_DIR or $SPARSELM_REPO,
+# never from the script's own path: sbatch runs a copy of the script from slurmd's spool directory).
+# Sets the Python environment, the rendezvous address and processes per node, and defines run_or_requeue.
 cd "$REPO"
 export SPARSELM_BIN="${SPARSELM_BIN:-$REPO/.venv/bin}"
 export SPARSELM_PYTHON="$SPARSELM_BIN/python"
-[[ -x "$SPARSELM_PYTHON" ]] || { echo "no $SPARSELM_PYTHON: run 'make setup' in $REPO first" >&2; exit 2; }
-# Processes per node: the GPUs SLURM gave us, else PROCS_PER_NODE (CPU nodes), else 1.
-if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
-  export PROCS_PER_NODE="${PROCS_PER_NODE:-$SLURM_GPUS_ON_NODE}"
-else
-  export PROCS_PER_NODE="${PROCS_PER_NODE:-1}"
-fi
+[[ -x "$SPARSELM_PYTHON" ]] || { echo "sparselm: no $SPARSELM_PYTHON: run 'make setup' in $REPO first" >&2; exit 2; }
+# Processes per node: --ntasks-per-node when given, else the GPUs SLURM gave us, else 1.
+export PROCS_PER_NODE="${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
 export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONUNBUFFERED=1
+REQUEUE_EXIT=75  # sparselm.preemption.REQUEUE_EXIT: stopped early after saving a checkpoint
+echo "sparselm: job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST at $(date -u +%FT%TZ)"
+
+# The ranks are told to save and stop through a file (--train.stop_file), not a signal: a signal sent to a
+# job step reaches every process in it (a compiler or worker a rank started would die of SIGUSR1) and is
+# lost while a rank is still starting. The file lives in the repository, which every node sees.
+STOP_FILE="$REPO/.sparselm-stop-$SLURM_JOB_ID"
+rm -f "$STOP_FILE"
+
+# run_or_requeue CMD...: run the job step CMD (an srun) in the background so that this shell can take
+# signals meanwhile. On SIGUSR1 (sbatch --signal=B:USR1@SECONDS, sent before the time limit) it creates
+# STOP_FILE: the ranks finish their step, save a checkpoint and exit 75; on 75 the job is requeued and
+# resumes from that checkpoint. SIGTERM reaches the ranks from SLURM itself (scancel, the time limit).
+# The scripts run srun with --kill-on-bad-exit=0 --wait=60: ranks that stop with 75 leave within moments
+# of each other and must not be killed on the way out (srun would then report 143, not 75), while a rank
+# that crashed takes the others down after 60 s instead of a collective timeout.
+run_or_requeue() {
+  "$@" &
+  local pid=$! rc=0
+  trap 'echo "sparselm: got SIGUSR1, asking the ranks to save and stop"; touch "$STOP_FILE"' USR1
+  trap 'echo "sparselm: got SIGTERM"' TERM
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+  wait "$pid" || rc=$?
+  trap - USR1 TERM
+  rm -f "$STOP_FILE"
+  if [[ $rc == "$REQUEUE_EXIT" ]]; then
+    echo "sparselm: the run saved a checkpoint and stopped early (status $rc): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "sparselm: job step ended with status $rc"
+  exit "$rc"
+}

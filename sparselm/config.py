@@ -97,6 +97,9 @@ class ParallelConfig:
     counts) or 'type:REGEX' (balance layers whose class matches, e.g. 'type:BlockStage')."""
     activation_checkpoint_interval: int = 0
     """Pipeline runs: recompute activations in backward every N layers (0 keeps all activations)."""
+    timeout_minutes: float = 30.0
+    """Minutes a collective (or the start-up rendezvous) may wait for the other ranks before it fails
+    with an error instead of hanging (torch.distributed's process-group timeout)."""
     moe_tp_mode: Literal["weights", "rows"] = "weights"
     """With tp > 1, how routed experts use the tensor-parallel group (same numbers either way).
     'weights': each TP rank holds 1/tp of every local expert's hidden width (gate/up rows, down columns)
@@ -174,6 +177,16 @@ class TrainConfig:
     """Global batches per validation."""
     save_every: int = 0
     """Checkpoint every N steps; 0 means only at the end."""
+    save_every_minutes: float = 0.0
+    """Also checkpoint whenever this many minutes of wall-clock time passed since the last checkpoint
+    (after the step in progress); 0 disables.  Bounds the work a crash or a hard kill can lose."""
+    stop_file: str = ""
+    """A path: once it exists the run saves a checkpoint and stops with exit status 75, as on SIGUSR1
+    (rank 0 looks once per step).  The sbatch scripts set it and create the file when SLURM warns of the
+    time limit.  Empty: not used."""
+    max_minutes: float = 0.0
+    """Save a checkpoint and stop (exit status 75, see sparselm.preemption) once the run has lasted this
+    many minutes, counted from start-up; set it below a job's time limit.  0: no limit."""
     keep_last: int = 3
     """Checkpoints to keep; older ones are removed after a newer one is complete. 0 keeps all."""
     async_save: bool = False
@@ -399,6 +412,9 @@ def validate(cfg) -> None:
     require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
     require(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
+    require(p.timeout_minutes > 0, f"parallel.timeout_minutes must be positive, got {p.timeout_minutes}")
+    for name in ("save_every_minutes", "max_minutes"):
+        require(getattr(t, name) >= 0, f"train.{name} must be >= 0 (0 disables it), got {getattr(t, name)}")
     require(t.resume in ("", "latest") or bool(t.resume), "train.resume must be '', 'latest' or a checkpoint path")
     require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")

@@ -30,7 +30,12 @@ class ConversionError(RuntimeError):
     """A conversion cannot be done faithfully; the message names the setting that prevents it."""
 
 
-USER_ERRORS = (ConfigError, DatasetError, DataExhausted, CheckpointError, ConversionError, FileNotFoundError)
+class DistributedStartError(RuntimeError):
+    """The ranks could not form their process group (unreachable rendezvous, a node never started)."""
+
+
+USER_ERRORS = (ConfigError, DatasetError, DataExhausted, CheckpointError, ConversionError, FileNotFoundError,
+               DistributedStartError)
 """What entry points report as one line instead of a traceback."""
 
 

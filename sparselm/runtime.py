@@ -6,6 +6,8 @@ import socket
 
 import torch
 
+from sparselm.errors import DistributedStartError
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -32,11 +34,21 @@ def quiet_third_party() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed() -> torch.device:
-    """Initialise the default process group (gloo on CPU, nccl on GPU) and return this rank's device.
+def process_group_backend(cuda: bool) -> str:
+    """gloo on CPU; on CUDA both: NCCL carries CUDA tensors, gloo the CPU tensors that some collectives
+    use (metric averages, start-up agreement, checkpoint gathers), which an NCCL-only group rejects."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
-    A plain ``python -m sparselm.train`` becomes a world of one, so the same code path runs everywhere."""
+
+def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
+    """Initialise the default process group and return this rank's device.
+
+    A plain ``python -m sparselm.train`` becomes a world of one, so the same code path runs everywhere.
+    ``timeout_minutes`` bounds every collective and the rendezvous: a rank that waits longer raises
+    instead of hanging.  Raises ``DistributedStartError`` naming MASTER_ADDR:MASTER_PORT when the
+    rendezvous cannot complete."""
     import contextlib
+    import datetime
     import io
 
     quiet_third_party()
@@ -47,16 +59,26 @@ def init_distributed() -> torch.device:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):  # DeepSpeed prints "... shm_comm_op built successfully" per rank
-            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
-        for line in printed.getvalue().splitlines():
-            if "built successfully" not in line:
-                print(line)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        backend, timeout = process_group_backend(cuda), datetime.timedelta(minutes=timeout_minutes)
+        try:
+            dist.init_process_group(backend, timeout=timeout)
+        except (RuntimeError, ValueError) as err:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise DistributedStartError(
+                f"rank {os.environ['RANK']} of {os.environ.get('WORLD_SIZE')} could not join the process group at "
+                f"{where} within parallel.timeout_minutes={timeout_minutes:g}: check that MASTER_ADDR is the first "
+                f"node's reachable address, MASTER_PORT is free there, and every node was started "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # DeepSpeed prints "... shm_comm_op built successfully" per rank
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        for line in printed.getvalue().splitlines():
+            if "built successfully" not in line:
+                print(line)
+    if cuda:
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-

@@ -7,9 +7,13 @@ from __future__ import annotations
 import os
 import sys
 
+if __name__ == "__main__":  # a real run: from here on a stop signal during start-up cannot kill it
+    from sparselm.preemption import catch_early
+
+    catch_early()
+
 from sparselm.config import ConfigError, describe, list_presets, load_config
 from sparselm.preflight import preflight
-from sparselm.runtime import quiet_third_party
 
 USAGE = """usage: python -m sparselm.train --config NAME_OR_PATH [--section.key=value ...]
        python -m sparselm.train --help-config      (every key, its default and meaning)"""
@@ -51,23 +55,31 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(name, overrides, check=False)
         for note in preflight(cfg):  # every check that needs no process group, before DeepSpeed is imported
             _say(f"sparselm: {note}")
+        from sparselm.runtime import quiet_third_party
+
         quiet_third_party()
+        from sparselm.preemption import REQUEUE_EXIT
         from sparselm.trainer import Trainer
 
         trainer = Trainer(cfg)
         record = trainer.run()
         trainer.close()  # releases the process groups: a caller may train again in this process
+        if trainer.stopped_early:  # a checkpoint was saved: the same command with --train.resume=latest continues
+            sys.exit(REQUEUE_EXIT)
         return record
     except USER_ERRORS as err:
         if argv is not None:
             raise
-        _say(f"sparselm: error: {err}", sys.stderr)  # every rank stops; one says why
+        from sparselm.errors import DistributedStartError
+
+        # every rank stops; one says why (any rank when the group could not form: rank 0 may be the one missing)
+        _say(f"sparselm: error: {err}", sys.stderr, every_rank=isinstance(err, DistributedStartError))
         sys.exit(2)
 
 
-def _say(line: str, stream=None) -> None:
+def _say(line: str, stream=None, every_rank: bool = False) -> None:
     """Print on global rank 0 only (before the process group exists, from the launcher's RANK)."""
-    if os.environ.get("RANK", "0") == "0":
+    if every_rank or os.environ.get("RANK", "0") == "0":
         print(line, file=stream or sys.stdout, flush=True)
 
 

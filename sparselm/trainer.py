@@ -32,6 +32,7 @@ from sparselm.model import build_model
 from sparselm.optim import lr_at, set_lr
 from sparselm.parallel.materialize import build_sharded
 from sparselm.parallel.topology import Topology
+from sparselm.preemption import StopGuard
 from sparselm.preflight import find_resume
 from sparselm.runtime import init_distributed
 from sparselm.steps import EngineSteps, PipelineSteps
@@ -62,6 +63,9 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self._start_processes()
+        # from here on, SIGTERM/SIGUSR1/SIGINT stop the run after its next step, with a checkpoint
+        self.guard = StopGuard(cfg.train.save_every_minutes, cfg.train.max_minutes, stop_file=cfg.train.stop_file,
+                               say=print if self.is_rank0 else (lambda line: None))
         self._open_data()
         restored = self._read_resume_checkpoint()
         self._build_module(restored)
@@ -76,7 +80,7 @@ class Trainer:
     # ---------------------------------------------------------------------------- construction
     def _start_processes(self) -> None:
         """Process group, layout and the DeepSpeed JSON: every check that needs no data or model."""
-        self.device = init_distributed()
+        self.device = init_distributed(self.cfg.parallel.timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         self.topo = Topology(self.cfg)
@@ -270,6 +274,8 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=not show_bar, unit="step",
                    dynamic_ncols=True, file=sys.stdout)
         record: dict = {}
+        guard = self.guard
+        self.stopped_early = ""  # why the run ended before train.steps ('' when it did not)
         if t.eval_every and self.step == 0:  # where training starts from, for comparison
             start = {"step": 0, **self.evaluate()}
             self.writer.write(start)
@@ -298,10 +304,18 @@ class Trainer:
                     bar.write(format_line(record, t.steps))
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             bar.update(1)
-            if (t.save_every and self.step % t.save_every == 0) or last:
+            decision = guard.check()
+            if (t.save_every and self.step % t.save_every == 0) or last or decision.save:
                 path = self.save()
+                guard.saved()
                 if self.is_rank0:
                     bar.write(f"saved {path}")
+            if decision.stop and not last:
+                self.stopped_early = decision.stop
+                if self.is_rank0:
+                    bar.write(f"sparselm: stopped at step {self.step}/{t.steps} ({decision.stop}); "
+                              "resume with --train.resume=latest")
+                break
         if ahead is not None:
             ahead.close()
         self.saver.wait()
@@ -310,6 +324,8 @@ class Trainer:
         return record
 
     def close(self) -> None:
-        """Finish a save in flight and release process groups (lets a test build another trainer in the same process)."""
+        """Finish a save in flight, release process groups and signal handlers (lets a test build another trainer
+        in the same process)."""
         self.saver.close()
+        self.guard.close()
         self.topo.teardown()
