@@ -182,6 +182,9 @@ class TrainConfig:
     """Show a progress bar on rank 0 when stdout is a terminal (logs get one plain line per logged step)."""
     tensorboard: bool = True
     """Write TensorBoard events under out_dir/tensorboard."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device, the denominator of the logged `mfu`; 0 looks the CUDA device up by name in
+    sparselm.flops.PEAK_TFLOPS at the run's precision (no mfu on CPU or for an unknown device)."""
     wandb_project: str = ""
     """Also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline writes
     out_dir/wandb without a network); empty disables it."""
@@ -396,6 +399,7 @@ def validate(cfg) -> None:
     require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
     require(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
+    require(t.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 looks the device up), got {t.peak_tflops}")
     require(t.resume in ("", "latest") or bool(t.resume), "train.resume must be '', 'latest' or a checkpoint path")
     require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
