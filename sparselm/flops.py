@@ -147,8 +147,9 @@ def _candidates(knn: int) -> int:
     return sum(knn // (a + 1) for a in range(knn))
 
 
-def _pkm(cfg, layer_idx: int) -> tuple[dict, dict, int, int]:
-    """(params, forward FLOPs, total param delta, active value params) of one product-key memory."""
+def _pkm(cfg, layer_idx: int) -> tuple[dict, int, int]:
+    """(forward FLOPs by component, total params, active params) of one product-key memory; a layer that
+    reads another's table (pkm.share_values) holds no table of its own."""
     p, d = cfg.pkm, cfg.model.d_model
     v_dim = p.v_dim or d
     norm = {"layernorm": 2 * p.k_dim, "batchnorm": 2 * p.heads * p.k_dim}.get(p.query_norm, 0)
@@ -161,7 +162,7 @@ def _pkm(cfg, layer_idx: int) -> tuple[dict, dict, int, int]:
     flops = {"pkm_query": 2 * query, "pkm_subkeys": 2 * p.heads * p.n_sub * p.k_dim,
              "pkm_topk": p.heads * (2 * p.n_sub + 2 * _candidates(p.knn)), "pkm_values": 2 * read,
              "pkm_proj": 2 * proj}
-    return {"pkm": dense + values}, flops, dense + values, dense + read
+    return flops, dense + values, dense + read
 
 
 def _slot(cfg, kind: str, layer_idx: int) -> tuple[int, int, dict]:
@@ -181,7 +182,7 @@ def _slot(cfg, kind: str, layer_idx: int) -> tuple[int, int, dict]:
         flops = {"moe_router": 2 * router, "moe_shared": 2 * shared, "moe_experts": 2 * e.top_k * expert}
         return router + shared + e.num_experts * expert, router + shared + e.top_k * expert, flops
     if kind in ("pkm", "pkm_ffn"):
-        _, flops, total, active = _pkm(cfg, layer_idx)
+        flops, total, active = _pkm(cfg, layer_idx)
         if kind == "pkm_ffn":
             n = _swiglu(d, m.ffn_hidden)
             total, active, flops = total + n, active + n, {**flops, "ffn": 2 * n}
