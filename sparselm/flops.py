@@ -20,6 +20,8 @@ token, Kaplan's C = 6N).  By layer kind:
   top-k selection (comparisons and candidate sums, forward only: no gradient flows through it, and these
   are the only non-matmul operations counted), the weighted value read (knn rows per head) and the
   Memory+ gate/output projections;
+- a block kind registered elsewhere: its slot built on the meta device, 2 FLOPs per active parameter
+  forward (Kaplan's rule, exact for plain matmuls; add a formula here for anything else);
 - output projection (logits).  The embedding lookup, norms, rotary, activations, softmaxes and the loss
   are elementwise and not counted (as Kaplan, Megatron and PaLM's MFU do not).
 
@@ -189,7 +191,22 @@ def _slot(cfg, kind: str, layer_idx: int) -> tuple[int, int, dict]:
         return total, active, flops
     if kind == "allattn":
         return 0, 0, {}
-    raise ConfigError(f"sparselm.flops does not know block kind '{kind}'; add it to sparselm/flops.py")
+    return _other_slot(cfg, kind, layer_idx)
+
+
+def _other_slot(cfg, kind: str, layer_idx: int) -> tuple[int, int, dict]:
+    """A block kind this module has no formula for (registered elsewhere): its slot built on the meta
+    device, FLOPs approximated as 2 per active parameter (Kaplan's dense rule; exact for plain matmuls)."""
+    from sparselm.model.init import deferred_init
+    from sparselm.model.registry import BLOCKS
+    from sparselm.model.transformer import SparseLM
+
+    with deferred_init():
+        _, ffn = BLOCKS[kind](cfg, layer_idx)
+    if ffn is None:
+        return 0, 0, {}
+    active = SparseLM.num_params(ffn, active=True)
+    return sum(p.numel() for p in ffn.parameters()), active, {"ffn": 2 * active}
 
 
 def _blocks(cfg, seq_len: int, mode: str):

@@ -156,6 +156,27 @@ def test_peak_table_and_mfu_device():
     assert flops.device_peak_tflops(cfg, {}, torch.device("cuda", 0)) == 100.0
 
 
+def test_block_kind_registered_elsewhere():
+    from sparselm.model.feedforward import SwiGLU
+    from sparselm.model.registry import BLOCKS, default_attention, register_block
+
+    @register_block("wide_test")
+    def wide(cfg, layer_idx):
+        return default_attention(cfg, layer_idx), SwiGLU(cfg.model.d_model, 2 * cfg.model.ffn_hidden)
+
+    try:
+        cfg = resolved("tiny_dense", ["--model.pattern=dense,wide_test"])
+        counts, model = flops.param_counts(cfg), build_model(cfg, device="meta")
+        assert counts.total == model.num_params() and counts.active == model.num_params(active=True)
+        f = flops.flop_counts(cfg)
+        dense = flops.flop_counts(resolved("tiny_dense"))
+        per_layer_extra = 3 * 2 * 3 * cfg.model.d_model * cfg.model.ffn_hidden  # the doubled hidden width
+        assert f.by_kind["wide_test"] - f.by_kind["dense"] == 2 * per_layer_extra  # 2 layers of each kind
+        assert f.per_token > dense.per_token
+    finally:
+        del BLOCKS["wide_test"]
+
+
 def test_unresolved_vocab_is_refused():
     cfg = load_config("tiny_dense")
     with pytest.raises(flops.ConfigError, match="vocab_size"):
