@@ -60,7 +60,7 @@ def test_fit_cli_compute_multiplier_and_plot(tmp_path, capsys):
             for cc, ll in zip(c, loss):
                 curves.append({"family": family, "run": run, "N": n, "N_active": n / 2, "step": 1, "D": cc / (6 * n),
                                "C": cc, "val_loss": ll})
-            results.append({"family": family, "run": run, "N": n, "N_active": n if family == "dense" else n / 4,
+            results.append({"family": family, "run": run, "steps": 1, "N": n, "N_active": n if family == "dense" else n / 4,
                             "D": c[-1] / (6 * n), "C": c[-1], "train_loss": loss[-1], "val_loss": loss[-1]})
     write_rows(tmp_path / "results.csv", results)
     write_rows(tmp_path / "curves.csv", curves)

@@ -24,7 +24,8 @@ D and C so far, val_loss).
 
 fit: L(N) = (N_c / N)^alpha_N over the runs' final validation losses (also against N_active when it
 differs), L(D) over the evaluations of each family's largest model, L(C) over the compute-efficient
-frontier of all evaluations of a family (Kaplan's L(C_min)): least squares in log space, with
+frontier of all evaluations of a family (Kaplan's L(C_min)), both without the evaluations of the first
+--skip-early fraction of each run (warmup and the first fast drop): least squares in log space, with
 --irreducible L = E + (x_c / x)^alpha (E profiled on a grid), 95% bootstrap intervals (--bootstrap
 resamples of the points).  Prints the exponents beside Kaplan et al. 2020's, plots loss against N, D
 and C with the fitted lines (--plot PNG), and for every family beside 'dense' the compute multiplier:
@@ -332,11 +333,15 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def law_points(rows: list[dict], curves: list[dict], family: str, law: str, loss_key: str):
+def law_points(rows: list[dict], curves: list[dict], family: str, law: str, loss_key: str, skip_early: float = 0.0):
+    """(x, loss) points of one law: final losses for N; for D and C the evaluations from ``skip_early`` of
+    each run's steps on (the warmup and the first fast drop are not the regime the laws describe)."""
     mine = [r for r in rows if r["family"] == family]
     if law in ("N", "N_active"):
         return [(r[law], r[loss_key]) for r in mine if math.isfinite(r[loss_key])]
-    curve = [c for c in curves if c["family"] == family and c["D"] > 0]
+    steps = {r["run"]: r["steps"] for r in mine}
+    curve = [c for c in curves if c["family"] == family and c["D"] > 0 and c["run"] in steps
+             and c["step"] >= skip_early * steps[c["run"]]]
     if law == "D":
         if not mine or not curve:
             return []
@@ -366,7 +371,7 @@ def fit(args) -> dict:
         for law in ("N", "N_active", "D", "C"):
             if law == "N_active" and all(r["N"] == r["N_active"] for r in rows if r["family"] == family):
                 continue
-            pts = law_points(rows, curves, family, law, args.loss)
+            pts = law_points(rows, curves, family, law, args.loss, args.skip_early)
             if len(pts) < (3 if args.irreducible else 2):
                 continue
             x, y = np.array(pts).T
@@ -473,6 +478,8 @@ def main(argv: list[str] | None = None):
     fi.add_argument("--loss", default="val_loss", choices=["val_loss", "train_loss"], help="loss of L(N)")
     fi.add_argument("--irreducible", action="store_true", help="fit L = E + (x_c / x)^alpha for N and D")
     fi.add_argument("--bootstrap", type=int, default=1000)
+    fi.add_argument("--skip-early", type=float, default=0.2,
+                    help="L(D), L(C): leave out evaluations before this fraction of each run's steps")
     fi.add_argument("--plot", default="")
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "sweep":
