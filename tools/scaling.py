@@ -443,7 +443,12 @@ def plot(result: dict, path: str, loss_key: str) -> None:
                 ax.loglog(xs, fa["E"] + (fa["x_c"] / xs) ** fa["alpha"], ":", color=color,
                           label=f"{family} (N_active) fit: alpha={fa['alpha']:.3f}")
             ax.set_xlabel(label)
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     for ax in axes:
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))  # losses span well under a decade
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylabel(loss_key)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
