@@ -71,6 +71,8 @@ def test_fit_cli_compute_multiplier_and_plot(tmp_path, capsys):
     m = out["compute_multiplier"]["moe"]
     assert m["multiplier"] == pytest.approx(2.5, rel=0.05)
     assert m["ci"][0] <= m["multiplier"] <= m["ci"][1]
+    assert m["shared_multiplier"] == pytest.approx(2.5, rel=0.05)
+    assert m["shared_ci"][0] <= m["shared_multiplier"] <= m["shared_ci"][1]
     assert "N_active" in out["fits"]["moe"] and "N_active" not in out["fits"]["dense"]
     assert png.stat().st_size > 10_000
     last = capsys.readouterr().out.strip().splitlines()[-1]

@@ -29,7 +29,8 @@ frontier of all evaluations of a family (Kaplan's L(C_min)), both without the ev
 --irreducible L = E + (x_c / x)^alpha (E profiled on a grid), 95% bootstrap intervals (--bootstrap
 resamples of the points).  Prints the exponents beside Kaplan et al. 2020's, plots loss against N, D
 and C with the fitted lines (--plot PNG), and for every family beside 'dense' the compute multiplier:
-C_dense(L) / C_family(L) from the two L(C) fits over the loss range both families reached.  The last line
+C_dense(L) / C_family(L) from the two L(C) fits over the loss range both families reached, and from one
+fit of both frontiers with a shared exponent (then one number at every loss).  The last line
 is one JSON object with every fit.
 """
 from __future__ import annotations
@@ -359,6 +360,18 @@ def compute_multiplier(dense: dict, other: dict, losses: np.ndarray) -> np.ndarr
     return c_dense / c_other
 
 
+def shared_exponent_multiplier(dense_pts, other_pts) -> tuple[float, float]:
+    """L(C) of two families fitted with one exponent and a compute scale each: log L = alpha log C_f - alpha
+    log C.  Returns (alpha, C_dense / C_other): the constant compute multiplier at every loss."""
+    d, o = np.log(np.asarray(dense_pts, float)), np.log(np.asarray(other_pts, float))
+    rows = np.concatenate([d, o])
+    A = np.zeros((len(rows), 3))
+    A[: len(d), 0], A[len(d):, 1], A[:, 2] = 1.0, 1.0, rows[:, 0]
+    (i_d, i_o, b), *_ = np.linalg.lstsq(A, rows[:, 1], rcond=None)
+    alpha = -b
+    return float(alpha), float(math.exp((i_d - i_o) / alpha))
+
+
 def fit(args) -> dict:
     csv_path = Path(args.csv)
     rows = read_csv(csv_path)
@@ -399,12 +412,21 @@ def fit(args) -> dict:
         boots = [float(compute_multiplier(d, o, np.array([math.sqrt(lo * hi)]))[0])
                  for d, o in zip(dense["boot"], other["boot"])]
         ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else [math.nan] * 2
+        alpha, shared = shared_exponent_multiplier(dense["points"], other["points"])
+        rng = np.random.default_rng(0)
+        dp, op = np.array(dense["points"]), np.array(other["points"])
+        shared_boot = [shared_exponent_multiplier(dp[rng.integers(0, len(dp), len(dp))], op[rng.integers(0, len(op), len(op))])[1]
+                       for _ in range(args.bootstrap)]
+        shared_ci = [float(np.percentile(shared_boot, 2.5)), float(np.percentile(shared_boot, 97.5))]
         result["compute_multiplier"][family] = {"at_loss": math.sqrt(lo * hi), "multiplier": mid, "ci": ci,
                                                 "losses": losses.tolist(), "by_loss": mult.tolist(),
-                                                "extrapolated": extrapolated}
+                                                "extrapolated": extrapolated, "shared_alpha": alpha,
+                                                "shared_multiplier": shared, "shared_ci": shared_ci}
         print(f"compute multiplier {family} vs dense (C_dense / C_{family} at equal validation loss): "
               f"{mid:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] at L = {math.sqrt(lo * hi):.4f}; over L {lo:.4f}..{hi:.4f}: "
               + ", ".join(f"{m:.3f}" for m in mult) + (" (no common loss range: extrapolated)" if extrapolated else ""))
+        print(f"compute multiplier {family} vs dense with one exponent for both (alpha_C {alpha:.4f}): "
+              f"{shared:.3f} [{shared_ci[0]:.3f}, {shared_ci[1]:.3f}] at every loss")
     if args.plot:
         plot(result, args.plot, args.loss)
         print(f"scaling: plot -> {args.plot}")
