@@ -1,16 +1,21 @@
-"""Canonical, layout-free checkpoints.
+"""Canonical, layout-free checkpoints, written and read in shards by every rank (format 2).
 
 ``checkpoints/step_<N>/`` holds
-- ``model.safetensors``: every model tensor, full and fp32, by its global name (``model.state_dict()``
-  names of the single-process model);
-- ``optimizer.safetensors``: Adam moments by the same names (``NAME::exp_avg``, ``NAME::exp_avg_sq``);
-- ``rng_rank<R>.safetensors``: each rank's RNG state (used when resuming on the same layout);
-- ``meta.json``: step, sampler position, layout saved from, versions, optimizer step;
-- ``config.yaml``: the resolved config.
+- ``model/``: every model tensor (the fp32 master weights, persistent buffers) under its canonical name (the
+  ``state_dict()`` name of the one-process model), as boxes of the canonical tensor in safetensors files,
+  each rank writing what it owns (``sparselm.checkpoint_shards``, on torch.distributed.checkpoint);
+- ``optimizer/``: the Adam moments (``NAME::exp_avg``, ``NAME::exp_avg_sq``) alike, each rank writing its ZeRO
+  partition;
+- ``rng_rank<R>.safetensors``: each rank's RNG states, CPU and CUDA (used when resuming on the same layout);
+- ``meta.json``: step, sampler position, layout saved from, versions, optimizer step, every tensor's shape and
+  every file with its size (checked before a load);
+- ``config.yaml``: the resolved config, and ``tokenizer.json`` for a trained tokenizer.
 
-A checkpoint is written to a temporary directory and renamed into place; ``checkpoints/latest`` is
-replaced afterwards, so a crash at any moment leaves the previous checkpoint loadable.  Nothing is
-unpickled on load: tensors are safetensors, the rest JSON/YAML.
+Any layout reads any checkpoint: each rank reads just the boxes its own pieces need.  A checkpoint is
+written to ``.tmp_step_<N>``, ``meta.json`` last, renamed into place, then ``checkpoints/latest`` is
+replaced, so a crash at any moment leaves the previous checkpoint loadable.  Nothing is unpickled on load:
+tensors are safetensors (their chunk offsets JSON in the header), the rest JSON/YAML.  Format 1 (one
+``model.safetensors`` and ``optimizer.safetensors`` written by rank 0) still loads.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ from sparselm.errors import CheckpointError
 
 FORMAT = "sparselm-checkpoint"
 TOKENIZER_FILE = "tokenizer.json"
-VERSION = 1
+VERSION = 2
+MODEL_DIR, OPTIMIZER_DIR = "model", "optimizer"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,12 +43,22 @@ def checkpoints_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def _complete(path: Path) -> bool:
+    return (path / "meta.json").is_file()  # written last
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    pointer = checkpoints_dir(out_dir) / "latest"
+    """The checkpoint ``checkpoints/latest`` names; should it name none that is complete (a crash while a
+    checkpoint of the same step was replaced), the newest complete one, the one being replaced included."""
+    ckdir = checkpoints_dir(out_dir)
+    pointer = ckdir / "latest"
     if not pointer.is_file():
         return None
-    path = checkpoints_dir(out_dir) / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    path = ckdir / pointer.read_text().strip()
+    if _complete(path):
+        return path
+    found = [p for p in list(ckdir.glob("step_*")) + list(ckdir.glob(".old_step_*")) if _complete(p)]
+    return max(found, key=lambda p: (int(p.name.rsplit("_", 1)[1]), not p.name.startswith(".")), default=None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -114,6 +130,9 @@ class LazyTensors:
     def __iter__(self):
         return iter(self.shapes)
 
+    def keys(self):
+        return self.shapes.keys()
+
     def __len__(self) -> int:
         return len(self.shapes)
 
@@ -127,6 +146,14 @@ class LazyTensors:
             raise CheckpointError(f"tensor '{name}' of '{self.path}' cannot be read ({err}); use an earlier checkpoint") from None
 
     full = __getitem__
+
+    def items(self):
+        return ((name, self[name]) for name in self.shapes)
+
+    def dtype(self, name: str) -> torch.dtype:
+        from safetensors.torch import _getdtype
+
+        return _getdtype(self._file.get_slice(self._stored(name)).get_dtype())
 
     def rows(self, name: str, first: int, count: int) -> torch.Tensor:
         """Rows [first, first + count) along dim 0 only (only their bytes are read)."""
@@ -145,60 +172,128 @@ def read_config(ckpt: Path):
         raise CheckpointError(f"'{ckpt / 'config.yaml'}' cannot be read as a sparselm config: {err}") from None
 
 
-def _drop_aliases(tensors: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    """safetensors refuses aliased tensors: keep only the first name of each tied parameter.
-    Keys may carry a ``::suffix`` (optimizer moments)."""
-    from sparselm.parallel.canonical import canonical_names
-
-    names = canonical_names(model)
-    all_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    aliases = {names.get(n, n) for n in all_names - {n for n, _ in model.named_parameters()}}
-    aliases |= set(getattr(model, "canonical_aliases", {}))  # tied across pipeline stages
-    return {k: v for k, v in tensors.items() if k.split("::")[0] not in aliases}
+def _file_sizes(root: Path) -> dict[str, int]:
+    return {str(f.relative_to(root)): f.stat().st_size for f in sorted(root.rglob("*.safetensors"))}
 
 
-def save_checkpoint(out_dir, step: int, engine, model, cfg, sampler_state: dict, layout: dict, keep_last: int,
-                    groups: dict | None = None, pp_group=None) -> Path:
-    """Collective: every rank calls it; global rank 0 writes the canonical files."""
-    import torch.distributed as dist
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states: CPU, and the current CUDA device's when there is one."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
 
-    from sparselm.config import to_yaml
 
-    rank = dist.get_rank()
-    ckdir = checkpoints_dir(out_dir)
-    final = ckdir / f"step_{step}"
-    tmp = ckdir / f".tmp_step_{step}"
-    from sparselm.engine_state import collect_state, optimizer_step_count
+def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    cpu = states.get("cpu", next((v for k, v in states.items() if k.startswith("rank")), None))  # format 1: "rank<R>"
+    if cpu is not None:
+        torch.set_rng_state(cpu)
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
-    weights, moments = collect_state(engine, model, groups or {}, pp_group)
-    opt_step = optimizer_step_count(engine)
-    if rank == 0:
-        for stale in ckdir.glob(".tmp_step_*"):  # left by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    write_safetensors({f"rank{rank}": torch.get_rng_state()}, tmp / f"rng_rank{rank}.safetensors")
-    if rank == 0:
-        write_safetensors(_drop_aliases(weights, model), tmp / "model.safetensors")
-        write_safetensors(_drop_aliases(moments, model), tmp / "optimizer.safetensors")
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
-        if cfg.data.tokenizer != "byte":  # self-contained: the tokenizer travels with the checkpoint
-            shutil.copyfile(cfg.data.tokenizer, tmp / TOKENIZER_FILE)
-        meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": opt_step,
-                "sampler": sampler_state, "layout": layout, "world_size": dist.get_world_size(),
-                "versions": _versions()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    dist.barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        pointer_tmp = ckdir / ".latest.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, ckdir / "latest")
-        _prune(ckdir, keep_last, final)
-    dist.barrier()
-    return final
+
+def _publish(ckdir: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Move a complete ``tmp`` to ``final``, then ``latest``; a checkpoint of the same step is set aside first
+    and removed last, so ``latest_checkpoint`` finds a complete checkpoint at every moment."""
+    old = ckdir / f".old_{final.name}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    pointer_tmp = ckdir / ".latest.tmp"
+    pointer_tmp.write_text(final.name + "\n")
+    os.replace(pointer_tmp, ckdir / "latest")
+    shutil.rmtree(old, ignore_errors=True)
+    _prune(ckdir, keep_last, final)
+
+
+def _clean_stale(ckdir: Path) -> None:
+    """What a killed save left: partial ``.tmp_step_*`` directories go; a set-aside ``.old_step_N`` whose
+    replacement never arrived goes back to ``step_N``."""
+    for stale in ckdir.glob(".tmp_step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in ckdir.glob(".old_step_*"):
+        final = ckdir / old.name[len(".old_"):]
+        if _complete(final):
+            shutil.rmtree(old, ignore_errors=True)
+        elif not final.exists():
+            os.rename(old, final)
+
+
+class CheckpointWriter:
+    """Saves the checkpoints of one run; every rank holds one and calls ``save`` together.
+
+    Every rank writes its own pieces (``engine_state.state_boxes``: its ZeRO partition of the fp32 master
+    weights and Adam moments, no gather) through torch.distributed.checkpoint; global rank 0 then writes
+    ``meta.json`` and publishes the directory.  With ``async_save`` the pieces are copied to host memory and
+    written on a background thread over a process group of its own while training goes on; ``latest`` moves
+    when the write is complete, and the next ``save`` (or ``wait``) waits for it."""
+
+    def __init__(self, out_dir, keep_last: int, async_save: bool = False):
+        import torch.distributed as dist
+
+        self.ckdir, self.keep_last = checkpoints_dir(out_dir), keep_last
+        self._pending = None
+        self._group = dist.new_group(backend="gloo") if async_save else None  # collective: every rank builds it
+        self._executor = None
+        if async_save:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparselm-save")
+
+    def save(self, step: int, engine, model, cfg, sampler_state: dict, layout: dict, groups: dict) -> Path:
+        import torch.distributed as dist
+
+        from sparselm.config import to_yaml
+        from sparselm.engine_state import optimizer_step_count, state_boxes
+
+        self.wait()
+        rank = dist.get_rank()
+        final, tmp = self.ckdir / f"step_{step}", self.ckdir / f".tmp_step_{step}"
+        if rank == 0:
+            self.ckdir.mkdir(parents=True, exist_ok=True)
+            _clean_stale(self.ckdir)
+            tmp.mkdir()
+            (tmp / "config.yaml").write_text(to_yaml(cfg))
+            if cfg.data.tokenizer != "byte":  # self-contained: the tokenizer travels with the checkpoint
+                shutil.copyfile(cfg.data.tokenizer, tmp / TOKENIZER_FILE)
+        dist.barrier()
+        write_safetensors(rng_state(), tmp / f"rng_rank{rank}.safetensors")
+        weights, moments = state_boxes(engine, model, groups)
+        meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": optimizer_step_count(engine),
+                "sampler": sampler_state, "layout": layout, "world_size": dist.get_world_size(), "versions": _versions()}
+        if self._executor is None:
+            self._write(tmp, final, weights, moments, meta)
+            dist.barrier()  # every rank returns with the checkpoint published
+        else:
+            staged = [{n: (shape, [(off, t.detach().to("cpu", copy=True)) for off, t in boxes])
+                       for n, (shape, boxes) in part.items()} for part in (weights, moments)]
+            self._pending = self._executor.submit(self._write, tmp, final, *staged, meta)
+        return final
+
+    def _write(self, tmp: Path, final: Path, weights, moments, meta: dict) -> None:
+        import torch.distributed as dist
+
+        from sparselm.checkpoint_shards import save_boxes
+
+        written = save_boxes(weights, tmp / MODEL_DIR, self._group)
+        save_boxes(moments, tmp / OPTIMIZER_DIR, self._group)
+        if dist.get_rank() == 0:  # DCP's coordinator returns once every rank has written its files
+            meta["tensors"] = {n: list(md.size) for n, md in sorted(written.state_dict_metadata.items())}
+            meta["files"] = _file_sizes(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            _publish(self.ckdir, tmp, final, self.keep_last)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is published; re-raises its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown()
 
 
 def _prune(ckdir: Path, keep_last: int, newest: Path) -> None:
@@ -261,18 +356,61 @@ def load_tokenizer(path):
     return from_spec(spec, data.eod_token)
 
 
+def verify_files(ckpt: Path, meta: dict) -> None:
+    """Every file ``meta.json`` lists is there with the size it was written with (format 2); raises
+    CheckpointError naming the first that is not, before anything is read."""
+    for name, size in meta.get("files", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, use an earlier one")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"checkpoint file '{path}' has {path.stat().st_size} bytes, {size} when written: it is "
+                                  "truncated or damaged; use an earlier checkpoint")
+
+
+def open_model_tensors(ckpt: Path, meta: dict):
+    """The model tensors of a checkpoint, read on demand: a ``ShardReader`` (format 2) or ``LazyTensors``
+    (format 1).  Checks the files first, and that they hold the tensors and shapes ``meta.json`` recorded."""
+    if meta.get("version", 1) < 2:
+        return LazyTensors(ckpt / "model.safetensors")
+    from sparselm.checkpoint_shards import ShardReader
+
+    verify_files(ckpt, meta)
+    reader = ShardReader(ckpt / MODEL_DIR)
+    recorded = {k: tuple(v) for k, v in meta.get("tensors", {}).items()}
+    if recorded and recorded != reader.shapes:
+        differ = sorted(set(recorded.items()) ^ set(reader.shapes.items()))[:3]
+        raise CheckpointError(f"the files under '{ckpt / MODEL_DIR}' do not match its meta.json ({differ}); the "
+                              "checkpoint is damaged, use an earlier one")
+    return reader
+
+
+def open_optimizer_tensors(ckpt: Path, meta: dict):
+    """The Adam moments of a checkpoint, like ``open_model_tensors``; None when it holds none (a converted model)."""
+    if meta.get("version", 1) < 2:
+        moments = LazyTensors(ckpt / "optimizer.safetensors")
+        return moments if len(moments) else None
+    from sparselm.checkpoint_shards import ShardReader
+
+    if not (ckpt / OPTIMIZER_DIR).is_dir():
+        return None
+    moments = ShardReader(ckpt / OPTIMIZER_DIR)
+    return moments if len(moments) else None
+
+
 def load_model(path):
     """(model, config) on CPU in fp32 from a checkpoint or run directory."""
     from sparselm.model import build_model
 
     ckpt = resolve_checkpoint(path)
-    read_meta(ckpt)
+    meta = read_meta(ckpt)
     cfg = read_config(ckpt)
     from sparselm.parallel.materialize import materialize_pieces, tied_aliases
 
-    model = build_model(cfg, device="meta")  # filled from the file tensor by tensor: no random init
-    tensors = LazyTensors(ckpt / "model.safetensors", tied_aliases(model))
-    check_tensors_match(model, tensors, ckpt / "model.safetensors")
+    model = build_model(cfg, device="meta")  # filled from the files tensor by tensor: no random init
+    tensors = open_model_tensors(ckpt, meta)
+    tensors.aliases = tied_aliases(model)
+    check_tensors_match(model, tensors, ckpt)
     materialize_pieces(model, tensors, {}, load_buffers=True)
     model.eval()
     return model, cfg

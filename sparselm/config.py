@@ -176,6 +176,9 @@ class TrainConfig:
     """Checkpoint every N steps; 0 means only at the end."""
     keep_last: int = 3
     """Checkpoints to keep; older ones are removed after a newer one is complete. 0 keeps all."""
+    async_save: bool = False
+    """Write checkpoints on a background thread while training continues (each rank first copies its pieces to
+    host memory); ``latest`` moves when the write is complete, and the next save waits for the previous one."""
     resume: str = ""
     """'latest' (newest checkpoint in out_dir, if any) or a checkpoint directory; empty starts fresh."""
     progress: bool = True

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from sparselm.parallel.deepspeed_private import relink_zero_optimizer_state, zero_flat_fp32_partitions
+from sparselm.parallel.deepspeed_private import (relink_zero_optimizer_state, zero3_partition, zero_flat_fp32_partitions,
+                                                 zero_fragment)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 """Adam's state tensors, stored as ``{canonical name}::{moment}``."""
@@ -58,43 +59,128 @@ def link_optimizer_state(engine) -> None:
 
 
 def _local_tensors(model) -> dict[str, torch.Tensor]:
-    """Local name -> tensor for parameters and persistent buffers (one entry per tied parameter)."""
+    """Local name -> tensor for parameters (the first name of a tied one) and persistent buffers."""
     out = dict(model.named_parameters())
+    seen = {id(p) for p in out.values()}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        out.setdefault(name, tensor)
+        if id(tensor) not in seen:
+            out.setdefault(name, tensor)
     return out
 
 
-def _full_fp32(p) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_fp32_param
+def _fragments(engine, p) -> list[tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]]:
+    """What this rank owns of ``p``'s fp32 master weights and Adam moments: [(first element of the flattened
+    piece, element count, flat fp32 master view, {moment: flat view})], views into the optimizer's own storage.
+    ZeRO 1/2 (and DeepSpeed's bf16 optimizer): the fragment of its flat partition; ZeRO-3: its partition;
+    otherwise the whole piece (the parameter is its own master)."""
+    if hasattr(p, "_hp_mapping"):
+        if p._hp_mapping is None:  # this rank's partition holds none of it
+            return []
+        start, numel, master, moments = zero_fragment(p, MOMENTS)
+        return [(start, numel, master, moments)]
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-    return safe_get_full_fp32_param(p) if isinstance(p, torch.nn.Parameter) and _zero_managed(p) else p
+        start, numel = zero3_partition(p)
+        if numel <= 0:
+            return []
+        moments = {k: safe_get_local_optimizer_state(p, k).narrow(0, 0, numel) for k in MOMENTS}
+        return [(start, numel, safe_get_local_fp32_param(p).narrow(0, 0, numel), moments)]
+    state = _adam_state(engine, p)
+    return [(0, p.numel(), p.detach().view(-1), {k: state[k].view(-1) for k in MOMENTS if k in state})]
 
 
-def collect_state(engine, model, groups: dict, pp_group=None) -> tuple[dict | None, dict | None]:
-    """Collective: (canonical model tensors, canonical Adam moments) on global rank 0, (None, None) elsewhere."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    from sparselm.parallel.canonical import gather_full
+def _pieces(model, groups: dict, skip_aliases: bool = True):
+    """(local name, canonical name, tensor, canonical shape, segments) of every parameter and persistent buffer
+    this rank holds.  The second copy of a tensor tied across pipeline stages is skipped (``skip_aliases``) or
+    named by the tensor it copies."""
+    from sparselm.parallel.boxes import piece_layout
     from sparselm.parallel.pieces import placements
 
-    link_optimizer_state(engine)
+    aliases = getattr(model, "canonical_aliases", {})
     names = canonical_names_of(model)
-    params = dict(model.named_parameters())
-    weights, moments, specs = {}, {}, {}
     for local, tensor in _local_tensors(model).items():
         canon = names[local]
-        specs[canon] = placements(tensor)
-        weights[canon] = _full_fp32(tensor).detach().float().cpu()
+        if canon in aliases:
+            if skip_aliases:
+                continue
+            canon = aliases[canon]
+        shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+        yield (local, canon, tensor, *piece_layout(shape, placements(tensor), groups))
+
+
+def state_boxes(engine, model, groups: dict):
+    """(model boxes, optimizer boxes) of this rank for ``sparselm.checkpoint_shards.save_boxes``: the fp32 master
+    weights and Adam moments (``NAME::exp_avg``, ``NAME::exp_avg_sq``) it owns, as boxes of the canonical
+    tensors, and its persistent buffers.  No communication and no copy: views into the engine's storage."""
+    from sparselm.parallel.boxes import flat_range_boxes, piece_views
+
+    link_optimizer_state(engine)
+    params = dict(model.named_parameters())
+    weights, moments = {}, {}
+    for local, canon, tensor, shape, segs in _pieces(model, groups):
+        p = params.get(local)
+        if p is None:  # a persistent buffer, replicated: DCP keeps one copy
+            weights[canon] = (shape, [(box.offsets, view) for box, view in piece_views(tensor.detach(), segs)])
+            continue
+        local_shape = tuple(getattr(p, "ds_shape", p.shape))
+        weights[canon] = (shape, [])
+        for start, numel, master, frag_moments in _fragments(engine, p):
+            weights[canon][1].extend((b.offsets, v) for b, v in flat_range_boxes(local_shape, segs, start, numel, master))
+            for key, flat in frag_moments.items():
+                moments.setdefault(f"{canon}::{key}", (shape, []))[1].extend(
+                    (b.offsets, v) for b, v in flat_range_boxes(local_shape, segs, start, numel, flat))
+    return weights, moments
+
+
+def load_state(engine, model, weights, moments, optimizer_step: int, groups: dict, batch_elements: int = 1 << 26) -> None:
+    """Read this rank's fp32 master weights and Adam moments from ``weights`` / ``moments``
+    (``ShardReader``s of a checkpoint's ``model/`` and ``optimizer/``) straight into the engine's storage, the
+    elements it owns only, in batches of about ``batch_elements``.  The module's working weights must already
+    hold the checkpoint (``parallel.materialize.build_sharded`` from the same reader)."""
+    from sparselm.parallel.boxes import flat_range_boxes
+
+    link_optimizer_state(engine)
+    params = dict(model.named_parameters())
+    pending: list[tuple[object, dict]] = []
+    count = 0
+
+    def add(reader, name, boxes):
+        nonlocal count
+        if not boxes:
+            return
+        pending.append((reader, {name: boxes}))
+        count += sum(v.numel() for _, v in boxes)
+        if count >= batch_elements:
+            flush()
+
+    def flush():
+        nonlocal count
+        for reader in {id(r): r for r, _ in pending}.values():
+            wanted = {}
+            for r, item in pending:
+                if r is reader:
+                    for name, boxes in item.items():
+                        wanted.setdefault(name, []).extend(boxes)
+            reader.read_into(wanted)
+        pending.clear()
+        count = 0
+
+    for local, canon, _, _, segs in _pieces(model, groups, skip_aliases=False):
         p = params.get(local)
         if p is None:
             continue
-        for key in MOMENTS:
-            value = safe_get_full_optimizer_state(p, key) if _zero_managed(p) else _adam_state(engine, p).get(key)
-            if value is not None:
-                moments[f"{canon}::{key}"] = value.detach().float().cpu()
-                specs[f"{canon}::{key}"] = specs[canon]
-    return gather_full(weights, specs, groups, pp_group), gather_full(moments, specs, groups, pp_group)
+        local_shape = tuple(getattr(p, "ds_shape", p.shape))
+        managed = _zero_managed(p)
+        for start, numel, master, frag_moments in _fragments(engine, p):
+            if managed:  # else the parameter is its own master, already read
+                add(weights, canon, [(b.offsets, v) for b, v in flat_range_boxes(local_shape, segs, start, numel, master)])
+            for key, flat in frag_moments.items():
+                if f"{canon}::{key}" in moments:
+                    add(moments, f"{canon}::{key}",
+                        [(b.offsets, v) for b, v in flat_range_boxes(local_shape, segs, start, numel, flat)])
+    flush()
+    _set_optimizer_step(engine, optimizer_step)
 
 
 def canonical_names_of(model) -> dict[str, str]:

@@ -26,7 +26,7 @@ from sparselm.data.prefetch import Prefetcher
 from sparselm.data.sampler import GlobalBatchSampler, check_steps_available
 from sparselm.data.tokenizer import load_tokenizer
 from sparselm.engine import build_ds_config, build_engine, settle_pipeline_zero_stage
-from sparselm.engine_state import load_full_state
+from sparselm.engine_state import load_full_state, load_state
 from sparselm.flops import device_peak_tflops, flop_counts, summary_lines
 from sparselm.logging_sinks import MetricsWriter, format_line
 from sparselm.model import build_model
@@ -40,11 +40,11 @@ from sparselm.steps import EngineSteps, PipelineSteps
 
 class Restored(NamedTuple):
     """A checkpoint opened for resuming: where it is, its meta.json, model tensors and optimizer moments
-    (``LazyTensors``: each rank reads only the tensors it needs, one at a time)."""
+    (``checkpoint_shards.ShardReader``: each rank reads only the boxes its pieces need; None: no moments)."""
     path: Path
     meta: dict
-    tensors: ckpt.LazyTensors
-    moments: ckpt.LazyTensors
+    tensors: object
+    moments: object
 
 
 def resolve_vocab(cfg, tokenizer) -> None:
@@ -72,6 +72,7 @@ class Trainer:
             self._restore(restored)
         self._check_data_suffices()
         self._open_run_dir()
+        self.saver = ckpt.CheckpointWriter(self.cfg.train.out_dir, self.cfg.train.keep_last, self.cfg.train.async_save)
 
     # ---------------------------------------------------------------------------- construction
     def _start_processes(self) -> None:
@@ -111,8 +112,8 @@ class Trainer:
         if self.resume_from is None:
             return None
         path = self.resume_from
-        return Restored(path, ckpt.read_meta(path), ckpt.LazyTensors(path / "model.safetensors"),
-                        ckpt.LazyTensors(path / "optimizer.safetensors"))
+        meta = ckpt.read_meta(path)
+        return Restored(path, meta, ckpt.open_model_tensors(path, meta), ckpt.open_optimizer_tensors(path, meta))
 
     def _build_module(self, restored: Restored | None) -> None:
         """This rank's pieces of the model only (``parallel.materialize.build_sharded``): from the checkpoint when
@@ -123,7 +124,7 @@ class Trainer:
         self.flops_per_token = flop_counts(self.cfg).per_token  # training (fwd + bwd) model FLOPs
         tensors = None
         if restored is not None:
-            ckpt.check_tensors_match(reference, restored.tensors, restored.path / "model.safetensors")
+            ckpt.check_tensors_match(reference, restored.tensors, restored.path)
             tensors = restored.tensors
         self.module = build_sharded(self.cfg, self.topo, tensors)
 
@@ -144,14 +145,18 @@ class Trainer:
 
     def _restore(self, restored: Restored) -> None:
         meta = restored.meta
-        load_full_state(self.engine, self.module, restored.tensors, restored.moments, meta["optimizer_step"],
-                             self._groups())
+        if meta.get("version", 1) >= 2:
+            load_state(self.engine, self.module, restored.tensors, restored.moments or {}, meta["optimizer_step"],
+                       self._groups())
+        else:  # format 1: whole tensors, each rank cutting its pieces
+            load_full_state(self.engine, self.module, restored.tensors, restored.moments, meta["optimizer_step"],
+                            self._groups())
         if meta["sampler"] is not None:  # None: a converted model, trained from the start of the data
             self.sampler.load_state_dict(meta["sampler"])
         self.step = meta["step"]
         rng_file = restored.path / f"rng_rank{self.rank}.safetensors"
         if meta["layout"] == self.topo.as_dict() and rng_file.is_file():
-            torch.set_rng_state(ckpt.read_tensors(rng_file)[f"rank{self.rank}"])
+            ckpt.set_rng_state(ckpt.read_tensors(rng_file))
         if self.is_rank0:
             print(f"sparselm: resumed from {restored.path} at step {self.step}")
 
@@ -256,9 +261,10 @@ class Trainer:
                           self.cfg.train.steps - self.step, self.cfg.data.prefetch)
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.cfg.train.out_dir, self.step, self.engine, self.module, self.cfg,
-                                    self.sampler.state_dict(), self.topo.as_dict(), self.cfg.train.keep_last,
-                                    self._groups(), self.topo.pp_group)
+        """A checkpoint of the current step (collective); with train.async_save it is still being written when
+        this returns, and ``latest`` names it once complete."""
+        return self.saver.save(self.step, self.engine, self.module, self.cfg, self.sampler.state_dict(),
+                               self.topo.as_dict(), self._groups())
 
     def run(self) -> dict:
         from tqdm import tqdm
@@ -307,10 +313,12 @@ class Trainer:
                     bar.write(f"saved {path}")
         if ahead is not None:
             ahead.close()
+        self.saver.wait()
         bar.close()
         self.writer.close()
         return record
 
     def close(self) -> None:
-        """Release process groups (lets a test build another trainer in the same process)."""
+        """Finish a save in flight and release process groups (lets a test build another trainer in the same process)."""
+        self.saver.close()
         self.topo.teardown()

@@ -56,3 +56,10 @@ def tiny():
 def rel_error(a, b) -> float:
     """||a - b|| / ||b|| in float64: how far a result is from its reference, whatever the scale."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def checkpoint_tensors(ckpt: Path) -> dict:
+    """Every model tensor of a checkpoint directory, whole, by canonical name (any format)."""
+    from sparselm.checkpoint import open_model_tensors, read_meta
+
+    return dict(open_model_tensors(Path(ckpt), read_meta(Path(ckpt))).items())

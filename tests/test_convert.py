@@ -53,14 +53,49 @@ def test_import_llama_round_trip(tmp_path):
 
 def test_consolidate_and_inspect(tmp_path, capsys):
     model, cfg = make_checkpoint(tmp_path / "ckpt")
-    convert(["consolidate", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "one"), "--dtype", "bf16"])
-    tensors = load_file(str(tmp_path / "one" / "model.safetensors"))
+    # a shard limit below the model's size: several Hugging Face-style files, each written on its own
+    convert(["consolidate", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "one"), "--dtype", "bf16",
+             "--max-shard-gb", str(40_000 / 2**30)])
+    files = sorted((tmp_path / "one" / "model").glob("model-*-of-*.safetensors"))
+    assert len(files) > 2 and all(f.stat().st_size < 40_000 + 20_000 for f in files)
+    index = json.loads((tmp_path / "one" / "model" / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    assert set(index["weight_map"]) == set(tensors)
     assert tensors["embed.weight"].dtype == torch.bfloat16
     assert torch.equal(tensors["embed.weight"], model.state_dict()["embed.weight"].bfloat16())
     capsys.readouterr()
     info = convert(["inspect", "--input", str(tmp_path / "one"), "--json"])
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     assert json.loads(capsys.readouterr().out)["layer_kinds"] == ["dense", "dense"]
+
+
+def test_format1_checkpoints_still_load(tmp_path):
+    """A checkpoint of the first format (one model.safetensors written by rank 0) loads and converts."""
+    from sparselm import load_model
+    from sparselm.checkpoint import write_safetensors
+    from sparselm.config import to_yaml
+
+    cfg = load_config("tiny_dense", ["--model.vocab_size=128", "--model.d_model=64", "--model.n_layers=2"])
+    model = build_model(cfg, seed=3)
+    old = tmp_path / "step_5"
+    old.mkdir()
+    write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, old / "model.safetensors")
+    write_safetensors({}, old / "optimizer.safetensors")
+    (old / "config.yaml").write_text(to_yaml(cfg))
+    (old / "meta.json").write_text(json.dumps({"format": "sparselm-checkpoint", "version": 1, "step": 5,
+                                               "optimizer_step": 5, "sampler": None, "layout": None}))
+    loaded, _ = load_model(old)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model.eval()(ids))
+    info = convert(["inspect", "--input", str(old), "--json"])
+    assert info["format_version"] == 1 and info["parameters"] == sum(p.numel() for p in model.parameters())
+    convert(["consolidate", "--input", str(old), "--output", str(tmp_path / "v2")])
+    again, _ = load_model(tmp_path / "v2")
+    with torch.no_grad():
+        assert torch.equal(again(ids), loaded(ids))
 
 
 def test_conversions_refuse_to_overwrite_and_bad_inputs(tmp_path):

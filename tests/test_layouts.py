@@ -84,6 +84,9 @@ RESHARD = {
     "ep1_to_ep2": ("dp2", 2, ["--parallel.ep=2"]),
     "dp2_to_dp1": ("dp2", 1, []),
     "tp2_pp2_dp2_to_ep2_dp2": ("tp2_pp2_dp2", 2, ["--parallel.ep=2"]),
+    "ep2_to_tp2_ep2": ("ep2_dp2", 4, ["--parallel.tp=2", "--parallel.ep=2"]),  # experts cut by width on load
+    "tp2_to_tp2_rows": ("tp2", 2, ["--parallel.tp=2", "--parallel.moe_tp_mode=rows"]),  # one format, both modes
+    "pp2_to_tp2_ep2": ("pp2", 4, ["--parallel.tp=2", "--parallel.ep=2"]),
 }
 
 

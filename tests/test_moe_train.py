@@ -2,9 +2,8 @@
 under torchrun, with bias balancing on so that the per-step bias update (load counted over every rank)
 takes part.  Same micro-batches, so the same losses, grad norms, expert loads and final checkpoint."""
 import pytest
-from safetensors.torch import load_file
 
-from conftest import read_metrics, torchrun, train
+from conftest import checkpoint_tensors, read_metrics, torchrun, train
 
 ARGS = ["--config", "tiny_moe", "--model.d_model=64", "--model.n_layers=2", "--model.n_heads=2",
         "--model.max_seq_len=32", "--data.seq_len=32", "--moe.num_experts=4", "--moe.bias_balancing=true",
@@ -41,8 +40,7 @@ def test_expert_load_is_logged_per_layer(runs):
 
 
 def test_expert_parallel_checkpoint_is_the_one_process_checkpoint(runs):
-    one = load_file(str(runs / "one" / "checkpoints" / "step_3" / "model.safetensors"))
-    ep = load_file(str(runs / "ep2" / "checkpoints" / "step_3" / "model.safetensors"))
+    one, ep = (checkpoint_tensors(runs / name / "checkpoints" / "step_3") for name in ("one", "ep2"))
     assert one.keys() == ep.keys()
     assert one["layers.0.ffn.experts.gate_up_proj"].shape[0] == 4  # full, not one rank's 2 experts
     # The bias moved (three +-rate steps: they cannot all cancel) and was saved.

@@ -45,8 +45,13 @@ def test_generation_from_checkpoint(trained):
     assert again == text  # seeded sampling is reproducible
 
 
-def test_resume_is_bit_identical(tmp_path):
-    base = TINY + ["--train.steps=6", "--train.save_every=3"]
+@pytest.mark.parametrize("overrides", [[], ["--train.async_save=true"], ["--parallel.ds_config=zero0"],
+                                       ["--parallel.ds_config=zero2_offload"], ["--parallel.ds_config=zero3_offload"],
+                                       ["--parallel.ds_config=bf16"]], ids=["zero1", "zero1_async", "zero0",
+                                                                          "zero2_offload", "zero3_offload", "bf16"])
+def test_resume_is_bit_identical(tmp_path, overrides):
+    """Weights, fp32 master, Adam moments and RNG come back exactly, whatever the ZeRO stage and precision."""
+    base = TINY + ["--train.steps=6", "--train.save_every=3"] + overrides
     train(base + [f"--train.out_dir={tmp_path / 'a'}"])
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_3", tmp_path / "b" / "checkpoints" / "step_3")
@@ -83,7 +88,7 @@ def test_deepspeed_configs_load_and_step(tmp_path, ds_config):
     train(TINY + ["--train.steps=2", f"--parallel.ds_config={ds_config}", f"--train.out_dir={tmp_path}"])
     rows = read_metrics(tmp_path)
     assert rows[-1]["step"] == 2 and rows[-1]["loss"] == rows[-1]["loss"]  # finite, not NaN
-    assert (tmp_path / "checkpoints" / "step_2" / "model.safetensors").is_file()
+    assert list((tmp_path / "checkpoints" / "step_2" / "model").glob("*.safetensors"))
 
 
 def test_fp16_config(tmp_path):
@@ -123,9 +128,22 @@ def test_corrupt_checkpoint_is_named(trained, tmp_path):
 
     ckpt = tmp_path / "step_30"
     shutil.copytree(trained / "checkpoints" / "step_30", ckpt)
-    data = (ckpt / "model.safetensors").read_bytes()
-    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="model.safetensors.*corrupt or truncated"):
+    shard = next((ckpt / "model").glob("*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{shard.name}' has {len(data) // 2} bytes, {len(data)} when written"):
+        load_model(ckpt)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}' is missing"):
+        load_model(ckpt)
+    shard.write_bytes(b"\xff" * len(data))  # the right size, but no safetensors header
+    with pytest.raises(CheckpointError, match="cannot be read.*damaged"):
+        load_model(ckpt)
+    shard.write_bytes(data)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["tensors"]["embed.weight"][0] += 1
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not match its meta.json.*embed.weight"):
         load_model(ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
     (ckpt / "meta.json").write_text(json.dumps({**meta, "format": "other"}))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Checkpoint conversions (each goes through sparselm's layout-free checkpoint form).
 
-  consolidate  --input CKPT_OR_RUN --output DIR [--dtype bf16]   one model.safetensors + config.yaml
+  consolidate  --input CKPT_OR_RUN --output DIR [--dtype bf16] [--max-shard-gb G]   whole tensors in HF-style shards
   export-hf    --input CKPT_OR_RUN --output DIR                  Llama (dense) / Mixtral (MoE) layout
   import-hf    --input HF_DIR      --output DIR                  a local Llama-layout model into sparselm
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
@@ -16,24 +16,29 @@ from pathlib import Path
 
 import torch
 
-from sparselm.checkpoint import CheckpointError, LazyTensors, read_config, read_meta, read_tensors, resolve_checkpoint
+from sparselm.checkpoint import (CheckpointError, open_model_tensors, open_optimizer_tensors, read_config, read_meta,
+                                 resolve_checkpoint)
 from sparselm.convert.store import ConversionError, write_model_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _load(path: str):
+    """(checkpoint dir, meta, config, model tensors read on demand) of any checkpoint format."""
     ckpt = resolve_checkpoint(path)
-    return ckpt, read_meta(ckpt), read_config(ckpt), read_tensors(ckpt / "model.safetensors")
+    meta = read_meta(ckpt)
+    return ckpt, meta, read_config(ckpt), open_model_tensors(ckpt, meta)
 
 
 def consolidate(args) -> Path:
+    """Whole tensors, streamed: one output shard (at most --max-shard-gb) in memory at a time."""
     ckpt, meta, cfg, tensors = _load(args.input)
-    dtype = DTYPES[args.dtype]
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    extra = _tokenizer_file(ckpt, cfg)
-    out = write_model_checkpoint(args.output, tensors, cfg, source=f"consolidate {ckpt}", step=meta["step"], extra_files=extra)
-    print(f"wrote {out}/model.safetensors ({len(tensors)} tensors, {args.dtype}) and config.yaml")
+    out = write_model_checkpoint(args.output, tensors, cfg, source=f"consolidate {ckpt}", step=meta["step"],
+                                 extra_files=_tokenizer_file(ckpt, cfg), dtype=DTYPES[args.dtype],
+                                 max_shard_bytes=int(args.max_shard_gb * 2**30))
+    files = sorted((out / "model").glob("*.safetensors"))
+    print(f"wrote {out}/model/ ({len(tensors)} tensors, {args.dtype}, {len(files)} file(s) + "
+          "model.safetensors.index.json) and config.yaml")
     return out
 
 
@@ -114,14 +119,18 @@ def upcycle(args) -> Path:
 
 
 def inspect(args) -> dict:
+    import math
+
     ckpt, meta, cfg, tensors = _load(args.input)
-    total = sum(t.numel() for t in tensors.values())
+    total = sum(math.prod(shape) for shape in tensors.shapes.values())
     info = {
         "checkpoint": str(ckpt), "step": meta["step"], "saved_from_layout": meta.get("layout"),
         "world_size": meta.get("world_size"), "versions": meta.get("versions"), "source": meta.get("source", "training"),
         "layer_kinds": cfg.model.layer_kinds(), "parameters": total,
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()},
-        "optimizer_state": (ckpt / "optimizer.safetensors").is_file() and len(LazyTensors(ckpt / "optimizer.safetensors")) > 0,
+        "format_version": meta.get("version", 1),
+        "tensors": {k: {"shape": list(shape), "dtype": str(tensors.dtype(k)).replace("torch.", "")}
+                    for k, shape in tensors.shapes.items()},
+        "optimizer_state": open_optimizer_tensors(ckpt, meta) is not None,
     }
     if args.json:
         print(json.dumps(info, indent=1))
@@ -150,6 +159,7 @@ def main(argv: list[str] | None = None):
         p.set_defaults(fn=fn)
         if name == "consolidate":
             p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+            p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest output file (and memory held), GiB")
         if name == "upcycle":
             p.add_argument("--experts", type=int, required=True)
             p.add_argument("--top-k", type=int, default=2)

@@ -2,35 +2,49 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
-import torch
-
-from sparselm.checkpoint import FORMAT, VERSION, _versions, write_safetensors
+from sparselm.checkpoint import FORMAT, MODEL_DIR, VERSION, _file_sizes, _versions
+from sparselm.checkpoint_shards import write_consolidated
 from sparselm.config import to_yaml
 from sparselm.errors import ConversionError
 
 
-def write_model_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg, source: str,
-                           step: int = 0, extra_files: dict[str, Path] | None = None) -> Path:
+def write_model_checkpoint(out_dir: str | Path, tensors, cfg, source: str, step: int = 0,
+                           extra_files: dict[str, Path] | None = None, dtype=None,
+                           max_shard_bytes: int = 2 << 30) -> Path:
     """A checkpoint with weights and config only: loadable by ``load_model`` and usable as
-    ``--train.resume`` (fresh optimizer, fresh data order).  Written atomically; an existing
-    non-empty output directory is refused so nothing is overwritten."""
+    ``--train.resume`` (fresh optimizer, fresh data order).  ``tensors``: a dict, or a checkpoint's reader (then
+    read and written one shard of at most ``max_shard_bytes`` at a time, cast to ``dtype`` if given), into
+    Hugging Face-style shards under ``model/``.  Written atomically; an existing non-empty output directory is
+    refused so nothing is overwritten."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"output directory '{out}' exists and is not empty; choose a new --output")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors")
-    write_safetensors({}, tmp / "optimizer.safetensors")
+    names = list(tensors.keys())
+    shapes = getattr(tensors, "shapes", None) or {n: tuple(t.shape) for n, t in tensors.items()}
+
+    def dtype_of(name):
+        own = tensors.dtype(name) if hasattr(tensors, "dtype") else tensors[name].dtype
+        return dtype if dtype is not None and own.is_floating_point else own
+
+    def get(name):
+        return tensors[name].to(dtype_of(name))
+
+    nbytes = {n: math.prod(shapes[n]) * dtype_of(n).itemsize for n in names}
+    write_consolidated(names, nbytes, get, tmp / MODEL_DIR, max_shard_bytes)
     for name, path in (extra_files or {}).items():
         shutil.copy(path, tmp / name)
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": 0, "sampler": None,
-            "layout": None, "world_size": None, "versions": _versions(), "source": source}
+            "layout": None, "world_size": None, "versions": _versions(), "source": source,
+            "tensors": {n: list(shapes[n]) for n in sorted(names)}, "files": _file_sizes(tmp)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
         out.rmdir()

@@ -84,6 +84,24 @@ def relink_zero_optimizer_state(optimizer) -> None:
         optimizer._lazy_init_hp_params_optimizer_state()
 
 
+def zero_fragment(p, keys) -> tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]:
+    """ZeRO 1/2 (and the bf16 optimizer): (first element, element count, fp32 master view, {state key: view}) of
+    the part of ``p`` this rank's flat partition owns (``p._hp_mapping``, a ``tensor_fragment``: the public
+    ``safe_get_full_*`` calls all-reduce the whole tensor instead)."""
+    mapping = p._hp_mapping
+    address = mapping.lp_fragment_address
+    states = mapping.optim_fragment or {}
+    return address.start, address.numel, mapping.hp_fragment.view(-1), {k: states[k].view(-1) for k in keys if k in states}
+
+
+def zero3_partition(p) -> tuple[int, int]:
+    """ZeRO-3: (first element, element count) of ``p`` in this rank's partition (``ds_tensor``, padded to equal
+    sizes over its partition group, ``_get_param_partition_rank``; the padding is not part of the tensor)."""
+    size = p.ds_tensor.ds_numel
+    start = p._z3_optimizer._get_param_partition_rank(p) * size
+    return start, max(0, min(size, p.ds_numel - start))
+
+
 def replace_fp32_clipping(engine, clip) -> None:
     """Without ZeRO, the engine clips fp32 gradients in ``clip_fp32_gradients`` (averaging per-rank norms)
     and keeps no norm; ``clip()`` replaces it and must return the global norm, stored where

@@ -6,8 +6,9 @@ and then ``materialize_pieces`` allocates each piece and fills it from a source 
 tensor at a time:
 - ``InitSource`` (sparselm.model.init): the seeded initial values, drawn module by module from a second meta
   copy of the model, so every layout starts from exactly the one-process weights;
-- ``LazyTensors`` (sparselm.checkpoint): a checkpoint's ``model.safetensors``, read tensor by tensor, so a
-  resumed run skips random init entirely and never holds the whole file.
+- ``ShardReader`` (sparselm.checkpoint_shards): a checkpoint's ``model/`` shards, of which each rank reads
+  exactly the boxes of its pieces, so a resumed run skips random init entirely and never holds a whole
+  tensor of another rank (``LazyTensors``, format 1's single file, is read tensor by tensor).
 The peak is this rank's pieces plus one full tensor (or one module's tensors when initialising); a piece
 of a tensor drawn or stored row by row (experts) is read or drawn row by row (``source.rows``), so expert
 parallelism never holds another rank's experts, and tensor parallelism one whole expert at most.  As
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from sparselm.model.init import InitSource, check_materialized, materialize
+from sparselm.parallel.boxes import piece_layout, piece_views
 from sparselm.parallel.pieces import group_rank_size, piece, placements
 
 
@@ -43,6 +45,11 @@ def materialize_pieces(module: torch.nn.Module, source, groups: dict, canonical=
 
     def take(source, name, param):
         shards = placements(param)
+        if hasattr(source, "read_into"):  # a sharded checkpoint: read exactly this piece's boxes
+            out = torch.empty(param.shape, dtype=torch.float32)
+            _, segs = piece_layout(param.shape, shards, groups)
+            source.read_into({name: [(box.offsets, view) for box, view in piece_views(out, segs)]})
+            return out
         if hasattr(source, "rows") and all(s.dim != 0 for s in shards[1:]) and not (shards and shards[0].blocks > 1
                                                                                     and shards[0].dim == 0):
             rows = _rows_piece(source, name, param, shards, groups)

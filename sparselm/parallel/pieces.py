@@ -77,15 +77,13 @@ def piece(full: torch.Tensor, shards: tuple[Shard, ...], groups: dict) -> torch.
 
 
 def _gather(local: torch.Tensor, shard: Shard, group) -> torch.Tensor:
-    size = dist.get_world_size(group)
-    if size == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
+    from sparselm.parallel.comm import all_gather_cat
+
     if shard.blocks == 1:
-        return torch.cat(parts, shard.dim)
+        return all_gather_cat(local, shard.dim, group)
+    parts = all_gather_cat(local.unsqueeze(0), 0, group)  # [rank, ...]
     blocks = [p.chunk(shard.blocks, shard.dim) for p in parts]  # [rank][block]
-    return torch.cat([blocks[r][b] for b in range(shard.blocks) for r in range(size)], shard.dim)
+    return torch.cat([blocks[r][b] for b in range(shard.blocks) for r in range(len(parts))], shard.dim)
 
 
 def assemble(local: torch.Tensor, shards: tuple[Shard, ...], groups: dict) -> torch.Tensor:
