@@ -249,7 +249,7 @@ def write_csv(path: Path, names: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=names)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow({k: (f"{v:.10g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def read_csv(path: Path) -> list[dict]:
