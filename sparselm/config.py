@@ -198,6 +198,9 @@ class TrainConfig:
     """Show a progress bar on rank 0 when stdout is a terminal (logs get one plain line per logged step)."""
     tensorboard: bool = True
     """Write TensorBoard events under out_dir/tensorboard."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device, the denominator of the logged `mfu`; 0 looks the CUDA device up by name in
+    sparselm.flops.PEAK_TFLOPS at the run's precision (no mfu on CPU or for an unknown device)."""
     wandb_project: str = ""
     """Also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline writes
     out_dir/wandb without a network); empty disables it."""
@@ -415,6 +418,7 @@ def validate(cfg) -> None:
     require(p.timeout_minutes > 0, f"parallel.timeout_minutes must be positive, got {p.timeout_minutes}")
     for name in ("save_every_minutes", "max_minutes"):
         require(getattr(t, name) >= 0, f"train.{name} must be >= 0 (0 disables it), got {getattr(t, name)}")
+    require(t.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 looks the device up), got {t.peak_tflops}")
     require(t.resume in ("", "latest") or bool(t.resume), "train.resume must be '', 'latest' or a checkpoint path")
     require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")

@@ -27,6 +27,7 @@ from sparselm.data.sampler import GlobalBatchSampler, check_steps_available
 from sparselm.data.tokenizer import load_tokenizer
 from sparselm.engine import build_ds_config, build_engine, settle_pipeline_zero_stage
 from sparselm.engine_state import load_full_state, load_state
+from sparselm.flops import device_peak_tflops, flop_counts, summary_lines
 from sparselm.logging_sinks import MetricsWriter, format_line
 from sparselm.model import build_model
 from sparselm.optim import lr_at, set_lr
@@ -124,6 +125,7 @@ class Trainer:
         the one-process weights."""
         reference = build_model(self.cfg, device="meta")
         self.num_params = (reference.num_params(), reference.num_params(active=True))
+        self.flops_per_token = flop_counts(self.cfg).per_token  # training (fwd + bwd) model FLOPs
         tensors = None
         if restored is not None:
             ckpt.check_tensors_match(reference, restored.tensors, restored.path)
@@ -177,7 +179,10 @@ class Trainer:
                 print(f"sparselm: ds_config: {note}")
             print(f"sparselm: {self.world} process(es), layout {self.topo.as_dict()}, "
                   f"{self.num_params[0]:,} parameters ({self.num_params[1]:,} active per token)")
+            for line in summary_lines(cfg):
+                print(f"sparselm: {line}")
             print(to_yaml(cfg))
+        self.peak_tflops = device_peak_tflops(cfg, self.ds_config, self.device)  # None: no mfu (CPU, unknown GPU)
         self.writer = MetricsWriter(self.out_dir, cfg.train.tensorboard, self.is_rank0,
                                     resume_step=self.step if self.resume_from is not None else None,
                                     wandb_project=cfg.train.wandb_project, config=to_dict(cfg))
@@ -291,7 +296,11 @@ class Trainer:
             record = self.train_step(batch)
             elapsed = time.perf_counter() - started
             self.step += 1
-            record = {"step": self.step, **record, "lr": lr, "tokens_per_s": tokens_per_step / elapsed}
+            record = {"step": self.step, **record, "lr": lr, "tokens_per_s": tokens_per_step / elapsed,
+                      "flops_per_token": self.flops_per_token,
+                      "tflops": self.flops_per_token * tokens_per_step / elapsed / self.world / 1e12}
+            if self.peak_tflops:
+                record["mfu"] = record["tflops"] / self.peak_tflops
             if self.blended:
                 record.update({f"data/{name}_samples": n for name, n in
                                self.train_data.consumed_by_source(self.sampler.consumed).items()})

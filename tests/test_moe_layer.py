@@ -74,6 +74,19 @@ def test_grouped_mm_and_padded_kernels_agree():
     torch.testing.assert_close(results[0][0][i], experts.down_proj[e] @ (F.silu(h[:12]) * h[12:]))
 
 
+def test_auto_takes_padded_for_widths_grouped_mm_refuses():
+    """torch._grouped_mm wants 16-byte strides: hidden 21 in fp32 (tiny_moe at d_model 32) crashed under auto."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 32, 21)
+    experts.reset_parameters()
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, 32, requires_grad=True)
+    y = experts(x, counts)
+    y.sum().backward()
+    experts.impl = "padded"
+    torch.testing.assert_close(y, experts(x, counts))
+
+
 def test_experts_with_no_rows_still_get_zero_gradients():
     experts = GroupedExperts(3, 8, 4, impl="padded")
     experts.reset_parameters()

@@ -5,7 +5,8 @@ rows then the up rows, ``down_proj`` [E, D, H].  Rows arrive grouped by expert w
 
 - ``grouped_mm``: ``torch._grouped_mm`` over the unpadded groups.  Its fast kernel needs a Hopper-class
   GPU and bf16; on CPU torch 2.13 runs it as one matmul per group in C++, which measured faster than the
-  padded path (no padding, no scatter/gather), so ``auto`` takes it on CPU too;
+  padded path (no padding, no scatter/gather), so ``auto`` takes it on CPU too, when d_model and the
+  hidden width are whole 16-byte units (its stride rule);
 - ``padded``: scatter the groups into [E, max_count, D], one ``bmm`` per projection, gather back.  Padding
   rows are zero, give zero outputs and zero weight gradients, so the result is exact.  ``auto`` falls back
   to it on GPUs without the grouped kernel.
@@ -102,10 +103,15 @@ class GroupedExperts(nn.Module):
         """x [M, D] grouped by local expert, counts [E_local] (sum M) -> [M, D]."""
         impl = self.impl
         if impl == "auto":
-            impl = "grouped_mm" if grouped_mm_supported(x.device, x.dtype) else "padded"
+            impl = "grouped_mm" if grouped_mm_supported(x.device, x.dtype) and self._aligned(x) else "padded"
         if impl == "grouped_mm" and x.shape[0] > 0:
             return self._grouped_mm(x, counts)
         return self._padded(x, counts)
+
+    def _aligned(self, x: torch.Tensor) -> bool:
+        """torch._grouped_mm needs 16-byte aligned strides ("strides should be multiple of 16 bytes"): the model
+        width and the (local) expert hidden width in whole 16-byte units, e.g. hidden 21 in fp32 is not."""
+        return all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], self.down_proj.shape[-1]))
 
     def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(device=x.device, dtype=torch.int32)
