@@ -5,8 +5,8 @@ and the values there, ``sparselm.parallel.boxes``); DCP's planner drops boxes th
 (data-parallel replicas), giving each to the rank with the least to write, and every rank writes its own
 files in parallel.  The files are DCP's Hugging Face storage (``HuggingFaceStorageWriter/Reader``): plain
 safetensors whose header carries each tensor's offsets as JSON, so nothing is ever unpickled.  A
-safetensors file holds one tensor per name, so the k-th box a rank holds of a tensor goes to its k-th file
-(``shard-<rank+1>-model-<k>-of-<n>.safetensors``).
+safetensors file holds one tensor per name, so a rank spreads its boxes over files
+``shard-<rank+1>-model-<k>-of-<n>.safetensors`` holding at most one box of a tensor and about 256 MiB each.
 
 ``ShardReader`` reads any box of any canonical tensor by overlap with the stored chunks (DCP's resharding), so
 each rank reads only what it needs whatever layout wrote the files; a directory of consolidated full tensors
@@ -59,34 +59,45 @@ class _BoxSavePlanner(DefaultSavePlanner):
 
 
 class _ShardWriter(HuggingFaceStorageWriter):
-    """Every rank writes its own files; the k-th box of a tensor on this rank goes to file k."""
+    """Every rank writes its own files.  A file holds at most one box of each tensor (safetensors keys are
+    names) and about ``max_file_bytes``: safetensors serialises a whole file in memory (twice its size), so
+    the file size bounds what a save holds beyond the rank's own pieces."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, max_file_bytes: int):
         super().__init__(path, save_distributed=True)
+        self.max_file_bytes = max_file_bytes
 
     def write_data(self, plan, planner):
         if not plan.items:
             return super().write_data(plan, planner)
-        seen: dict[str, int] = {}
-        buckets: dict[int, list] = {}
+        files: list[dict] = []  # {"names", "items", "bytes"}
         for item in plan.items:
-            k = seen[item.index.fqn] = seen.get(item.index.fqn, 0) + 1
-            buckets.setdefault(k, []).append(item)
+            size = item.tensor_storage_size() or 0
+            target = next((f for f in files if item.index.fqn not in f["names"]
+                           and f["bytes"] + size <= self.max_file_bytes), None)
+            if target is None:
+                target = {"names": set(), "items": [], "bytes": 0}
+                files.append(target)
+            target["names"].add(item.index.fqn)
+            target["items"].append(item)
+            target["bytes"] += size
         import queue
 
-        files: queue.Queue = queue.Queue()
+        todo: queue.Queue = queue.Queue()
         shard = plan.storage_data["shard_index"]
-        for k, items in buckets.items():
-            name = _gen_file_name(k, len(buckets), shard)
-            files.put((self.fs.concat_path(self.path, name), name, items))
-        return self._write_data(planner, files)
+        for k, f in enumerate(files, start=1):
+            name = _gen_file_name(k, len(files), shard)
+            todo.put((self.fs.concat_path(self.path, name), name, f["items"]))
+        return self._write_data(planner, todo)
 
 
-def save_boxes(boxes: Boxes, path: Path, process_group=None):
-    """Collective over ``process_group`` (default: the world): write every rank's boxes under ``path``; returns
-    DCP's metadata of the whole checkpoint (every tensor's shape and chunks)."""
+def save_boxes(boxes: Boxes, path: Path, process_group=None, max_file_bytes: int = 256 << 20):
+    """Collective over ``process_group`` (default: the world): write every rank's boxes under ``path``, in files
+    of about ``max_file_bytes`` at most; returns DCP's metadata of the whole checkpoint (every tensor's shape and
+    chunks)."""
     path.mkdir(parents=True, exist_ok=True)
-    return dcp.save(boxes, storage_writer=_ShardWriter(str(path)), planner=_BoxSavePlanner(), process_group=process_group)
+    return dcp.save(boxes, storage_writer=_ShardWriter(str(path), max_file_bytes), planner=_BoxSavePlanner(),
+                    process_group=process_group)
 
 
 class _BoxLoadPlanner(DefaultLoadPlanner):

@@ -5,13 +5,13 @@
 
 Each layout is a real multi-process run of the trainer (layouts of 2 processes under the deepspeed launcher,
 gloo, CPU), started twice:
-1. a fresh start (``fresh_peak_gb``: peak RSS of the trainer's construction), one training step (so the Adam
-   moments exist), then a save in format 2 (``save_extra_gb``: peak RSS during the save above the RSS before
+1. a fresh start and its first training step (``fresh_peak_gb``: their peak RSS), then a save in format 2 (``save_extra_gb``: peak RSS during the save above the RSS before
    it; ``save_s``; ``bytes_written``: the bytes of the files this rank wrote) and, on the layouts named by
    ``--baseline``, a save the way format 1 did it (every tensor gathered whole to rank 0, which writes alone),
    measured alike (``v1_*``);
-2. a resume from the format-2 checkpoint (``load_peak_gb``: peak RSS of the trainer's construction, which
-   reads the checkpoint; ``load_s``).
+2. a resume from the format-2 checkpoint and its first step (``load_peak_gb``: their peak RSS; ``load_s``: the
+   trainer's construction, which reads the checkpoint).  Both peaks include a step: a fresh start allocates the
+   Adam moments there, a resume while reading the checkpoint.
 Peaks come from /proc/self/status VmHWM, reset at each phase start through /proc/self/clear_refs.  The table
 gives, per rank, save_extra against the rank's own bytes and the whole checkpoint, bytes written against
 the mean, load peak against the fresh start, and v2 / v1 save time; the last line is one JSON object.
@@ -104,12 +104,13 @@ def worker(args, overrides: list[str]) -> None:
     trainer = Trainer(cfg)
     elapsed = time.perf_counter() - started
     rank = dist.get_rank()
+    # a start is over when its first step is: a fresh start allocates then what a resume reads (Adam moments)
+    trainer.train_step(trainer.train_data.batch(trainer._rank_slice(trainer.sampler.next_batch())))
+    trainer.step += 1
     if args.phase == "load":
         out.update(load_peak_gb=peak_gb(), load_s=elapsed)
     else:
         out.update(fresh_peak_gb=peak_gb(), fresh_s=elapsed)
-        trainer.train_step(trainer.train_data.batch(trainer._rank_slice(trainer.sampler.next_batch())))
-        trainer.step = 1
         dist.barrier()
         before = rss_gb()
         reset_peak()
