@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sparselm.errors import CheckpointError
+from sparselm.tensor_mapping import CanonicalTensors
 
 FORMAT = "sparselm-checkpoint"
 TOKENIZER_FILE = "tokenizer.json"
@@ -103,7 +104,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({err}); use an earlier checkpoint") from None
 
 
-class LazyTensors:
+class LazyTensors(CanonicalTensors):
     """The tensors of a safetensors file, read one at a time on demand (``safe_open``: the JSON header at
     open, then only the bytes of the tensor asked for), so a rank never holds a whole checkpoint.
     ``aliases``: other names of a tensor (a tied output projection) -> the name it is stored under.
@@ -121,44 +122,21 @@ class LazyTensors:
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({err}); use an earlier checkpoint") from None
 
-    def _stored(self, name: str) -> str:
-        return name if name in self.shapes else self.aliases.get(name, name)
-
-    def __contains__(self, name: str) -> bool:
-        return self._stored(name) in self.shapes
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def keys(self):
-        return self.shapes.keys()
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def get(self, name: str, default=None):
-        return self[name] if name in self else default
-
     def __getitem__(self, name: str) -> torch.Tensor:
         try:
-            return self._file.get_tensor(self._stored(name))
+            return self._file.get_tensor(self.stored(name))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"tensor '{name}' of '{self.path}' cannot be read ({err}); use an earlier checkpoint") from None
-
-    full = __getitem__
-
-    def items(self):
-        return ((name, self[name]) for name in self.shapes)
 
     def dtype(self, name: str) -> torch.dtype:
         from safetensors.torch import _getdtype
 
-        return _getdtype(self._file.get_slice(self._stored(name)).get_dtype())
+        return _getdtype(self._file.get_slice(self.stored(name)).get_dtype())
 
     def rows(self, name: str, first: int, count: int) -> torch.Tensor:
         """Rows [first, first + count) along dim 0 only (only their bytes are read)."""
         try:
-            return self._file.get_slice(self._stored(name))[first:first + count]
+            return self._file.get_slice(self.stored(name))[first:first + count]
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"tensor '{name}' of '{self.path}' cannot be read ({err}); use an earlier checkpoint") from None
 

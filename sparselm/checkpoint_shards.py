@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from sparselm.errors import CheckpointError
+from sparselm.tensor_mapping import CanonicalTensors
 
 Boxes = dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]]
 """Canonical name -> (canonical shape, [(offsets, tensor of the box)])."""
@@ -144,7 +145,7 @@ class _CachedReader(HuggingFaceStorageReader):
         return self._metadata
 
 
-class ShardReader:
+class ShardReader(CanonicalTensors):
     """The canonical tensors stored under a directory, read box by box (only the bytes asked for).
 
     A read-only mapping as well: ``reader[name]`` is the whole canonical tensor, ``reader.shapes`` every
@@ -168,21 +169,6 @@ class ShardReader:
                 raise CheckpointError(f"the chunks of '{name}' under '{self.path}' hold {volume} elements for a tensor of "
                                       f"shape {tuple(md.size)}: a shard file is missing or damaged; use an earlier checkpoint")
 
-    def stored(self, name: str) -> str:
-        return name if name in self.shapes else self.aliases.get(name, name)
-
-    def __contains__(self, name: str) -> bool:
-        return self.stored(name) in self.shapes
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def keys(self):
-        return self.shapes.keys()
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
     def read_into(self, wanted: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]]) -> None:
         """Fill each view with the canonical box at its offsets: ``{name: [(offsets, view)]}``."""
         wanted = {self.stored(n): boxes for n, boxes in wanted.items() if boxes}
@@ -203,15 +189,6 @@ class ShardReader:
         out = torch.empty(shape, dtype=self.dtype(name))
         self.read_into({name: [((0,) * len(shape), out)]})
         return out
-
-    full = __getitem__
-
-    def get(self, name: str, default=None):
-        return self[name] if name in self else default
-
-    def items(self):
-        """(name, whole tensor) pairs, each read when reached."""
-        return ((name, self[name]) for name in self.shapes)
 
     def dtype(self, name: str) -> torch.dtype:
         return self._reader.read_metadata().state_dict_metadata[self.stored(name)].properties.dtype
