@@ -133,7 +133,7 @@ def state_boxes(engine, model, groups: dict):
     return weights, moments
 
 
-def load_state(engine, model, weights, moments, optimizer_step: int, groups: dict, batch_elements: int = 1 << 26) -> None:
+def load_state(engine, model, weights, moments, optimizer_step: int, groups: dict, batch_elements: int = 1 << 24) -> None:
     """Read this rank's fp32 master weights and Adam moments from ``weights`` / ``moments``
     (``ShardReader``s of a checkpoint's ``model/`` and ``optimizer/``) straight into the engine's storage, the
     elements it owns only, in batches of about ``batch_elements``.  The module's working weights must already

@@ -40,6 +40,19 @@ def process_group_backend(cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
+_SOLO: dict[str, str] = {}
+"""The rendezvous variables ``init_distributed`` set itself for a plain process (a world of one)."""
+
+
+def forget_solo_world() -> None:
+    """Remove the rendezvous variables a world of one set (at teardown), so that a process that trains in-process
+    and then launches others does not hand them its own, finished, rendezvous."""
+    for key, value in _SOLO.items():
+        if os.environ.get(key) == value:
+            del os.environ[key]
+    _SOLO.clear()
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
     """Initialise the default process group and return this rank's device.
 
@@ -56,8 +69,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
     import torch.distributed as dist
 
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        _SOLO.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(_free_port()))
+        os.environ.update(_SOLO)
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -82,3 +96,16 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
     if cuda:
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
+    Reading a checkpoint allocates and frees many tensor-sized buffers, and glibc keeps the freed heap, so
+    without this a resumed process would start training with a few hundred MB more RSS than a fresh one."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -35,7 +35,7 @@ from sparselm.parallel.materialize import build_sharded
 from sparselm.parallel.topology import Topology
 from sparselm.preemption import StopGuard
 from sparselm.preflight import find_resume
-from sparselm.runtime import init_distributed
+from sparselm.runtime import forget_solo_world, init_distributed, release_free_memory
 from sparselm.steps import EngineSteps, PipelineSteps
 
 
@@ -155,6 +155,7 @@ class Trainer:
         else:  # format 1: whole tensors, each rank cutting its pieces
             load_full_state(self.engine, self.module, restored.tensors, restored.moments, meta["optimizer_step"],
                             self._groups())
+        release_free_memory()
         if meta["sampler"] is not None:  # None: a converted model, trained from the start of the data
             self.sampler.load_state_dict(meta["sampler"])
         self.step = meta["step"]
@@ -338,3 +339,4 @@ class Trainer:
         self.saver.close()
         self.guard.close()
         self.topo.teardown()
+        forget_solo_world()

@@ -19,8 +19,13 @@ TINY = ["--config", "tiny_dense", "--model.d_model=64", "--model.n_layers=2", "-
         "--train.tensorboard=false", "--train.eval_every=0", "--train.log_every=1"]
 
 
+# Rendezvous variables a trainer run in this process (sparselm.train.main, tools/scaling.py --launch inprocess)
+# leaves behind for its world of one: a child launched with them would rejoin that world's port.
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def subprocess_env() -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env

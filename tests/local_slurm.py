@@ -73,7 +73,8 @@ class LocalSlurm:
         self._wait_for(lambda: self.socket.exists(), "munged's socket", "munged.log")
         self.conf = r / "slurm.conf"
         self.conf.write_text(self._slurm_conf())
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        rendezvous = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        self.env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "SLURM_CONF": str(self.conf)}
         self._daemon("slurmctld", [_sbin("slurmctld"), "-D", "-f", str(self.conf)])
         self._daemon("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf)])
         self._wait_for(self._node_idle, "the node to be idle", "slurmd.log", timeout=60)
