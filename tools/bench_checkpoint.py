@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.bench_memory import peak_gb, reset_peak, rss_gb  # noqa: E402
+from tools.bench_memory import peak_gb, reset_peak, rss_gb, run_ranks  # noqa: E402
 
 LAYOUTS = {
     "1": (1, []),
@@ -143,11 +143,7 @@ def _launch(name: str, phase: str, args, overrides: list[str], tmp: Path, baseli
     port = str(29700 + 2 * list(LAYOUTS).index(name) + (phase == "load"))
     cmd = ([str(bindir / "deepspeed"), "--num_gpus", str(procs), "--master_port", port, *script] if procs > 1
            else [sys.executable, *script])
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"layout {name} ({phase}) failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(procs)]
+    return run_ranks(cmd, result, procs, f"layout {name} ({phase})")
 
 
 def main(argv=None) -> None:

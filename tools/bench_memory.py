@@ -108,10 +108,16 @@ def run_layout(name: str, args, overrides: list[str], tmp: Path) -> list[dict]:
            str(29600 + list(LAYOUTS).index(name)), str(Path(__file__).resolve()), "--worker", "--config", args.config,
            "--result", str(result), "--steps", str(args.steps), *overrides, *layout,
            f"--train.out_dir={tmp / ('run_' + name)}", "--train.progress=false", "--train.tensorboard=false"]
+    return run_ranks(cmd, result, procs, f"layout {name}")
+
+
+def run_ranks(cmd: list[str], result: Path, procs: int, what: str) -> list[dict]:
+    """Run one multi-process measurement and return each rank's JSON report (``{result}.rank<R>``); exits
+    naming ``what`` with the tail of its stderr when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"layout {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        sys.exit(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(procs)]
 
 
