@@ -87,12 +87,14 @@ def worker(args, overrides: list[str]) -> None:
     out["engine_peak_gb"] = peak_gb()
     reset_peak()
     times = []
+    t.step = 0  # train_step keys layout-free gating noise by the step
     for step in range(args.steps):
         set_lr(t.engine.optimizer, lr_at(step, cfg.optim, cfg.train.steps))
         batch = t.train_data.batch(t._rank_slice(t.sampler.next_batch()))
         started = time.perf_counter()
         t.train_step(batch)
         times.append(time.perf_counter() - started)
+        t.step += 1
     out["step_peak_gb"] = peak_gb()
     later = sorted(times[1:] or times)
     out["step_s"] = later[len(later) // 2]
