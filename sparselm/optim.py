@@ -19,9 +19,10 @@ def param_groups(model: nn.Module, ocfg) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter's data is flat
         tag = getattr(p, "optim_group", None)
         if tag is None:
-            tag = "no_decay" if p.ndim < 2 else "decay"
+            tag = "no_decay" if ndim < 2 else "decay"
         if tag not in groups:
             overrides = getattr(p, "optim_overrides", {})
             groups[tag] = {
@@ -29,7 +30,7 @@ def param_groups(model: nn.Module, ocfg) -> list[dict]:
                 "params": [],
                 "lr_scale": overrides.get("lr_scale", 1.0),
                 # a tagged group of matrices decays like the rest unless its tag says otherwise
-                "weight_decay": overrides.get("weight_decay", ocfg.weight_decay if tag != "no_decay" and p.ndim >= 2 else 0.0),
+                "weight_decay": overrides.get("weight_decay", ocfg.weight_decay if tag != "no_decay" and ndim >= 2 else 0.0),
             }
         groups[tag]["params"].append(p)
     return [g for g in groups.values() if g["params"]]

@@ -86,7 +86,8 @@ class Trainer:
         self.is_rank0 = self.rank == 0
         self.topo = Topology(self.cfg)
         self.ds_notes: list[str] = []
-        build_ds_config(self.cfg, self.topo.dp_size, self.ds_notes)  # refuses a JSON sparselm cannot honour
+        # refuses a JSON sparselm cannot honour; the engine resolves it again (same result) when it is built
+        self.ds_config = build_ds_config(self.cfg, self.topo.dp_size, self.ds_notes)
         self.resume_from = find_resume(self.cfg)
 
     def _open_data(self) -> None:
@@ -130,7 +131,12 @@ class Trainer:
         if restored is not None:
             ckpt.check_tensors_match(reference, restored.tensors, restored.path)
             tensors = restored.tensors
-        self.module = build_sharded(self.cfg, self.topo, tensors)
+        partitioner = None
+        if self.ds_config["zero_optimization"].get("stage", 0) == 3:  # partitioned as built, never whole
+            from sparselm.parallel.zero3 import Zero3Partitioner
+
+            partitioner = Zero3Partitioner(self.ds_config, self.topo)
+        self.module = build_sharded(self.cfg, self.topo, tensors, partitioner=partitioner)
 
     def _build_engine(self) -> None:
         """The DeepSpeed engine over the module, and the step functions for its kind (pipeline or not)."""

@@ -6,7 +6,8 @@ capacity drops and bias balancing, pkm_ffn layers sharing one value table.  One 
 world trains every case under zero1 (the reference); one spawn of a 4-rank gloo world trains each case
 under zero3 and zero3_offload (data-parallel 4, so every parameter is partitioned over 4 ranks), the MoE
 cases also with expert parallelism 2 inside data-parallel 4 (experts partitioned over their
-expert-data-parallel group of 2), and resumes a ZeRO-3 run through the command line.  The
+expert-data-parallel group of 2), resumes a ZeRO-3 run through the command line, and builds two cases
+the way the trainer does with a probe counting whole parameters while building.  The
 tests read those runs' metrics: 5 steps equal the one-process zero1 run at 1e-5 (loss, lm loss, aux
 loss, gradient norm; fp32, clipping active).
 """
@@ -96,8 +97,52 @@ def _resume_through_cli(rank, world, out):
     return (_rows(full), _rows(resumed), _rows(zero1)) if rank == 0 else None
 
 
+def _construction(rank, world):
+    """Build each ZeRO-3 case the way the trainer does (``build_sharded`` with a ``Zero3Partitioner``) with a
+    partitioner that looks, before partitioning each parameter, at how many of the module's parameters hold
+    whole values; returns per case that count's maximum, the elements held after the build (partitions and
+    data) and the whole model's, and the partition-group sizes of expert and other parameters."""
+    import torch.distributed as dist
+
+    from sparselm.config import load_config
+    from sparselm.engine import build_ds_config
+    from sparselm.parallel.materialize import build_sharded
+    from sparselm.parallel.topology import Topology
+    from sparselm.parallel.zero3 import Zero3Partitioner
+
+    class Probe(Zero3Partitioner):
+        def prepare(self, model):
+            super().prepare(model)
+            self.model, self.most_whole = model, 0
+
+        def partition(self, param):
+            whole = [p for p in self.model.parameters() if not p.is_meta and not hasattr(p, "ds_id")]
+            self.most_whole = max(self.most_whole, len(whole))
+            super().partition(param)
+
+    report = {}
+    for case, setting in [("tiny_mixed", "zero3"), ("moe_top2_shared_noisy", "ep2_zero3_offload")]:
+        preset, overrides = CASES[case]
+        cfg = load_config(preset, BASE + overrides + SETTINGS[setting] + ["--model.vocab_size=256"])
+        topo = Topology(cfg)
+        try:
+            probe = Probe(build_ds_config(cfg, topo.dp_size), topo)
+            params = list({id(p): p for p in build_sharded(cfg, topo, partitioner=probe).parameters()}.values())
+            groups = {}
+            for p in params:
+                family = getattr(p, "ds_zero_placement_family", "replicated")
+                groups.setdefault(family, set()).add(dist.get_world_size(p.ds_process_group))
+            report[(case, setting)] = dict(
+                most_whole=probe.most_whole, partitioned=all(hasattr(p, "ds_id") for p in params),
+                partitions=sum(p.ds_tensor.numel() for p in params), data=sum(p.data.numel() for p in params),
+                total=sum(p.ds_numel for p in params), params=len(params), groups=groups)
+        finally:
+            topo.teardown()
+    return report
+
+
 def _sharded_world(rank, world, jobs, out):
-    return _train_cases(rank, world, jobs, out), _resume_through_cli(rank, world, out)
+    return _train_cases(rank, world, jobs, out), _resume_through_cli(rank, world, out), _construction(rank, world)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +156,9 @@ def reference(tmp_path_factory) -> dict:
 def sharded(tmp_path_factory):
     """(metrics of every 4-rank run, expert-parallel partition group sizes, the resume runs' metrics)."""
     jobs = [(case, s) for case in CASES for s in ("zero3", "zero3_offload")] + EXPERT_PARALLEL
-    (rows, partition), resume = run_distributed(_sharded_world, WORLD, jobs, str(tmp_path_factory.mktemp("zero3")))[0]
-    return rows, partition, resume
+    results = run_distributed(_sharded_world, WORLD, jobs, str(tmp_path_factory.mktemp("zero3")))
+    (rows, partition), resume, _ = results[0]
+    return rows, partition, resume, [r[2] for r in results]
 
 
 def assert_same_run(rows, ref, tol=1e-5):
@@ -125,23 +171,42 @@ def assert_same_run(rows, ref, tol=1e-5):
 @pytest.mark.parametrize("setting", ["zero3", "zero3_offload"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_zero3_trains_every_block_kind_as_one_process(reference, sharded, case, setting):
-    rows, _, _ = sharded
+    rows, *_ = sharded
     assert_same_run(rows[(case, setting)], reference[(case, "zero1")])
 
 
 @pytest.mark.parametrize("case, setting", EXPERT_PARALLEL)
 def test_expert_parallel_zero3_partitions_experts_over_their_group(reference, sharded, case, setting):
-    rows, partition, _ = sharded
+    rows, partition, *_ = sharded
     assert_same_run(rows[(case, setting)], reference[(case, "zero1")])
     # experts over the expert-data-parallel group (4 / ep 2), everything else over all data-parallel ranks
     assert partition[(case, setting)] == {"autoep_expert": {WORLD // 2}, "replicated": {WORLD}}
+
+
+@pytest.mark.parametrize("case, setting", [("tiny_mixed", "zero3"), ("moe_top2_shared_noisy", "ep2_zero3_offload")])
+def test_zero3_construction_never_holds_the_whole_model(sharded, case, setting):
+    """Each parameter is partitioned as soon as it is filled: while building, a rank holds at most one whole
+    parameter (the one being partitioned) besides its partitions, and the engine receives every parameter
+    partitioned (experts over their expert-data-parallel group under ep2)."""
+    *_, construction = sharded
+    for rank, report in enumerate(construction):
+        got = report[(case, setting)]
+        assert got["most_whole"] == 1, rank
+        assert got["partitioned"] and got["data"] == 0, rank
+        share = got["total"] / WORLD if setting == "zero3" else None
+        if share is not None:  # every tensor over 4 ranks: a quarter, plus at most 3 padding elements each
+            assert share <= got["partitions"] <= share + 3 * got["params"], rank
+        else:  # experts over 2 ranks, the rest over 4: between a quarter and a half of the model
+            assert got["total"] / WORLD < got["partitions"] < got["total"] / 2, rank
+        assert got["groups"] == ({"replicated": {WORLD}} if setting == "zero3"
+                                 else {"autoep_expert": {WORLD // 2}, "replicated": {WORLD}}), rank
 
 
 def test_noisy_gating_does_not_depend_on_the_layout(reference, sharded):
     """Noise keyed by token: 4 micro-batches of 1 and 4 data-parallel ranks draw the one-process noise."""
     ref = reference
     assert_same_run(ref[("moe_top2_shared_noisy", "micro1")], ref[("moe_top2_shared_noisy", "zero1")])
-    rows, _, _ = sharded
+    rows, *_ = sharded
     assert_same_run(rows[("moe_top2_shared_noisy", "zero3")], ref[("moe_top2_shared_noisy", "zero1")])
 
 
@@ -161,7 +226,7 @@ def test_noise_is_keyed_by_step_and_token_not_by_generator_state():
 
 
 def test_zero3_resume_through_the_command_line_is_exact(sharded):
-    _, _, (full, resumed, _) = sharded
+    _, _, (full, resumed, _), _ = sharded
     assert [r["step"] for r in resumed] == [3, 4]
     for got, want in zip(resumed, full[2:], strict=True):
         for key in ("loss", "grad_norm"):
@@ -170,7 +235,7 @@ def test_zero3_resume_through_the_command_line_is_exact(sharded):
 
 def test_zero3_checkpoint_resumes_under_zero1(sharded):
     """The checkpoint is layout-free: ZeRO-1 (torch AdamW instead of CPU Adam) continues the ZeRO-3 run."""
-    _, _, (full, _, zero1) = sharded
+    _, _, (full, _, zero1), _ = sharded
     assert [r["step"] for r in zero1] == [3, 4]
     for got, want in zip(zero1, full[2:], strict=True):
         for key in ("loss", "grad_norm"):

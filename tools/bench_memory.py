@@ -12,8 +12,10 @@ every rank reports, from /proc/self/status (peak reset between phases through /p
 - ``build_peak_gb``: peak RSS while the model is constructed (meta model, parallelisation, materialisation);
 - ``engine_peak_gb``: peak RSS while ``deepspeed.initialize`` builds the engine and optimizer;
 - ``step_peak_gb``: peak RSS over the training steps; ``step_s``: median seconds per step after the first.
-Layouts: ``1``, ``tp2``, ``pp2``, ``ep2`` (with dp 2), ``tp2xep2`` (4 processes), ``tp2rows`` (tp2 with
-``parallel.moe_tp_mode=rows``, the baseline expert tensor parallelism is measured against).
+Layouts: ``1``, ``dp2``, ``tp2``, ``pp2``, ``ep2`` (with dp 2), ``tp2xep2`` (4 processes), ``tp2rows`` (tp2 with
+``parallel.moe_tp_mode=rows``, the baseline expert tensor parallelism is measured against).  Under ZeRO
+stage 3 (``--parallel.ds_config=zero3``) a parameter counts with its partition (``ds_tensor``), so ``dp2``
+shows what partition-at-materialise (``sparselm.parallel.zero3``) holds while building.
 The table gives ratios against layout ``1`` measured in the same run; the last line is one JSON object.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 LAYOUTS = {
     "1": (1, []),
+    "dp2": (2, []),
     "tp2": (2, ["--parallel.tp=2"]),
     "tp2rows": (2, ["--parallel.tp=2", "--parallel.moe_tp_mode=rows"]),
     "pp2": (2, ["--parallel.pp=2"]),
@@ -79,7 +82,8 @@ def worker(args, overrides: list[str]) -> None:
     reset_peak()
     t._build_module(None)
     out["build_peak_gb"] = peak_gb()
-    out["params_local"] = sum(p.numel() for p in {id(p): p for p in t.module.parameters()}.values())
+    out["params_local"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                              for p in {id(p): p for p in t.module.parameters()}.values())
     out["params_reachable"] = reachable_parameters(t.module)
     out["params_total"] = t.num_params[0]
     reset_peak()

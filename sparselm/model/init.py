@@ -172,13 +172,14 @@ def meta_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, list[tupl
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, source, canonical=None, take=None) -> nn.Module:
+def materialize(model: nn.Module, source, canonical=None, take=None, after=None) -> nn.Module:
     """Give every meta parameter of ``model`` real memory holding its value from ``source`` (``full(name)``:
     the canonical tensor, e.g. ``InitSource`` or a checkpoint).  ``canonical(local name) -> canonical name``
     (identity by default); ``take(source, canonical name, param) -> this rank's piece`` (default
     ``source.full``: a one-process model).  Parameters keep their identity across holders (tied and shared tensors stay one Parameter)
     and their attributes.  Raises ValueError naming the parameter when the source has no such tensor or
-    the piece does not have the parameter's shape (a parallel rule that does not describe its piece)."""
+    the piece does not have the parameter's shape (a parallel rule that does not describe its piece).
+    ``after(param)`` is called on each parameter as soon as it holds its value (ZeRO-3 partitions it there)."""
     canonical = canonical or (lambda name: name)
     for name, meta, holders in meta_parameters(model):
         canon = canonical(name)
@@ -197,6 +198,8 @@ def materialize(model: nn.Module, source, canonical=None, take=None) -> nn.Modul
         real.__dict__.update(meta.__dict__)
         for module, attr in holders:
             module._parameters[attr] = real
+        if after is not None:
+            after(real)
     return model
 
 

@@ -113,3 +113,18 @@ def replace_fp32_clipping(engine, clip) -> None:
         engine._global_grad_norm = clip()
 
     engine.clip_fp32_gradients = clip_and_record
+
+
+# ------------------------------------------------------------------ ZeRO-3 conversion (partition_parameters.Init)
+def zero3_converter(ds_config: dict, dp_group, mpu=None, dtype=None):
+    """A function partitioning parameters the way ``deepspeed.initialize`` does under ZeRO stage 3: one
+    ``deepspeed.zero.Init`` built with the engine's arguments (data-parallel group, config, offload device from
+    it, ``mpu``, ``dtype``) but never entered (no patched constructors), whose private
+    ``_convert_to_zero_parameters`` (what ``Init(module=...)`` and the engine's ``DeepSpeedZeRoOffload`` call)
+    takes a list of whole parameters and leaves each DeepSpeed's partitioned parameter: its ``ds_tensor`` this
+    rank's partition (on the offload device if any), its data freed.  A parameter carrying
+    ``ds_zero_partition_process_group`` is partitioned over that group (AutoEP experts)."""
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    init = Init(data_parallel_group=dp_group, config_dict_or_path=ds_config, mpu=mpu, dtype=dtype)
+    return init._convert_to_zero_parameters

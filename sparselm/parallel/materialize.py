@@ -36,11 +36,12 @@ def tied_aliases(reference: torch.nn.Module) -> dict[str, str]:
 
 @torch.no_grad()
 def materialize_pieces(module: torch.nn.Module, source, groups: dict, canonical=None, what: str = "the model",
-                       load_buffers: bool = False) -> torch.nn.Module:
+                       load_buffers: bool = False, partitioner=None) -> torch.nn.Module:
     """Allocate and fill every meta parameter of ``module`` with this rank's piece of its canonical tensor
     from ``source``; with ``load_buffers``, persistent buffers the source holds are loaded too (a checkpoint's
     MoE selection bias, PKM usage statistics).  ``canonical(local name) -> canonical name``; ``groups``:
-    'tp'/'ep' -> process group.  Raises ValueError naming any tensor left on the meta device."""
+    'tp'/'ep' -> process group.  ``partitioner`` (``sparselm.parallel.zero3.Zero3Partitioner``) partitions each
+    parameter as soon as it is filled.  Raises ValueError naming any tensor left on the meta device."""
     canonical = canonical or (lambda name: name)
 
     def take(source, name, param):
@@ -57,7 +58,9 @@ def materialize_pieces(module: torch.nn.Module, source, groups: dict, canonical=
                 return rows
         return piece(source.full(name), shards, groups)
 
-    materialize(module, source, canonical, take)
+    if partitioner is not None:
+        partitioner.prepare(module)
+    materialize(module, source, canonical, take, after=partitioner.partition if partitioner is not None else None)
     if load_buffers:
         persistent = set(module.state_dict(keep_vars=True))
         for name, buf in module.named_buffers():
@@ -88,11 +91,13 @@ def _rows_piece(source, name, param, shards, groups) -> torch.Tensor | None:
     return out
 
 
-def build_sharded(cfg, topo, tensors=None, source=None) -> torch.nn.Module:
+def build_sharded(cfg, topo, tensors=None, source=None, partitioner=None) -> torch.nn.Module:
     """This rank's module of the model ``cfg`` describes under ``topo``: the parallelised model (pp = 1) or its
     pipeline stages (a ``SparseLMPipe``), every parameter its piece, nothing else allocated.  Values from
     ``tensors`` (a checkpoint's ``LazyTensors``: persistent buffers too) or else the seeded init
-    (``source`` overrides, e.g. an instrumented ``InitSource``)."""
+    (``source`` overrides, e.g. an instrumented ``InitSource``).  Under ZeRO-3, ``partitioner``
+    (``sparselm.parallel.zero3.Zero3Partitioner``) partitions every parameter as it is filled, so the rank never
+    holds its whole pieces."""
     from sparselm.model import build_model
     from sparselm.parallel import parallelize
     from sparselm.parallel.pipeline import build_pipeline
@@ -106,11 +111,11 @@ def build_sharded(cfg, topo, tensors=None, source=None) -> torch.nn.Module:
     groups, load_buffers = {"tp": topo.tp_group, "ep": topo.ep_group}, tensors is not None
     model = parallelize(build_model(cfg, device="meta"), cfg, topo)
     if topo.pp == 1:
-        return materialize_pieces(model, source, groups, load_buffers=load_buffers)
+        return materialize_pieces(model, source, groups, load_buffers=load_buffers, partitioner=partitioner)
 
     def materialize_stage(stage):
         return materialize_pieces(stage, source, groups, stage.canonical, f"pipeline stage {type(stage).__name__}",
-                                  load_buffers)
+                                  load_buffers, partitioner)
 
     return build_pipeline(model, topo.ds_topology, cfg.parallel.pp_partition, cfg.parallel.activation_checkpoint_interval,
                           materialize_stage)
@@ -146,7 +151,8 @@ def held_pieces(cfg, topo, model=None) -> dict[str, torch.nn.Parameter]:
 def reachable_parameters(root) -> int:
     """Elements of the distinct parameters with memory (not meta) reachable from ``root`` through modules,
     containers and the attributes of sparselm's and DeepSpeed's pipeline objects (its layer specs): what
-    a module keeps alive.  For tests and ``tools/bench_memory.py``."""
+    a module keeps alive (a ZeRO-3 parameter: its partition, plus its data while gathered).  For tests and
+    ``tools/bench_memory.py``."""
     seen, count, stack = set(), 0, [root]
     while stack:
         obj = stack.pop()
@@ -155,7 +161,9 @@ def reachable_parameters(root) -> int:
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
             if isinstance(obj, torch.nn.Parameter) and not obj.is_meta:
-                count += obj.numel()
+                count += obj.numel()  # a ZeRO-3 parameter's data is empty unless gathered; its partition:
+                if getattr(obj, "ds_tensor", None) is not None:
+                    count += obj.ds_tensor.numel()
         elif isinstance(obj, dict):
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple, set)):

@@ -1,0 +1,56 @@
+"""ZeRO-3 construction: each parameter is partitioned the moment it is materialised.
+
+Under ZeRO stage 3 ``deepspeed.initialize`` partitions every parameter it finds whole, so a model built
+whole first would peak at this rank's whole pieces, however many ranks share them.  DeepSpeed's answer is
+the ``deepspeed.zero.Init`` context, which partitions each module's parameters at the end of its
+``__init__``; sparselm's construction already allocates one parameter at a time from the meta device
+(``sparselm.parallel.materialize``), so ``Zero3Partitioner`` applies the same conversion right after each
+parameter is filled: the peak is this rank's partitions plus one whole tensor (or one module's, while the
+seeded init draws a module), and the engine later finds every parameter partitioned and keeps them (its
+"zero-init model" path: no second cast, no broadcast; the values are already layout-free).
+
+Expert parameters of an expert-parallel model are tagged for DeepSpeed's AutoEP placement first
+(``sparselm.parallel.expert.tag_experts_for_zero3``) and partitioned over their expert-data-parallel group,
+the group the engine expects them in (``DeepSpeedEngine._resolve_zero3_param_placement``).
+"""
+from __future__ import annotations
+
+import torch
+
+from sparselm.parallel.deepspeed_private import zero3_converter
+
+
+def working_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed trains the parameters in under ``ds_config``: bf16, fp16 or fp32."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+class Zero3Partitioner:
+    """Partition-at-materialise for ``build_sharded(..., partitioner=...)``: ``prepare(model)`` on the meta model
+    (AutoEP tags on expert parameters, carried to the real ones), then ``partition(param)`` on each parameter
+    as soon as it holds its values.  ``ds_config``: the resolved DeepSpeed config (stage 3); ``topo``: the
+    run's ``Topology`` (its data-parallel group, expert-data-parallel group and mpu, as the engine gets them)."""
+
+    def __init__(self, ds_config: dict, topo):
+        self.dtype = working_dtype(ds_config)
+        self.expert_dp_group = topo.expert_dp_group if topo.ep > 1 else None
+        self.convert = zero3_converter(ds_config, topo.dp_group, mpu=topo.mpu, dtype=self.dtype)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        from sparselm.parallel.expert import tag_experts_for_zero3
+
+        tag_experts_for_zero3(model)
+
+    @torch.no_grad()
+    def partition(self, param: torch.nn.Parameter) -> None:
+        if hasattr(param, "ds_id"):  # a tied or shared tensor, already partitioned
+            return
+        if getattr(param, "ds_zero_placement_family", None) == "autoep_expert":
+            param.ds_zero_partition_process_group = self.expert_dp_group
+        if param.dtype != self.dtype and param.is_floating_point():
+            param.data = param.data.to(self.dtype)
+        self.convert([param])
