@@ -100,6 +100,12 @@ class ParallelConfig:
     timeout_minutes: float = 30.0
     """Minutes a collective (or the start-up rendezvous) may wait for the other ranks before it fails
     with an error instead of hanging (torch.distributed's process-group timeout)."""
+    zero3_experts_per_gather: int = 1
+    """Under ZeRO stage 3: routed experts per module ZeRO-3 gathers at once (each MoE layer's local experts
+    are held as modules of this many, like DeepSpeed's one module per expert), so a step holds one such group
+    of one layer's experts in device memory, not the whole layer's; 0 gathers all of a layer's local experts
+    together (fewer, larger gathers and one grouped GEMM).  Must divide moe.num_experts / parallel.ep.
+    Ignored below stage 3; the numbers are the same either way."""
     moe_tp_mode: Literal["weights", "rows"] = "weights"
     """With tp > 1, how routed experts use the tensor-parallel group (same numbers either way).
     'weights': each TP rank holds 1/tp of every local expert's hidden width (gate/up rows, down columns)
@@ -411,6 +417,14 @@ def validate(cfg) -> None:
     for name in ("tp", "pp", "ep"):
         require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")
+    require(p.zero3_experts_per_gather >= 0, "parallel.zero3_experts_per_gather must be >= 0 (0: all of a layer's "
+            f"experts at once), got {p.zero3_experts_per_gather}")
+    local_experts = cfg.moe.num_experts // p.ep if cfg.moe.num_experts % p.ep == 0 else 0
+    require(not ("moe" in m.pattern and local_experts and p.zero3_experts_per_gather
+                 and local_experts % p.zero3_experts_per_gather),
+            f"parallel.zero3_experts_per_gather={p.zero3_experts_per_gather} does not divide the {local_experts} "
+            f"experts each rank holds (moe.num_experts={cfg.moe.num_experts} / parallel.ep={p.ep}); pick a divisor "
+            "of it, or 0 for all at once")
     check_layout_fits_model(cfg)
     require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")

@@ -124,7 +124,7 @@ def state_boxes(engine, model, groups: dict):
             weights[canon] = (shape, [(box.offsets, view) for box, view in piece_views(tensor.detach(), segs)])
             continue
         local_shape = tuple(getattr(p, "ds_shape", p.shape))
-        weights[canon] = (shape, [])
+        weights.setdefault(canon, (shape, []))  # several local tensors may hold pieces of one (gather chunks)
         for start, numel, master, frag_moments in _fragments(engine, p):
             weights[canon][1].extend((b.offsets, v) for b, v in flat_range_boxes(local_shape, segs, start, numel, master))
             for key, flat in frag_moments.items():

@@ -19,8 +19,9 @@ for experts; w: bytes of a weight, 2 under bf16/fp16, 4 in fp32; L: its largest 
   partition and its gradient even when the weights are fp32);
 - ZeRO-2: as ZeRO-1 with the w-byte gradients partitioned, wP/d; with offload_optimizer the 16P/d go to host
   and the gradients are reduced straight into it;
-- ZeRO-3: weights wP/d, 16P/d, and 4L of gathered weights and gradients; offload_optimizer moves the 16P/d
-  to host, offload_param the weights too.
+- ZeRO-3: weights wP/d, 16P/d, and 4L of gathered weights and gradients (L counting a layer's routed experts
+  in the modules ZeRO-3 gathers them in, ``parallel.zero3_experts_per_gather``); offload_optimizer moves
+  the 16P/d to host, offload_param the weights too.
 Peak = runtime + model states + the larger of (activations of the micro-batches in flight + ZeRO-3's
 gathered layer) and the optimizer step's workspace (one fp32 temporary of the largest parameter group's
 partition: torch's AdamW, foreach=False, on DeepSpeed's flat groups).
@@ -94,6 +95,9 @@ class StageHold:
     expert: int
     """Parameters partitioned over the expert-data-parallel group (DeepSpeed MoE parameters: ``allreduce`` False)."""
     largest_module: int
+    largest_gathered: int
+    """The largest module as ZeRO-3 gathers it: routed experts in modules of
+    ``parallel.zero3_experts_per_gather`` (``sparselm.parallel.zero3``)."""
     largest_tensor: int
     groups: dict
     """Optimizer parameter group name -> (parameters, expert group?) as the trainer builds them."""
@@ -167,6 +171,11 @@ def stage_holdings(cfg, layout) -> list[StageHold]:
             by_kind[kind_of(name)] += p.numel()
             owner = name.rsplit(".", 1)[0]
             modules[owner] = modules.get(owner, 0) + p.numel()
+        gathered, per = dict(modules), cfg.parallel.zero3_experts_per_gather
+        for owner in modules:
+            experts = pieces.get(f"{owner}.gate_up_proj")
+            if owner.endswith(".experts") and experts is not None and per and experts.shape[0] > per:
+                gathered[owner] = modules[owner] * per // experts.shape[0]
         holder = torch.nn.ParameterList(pieces.values())
         groups = {g["name"]: (sum(p.numel() for p in g["params"]), bool(g.get("moe"))) for g in optimizer_groups(holder, cfg)}
         layers = sorted({int(n.split(".")[1]) for n in pieces if n.startswith("layers.")})
@@ -174,6 +183,7 @@ def stage_holdings(cfg, layout) -> list[StageHold]:
         out.append(StageHold(params=sum(by_kind.values()), by_kind=by_kind,
                              expert=sum(p.numel() for p in pieces.values() if getattr(p, "allreduce", True) is False),
                              largest_module=max(modules.values(), default=0),
+                             largest_gathered=max(gathered.values(), default=0),
                              largest_tensor=max((p.numel() for p in pieces.values()), default=0), groups=groups,
                              layers=layers, first=any(n.startswith("embed.") for n in pieces),
                              last=any(n.startswith("head.") for n in pieces), memory_slots=max(slots, default=0)))
@@ -215,10 +225,6 @@ def check(cfg, world: int, cuda: bool = True):
     validate(cfg)
     dp = world // (cfg.parallel.tp * cfg.parallel.pp)
     ds = build_ds_config(cfg, dp, cuda=cuda)
-    stage = ds["zero_optimization"].get("stage", 0)
-    if stage == 3 and cfg.parallel.ep > 1 and "moe" in cfg.model.layer_kinds():
-        raise ConfigError(f"parallel.ep={cfg.parallel.ep} with ZeRO-3: DeepSpeed refuses its MoE under ZeRO stage 3 "
-                          "(_validate_zero3_moe_compatibility); use parallel.ep=1 or ZeRO stage 1/2")
     return Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp, ep=cfg.parallel.ep), ds
 
 
@@ -358,7 +364,7 @@ def plan_layout(cfg, world: int, gpu_mem_gb: float, host_mem_gb: float | None = 
         else:
             states["fp32 master + Adam + fp32 gradients"] = 16 * part
         if stage_no == 3:
-            states["gathered layer (ZeRO-3)"] = 4 * s.largest_module
+            states["gathered layer (ZeRO-3)"] = 4 * s.largest_gathered
         gpu, host = {}, {}
         for key, value in states.items():
             to_host = (offload_opt and key.startswith("fp32")) or (offload_param and key == "weights")

@@ -135,7 +135,7 @@ class Trainer:
         if self.ds_config["zero_optimization"].get("stage", 0) == 3:  # partitioned as built, never whole
             from sparselm.parallel.zero3 import Zero3Partitioner
 
-            partitioner = Zero3Partitioner(self.ds_config, self.topo)
+            partitioner = Zero3Partitioner(self.ds_config, self.topo, self.cfg.parallel.zero3_experts_per_gather)
         self.module = build_sharded(self.cfg, self.topo, tensors, partitioner=partitioner)
 
     def _build_engine(self) -> None:

@@ -214,3 +214,25 @@ def test_a_model_that_does_not_fit_gets_the_smallest_change(capsys):
     code, out, _ = _main(capsys, "--config", "tiny_moe", "--gpus", "2", "--gpu-mem", "0.001", "--search", "--json")
     result = json.loads(out.strip().splitlines()[-1])
     assert result["fits"] is False and "smallest_fix" in result and "no layout fits" in out
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_zero3_gathered_layer_counts_one_expert_module(ep):
+    """Under ZeRO-3 the planner's gathered layer is the largest module as ZeRO-3 gathers it: a MoE layer's
+    routed experts one expert at a time (parallel.zero3_experts_per_gather=1), the whole local experts with 0;
+    expert parallelism under ZeRO-3 is planned, not refused."""
+    from sparselm.model import build_model
+    from sparselm.plan import plan_layout
+
+    layout = ["--parallel.ds_config=zero3"] + ["--parallel.ep=2"] * (ep == 2)
+    per_expert = plan_layout(_cfg("tiny_moe", layout), 2, GPU_MEM).ranks[0].gpu["gathered layer (ZeRO-3)"]
+    together = plan_layout(_cfg("tiny_moe", layout + ["--parallel.zero3_experts_per_gather=0"]), 2,
+                           GPU_MEM).ranks[0].gpu["gathered layer (ZeRO-3)"]
+    cfg = _cfg("tiny_moe", [])
+    model = build_model(cfg, device="meta")
+    direct = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()}
+    experts = max(v for n, v in direct.items() if n.endswith(".experts"))
+    others = max(v for n, v in direct.items() if not n.endswith(".experts"))
+    assert together == 4 * max(others, experts // ep)
+    assert per_expert == 4 * max(others, experts // cfg.moe.num_experts)
+    assert per_expert < together

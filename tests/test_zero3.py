@@ -85,7 +85,8 @@ def _train_cases(rank, world, jobs, out):
 
 def _resume_through_cli(rank, world, out):
     """A ZeRO-3 (offload) run of 4 steps saving at step 2, then a new run resumed from step 2 through
-    ``sparselm.train.main`` with --train.resume, under ZeRO-3 and under ZeRO-1; returns the runs' metrics."""
+    ``sparselm.train.main`` with --train.resume, under ZeRO-3 and under ZeRO-1; then a ZeRO-1 run saving at
+    step 2 resumed under ZeRO-3; returns the runs' metrics."""
     from sparselm.train import main
 
     full, resumed, zero1 = Path(out) / "full", Path(out) / "resumed", Path(out) / "zero1"
@@ -94,7 +95,11 @@ def _resume_through_cli(rank, world, out):
     main(RESUME + ["--train.steps=4", f"--train.resume={step2}", f"--train.out_dir={resumed}"])
     main(RESUME + ["--train.steps=4", f"--train.resume={step2}", f"--train.out_dir={zero1}",
                    "--parallel.ds_config=zero1"])  # the same checkpoint under ZeRO-1 (the last flag wins)
-    return (_rows(full), _rows(resumed), _rows(zero1)) if rank == 0 else None
+    # and the other way: a ZeRO-1 run's checkpoint (whole experts) resumed under ZeRO-3 (experts in gather chunks)
+    full1, into3 = Path(out) / "full_zero1", Path(out) / "zero1_into_zero3"
+    main(RESUME + ["--train.steps=4", "--train.save_every=2", f"--train.out_dir={full1}", "--parallel.ds_config=zero1"])
+    main(RESUME + ["--train.steps=4", f"--train.resume={full1 / 'checkpoints' / 'step_2'}", f"--train.out_dir={into3}"])
+    return (_rows(full), _rows(resumed), _rows(zero1), _rows(full1), _rows(into3)) if rank == 0 else None
 
 
 def _construction(rank, world):
@@ -106,6 +111,7 @@ def _construction(rank, world):
 
     from sparselm.config import load_config
     from sparselm.engine import build_ds_config
+    from sparselm.parallel.expert import moe_layers
     from sparselm.parallel.materialize import build_sharded
     from sparselm.parallel.topology import Topology
     from sparselm.parallel.zero3 import Zero3Partitioner
@@ -127,7 +133,8 @@ def _construction(rank, world):
         topo = Topology(cfg)
         try:
             probe = Probe(build_ds_config(cfg, topo.dp_size), topo)
-            params = list({id(p): p for p in build_sharded(cfg, topo, partitioner=probe).parameters()}.values())
+            model = build_sharded(cfg, topo, partitioner=probe)
+            params = list({id(p): p for p in model.parameters()}.values())
             groups = {}
             for p in params:
                 family = getattr(p, "ds_zero_placement_family", "replicated")
@@ -135,7 +142,8 @@ def _construction(rank, world):
             report[(case, setting)] = dict(
                 most_whole=probe.most_whole, partitioned=all(hasattr(p, "ds_id") for p in params),
                 partitions=sum(p.ds_tensor.numel() for p in params), data=sum(p.data.numel() for p in params),
-                total=sum(p.ds_numel for p in params), params=len(params), groups=groups)
+                total=sum(p.ds_numel for p in params), params=len(params), groups=groups,
+                chunks=[len(layer.experts.chunks) for layer in moe_layers(model)])
         finally:
             topo.teardown()
     return report
@@ -200,6 +208,47 @@ def test_zero3_construction_never_holds_the_whole_model(sharded, case, setting):
             assert got["total"] / WORLD < got["partitions"] < got["total"] / 2, rank
         assert got["groups"] == ({"replicated": {WORLD}} if setting == "zero3"
                                  else {"autoep_expert": {WORLD // 2}, "replicated": {WORLD}}), rank
+        # one gathered module per local expert (parallel.zero3_experts_per_gather=1): 4 experts, or 2 under ep2
+        assert got["chunks"] == ([4] if setting == "zero3" else [2, 2]), rank
+
+
+def test_experts_in_gather_chunks_compute_the_same_numbers():
+    """Experts split into per-expert modules (what ZeRO-3 gathers apart) give the outputs and weight gradients
+    of the grouped module, on both computation paths, including a chunk no row is routed to."""
+    from itertools import product
+
+    import torch
+
+    from sparselm.model.moe.experts import GroupedExperts
+    from sparselm.parallel.zero3 import gather_chunk
+
+    torch.manual_seed(0)
+    # an expert of each chunk without rows; then a whole chunk without rows (it still gets zero gradients)
+    for impl, counts in product(("grouped_mm", "padded"), (torch.tensor([3, 0, 0, 5]), torch.tensor([3, 5, 0, 0]))):
+        whole = GroupedExperts(4, 16, 8, impl=impl)
+        whole.reset_parameters()
+        chunked = GroupedExperts(4, 16, 8, impl=impl)
+        chunked.load_state_dict(whole.state_dict())
+        chunked.split_into_chunks(2, gather_chunk)
+        x = torch.randn(int(counts.sum()), 16)
+        out_whole, out_chunked = whole(x, counts), chunked(x, counts)
+        torch.testing.assert_close(out_chunked, out_whole, rtol=1e-6, atol=1e-7)
+        out_whole.square().sum().backward()
+        out_chunked.square().sum().backward()
+        for name in ("gate_up_proj", "down_proj"):
+            grad = torch.cat([getattr(c, name).grad for c in chunked.chunks])
+            torch.testing.assert_close(grad, getattr(whole, name).grad, rtol=1e-6, atol=1e-7)
+        assert [c.gate_up_proj.placements[-1].fixed for c in chunked.chunks] == [(0, 2), (1, 2)]
+    with pytest.raises(ValueError, match="cannot be split into 3 equal chunks"):
+        GroupedExperts(4, 16, 8).split_into_chunks(3, gather_chunk)
+
+
+def test_experts_per_gather_must_divide_the_local_experts():
+    from sparselm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="zero3_experts_per_gather=3 does not divide the 4 experts"):
+        load_config("tiny_moe", ["--moe.num_experts=4", "--parallel.zero3_experts_per_gather=3"])
+    assert load_config("tiny_moe", ["--moe.num_experts=4", "--parallel.zero3_experts_per_gather=0"])
 
 
 def test_noisy_gating_does_not_depend_on_the_layout(reference, sharded):
@@ -226,7 +275,7 @@ def test_noise_is_keyed_by_step_and_token_not_by_generator_state():
 
 
 def test_zero3_resume_through_the_command_line_is_exact(sharded):
-    _, _, (full, resumed, _), _ = sharded
+    _, _, (full, resumed, *_), _ = sharded
     assert [r["step"] for r in resumed] == [3, 4]
     for got, want in zip(resumed, full[2:], strict=True):
         for key in ("loss", "grad_norm"):
@@ -235,9 +284,19 @@ def test_zero3_resume_through_the_command_line_is_exact(sharded):
 
 def test_zero3_checkpoint_resumes_under_zero1(sharded):
     """The checkpoint is layout-free: ZeRO-1 (torch AdamW instead of CPU Adam) continues the ZeRO-3 run."""
-    _, _, (full, _, zero1), _ = sharded
+    _, _, (full, _, zero1, *_), _ = sharded
     assert [r["step"] for r in zero1] == [3, 4]
     for got, want in zip(zero1, full[2:], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
+
+
+def test_zero1_checkpoint_resumes_under_zero3(sharded):
+    """A ZeRO-1 checkpoint (experts stored whole) continues under ZeRO-3 offload, where each rank reads only
+    the boxes of its partitions of every gather chunk."""
+    _, _, (*_, full1, into3), _ = sharded
+    assert [r["step"] for r in into3] == [3, 4]
+    for got, want in zip(into3, full1[2:], strict=True):
         for key in ("loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
 

@@ -16,7 +16,7 @@ from itertools import product
 
 import torch
 
-from sparselm.parallel.pieces import Shard, group_rank_size
+from sparselm.parallel.pieces import Shard, shard_rank_size
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _merge(segs: list[Segment]) -> list[Segment]:
 def piece_layout(local_shape, shards: tuple[Shard, ...], groups: dict) -> tuple[tuple[int, ...], list[list[Segment]]]:
     """(canonical shape, segments per dimension) of this rank's piece of local shape ``local_shape`` cut by
     ``shards`` over ``groups`` ('tp'/'ep' -> process group)."""
-    sizes = [group_rank_size(groups.get(s.group)) for s in shards]
+    sizes = [shard_rank_size(s, groups) for s in shards]
     canonical = list(local_shape)
     for shard, (_, size) in zip(shards, sizes):
         canonical[shard.dim] *= size

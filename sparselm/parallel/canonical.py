@@ -7,17 +7,30 @@ global rank 0 from any layout.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 
 from sparselm.parallel.pieces import Shard, assemble
 
 
+_EXPERT_CHUNK = re.compile(r"\.chunks\.\d+\.(gate_up_proj|down_proj)$")
+
+
+def unchunked(name: str) -> str:
+    """The canonical name of a routed-experts weight held in ZeRO-3 gather chunks
+    (``...experts.chunks.3.gate_up_proj`` -> ``...experts.gate_up_proj``; ``sparselm.parallel.zero3``);
+    other names unchanged.  The chunk's rows are recorded in its placements."""
+    return _EXPERT_CHUNK.sub(r".\1", name)
+
+
 def canonical_names(module) -> dict[str, str]:
-    """Local parameter/buffer name -> canonical name (identity unless the module renames, e.g. a pipeline)."""
+    """Local parameter/buffer name -> canonical name (identity unless the module renames, e.g. a pipeline,
+    or holds experts in ZeRO-3 gather chunks)."""
     names = [n for n, _ in module.named_parameters()] + list(module.state_dict().keys())
     rename = getattr(module, "canonical_name", None)
-    return {n: rename(n) if rename else n for n in names}
+    return {n: unchunked(rename(n) if rename else n) for n in names}
 
 
 def gather_full(local: dict[str, torch.Tensor], specs: dict[str, tuple[Shard, ...]], groups: dict,

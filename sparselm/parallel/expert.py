@@ -346,10 +346,10 @@ class RowSplitExperts(GroupedExperts):
 
     tp_group = None
 
-    def weights(self):
+    def wrap_weights(self, gate_up, down):
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-        return tuple(copy_to_tensor_model_parallel_region(w, self.tp_group) for w in super().weights())
+        return tuple(copy_to_tensor_model_parallel_region(w, self.tp_group) for w in (gate_up, down))
 
 
 def deduplicate_over_tp(model: nn.Module, tp_group) -> nn.Module:

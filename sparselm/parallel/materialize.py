@@ -20,7 +20,7 @@ import torch
 
 from sparselm.model.init import InitSource, check_materialized, materialize
 from sparselm.parallel.boxes import piece_layout, piece_views
-from sparselm.parallel.pieces import group_rank_size, piece, placements
+from sparselm.parallel.pieces import piece, placements, shard_rank_size
 
 
 def tied_aliases(reference: torch.nn.Module) -> dict[str, str]:
@@ -42,7 +42,12 @@ def materialize_pieces(module: torch.nn.Module, source, groups: dict, canonical=
     MoE selection bias, PKM usage statistics).  ``canonical(local name) -> canonical name``; ``groups``:
     'tp'/'ep' -> process group.  ``partitioner`` (``sparselm.parallel.zero3.Zero3Partitioner``) partitions each
     parameter as soon as it is filled.  Raises ValueError naming any tensor left on the meta device."""
-    canonical = canonical or (lambda name: name)
+    from sparselm.parallel.canonical import unchunked
+
+    rename = canonical or (lambda name: name)
+
+    def canonical(name):  # ZeRO-3 gather chunks of experts map back to their canonical tensor
+        return unchunked(rename(name))
 
     def take(source, name, param):
         shards = placements(param)
@@ -51,8 +56,7 @@ def materialize_pieces(module: torch.nn.Module, source, groups: dict, canonical=
             _, segs = piece_layout(param.shape, shards, groups)
             source.read_into({name: [(box.offsets, view) for box, view in piece_views(out, segs)]})
             return out
-        if hasattr(source, "rows") and all(s.dim != 0 for s in shards[1:]) and not (shards and shards[0].blocks > 1
-                                                                                    and shards[0].dim == 0):
+        if hasattr(source, "rows") and all(s.blocks == 1 for s in shards if s.dim == 0):
             rows = _rows_piece(source, name, param, shards, groups)
             if rows is not None:
                 return rows
@@ -72,12 +76,19 @@ def materialize_pieces(module: torch.nn.Module, source, groups: dict, canonical=
 
 def _rows_piece(source, name, param, shards, groups) -> torch.Tensor | None:
     """This rank's piece read or drawn row by row along dim 0 (``source.rows``; None where the source cannot):
-    the rank's rows at once when dim 0 is all that is cut (experts over ep), else one row at a time, each cut
-    by the other placements (experts' hidden width over tp), so at most one full row is held besides the piece."""
-    head = shards[0] if shards and shards[0].dim == 0 else None
-    rest = shards[1:] if head is not None else shards
-    first = group_rank_size(groups.get(head.group))[0] * param.shape[0] if head is not None else 0
+    the rank's rows at once when dim 0 is all that is cut (experts over ep, then in ZeRO-3 gather chunks),
+    else one row at a time, each cut by the other placements (experts' hidden width over tp), so at most one
+    full row is held besides the piece.  Cuts of dim 0 commute with cuts of other dimensions."""
+    head = [s for s in shards if s.dim == 0]
+    rest = tuple(s for s in shards if s.dim != 0)
     count = param.shape[0]
+    rows, first = count, 0
+    for shard in head:
+        rows *= shard_rank_size(shard, groups)[1]
+    for shard in head:  # nested cuts of the rows, outermost first
+        index, n = shard_rank_size(shard, groups)
+        rows //= n
+        first += index * rows
     if not rest:
         return source.rows(name, first, count)
     row = source.rows(name, first, 1)

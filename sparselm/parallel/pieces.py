@@ -11,7 +11,9 @@ in order (like DTensor's ``Shard(dim)`` placements, named by group):
   ``partition_stride`` are set as well, since DeepSpeed's gradient norm reads them;
 - ``Shard(0, "ep")``: experts split over the expert-parallel group;
 - ``blocks > 1``: the dimension holds that many equal blocks side by side (a fused [gate | up] projection)
-  and each block is split alike, so the piece is [gate_r | up_r] (megatron's ``partition_stride``).
+  and each block is split alike, so the piece is [gate_r | up_r] (megatron's ``partition_stride``);
+- ``Shard(0, "gather", fixed=(i, n))``: not a process group but a fixed cut, chunk i of n (under ZeRO-3 a
+  rank's experts are held as n modules so they are gathered apart: ``sparselm.parallel.zero3``).
 
 Piece r of a group of n ranks is the r-th of n equal contiguous chunks.  ``piece`` cuts it from the full
 tensor (construction, loading: no communication), ``assemble`` gathers the full tensor from the pieces
@@ -37,6 +39,9 @@ class Shard:
     """Process group the pieces are spread over, in group-rank order: 'tp' or 'ep'."""
     blocks: int = 1
     """Equal blocks along ``dim`` that are each split (2 for a fused gate/up projection)."""
+    fixed: tuple[int, int] | None = None
+    """(index, count): a cut that is the same on every rank, chunk ``index`` of ``count``, instead of the
+    rank's piece over ``group`` (which then only names it)."""
 
 
 def placements(tensor) -> tuple[Shard, ...]:
@@ -72,6 +77,11 @@ def group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def shard_rank_size(shard: Shard, groups: dict) -> tuple[int, int]:
+    """(index of the piece, pieces) that ``shard`` cuts for this rank: its fixed cut, or the rank in its group."""
+    return shard.fixed if shard.fixed is not None else group_rank_size(groups.get(shard.group))
+
+
 def in_world(group) -> bool:
     """Whether ``group`` is part of a parallel world: torch.distributed is up, or ``group`` is virtual."""
     return isinstance(group, VirtualGroup) or dist.is_initialized()
@@ -94,7 +104,7 @@ def piece(full: torch.Tensor, shards: tuple[Shard, ...], groups: dict) -> torch.
     """This rank's piece of the canonical tensor ``full`` (a view where it can be).  ``groups``: group name
     -> process group ('tp', 'ep')."""
     for shard in shards:
-        full = _narrow(full, shard, *group_rank_size(groups.get(shard.group)))
+        full = _narrow(full, shard, *shard_rank_size(shard, groups))
     return full
 
 
@@ -111,6 +121,9 @@ def _gather(local: torch.Tensor, shard: Shard, group) -> torch.Tensor:
 def assemble(local: torch.Tensor, shards: tuple[Shard, ...], groups: dict) -> torch.Tensor:
     """Collective over each group in ``shards``: the canonical tensor from every rank's ``local`` piece."""
     for shard in reversed(shards):
+        if shard.fixed is not None:
+            raise ValueError(f"a piece cut by a fixed {shard} cannot be gathered over a process group; gather "
+                             "the parameters of every chunk (sparselm.parallel.zero3) instead")
         local = _gather(local, shard, groups[shard.group])
     return local
 

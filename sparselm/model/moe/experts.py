@@ -10,6 +10,11 @@ rows then the up rows, ``down_proj`` [E, D, H].  Rows arrive grouped by expert w
 - ``padded``: scatter the groups into [E, max_count, D], one ``bmm`` per projection, gather back.  Padding
   rows are zero, give zero outputs and zero weight gradients, so the result is exact.  ``auto`` falls back
   to it on GPUs without the grouped kernel.
+
+``split_into_chunks(n)`` moves the weights into n ``ExpertChunk`` submodules of E/n experts each, computed
+one after the other on their own rows: the same numbers, but a ZeRO-3 engine, which gathers a module's
+parameters for its forward and backward, then holds one chunk of a layer's experts at a time instead of all
+of them (DeepSpeed's own MoE keeps one module per expert for the same reason).
 """
 from __future__ import annotations
 
@@ -60,6 +65,18 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class ExpertChunk(nn.Module):
+    """Experts [first, first + c) of a ``GroupedExperts`` as their own module: ``gate_up_proj`` [c, 2H, D],
+    ``down_proj`` [c, D, H].  Its forward runs the owner's computation on its rows with its weights."""
+
+    def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, compute) -> torch.Tensor:
+        return compute(x, counts, self.gate_up_proj, self.down_proj)
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, hidden: int, init_std: float = 0.02,
                  out_std: float = 0.02, impl: str = "auto"):
@@ -71,10 +88,27 @@ class GroupedExperts(nn.Module):
         self.hidden, self.init_std, self.out_std, self.impl = hidden, init_std, out_std, impl
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.chunks: nn.ModuleList | None = None
+        """``split_into_chunks``: the weights as ``ExpertChunk`` modules (then this module holds none itself)."""
 
     @property
     def num_local_experts(self) -> int:
+        if self.chunks is not None:
+            return sum(c.gate_up_proj.shape[0] for c in self.chunks)
         return self.gate_up_proj.shape[0]
+
+    def split_into_chunks(self, n: int, cut) -> None:
+        """Hold the weights as ``n`` ``ExpertChunk`` modules of ``num_local_experts / n`` experts each, in
+        order.  ``cut(param, index, n) -> Parameter``: chunk ``index`` of ``param`` along its experts (dim 0),
+        with whatever attributes the caller keeps (``sparselm.parallel.zero3`` records the cut as a placement,
+        so checkpoints keep the canonical tensors).  Raises ValueError when ``n`` does not divide them."""
+        if self.chunks is not None:
+            raise ValueError("the experts are already split into chunks")
+        if n < 1 or self.num_local_experts % n:
+            raise ValueError(f"{self.num_local_experts} local experts cannot be split into {n} equal chunks")
+        gate_up, down = self.gate_up_proj, self.down_proj
+        del self.gate_up_proj, self.down_proj
+        self.chunks = nn.ModuleList(ExpertChunk(cut(gate_up, i, n), cut(down, i, n)) for i in range(n))
 
     init_by_rows = True
     """Each expert (a row along dim 0 of both tensors) is drawn from its own stream, so a rank can draw only
@@ -93,33 +127,46 @@ class GroupedExperts(nn.Module):
             self.down_proj[e].normal_(0.0, self.out_std, generator=stream)
 
     def params_per_expert(self) -> int:
-        return (self.gate_up_proj[0].numel() + self.down_proj[0].numel())
+        gate_up, down = (self.chunks[0].gate_up_proj, self.chunks[0].down_proj) if self.chunks is not None else \
+            (self.gate_up_proj, self.down_proj)
+        return gate_up[0].numel() + down[0].numel()
 
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def wrap_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj, down_proj) as the forward uses them (a parallel subclass may wrap them)."""
-        return self.gate_up_proj, self.down_proj
+        return gate_up, down
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] grouped by local expert, counts [E_local] (sum M) -> [M, D]."""
+        if self.chunks is None:
+            return self._compute(x, counts, self.gate_up_proj, self.down_proj)
+        per_chunk = counts.numel() // len(self.chunks)
+        chunk_counts = counts.split(per_chunk)
+        rows = x.split([int(c.sum()) for c in chunk_counts])
+        return torch.cat([chunk(r, c, self._compute) for chunk, r, c in zip(self.chunks, rows, chunk_counts)])
+
+    def _compute(self, x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.wrap_weights(gate_up, down)
         impl = self.impl
         if impl == "auto":
-            impl = "grouped_mm" if grouped_mm_supported(x.device, x.dtype) and self._aligned(x) else "padded"
+            impl = "grouped_mm" if grouped_mm_supported(x.device, x.dtype) and self._aligned(x, down) else "padded"
         if impl == "grouped_mm" and x.shape[0] > 0:
-            return self._grouped_mm(x, counts)
-        return self._padded(x, counts)
+            return self._grouped_mm(x, counts, gate_up, down)
+        return self._padded(x, counts, gate_up, down)
 
-    def _aligned(self, x: torch.Tensor) -> bool:
+    @staticmethod
+    def _aligned(x: torch.Tensor, down: torch.Tensor) -> bool:
         """torch._grouped_mm needs 16-byte aligned strides ("strides should be multiple of 16 bytes"): the model
         width and the (local) expert hidden width in whole 16-byte units, e.g. hidden 21 in fp32 is not."""
-        return all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], self.down_proj.shape[-1]))
+        return all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], down.shape[-1]))
 
-    def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _grouped_mm(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(device=x.device, dtype=torch.int32)
-        gate_up, down = self.weights()
         h = _contiguous_grad(torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs))
         return _contiguous_grad(torch._grouped_mm(_swiglu(h), down.transpose(-2, -1), offs=offs))
 
-    def _padded(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _padded(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         # With no rows (an expert-parallel rank nobody routed to) this still builds the graph, so the
         # weights get zero gradients like on every other rank.
         n_exp, d = counts.numel(), x.shape[1]
@@ -129,7 +176,6 @@ class GroupedExperts(nn.Module):
         expert_of_row = torch.repeat_interleave(torch.arange(n_exp, device=x.device), counts, output_size=x.shape[0])
         slot = expert_of_row * cap + row - starts[expert_of_row]
         padded = x.new_zeros(n_exp * cap, d).index_copy(0, slot, x).view(n_exp, cap, d)
-        gate_up, down = self.weights()
         h = torch.bmm(padded, gate_up.transpose(1, 2))
         out = torch.bmm(_swiglu(h), down.transpose(1, 2))
         return out.view(n_exp * cap, d).index_select(0, slot)
