@@ -43,8 +43,10 @@ SETTINGS = {
     "zero3_offload": ["--parallel.ds_config=zero3_offload"],
     "ep2_zero3": ["--parallel.ds_config=zero3", "--parallel.ep=2"],
     "ep2_zero3_offload": ["--parallel.ds_config=zero3_offload", "--parallel.ep=2"],
+    "tp2_zero3_offload": ["--parallel.ds_config=zero3_offload", "--parallel.tp=2"],
 }
 EXPERT_PARALLEL = [("moe_top2_shared_noisy", "ep2_zero3_offload"), ("moe_top1_capacity_bias", "ep2_zero3")]
+TENSOR_PARALLEL = [("tiny_mixed", "tp2_zero3_offload")]  # every block kind's TP rules, experts by width
 RESUME = ["--config", "tiny_mixed", *BASE, *PKM, "--attention.window=8", "--parallel.ds_config=zero3_offload"]
 
 
@@ -163,7 +165,7 @@ def reference(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     """(metrics of every 4-rank run, expert-parallel partition group sizes, the resume runs' metrics)."""
-    jobs = [(case, s) for case in CASES for s in ("zero3", "zero3_offload")] + EXPERT_PARALLEL
+    jobs = [(case, s) for case in CASES for s in ("zero3", "zero3_offload")] + EXPERT_PARALLEL + TENSOR_PARALLEL
     results = run_distributed(_sharded_world, WORLD, jobs, str(tmp_path_factory.mktemp("zero3")))
     (rows, partition), resume, _ = results[0]
     return rows, partition, resume, [r[2] for r in results]
@@ -189,6 +191,14 @@ def test_expert_parallel_zero3_partitions_experts_over_their_group(reference, sh
     assert_same_run(rows[(case, setting)], reference[(case, "zero1")])
     # experts over the expert-data-parallel group (4 / ep 2), everything else over all data-parallel ranks
     assert partition[(case, setting)] == {"autoep_expert": {WORLD // 2}, "replicated": {WORLD}}
+
+
+@pytest.mark.parametrize("case, setting", TENSOR_PARALLEL)
+def test_tensor_parallel_zero3_equals_one_process(reference, sharded, case, setting):
+    """tp2 x dp2 under ZeRO-3 offload: pieces cut by megatron's rules (experts by hidden width, each
+    expert its own gathered module), partitioned over the data-parallel pair."""
+    rows, *_ = sharded
+    assert_same_run(rows[(case, setting)], reference[(case, "zero1")])
 
 
 @pytest.mark.parametrize("case, setting", [("tiny_mixed", "zero3"), ("moe_top2_shared_noisy", "ep2_zero3_offload")])
