@@ -341,3 +341,31 @@ def test_pipeline_with_zero1_keeps_optimizer_offload():
     assert ds["zero_optimization"]["stage"] == 1 and offloads_optimizer(ds)
     cfg.parallel.zero_stage = 0  # what a pipeline whose stages hold different parameter groups falls back to
     assert not offloads_optimizer(build_ds_config(cfg, 1))
+
+
+def test_largest_model_search_finds_the_boundary():
+    """bench_offload --largest's search (doubling, then bisection) on a known boundary, with few trials."""
+    from tools.bench_offload import largest_fitting
+
+    for boundary in (4, 5, 37, 64, 1000):
+        tried = []
+
+        def fits(n):
+            tried.append(n)
+            return n <= boundary
+
+        assert largest_fitting(fits, 4, 1000) == boundary
+        assert len(tried) <= 2 * 9 + 1, tried
+    assert largest_fitting(lambda n: False, 4, 1000) is None
+    assert largest_fitting(lambda n: True, 4, 1000) == 1000
+
+
+def test_largest_model_search_is_refused_without_a_gpu():
+    import torch
+
+    from tools.bench_offload import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the search would run")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main(["--config", "tiny_moe", "--largest"])

@@ -16,6 +16,16 @@ Ratios are against the model's parameter bytes and against the first run.  The l
 object: ``{"params_total_bytes": N, "runs": {NAME: {"resident_param_peak_bytes": x, "step_s": y,
 "peak_rss_gb": z}}}``.  On a CPU machine "device" and host memory are the same RAM, so the resident figure
 is what a GPU would hold and the RSS is the whole process.
+
+    python tools/bench_offload.py --config tiny_moe --largest [--largest-max 4096] [--section.key=value ...]
+
+On a CUDA GPU, ``--largest`` finds instead the largest MoE model that trains ``--steps`` steps on it without
+and with parameter offload (zero3, zero3_offload): the same depth and widths, ``moe.num_experts`` doubled
+from the config's until a run fails for memory (CUDA out of memory, or the host's memory for the offloaded
+run: killed), then bisected; each trial is a fresh process.  It prints both models' experts and parameters,
+their ratio, and as its last line ``{"largest": {"zero3": {"num_experts": n, "params": p}, "zero3_offload":
+{...}}, "ratio": r}``.  A run failing for another reason stops the search with its error.  Refused without
+a GPU (host memory is not what it measures).
 """
 from __future__ import annotations
 
@@ -118,12 +128,80 @@ def _run_child(name: str, config: str, overrides: list[str], steps: int) -> dict
     return json.loads(lines[-1])
 
 
+def largest_fitting(fits, start: int, limit: int) -> int | None:
+    """The largest n in [start, limit] with ``fits(n)``, assuming fitting is monotone (a larger model never
+    fits where a smaller one does not): doubling from ``start``, then bisection.  None when ``start`` does
+    not fit.  Calls ``fits`` O(log(limit / start)) times."""
+    if not fits(start):
+        return None
+    good, bad = start, None
+    while bad is None:
+        trial = min(2 * good, limit)
+        if trial == good:
+            return good
+        if fits(trial):
+            good = trial
+        else:
+            bad = trial
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def _trial(name: str, config: str, overrides: list[str], steps: int, experts: int) -> bool:
+    """Whether ``config`` with ``experts`` routed experts trains ``steps`` steps under run ``name`` in a fresh
+    process; False when it ran out of GPU memory (or was killed, as the kernel does when the host's memory
+    runs out under offload); any other failure stops with its error."""
+    cmd = [sys.executable, __file__, "--child", name, "--config", config, f"--steps={steps}", *overrides, *RUNS[name],
+           f"--moe.num_experts={experts}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return True
+    if "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137):
+        return False
+    raise SystemExit(f"bench_offload: {name} with moe.num_experts={experts} failed (exit {proc.returncode}), not for "
+                     f"memory:\n{proc.stderr[-3000:]}")
+
+
+def _params(config: str, overrides: list[str], experts: int) -> int:
+    from sparselm.config import load_config
+    from sparselm.model import build_model
+    from sparselm.plan import _resolve_vocab
+
+    cfg = load_config(config, overrides + [f"--moe.num_experts={experts}"], check=False)
+    _resolve_vocab(cfg)
+    return build_model(cfg, device="meta").num_params()
+
+
+def search_largest(config: str, overrides: list[str], steps: int, limit: int) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_offload --largest needs a CUDA GPU: it finds the largest model that fits in GPU "
+                         "memory, which a CPU machine does not have; run it on a GPU node (make gpu-check first)")
+    from sparselm.config import load_config
+
+    start = load_config(config, overrides, check=False).moe.num_experts
+    found = {}
+    for name in ("zero3", "zero3_offload"):
+        experts = largest_fitting(lambda n: _trial(name, config, overrides, steps, n), start, limit)
+        found[name] = {"num_experts": experts, "params": _params(config, overrides, experts) if experts else 0}
+        print(f"{name}: largest {experts} experts, {found[name]['params']:,} parameters", flush=True)
+    ratio = found["zero3_offload"]["params"] / found["zero3"]["params"] if found["zero3"]["params"] else None
+    print(f"largest with parameter offload / without: {ratio:.2f}x" if ratio else "no model fits without offload")
+    summary = {"largest": found, "ratio": ratio}
+    print(json.dumps(summary))
+    return summary
+
+
 def _parse(argv: list[str]):
     config, steps, runs, child, rest = None, 3, list(RUNS), None, []
+    largest, limit = False, 4096
     it = iter(argv)
     for arg in it:
         key, _, value = arg.partition("=")
-        if key in ("--config", "--steps", "--runs", "--child") and not value:
+        if key in ("--config", "--steps", "--runs", "--child", "--largest-max") and not value:
             value = next(it)
         if key == "--config":
             config = value
@@ -133,22 +211,31 @@ def _parse(argv: list[str]):
             runs = value.split(",")
         elif key == "--child":
             child = value
+        elif key == "--largest":
+            largest = True
+        elif key == "--largest-max":
+            limit = int(value)
         else:
             rest.append(arg)
     if config is None:
-        raise SystemExit("usage: tools/bench_offload.py --config NAME [--section.key=value ...] [--steps N] [--runs a,b]")
+        raise SystemExit("usage: tools/bench_offload.py --config NAME [--section.key=value ...] [--steps N] [--runs a,b]"
+                         " [--largest [--largest-max N]]")
+    if limit < 1:
+        raise SystemExit(f"bench_offload: --largest-max={limit}: give the most experts to try (>= 1)")
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         raise SystemExit(f"bench_offload: unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
-    return config, steps, runs, child, rest
+    return config, steps, runs, child, rest, (largest, limit)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config, steps, runs, child, overrides = _parse(sys.argv[1:] if argv is None else argv)
+    config, steps, runs, child, overrides, (largest, limit) = _parse(sys.argv[1:] if argv is None else argv)
     if child is not None:
         result = measure(config, overrides, steps)
         print(json.dumps(result), flush=True)
         return result
+    if largest:
+        return search_largest(config, overrides, steps, limit)
     results = {name: _run_child(name, config, overrides, steps) for name in runs}
     total = results[runs[0]]["params_total_bytes"]
     base = results[runs[0]]
