@@ -19,6 +19,7 @@ def _free_port() -> int:
 QUIET_WARNINGS = (
     "Transformer Engine and Apex are not installed",  # megatron-core, CPU or no apex: we do not use them
     "`torch.distributed.all_gather_into_tensor` is deprecated",  # called inside DeepSpeed's ZeRO
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",  # DeepSpeed's ZeRO-3, at every step
     "CUDA_DEVICE_MAX_CONNECTIONS",  # megatron-core's advice for GPU overlap, printed on CPU too
 )
 
