@@ -103,9 +103,10 @@ class ParallelConfig:
     zero3_experts_per_gather: int = 1
     """Under ZeRO stage 3: routed experts per module ZeRO-3 gathers at once (each MoE layer's local experts
     are held as modules of this many, like DeepSpeed's one module per expert), so a step holds one such group
-    of one layer's experts in device memory, not the whole layer's; 0 gathers all of a layer's local experts
-    together (fewer, larger gathers and one grouped GEMM).  Must divide moe.num_experts / parallel.ep.
-    Ignored below stage 3; the numbers are the same either way."""
+    of one layer's experts in device memory, not the whole layer's; 0 (or at least the local experts) gathers
+    all of a layer's local experts together (fewer, larger gathers and one grouped GEMM).  Under stage 3 it
+    must divide moe.num_experts / parallel.ep when smaller; ignored below stage 3.  The numbers are the same
+    either way."""
     moe_tp_mode: Literal["weights", "rows"] = "weights"
     """With tp > 1, how routed experts use the tensor-parallel group (same numbers either way).
     'weights': each TP rank holds 1/tp of every local expert's hidden width (gate/up rows, down columns)
@@ -419,12 +420,6 @@ def validate(cfg) -> None:
     require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")
     require(p.zero3_experts_per_gather >= 0, "parallel.zero3_experts_per_gather must be >= 0 (0: all of a layer's "
             f"experts at once), got {p.zero3_experts_per_gather}")
-    local_experts = cfg.moe.num_experts // p.ep if cfg.moe.num_experts % p.ep == 0 else 0
-    require(not ("moe" in m.pattern and local_experts and p.zero3_experts_per_gather
-                 and local_experts % p.zero3_experts_per_gather),
-            f"parallel.zero3_experts_per_gather={p.zero3_experts_per_gather} does not divide the {local_experts} "
-            f"experts each rank holds (moe.num_experts={cfg.moe.num_experts} / parallel.ep={p.ep}); pick a divisor "
-            "of it, or 0 for all at once")
     check_layout_fits_model(cfg)
     require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")

@@ -26,6 +26,14 @@ def check_zero_rules(cfg, ds: dict, source: str) -> None:
             "parallelism'); add --parallel.zero_stage=1 (optimizer offload from the JSON still applies) or use "
             f"parallel.pp=1 for ZeRO-{stage}")
     moe = "moe" in cfg.model.layer_kinds()
+    local = cfg.moe.num_experts // p.ep
+    per = p.zero3_experts_per_gather
+    if stage == 3 and moe and 0 < per < local and local % per:
+        divisors = [d for d in range(1, local + 1) if local % d == 0]
+        raise ConfigError(
+            f"parallel.zero3_experts_per_gather={per} under ZeRO stage 3 ({setting}) does not divide the {local} "
+            f"experts each rank holds (moe.num_experts={cfg.moe.num_experts} / parallel.ep={p.ep}): ZeRO-3 gathers "
+            f"them in equal modules; pick one of {divisors}, or 0 for all at once")
     if stage == 3 and moe and p.ep > 1:
         if p.tp > 1:
             raise ConfigError(

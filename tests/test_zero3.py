@@ -253,12 +253,22 @@ def test_experts_in_gather_chunks_compute_the_same_numbers():
         GroupedExperts(4, 16, 8).split_into_chunks(3, gather_chunk)
 
 
-def test_experts_per_gather_must_divide_the_local_experts():
+def test_experts_per_gather_must_divide_the_local_experts_under_zero3():
     from sparselm.config import ConfigError, load_config
+    from sparselm.engine import build_ds_config
 
-    with pytest.raises(ConfigError, match="zero3_experts_per_gather=3 does not divide the 4 experts"):
-        load_config("tiny_moe", ["--moe.num_experts=4", "--parallel.zero3_experts_per_gather=3"])
-    assert load_config("tiny_moe", ["--moe.num_experts=4", "--parallel.zero3_experts_per_gather=0"])
+    def ds(*overrides):
+        return build_ds_config(load_config("tiny_moe", ["--moe.num_experts=4", *overrides]), 1)
+
+    with pytest.raises(ConfigError, match=r"zero3_experts_per_gather=3 under ZeRO stage 3 .* does not divide the 4 "
+                                          r"experts .* pick one of \[1, 2, 4\]"):
+        ds("--parallel.zero3_experts_per_gather=3", "--parallel.ds_config=zero3")
+    for fine in (["--parallel.zero3_experts_per_gather=3"],  # ignored below stage 3
+                 ["--parallel.zero3_experts_per_gather=0", "--parallel.ds_config=zero3"],
+                 ["--parallel.zero3_experts_per_gather=8", "--parallel.ds_config=zero3"]):  # more than held: one module
+        assert ds(*fine)["zero_optimization"]
+    with pytest.raises(ConfigError, match="zero3_experts_per_gather must be >= 0"):
+        load_config("tiny_moe", ["--parallel.zero3_experts_per_gather=-1"])
 
 
 def test_noisy_gating_does_not_depend_on_the_layout(reference, sharded):

@@ -65,6 +65,9 @@ def save_format1(trainer, path: Path) -> int:
     from sparselm.parallel.pieces import placements
 
     engine, model = trainer.engine, trainer.module
+    if trainer.ds_config["zero_optimization"].get("stage", 0) == 3:
+        raise SystemExit("bench_checkpoint: the format-1 baseline is not defined under ZeRO stage 3 (format 1 never "
+                         "ran it: its experts are held in gather chunks it cannot assemble); pass --baseline ''")
     link_optimizer_state(engine)
     names, params, aliases = canonical_names_of(model), dict(model.named_parameters()), getattr(model, "canonical_aliases", {})
     weights, moments, specs = {}, {}, {}

@@ -158,7 +158,8 @@ def _trial(name: str, config: str, overrides: list[str], steps: int, experts: in
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode == 0:
         return True
-    if "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137):
+    memory = ("out of memory", "not enough memory", "cannot allocate memory")  # CUDA, torch's CPU allocator, OS
+    if any(m in proc.stderr.lower() for m in memory) or proc.returncode in (-9, 137):
         return False
     raise SystemExit(f"bench_offload: {name} with moe.num_experts={experts} failed (exit {proc.returncode}), not for "
                      f"memory:\n{proc.stderr[-3000:]}")
@@ -182,10 +183,19 @@ def search_largest(config: str, overrides: list[str], steps: int, limit: int) ->
                          "memory, which a CPU machine does not have; run it on a GPU node (make gpu-check first)")
     from sparselm.config import load_config
 
-    start = load_config(config, overrides, check=False).moe.num_experts
+    cfg = load_config(config, overrides, check=False)
+    start = cfg.moe.num_experts
+    # every count tried must be a valid config: a multiple of the expert-parallel degree times the experts
+    # ZeRO-3 gathers at once
+    unit = cfg.parallel.ep * max(1, cfg.parallel.zero3_experts_per_gather)
+    if limit < start or start % unit:
+        raise SystemExit(f"bench_offload --largest: the search starts at the config's moe.num_experts={start} and "
+                         f"grows in multiples of {unit} (parallel.ep x zero3_experts_per_gather) up to --largest-max="
+                         f"{limit}; pick a start that is such a multiple and a larger --largest-max")
     found = {}
     for name in ("zero3", "zero3_offload"):
-        experts = largest_fitting(lambda n: _trial(name, config, overrides, steps, n), start, limit)
+        units = largest_fitting(lambda k: _trial(name, config, overrides, steps, k * unit), start // unit, limit // unit)
+        experts = units * unit if units else None
         found[name] = {"num_experts": experts, "params": _params(config, overrides, experts) if experts else 0}
         print(f"{name}: largest {experts} experts, {found[name]['params']:,} parameters", flush=True)
     ratio = found["zero3_offload"]["params"] / found["zero3"]["params"] if found["zero3"]["params"] else None

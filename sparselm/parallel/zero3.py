@@ -57,7 +57,7 @@ class Zero3Partitioner:
         if self.experts_per_gather:
             for layer in moe_layers(model):
                 local = layer.experts.num_local_experts
-                if local > self.experts_per_gather:
+                if local > self.experts_per_gather:  # divides it (sparselm.zero_rules)
                     layer.experts.split_into_chunks(local // self.experts_per_gather, gather_chunk)
         tag_experts_for_zero3(model)
 

@@ -18,6 +18,8 @@ of them (DeepSpeed's own MoE keeps one module per expert for the same reason).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,11 +93,13 @@ class GroupedExperts(nn.Module):
         self.chunks: nn.ModuleList | None = None
         """``split_into_chunks``: the weights as ``ExpertChunk`` modules (then this module holds none itself)."""
 
+    def _weights_held(self) -> list[nn.Parameter]:
+        return [c.gate_up_proj for c in self.chunks] if self.chunks is not None else [self.gate_up_proj]
+
     @property
     def num_local_experts(self) -> int:
-        if self.chunks is not None:
-            return sum(c.gate_up_proj.shape[0] for c in self.chunks)
-        return self.gate_up_proj.shape[0]
+        # ds_shape: a ZeRO-3 partitioned parameter's data is flat and empty between gathers
+        return sum(getattr(w, "ds_shape", w.shape)[0] for w in self._weights_held())
 
     def split_into_chunks(self, n: int, cut) -> None:
         """Hold the weights as ``n`` ``ExpertChunk`` modules of ``num_local_experts / n`` experts each, in
@@ -127,9 +131,8 @@ class GroupedExperts(nn.Module):
             self.down_proj[e].normal_(0.0, self.out_std, generator=stream)
 
     def params_per_expert(self) -> int:
-        gate_up, down = (self.chunks[0].gate_up_proj, self.chunks[0].down_proj) if self.chunks is not None else \
-            (self.gate_up_proj, self.down_proj)
-        return gate_up[0].numel() + down[0].numel()
+        owner = self.chunks[0] if self.chunks is not None else self
+        return sum(math.prod(getattr(w, "ds_shape", w.shape)[1:]) for w in (owner.gate_up_proj, owner.down_proj))
 
     def wrap_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj, down_proj) as the forward uses them (a parallel subclass may wrap them)."""
@@ -141,7 +144,7 @@ class GroupedExperts(nn.Module):
             return self._compute(x, counts, self.gate_up_proj, self.down_proj)
         per_chunk = counts.numel() // len(self.chunks)
         chunk_counts = counts.split(per_chunk)
-        rows = x.split([int(c.sum()) for c in chunk_counts])
+        rows = x.split(counts.view(len(self.chunks), per_chunk).sum(1).tolist())  # one host sync
         return torch.cat([chunk(r, c, self._compute) for chunk, r, c in zip(self.chunks, rows, chunk_counts)])
 
     def _compute(self, x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
