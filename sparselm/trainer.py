@@ -170,6 +170,13 @@ class Trainer:
             ckpt.set_rng_state(ckpt.read_tensors(rng_file))
         if self.is_rank0:
             print(f"sparselm: resumed from {restored.path} at step {self.step}")
+            if meta["sampler"] is None or restored.moments is None:
+                print(f"sparselm: {restored.path} is a model-only checkpoint (consolidated or converted): weights "
+                      "only, so " + " and ".join(
+                          what for what, lost in (("the data starts from its first sample", meta["sampler"] is None),
+                                                  ("Adam's moments start from zero", restored.moments is None)) if lost)
+                      + f"; the step count and learning-rate schedule continue from step {self.step}. For an exact "
+                      "continuation resume from the sharded checkpoint it was made from")
 
     def _check_data_suffices(self) -> None:
         check_steps_available(len(self.train_data), self.sampler.consumed, self.cfg.train.steps - self.step, self.cfg)

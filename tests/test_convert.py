@@ -265,3 +265,21 @@ def test_export_names_the_trained_tokenizers_end_of_document(tmp_path):
                     "--model.vocab_size=320")
     convert(["export-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == tok.eod_id
+
+
+def test_resuming_a_model_only_checkpoint_says_what_restarts(tmp_path, capsys):
+    """A consolidated or converted checkpoint holds weights only: a run resumed from it says at start-up that
+    the data and Adam's moments start over."""
+    from sparselm.train import main
+
+    overrides = ["--model.vocab_size=384"]
+    make_checkpoint(tmp_path / "ckpt", *overrides)
+    convert(["consolidate", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "whole")])
+    capsys.readouterr()
+    main(["--config", "tiny_dense", "--model.d_model=64", "--model.n_layers=2", "--model.n_heads=4",
+          "--model.n_kv_heads=2", *overrides, f"--train.resume={tmp_path / 'whole'}", "--train.steps=1",
+          f"--train.out_dir={tmp_path / 'run'}", "--train.eval_every=0", "--train.progress=false",
+          "--train.tensorboard=false"])
+    out = capsys.readouterr().out
+    assert "is a model-only checkpoint" in out
+    assert "the data starts from its first sample and Adam's moments start from zero" in out
