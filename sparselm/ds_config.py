@@ -170,3 +170,14 @@ def _fill_auto(ds: dict, cfg, where: str) -> list[str]:
 
     walk(ds, "")
     return filled
+
+
+def working_dtype(ds: dict):
+    """The dtype DeepSpeed trains the parameters in under the resolved config ``ds``: bf16, fp16 or fp32."""
+    import torch
+
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32

@@ -230,7 +230,9 @@ def check(cfg, world: int, cuda: bool = True):
 
 # ----------------------------------------------------------------------------- estimates
 def _precision_bytes(ds) -> int:
-    return 2 if ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled") else 4
+    from sparselm.ds_config import working_dtype
+
+    return working_dtype(ds).itemsize
 
 
 def _block_elems(kind: str, cfg, t: int, a: int, slots: int) -> float:

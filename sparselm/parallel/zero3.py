@@ -25,16 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from sparselm.ds_config import working_dtype
 from sparselm.parallel.deepspeed_private import zero3_converter
-
-
-def working_dtype(ds_config: dict) -> torch.dtype:
-    """The dtype DeepSpeed trains the parameters in under ``ds_config``: bf16, fp16 or fp32."""
-    if ds_config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
 
 
 class Zero3Partitioner:

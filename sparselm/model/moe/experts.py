@@ -93,13 +93,11 @@ class GroupedExperts(nn.Module):
         self.chunks: nn.ModuleList | None = None
         """``split_into_chunks``: the weights as ``ExpertChunk`` modules (then this module holds none itself)."""
 
-    def _weights_held(self) -> list[nn.Parameter]:
-        return [c.gate_up_proj for c in self.chunks] if self.chunks is not None else [self.gate_up_proj]
-
     @property
     def num_local_experts(self) -> int:
+        held = [c.gate_up_proj for c in self.chunks] if self.chunks is not None else [self.gate_up_proj]
         # ds_shape: a ZeRO-3 partitioned parameter's data is flat and empty between gathers
-        return sum(getattr(w, "ds_shape", w.shape)[0] for w in self._weights_held())
+        return sum(getattr(w, "ds_shape", w.shape)[0] for w in held)
 
     def split_into_chunks(self, n: int, cut) -> None:
         """Hold the weights as ``n`` ``ExpertChunk`` modules of ``num_local_experts / n`` experts each, in
