@@ -133,3 +133,37 @@ def find_resume(cfg) -> Path | None:
         raise ConfigError(f"train.out_dir '{t.out_dir}' already holds checkpoints (latest {existing.name}); "
                           "pass --train.resume=latest to continue it, or choose another --train.out_dir")
     return None
+
+
+def absolute_paths(cfg) -> None:
+    """Make the dataset, validation, tokenizer and resume paths of ``cfg`` absolute against the working directory
+    (in place), so the ``config.yaml`` a run saves works from any directory (``sparselm.evaluate``,
+    ``generate``, a resume).  Keywords stay as they are: ``default`` (the embedded corpus), ``byte`` (the byte
+    tokenizer), ``latest``, and empty values."""
+    d, t = cfg.data, cfg.train
+    d.dataset = _absolute_blend(d.dataset)
+    d.valid_dataset = _absolute_blend(d.valid_dataset)
+    if d.tokenizer != "byte":
+        d.tokenizer = _absolute(d.tokenizer)
+    if t.resume not in ("", "latest"):
+        t.resume = _absolute(t.resume)
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().absolute()) if path else path
+
+
+def _absolute_blend(spec):
+    """A prefix, a blend string 'W PREFIX W PREFIX ...' or a list of {prefix, weight, name}, prefixes made
+    absolute (a blend's source names come from the prefixes' base names, which do not change)."""
+    if isinstance(spec, list):
+        return [{**item, "prefix": _absolute_blend(item["prefix"])} if isinstance(item, dict) and item.get("prefix")
+                else item for item in spec]
+    if not spec or spec == "default":
+        return spec
+    fields = str(spec).split()
+    if len(fields) == 1:
+        return _absolute(spec)
+    if len(fields) % 2:
+        return spec  # malformed: parse_blend names it
+    return " ".join(f"{w} {_absolute_blend(p)}" for w, p in zip(fields[::2], fields[1::2]))

@@ -34,7 +34,7 @@ from sparselm.optim import lr_at, set_lr
 from sparselm.parallel.materialize import build_sharded
 from sparselm.parallel.topology import Topology
 from sparselm.preemption import StopGuard
-from sparselm.preflight import find_resume
+from sparselm.preflight import absolute_paths, find_resume
 from sparselm.runtime import forget_solo_world, init_distributed, release_free_memory
 from sparselm.steps import EngineSteps, PipelineSteps
 
@@ -62,6 +62,7 @@ class Trainer:
     """One training run: construction is the list of steps in __init__, ``run()`` the loop, ``close()`` the end."""
 
     def __init__(self, cfg):
+        absolute_paths(cfg)  # the config.yaml it saves then works from any directory
         self.cfg = cfg
         self._start_processes()
         # from here on, SIGTERM/SIGUSR1/SIGINT stop the run after its next step, with a checkpoint
