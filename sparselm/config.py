@@ -173,7 +173,7 @@ class TrainConfig:
     micro_batch_size: int = 0
     """Sequences per forward pass on one rank; 0 means the whole per-rank batch (no accumulation)."""
     out_dir: str = "runs/default"
-    """Run directory: config.yaml, metrics.jsonl, checkpoints/, tensorboard/."""
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, tensorboard/ (saved absolute in config.yaml)."""
     seed: int = 1234
     """Seed of model init, data order and sampling."""
     log_every: int = 1
@@ -397,6 +397,31 @@ def describe(cfg=None) -> str:
         for f in fields(section):
             lines.append(f"  {sec.name}.{f.name} = {getattr(section, f.name)!r}\n      {docs.get(f.name, '')}")
     return "\n".join(lines)
+
+
+def absolute_paths(cfg) -> None:
+    """Resolve the relative dataset, validation, tokenizer, resume and out_dir paths of ``cfg`` (blends included)
+    against the working directory, in place, so the config.yaml a run saves works from any directory.
+    'default', 'byte', 'latest' and empty values stay as they are."""
+    def path(value: str) -> str:
+        return str(Path(value).expanduser().absolute()) if value else value
+
+    def blend(spec):
+        if isinstance(spec, list):
+            return [{**item, "prefix": path(str(item["prefix"]))} if isinstance(item, dict) and item.get("prefix")
+                    else item for item in spec]
+        fields_ = str(spec).split()
+        if len(fields_) > 1 and len(fields_) % 2 == 0:
+            return " ".join(f"{w} {path(p)}" for w, p in zip(fields_[::2], fields_[1::2]))
+        return spec if spec in ("", "default") or len(fields_) > 1 else path(spec)
+
+    d, t = cfg.data, cfg.train
+    d.dataset, d.valid_dataset = blend(d.dataset), blend(d.valid_dataset)
+    if d.tokenizer != "byte":
+        d.tokenizer = path(d.tokenizer)
+    if t.resume not in ("", "latest"):
+        t.resume = path(t.resume)
+    t.out_dir = path(t.out_dir)
 
 
 def validate(cfg) -> None:

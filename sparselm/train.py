@@ -12,7 +12,7 @@ if __name__ == "__main__":  # a real run: from here on a stop signal during star
 
     catch_early()
 
-from sparselm.config import ConfigError, describe, list_presets, load_config
+from sparselm.config import ConfigError, absolute_paths, describe, list_presets, load_config
 from sparselm.preflight import preflight
 
 USAGE = """usage: python -m sparselm.train --config NAME_OR_PATH [--section.key=value ...]
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError(f"no --config given; name a preset ({', '.join(list_presets())}) or a YAML path, "
                               "e.g. --config tiny_dense")
         cfg = load_config(name, overrides, check=False)
+        absolute_paths(cfg)  # config.yaml then works from any directory
         for note in preflight(cfg):  # every check that needs no process group, before DeepSpeed is imported
             _say(f"sparselm: {note}")
         from sparselm.runtime import quiet_third_party
