@@ -399,31 +399,6 @@ def describe(cfg=None) -> str:
     return "\n".join(lines)
 
 
-def absolute_paths(cfg) -> None:
-    """Resolve the relative dataset, validation, tokenizer, resume and out_dir paths of ``cfg`` (blends included)
-    against the working directory, in place, so the config.yaml a run saves works from any directory.
-    'default', 'byte', 'latest' and empty values stay as they are."""
-    def path(value: str) -> str:
-        return str(Path(value).expanduser().absolute()) if value else value
-
-    def blend(spec):
-        if isinstance(spec, list):
-            return [{**item, "prefix": path(str(item["prefix"]))} if isinstance(item, dict) and item.get("prefix")
-                    else item for item in spec]
-        fields_ = str(spec).split()
-        if len(fields_) > 1 and len(fields_) % 2 == 0:
-            return " ".join(f"{w} {path(p)}" for w, p in zip(fields_[::2], fields_[1::2]))
-        return spec if spec in ("", "default") or len(fields_) > 1 else path(spec)
-
-    d, t = cfg.data, cfg.train
-    d.dataset, d.valid_dataset = blend(d.dataset), blend(d.valid_dataset)
-    if d.tokenizer != "byte":
-        d.tokenizer = path(d.tokenizer)
-    if t.resume not in ("", "latest"):
-        t.resume = path(t.resume)
-    t.out_dir = path(t.out_dir)
-
-
 def validate(cfg) -> None:
     m, p, t, d, o = cfg.model, cfg.parallel, cfg.train, cfg.data, cfg.optim
     for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_to"):

@@ -136,7 +136,7 @@ def find_resume(cfg) -> Path | None:
 
 
 def absolute_paths(cfg) -> None:
-    """Make the dataset, validation, tokenizer and resume paths of ``cfg`` absolute against the working directory
+    """Make the dataset, validation, tokenizer, resume and out_dir paths of ``cfg`` absolute against the working directory
     (in place), so the ``config.yaml`` a run saves works from any directory (``sparselm.evaluate``,
     ``generate``, a resume).  Keywords stay as they are: ``default`` (the embedded corpus), ``byte`` (the byte
     tokenizer), ``latest``, and empty values."""
@@ -147,6 +147,7 @@ def absolute_paths(cfg) -> None:
         d.tokenizer = _absolute(d.tokenizer)
     if t.resume not in ("", "latest"):
         t.resume = _absolute(t.resume)
+    t.out_dir = _absolute(t.out_dir)  # a resume with the saved config.yaml continues this run from anywhere
 
 
 def _absolute(path: str) -> str:

@@ -12,7 +12,7 @@ if __name__ == "__main__":  # a real run: from here on a stop signal during star
 
     catch_early()
 
-from sparselm.config import ConfigError, absolute_paths, describe, list_presets, load_config
+from sparselm.config import ConfigError, describe, list_presets, load_config
 from sparselm.preflight import preflight
 
 USAGE = """usage: python -m sparselm.train --config NAME_OR_PATH [--section.key=value ...]
@@ -45,7 +45,7 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> dict:
     """Train; with ``argv`` given (tests), errors are raised instead of printed."""
-    from sparselm.errors import USER_ERRORS
+    from sparselm.errors import EXIT_STATUS, USER_ERRORS
 
     try:
         name, overrides = parse_args(sys.argv[1:] if argv is None else argv)
@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError(f"no --config given; name a preset ({', '.join(list_presets())}) or a YAML path, "
                               "e.g. --config tiny_dense")
         cfg = load_config(name, overrides, check=False)
-        absolute_paths(cfg)  # config.yaml then works from any directory
         for note in preflight(cfg):  # every check that needs no process group, before DeepSpeed is imported
             _say(f"sparselm: {note}")
         from sparselm.runtime import quiet_third_party
@@ -68,6 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.stopped_early:  # a checkpoint was saved: the same command with --train.resume=latest continues
             sys.exit(REQUEUE_EXIT)
         return record
+    except tuple(EXIT_STATUS) as err:  # a run-time failure after which nothing saved is lost: one line, its status
+        if argv is not None:
+            raise
+        _say(f"sparselm: error: {err}", sys.stderr)
+        sys.exit(EXIT_STATUS[type(err)])
     except USER_ERRORS as err:
         if argv is not None:
             raise
