@@ -29,7 +29,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sparselm.errors import CheckpointError
+from sparselm.errors import CheckpointError, SaveError
 from sparselm.tensor_mapping import CanonicalTensors
 
 FORMAT = "sparselm-checkpoint"
@@ -220,6 +220,8 @@ class CheckpointWriter:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparselm-save")
 
     def save(self, step: int, engine, model, cfg, sampler_state: dict, layout: dict, groups: dict) -> Path:
+        """Write checkpoint ``step`` (collective).  Raises SaveError on every rank when any rank could not write
+        its part (the partial ``.tmp_step_<N>`` is removed, ``latest`` and earlier checkpoints stay)."""
         import torch.distributed as dist
 
         from sparselm.config import to_yaml
@@ -228,42 +230,74 @@ class CheckpointWriter:
         self.wait()
         rank = dist.get_rank()
         final, tmp = self.ckdir / f"step_{step}", self.ckdir / f".tmp_step_{step}"
-        if rank == 0:
-            self.ckdir.mkdir(parents=True, exist_ok=True)
-            _clean_stale(self.ckdir)
-            tmp.mkdir()
-            (tmp / "config.yaml").write_text(to_yaml(cfg))
-            if cfg.data.tokenizer != "byte":  # self-contained: the tokenizer travels with the checkpoint
-                shutil.copyfile(cfg.data.tokenizer, tmp / TOKENIZER_FILE)
-        dist.barrier()
-        write_safetensors(rng_state(), tmp / f"rng_rank{rank}.safetensors")
         weights, moments = state_boxes(engine, model, groups)
+        needed = _bytes_needed(weights, moments)
+        failure = None
+        if rank == 0:
+            try:
+                self.ckdir.mkdir(parents=True, exist_ok=True)
+                _clean_stale(self.ckdir)
+                _warn_if_short(self.ckdir, needed, final.name)
+                tmp.mkdir()
+                (tmp / "config.yaml").write_text(to_yaml(cfg))
+                if cfg.data.tokenizer != "byte":  # self-contained: the tokenizer travels with the checkpoint
+                    shutil.copyfile(cfg.data.tokenizer, tmp / TOKENIZER_FILE)
+            except OSError as err:
+                failure = err
+        self._check(_agree(failure), tmp, needed)  # also the barrier: tmp exists for every rank from here
+        try:
+            write_safetensors(rng_state(), tmp / f"rng_rank{rank}.safetensors")
+        except OSError as err:
+            failure = err
+        self._check(_agree(failure), tmp, needed)
         meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": optimizer_step_count(engine),
                 "sampler": sampler_state, "layout": layout, "world_size": dist.get_world_size(), "versions": _versions()}
         if self._executor is None:
-            self._write(tmp, final, weights, moments, meta)
-            dist.barrier()  # every rank returns with the checkpoint published
+            self._write(tmp, final, weights, moments, meta, needed)  # every rank returns with it published
         else:
             staged = [{n: (shape, [(off, t.detach().to("cpu", copy=True)) for off, t in boxes])
                        for n, (shape, boxes) in part.items()} for part in (weights, moments)]
-            self._pending = self._executor.submit(self._write, tmp, final, *staged, meta)
+            self._pending = self._executor.submit(self._write, tmp, final, *staged, meta, needed)
         return final
 
-    def _write(self, tmp: Path, final: Path, weights, moments, meta: dict) -> None:
+    def _write(self, tmp: Path, final: Path, weights, moments, meta: dict, needed: int) -> None:
         import torch.distributed as dist
+        from torch.distributed.checkpoint.api import CheckpointException
 
         from sparselm.checkpoint_shards import save_boxes
 
-        written = save_boxes(weights, tmp / MODEL_DIR, self._group)
-        save_boxes(moments, tmp / OPTIMIZER_DIR, self._group)
-        if dist.get_rank() == 0:  # DCP's coordinator returns once every rank has written its files
-            meta["tensors"] = {n: list(md.size) for n, md in sorted(written.state_dict_metadata.items())}
-            meta["files"] = _file_sizes(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            _publish(self.ckdir, tmp, final, self.keep_last)
+        failure = None
+        try:
+            written = save_boxes(weights, tmp / MODEL_DIR, self._group)
+            save_boxes(moments, tmp / OPTIMIZER_DIR, self._group)
+        except CheckpointException as err:  # raised on every rank when any rank failed
+            failure = _cause(err)
+        if failure is None and dist.get_rank() == 0:  # DCP's coordinator returns once every rank has written
+            try:
+                meta["tensors"] = {n: list(md.size) for n, md in sorted(written.state_dict_metadata.items())}
+                meta["files"] = _file_sizes(tmp)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                _publish(self.ckdir, tmp, final, self.keep_last)
+            except OSError as err:
+                failure = err
+        self._check(_agree(failure, self._group), tmp, needed)
+
+    def _check(self, failure: str | None, tmp: Path, needed: int) -> None:
+        """Raise SaveError (on every rank: ``failure`` was agreed) after rank 0 removed the partial ``tmp``."""
+        import torch.distributed as dist
+
+        if failure is None:
+            return
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = latest_checkpoint(self.ckdir.parent)
+        raise SaveError(f"saving {tmp} failed: {failure}; the checkpoint needs up to {_gb(needed)} and the "
+                        f"filesystem has {_gb(_free_bytes(self.ckdir))} free. The partial {tmp.name} was removed and "
+                        f"latest still names {latest.name if latest else 'no checkpoint'}: free space (or fix the "
+                        "permission or quota) and rerun with --train.resume=latest, or point train.out_dir elsewhere")
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is published; re-raises its error."""
+        """Block until the save in flight (if any) is published; re-raises its error (SaveError on every rank)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
@@ -272,6 +306,59 @@ class CheckpointWriter:
         self.wait()
         if self._executor is not None:
             self._executor.shutdown()
+
+
+def _bytes_needed(*parts) -> int:
+    """Bytes of every rank's pieces (summed over ranks: an upper bound, as replicas are written once)."""
+    import torch.distributed as dist
+
+    total = torch.tensor([sum(t.numel() * t.element_size() for part in parts for _, boxes in part.values()
+                              for _, t in boxes)], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return int(total.item())
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
+
+
+def _warn_if_short(ckdir: Path, needed: int, name: str) -> None:
+    free = _free_bytes(ckdir)
+    if needed > free:
+        print(f"sparselm: warning: checkpoint {name} needs up to {_gb(needed)} but {ckdir} has {_gb(free)} free; "
+              "the save will likely fail", flush=True)
+
+
+def _cause(err: BaseException) -> str:
+    """One line for what DCP raised: the first OSError any rank met (else its first failure)."""
+    failures = [exc for exc, _ in getattr(err, "failures", {}).values()] or [err]
+    for exc in failures:
+        seen = exc
+        while seen is not None:
+            if isinstance(seen, OSError):
+                return f"{type(seen).__name__}: {seen}"
+            seen = seen.__cause__ or seen.__context__
+    first = failures[0]
+    return f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
+
+
+def _agree(failure, group=None) -> str | None:
+    """Collective over ``group``: the first failure any rank met (a message), or None when none failed."""
+    import torch.distributed as dist
+
+    mine = None if failure is None else (failure if isinstance(failure, str) else f"{type(failure).__name__}: {failure}")
+    if dist.get_world_size(group) == 1:
+        return mine
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    return next((f for f in every if f is not None), None)
 
 
 def _prune(ckdir: Path, keep_last: int, newest: Path) -> None:

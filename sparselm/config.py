@@ -201,6 +201,14 @@ class TrainConfig:
     host memory); ``latest`` moves when the write is complete, and the next save waits for the previous one."""
     resume: str = ""
     """'latest' (newest checkpoint in out_dir, if any) or a checkpoint directory; empty starts fresh."""
+    max_skipped_steps: int = 3
+    """Stop the run (exit status 65, no checkpoint written) after this many consecutive steps whose loss, an
+    aux loss or the gradient norm was not finite; such steps are never applied and are logged with
+    `skipped`.  fp16's loss-scale overflows (finite losses) are skipped without counting.  0: never stop."""
+    skip_batches: int = 0
+    """Global batches to skip over the whole run, for resuming past the batches that made a run diverge: a
+    resume skips those its checkpoint has not skipped yet (the data order stays deterministic), so a requeue
+    with the same command does not skip twice.  The divergence message gives the value."""
     progress: bool = True
     """Show a progress bar on rank 0 when stdout is a terminal (logs get one plain line per logged step)."""
     tensorboard: bool = True
@@ -425,6 +433,8 @@ def validate(cfg) -> None:
     require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
     require(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
     require(p.timeout_minutes > 0, f"parallel.timeout_minutes must be positive, got {p.timeout_minutes}")
+    require(t.max_skipped_steps >= 0 and t.skip_batches >= 0,
+            "train.max_skipped_steps and train.skip_batches must be >= 0")
     for name in ("save_every_minutes", "max_minutes"):
         require(getattr(t, name) >= 0, f"train.{name} must be >= 0 (0 disables it), got {getattr(t, name)}")
     require(t.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 looks the device up), got {t.peak_tflops}")

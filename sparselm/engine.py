@@ -93,6 +93,10 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
 
         tag_experts_for_zero3(model)
     optimizer = make_optimizer(model, cfg, ds)
+    if ds["zero_optimization"].get("stage", 0) == 0 and not ds.get("fp16", {}).get("enabled"):
+        from sparselm.nonfinite import skip_nonfinite_steps
+
+        skip_nonfinite_steps(optimizer)  # ZeRO stages 1-3 and fp16 skip an overflowing step themselves
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
     _keep_stage0_grad_norm(engine, norm_mpu if norm_mpu is not None else mpu)
     return engine, ds

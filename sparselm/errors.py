@@ -30,6 +30,16 @@ class ConversionError(RuntimeError):
     """A conversion cannot be done faithfully; the message names the setting that prevents it."""
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (no space, permission, quota, I/O error); its partial directory was
+    removed and every earlier checkpoint kept.  The message names the path, the error and the space."""
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped after ``train.max_skipped_steps`` consecutive non-finite steps; the message names the
+    step, the quantity, the last good checkpoint and how to resume past the bad batches."""
+
+
 class DistributedStartError(RuntimeError):
     """The ranks could not form their process group (unreachable rendezvous, a node never started)."""
 
@@ -37,6 +47,11 @@ class DistributedStartError(RuntimeError):
 USER_ERRORS = (ConfigError, DatasetError, DataExhausted, CheckpointError, ConversionError, FileNotFoundError,
                DistributedStartError)
 """What entry points report as one line instead of a traceback."""
+
+EXIT_STATUS = {SaveError: 74, DivergenceError: 65}
+"""Exit status of ``sparselm.train`` for the run-time failures that are not bad input (which exit 2): 74
+(sysexits' EX_IOERR) when a checkpoint could not be written, 65 (EX_DATAERR) when training diverged.
+75 (``sparselm.preemption.REQUEUE_EXIT``) is a stop after a checkpoint was saved."""
 
 
 def require(cond: bool, msg: str) -> None:

@@ -76,4 +76,6 @@ def format_line(record: dict, total_steps: int) -> str:
             parts.append(f"{label} {record[key]:{fmt}}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if record.get("skipped"):
+        parts.append("skipped (not finite)")
     return " | ".join(parts)

@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
         from sparselm.trainer import Trainer
 
         trainer = Trainer(cfg)
-        record = trainer.run()
+        try:
+            record = trainer.run()
+        except tuple(EXIT_STATUS):
+            trainer.close()
+            raise
         trainer.close()  # releases the process groups: a caller may train again in this process
         if trainer.stopped_early:  # a checkpoint was saved: the same command with --train.resume=latest continues
             sys.exit(REQUEUE_EXIT)

@@ -75,6 +75,7 @@ class Trainer:
         self.step = 0
         if restored is not None:
             self._restore(restored)
+        self._skip_batches()
         self._check_data_suffices()
         self._open_run_dir()
         self.saver = ckpt.CheckpointWriter(self.cfg.train.out_dir, self.cfg.train.keep_last, self.cfg.train.async_save)
@@ -86,10 +87,27 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         self.topo = Topology(self.cfg)
+        self._lock_run_dir()
         self.ds_notes: list[str] = []
         # refuses a JSON sparselm cannot honour; the engine resolves it again (same result) when it is built
         self.ds_config = build_ds_config(self.cfg, self.topo.dp_size, self.ds_notes)
         self.resume_from = find_resume(self.cfg)
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds ``train.out_dir``'s run lock until the run ends (``sparselm.run_lock``); every rank
+        raises the same ConfigError when another run holds it."""
+        from sparselm import run_lock
+
+        refusal = [""]
+        if self.is_rank0:
+            try:
+                run_lock.acquire(self.cfg.train.out_dir)
+            except ConfigError as err:
+                refusal[0] = str(err)
+        if self.world > 1:
+            dist.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            raise ConfigError(refusal[0])
 
     def _open_data(self) -> None:
         """Tokenizer, vocabulary size, datasets (rank 0 tokenizes the default corpus once, the others then
@@ -179,6 +197,15 @@ class Trainer:
                       + f"; the step count and learning-rate schedule continue from step {self.step}. For an exact "
                       "continuation resume from the sharded checkpoint it was made from")
 
+    def _skip_batches(self) -> None:
+        """train.skip_batches counts over the whole run: skip what the restored sampler has not skipped yet."""
+        todo = self.cfg.train.skip_batches - self.sampler.skipped
+        if todo > 0:
+            self.sampler.skip(todo)
+            if self.is_rank0:
+                print(f"sparselm: skipping {todo} global batch(es) after step {self.step} (train.skip_batches="
+                      f"{self.cfg.train.skip_batches} over the run); training resumes on the batches that follow")
+
     def _check_data_suffices(self) -> None:
         check_steps_available(len(self.train_data), self.sampler.consumed, self.cfg.train.steps - self.step, self.cfg)
 
@@ -233,7 +260,43 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             record["grad_norm"] = float(norm)
+        optimizer = self.engine.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's wrapper around our client optimizer
+        if not self.engine.was_step_applied() or getattr(inner, "sparselm_skipped", False):
+            record["skipped"] = 1
         return record
+
+    def _check_finite(self, record: dict):
+        """Count consecutive non-finite steps (the record's ``skipped``); after train.max_skipped_steps return the
+        DivergenceError (the loop raises it once the step is logged) naming the step, the quantity, the last good checkpoint and how to resume past it."""
+        from sparselm.errors import DivergenceError
+        from sparselm.nonfinite import first_nonfinite
+
+        bad = first_nonfinite(record)
+        if bad is None and "skipped" not in record:
+            self.skipped_streak = 0
+            return None
+        record["skipped"] = 1
+        if bad is None and self.ds_config.get("fp16", {}).get("enabled"):
+            return None  # a loss-scale overflow: DeepSpeed lowers the scale and goes on
+        self.skipped_streak += 1
+        self.last_nonfinite = bad or ("grad_norm", record.get("grad_norm", float("nan")))
+        limit = self.cfg.train.max_skipped_steps
+        if not limit or self.skipped_streak < limit:
+            return None
+        self.saver.wait()
+        good = ckpt.latest_checkpoint(self.out_dir)
+        name, value = self.last_nonfinite
+        first = self.step - self.skipped_streak + 1
+        where = (f"the last good checkpoint is {good}: resume from it past the batches since with "
+                 f"--train.resume={good} --train.skip_batches="
+                 f"{self.sampler.skipped + self.step - ckpt.read_meta(good)['step']}"
+                 if good is not None else
+                 f"no checkpoint was written yet: start again with --train.skip_batches={self.step}")
+        return DivergenceError(
+            f"training diverged: steps {first}-{self.step} were not finite ({name} = {value} at step {self.step}) "
+            f"and were skipped, {self.skipped_streak} in a row (train.max_skipped_steps={limit}), so the run stops "
+            f"without saving; {where} (a lower optim.lr or optim.grad_clip may be needed too)")
 
     def _eval_samples(self, data) -> int:
         """Validation samples one evaluation uses: up to train.eval_batches global batches, the same number on
@@ -296,6 +359,7 @@ class Trainer:
         record: dict = {}
         guard = self.guard
         self.stopped_early = ""  # why the run ended before train.steps ('' when it did not)
+        self.skipped_streak = 0  # consecutive non-finite steps (none of them applied)
         if t.eval_every and self.step == 0:  # where training starts from, for comparison
             start = {"step": 0, **self.evaluate()}
             self.writer.write(start)
@@ -316,20 +380,29 @@ class Trainer:
                       "tflops": self.flops_per_token * tokens_per_step / elapsed / self.world / 1e12}
             if self.peak_tflops:
                 record["mfu"] = record["tflops"] / self.peak_tflops
+            diverged = self._check_finite(record)
             if self.blended:
                 record.update({f"data/{name}_samples": n for name, n in
                                self.train_data.consumed_by_source(self.sampler.consumed).items()})
             last = self.step == t.steps
             if t.eval_every and (self.step % t.eval_every == 0 or last):
                 record.update(self.evaluate())
-            if self.step % t.log_every == 0 or last or "val_loss" in record:
+            if self.step % t.log_every == 0 or last or "val_loss" in record or "skipped" in record:
                 self.writer.write(record)
                 if self.is_rank0:
                     bar.write(format_line(record, t.steps))
+            if diverged is not None:
+                if ahead is not None:
+                    ahead.close()
+                bar.close()
+                self.writer.close()
+                raise diverged
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             bar.update(1)
             decision = guard.check()
-            if (t.save_every and self.step % t.save_every == 0) or last or decision.save:
+            if self.skipped_streak:  # never a checkpoint while the steps are not finite
+                pass
+            elif (t.save_every and self.step % t.save_every == 0) or last or decision.save:
                 path = self.save()
                 guard.saved()
                 if self.is_rank0:
@@ -338,7 +411,8 @@ class Trainer:
                 self.stopped_early = decision.stop
                 if self.is_rank0:
                     bar.write(f"sparselm: stopped at step {self.step}/{t.steps} ({decision.stop}); "
-                              "resume with --train.resume=latest")
+                              + ("no checkpoint written: the step was not finite; " if self.skipped_streak else "")
+                              + "resume with --train.resume=latest")
                 break
         if ahead is not None:
             ahead.close()
@@ -352,5 +426,9 @@ class Trainer:
         in the same process)."""
         self.saver.close()
         self.guard.close()
+        if self.is_rank0:
+            from sparselm import run_lock
+
+            run_lock.release(self.cfg.train.out_dir)
         self.topo.teardown()
         forget_solo_world()

@@ -38,6 +38,7 @@ class GlobalBatchSampler:
         self.consumed = consumed
         self.shuffle = shuffle  # False: the dataset is a stream already mixed and shuffled (a blend)
         self._epoch, self._perm = -1, None
+        self.skipped = 0  # global batches skipped on purpose (train.skip_batches), part of the state
 
     def steps_available(self) -> int | None:
         """Whole global batches left in one epoch (None when repeating is allowed)."""
@@ -65,10 +66,17 @@ class GlobalBatchSampler:
         self.consumed = end
         return np.asarray(out, dtype=np.int64)
 
+    def skip(self, batches: int) -> None:
+        """Pass over the next ``batches`` global batches (raises DataExhausted as drawing them would)."""
+        for _ in range(batches):
+            self.next_batch()
+        self.skipped += batches
+
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples}
+        return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         if self.shuffle and state["num_samples"] != self.num_samples:  # a blend's stream is prefix-stable
             raise DataExhausted(f"the checkpoint was trained on a dataset of {state['num_samples']} samples but this one has {self.num_samples}; resume with the same data and data.seq_len")
         self.consumed = state["consumed"]
+        self.skipped = state.get("skipped", 0)
