@@ -107,6 +107,8 @@ class Trainer:
         if self.world > 1:
             dist.broadcast_object_list(refusal, src=0)
         if refusal[0]:
+            self.topo.teardown()  # as close() does: a caller may start another run in this process
+            forget_solo_world()
             raise ConfigError(refusal[0])
 
     def _open_data(self) -> None:
@@ -264,6 +266,7 @@ class Trainer:
         inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's wrapper around our client optimizer
         if not self.engine.was_step_applied() or getattr(inner, "sparselm_skipped", False):
             record["skipped"] = 1
+            record.setdefault("grad_norm", float("nan"))  # not computed (no clipping), but not finite
         return record
 
     def _check_finite(self, record: dict):
@@ -285,7 +288,7 @@ class Trainer:
         if not limit or self.skipped_streak < limit:
             return None
         self.saver.wait()
-        good = ckpt.latest_checkpoint(self.out_dir)
+        good = ckpt.latest_checkpoint(self.out_dir) or self.resume_from
         name, value = self.last_nonfinite
         first = self.step - self.skipped_streak + 1
         where = (f"the last good checkpoint is {good}: resume from it past the batches since with "

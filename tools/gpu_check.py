@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-GPU_TESTS = ["tests/test_sparse_attention_kernels.py", "tests/test_train.py::test_deepspeed_configs_load_and_step"]
+GPU_TESTS = ["tests/test_sparse_attention_kernels.py"] + [
+    f"tests/test_train.py::test_resume_is_bit_identical[{ds}]" for ds in ("zero0", "zero2_offload", "zero3_offload", "bf16")]
 BENCHES = [("MoE", ["tools/bench_moe.py", "--device=cuda", "--dtype=bfloat16", "--repeats=10"]),
            ("PKM", ["tools/bench_pkm.py", "--device=cuda", "--dtype=bfloat16"]),
            ("sparse attention", ["tools/bench_attention.py", "--device=cuda"])]
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
                f"{torch.version.cuda}, {time.strftime('%Y-%m-%d')}", ""]
     failed = []
 
-    code, out, secs = _run([sys.executable, "-m", "pytest", "-q", "-rs", *GPU_TESTS], 150)
+    code, out, secs = _run([sys.executable, "-m", "pytest", "-q", "-rs", *GPU_TESTS], 240)
     summary.append(f"- GPU tests ({secs:.0f} s): {out.strip().splitlines()[-1] if out.strip() else 'no output'}")
     if code != 0:
         failed.append("tests")
