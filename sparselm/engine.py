@@ -94,8 +94,24 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
         tag_experts_for_zero3(model)
     optimizer = make_optimizer(model, cfg, ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
+    place_buffers(engine.module, engine.device)
     _keep_stage0_grad_norm(engine, norm_mpu if norm_mpu is not None else mpu)
     return engine, ds
+
+
+def place_buffers(module: torch.nn.Module, device) -> list[str]:
+    """Move every buffer of ``module`` to ``device`` (the engine's) and return the names moved.  Under ZeRO
+    stage 3 the parameters are partitioned onto the device as they are built and ``deepspeed.initialize``
+    then leaves the module where it is (``is_zero_init_model``), so buffers (rotary tables, MoE load
+    counters and biases, PKM usage statistics) would stay on the CPU while the forward runs on the GPU."""
+    device = torch.device(device)
+    moved = []
+    for prefix, sub in module.named_modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.device != device:
+                sub._buffers[name] = buf.to(device)
+                moved.append(f"{prefix}.{name}" if prefix else name)
+    return moved
 
 
 def _keep_stage0_grad_norm(engine, norm_mpu) -> None:
