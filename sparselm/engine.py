@@ -71,7 +71,10 @@ def settle_pipeline_zero_stage(module: torch.nn.Module, cfg, pp_group) -> str | 
             + (" (without optimizer offload, which needs ZeRO stage >= 1)" if offload else ""))
 
 
-def make_optimizer(model: torch.nn.Module, cfg, ds: dict):
+def make_optimizer(model: torch.nn.Module, cfg, ds: dict, cuda: bool | None = None):
+    """DeepSpeed's CPU Adam under optimizer offload; else torch's AdamW, fused (one kernel for all tensors;
+    DeepSpeed measured its optimizer phase 220 ms -> 18.5 ms with it) when the run has CUDA GPUs (``cuda``,
+    None: this machine's), per tensor on CPU.  Both give the same numbers (tests/test_optimizer_fused.py)."""
     groups = optimizer_groups(model, cfg)
     o = cfg.optim
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
@@ -79,6 +82,8 @@ def make_optimizer(model: torch.nn.Module, cfg, ds: dict):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if torch.cuda.is_available() if cuda is None else cuda:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=False, **kwargs)
 
 
