@@ -33,6 +33,10 @@ def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None, cuda: boo
     if ds.get("fp16", {}).get("enabled") and not (torch.cuda.is_available() if cuda is None else cuda):
         raise ConfigError(f"parallel.ds_config={cfg.parallel.ds_config} enables fp16, which needs a CUDA GPU "
                           "(DeepSpeed's CPU accelerator rejects it); use parallel.ds_config=bf16 on CPU")
+    if (ds.get("bf16", {}).get("enabled") and cuda is None and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported()):
+        raise ConfigError(f"parallel.ds_config={cfg.parallel.ds_config} enables bf16, which this GPU "
+                          f"({torch.cuda.get_device_name()}) does not support (pre-Ampere); use parallel.ds_config=fp16")
     check_zero_rules(cfg, ds, cfg.parallel.ds_config)
     return ds
 

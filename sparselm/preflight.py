@@ -40,6 +40,12 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError(f"train.wandb_project='{t.wandb_project}' needs Weights & Biases: pip install wandb "
                               "(or leave train.wandb_project empty)")
+    if t.compile:  # a two-op compile on this machine's device: a missing backend is named now, not at step 1
+        import torch
+
+        from sparselm.compile import check_compiler
+
+        check_compiler(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer file '{d.tokenizer}' does not exist; use data.tokenizer=byte or train one "
                                 "with tools/train_tokenizer.py")
