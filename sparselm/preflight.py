@@ -85,6 +85,10 @@ def _check_zero(cfg) -> None:
     if cfg.parallel.zero_stage >= 0:
         zero["stage"] = cfg.parallel.zero_stage
     check_zero_rules(cfg, {"zero_optimization": zero}, cfg.parallel.ds_config)
+    if cfg.train.compile and zero.get("stage", 0) == 3:
+        raise ConfigError(f"train.compile=true with ZeRO stage 3 (parallel.ds_config={cfg.parallel.ds_config}): DeepSpeed's "
+                          "per-module parameter gathering runs inside each compiled block and recompiles it every "
+                          "step; use ZeRO stage 0-2 or set train.compile=false")
 
 
 def _check_layout(cfg, world: int) -> None:

@@ -88,6 +88,14 @@ def test_compile_without_a_working_backend_is_refused_at_startup(monkeypatch):
     assert "set train.compile=false" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_compile_under_zero3_is_refused_at_startup():
+    from sparselm.preflight import preflight
+
+    cfg = load_config("tiny_dense", ["--train.compile=true", "--parallel.ds_config=zero3_offload"], check=False)
+    with pytest.raises(ConfigError, match="ZeRO stage 3.*set train.compile=false"):
+        preflight(cfg, world_size=1)
+
+
 def test_bf16_on_a_gpu_without_bf16_is_refused_naming_fp16(monkeypatch):
     from sparselm.engine import build_ds_config
 
