@@ -61,7 +61,11 @@ def test_count_ids_equals_bincount():
 def test_moe_forward_makes_no_host_sync_on_cuda():
     from sparselm.model.moe import MoELayer
 
-    layer = MoELayer(256, 8, 2, 512, num_shared_experts=1).cuda().bfloat16().train()
+    layer = MoELayer(256, 8, 2, 512, num_shared_experts=1)
+    for module in layer.modules():  # a layer built alone is not initialised (the model's init does that)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    layer = layer.cuda().bfloat16().train()
     x = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16)
     layer(x)  # first call: lazy initialisation (cached index tensors, cuBLAS handles) may synchronise
     torch.cuda.synchronize()
