@@ -1,8 +1,9 @@
 """The first thing to run on a GPU machine: ``python3 tools/gpu_check.py`` (or ``make gpu-check``), with the
-machine's own torch: no setup, no registry (see the README for the wheel bundle of the other packages).
-Made to fit 5 minutes on one H200, every Python start included.  Four sections, one process each (a crash
-or a hang in one is named and the next still runs; inside a section a failing case is named and the next
-case runs):
+machine's own torch (deepspeed, megatron-core and the rest installed beside it from wheels): no setup, no
+registry.  Made to fit 5 minutes on one H200, every Python start included (not yet timed on a GPU: none was
+lent when it was written; each section has a time cap, together under 10 minutes).  Four sections, one
+process each (a crash or a hang in one is named and the next still runs; inside a section a failing case
+is named and the next case runs):
 
 - tests: the GPU-only tests (device placement under ZeRO 0-3 and offload, no host sync in a MoE forward,
   compiled FlexAttention kernels), which skip on CPU;
