@@ -213,6 +213,11 @@ class TrainConfig:
     """Show a progress bar on rank 0 when stdout is a terminal (logs get one plain line per logged step)."""
     tensorboard: bool = True
     """Write TensorBoard events under out_dir/tensorboard."""
+    compile: bool = False
+    """torch.compile each transformer block (torchtitan's per-block compile, inductor) before the engine is
+    built; MoE blocks break the graph where a shape depends on the routing.  Off by default everywhere: on
+    CPU the compile time outweighs the gain, and on CUDA it is not yet measured faster (tools/gpu_check.py
+    measures both).  Refused with ZeRO stage 3, whose per-module gather hooks would run inside compiled blocks."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device, the denominator of the logged `mfu`; 0 looks the CUDA device up by name in
     sparselm.flops.PEAK_TFLOPS at the run's precision (no mfu on CPU or for an unknown device)."""

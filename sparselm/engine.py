@@ -33,6 +33,10 @@ def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None, cuda: boo
     if ds.get("fp16", {}).get("enabled") and not (torch.cuda.is_available() if cuda is None else cuda):
         raise ConfigError(f"parallel.ds_config={cfg.parallel.ds_config} enables fp16, which needs a CUDA GPU "
                           "(DeepSpeed's CPU accelerator rejects it); use parallel.ds_config=bf16 on CPU")
+    if (ds.get("bf16", {}).get("enabled") and cuda is None and torch.cuda.is_available()
+            and not torch.cuda.is_bf16_supported()):
+        raise ConfigError(f"parallel.ds_config={cfg.parallel.ds_config} enables bf16, which this GPU "
+                          f"({torch.cuda.get_device_name()}) does not support (pre-Ampere); use parallel.ds_config=fp16")
     check_zero_rules(cfg, ds, cfg.parallel.ds_config)
     return ds
 
@@ -71,7 +75,10 @@ def settle_pipeline_zero_stage(module: torch.nn.Module, cfg, pp_group) -> str | 
             + (" (without optimizer offload, which needs ZeRO stage >= 1)" if offload else ""))
 
 
-def make_optimizer(model: torch.nn.Module, cfg, ds: dict):
+def make_optimizer(model: torch.nn.Module, cfg, ds: dict, cuda: bool | None = None):
+    """DeepSpeed's CPU Adam under optimizer offload; else torch's AdamW, fused (one kernel for all tensors;
+    DeepSpeed measured its optimizer phase 220 ms -> 18.5 ms with it) when the run has CUDA GPUs (``cuda``,
+    None: this machine's), per tensor on CPU.  Both give the same numbers (tests/test_optimizer_fused.py)."""
     groups = optimizer_groups(model, cfg)
     o = cfg.optim
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
@@ -79,6 +86,8 @@ def make_optimizer(model: torch.nn.Module, cfg, ds: dict):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if torch.cuda.is_available() if cuda is None else cuda:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=False, **kwargs)
 
 
@@ -98,8 +107,24 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
 
         skip_nonfinite_steps(optimizer)  # ZeRO stages 1-3 and fp16 skip an overflowing step themselves
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
+    place_buffers(engine.module, engine.device)
     _keep_stage0_grad_norm(engine, norm_mpu if norm_mpu is not None else mpu)
     return engine, ds
+
+
+def place_buffers(module: torch.nn.Module, device) -> list[str]:
+    """Move every buffer of ``module`` to ``device`` (the engine's) and return the names moved.  Under ZeRO
+    stage 3 the parameters are partitioned onto the device as they are built and ``deepspeed.initialize``
+    then leaves the module where it is (``is_zero_init_model``), so buffers (rotary tables, MoE load
+    counters and biases, PKM usage statistics) would stay on the CPU while the forward runs on the GPU."""
+    device = torch.device(device)
+    moved = []
+    for prefix, sub in module.named_modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.device != device:
+                sub._buffers[name] = buf.to(device)
+                moved.append(f"{prefix}.{name}" if prefix else name)
+    return moved
 
 
 def _keep_stage0_grad_norm(engine, norm_mpu) -> None:

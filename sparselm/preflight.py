@@ -40,6 +40,12 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError(f"train.wandb_project='{t.wandb_project}' needs Weights & Biases: pip install wandb "
                               "(or leave train.wandb_project empty)")
+    if t.compile:  # a two-op compile on this machine's device: a missing backend is named now, not at step 1
+        import torch
+
+        from sparselm.compile import check_compiler
+
+        check_compiler(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer file '{d.tokenizer}' does not exist; use data.tokenizer=byte or train one "
                                 "with tools/train_tokenizer.py")
@@ -79,6 +85,10 @@ def _check_zero(cfg) -> None:
     if cfg.parallel.zero_stage >= 0:
         zero["stage"] = cfg.parallel.zero_stage
     check_zero_rules(cfg, {"zero_optimization": zero}, cfg.parallel.ds_config)
+    if cfg.train.compile and zero.get("stage", 0) == 3:
+        raise ConfigError(f"train.compile=true with ZeRO stage 3 (parallel.ds_config={cfg.parallel.ds_config}): DeepSpeed's "
+                          "per-module parameter gathering runs inside each compiled block and recompiles it every "
+                          "step; use ZeRO stage 0-2 or set train.compile=false")
 
 
 def _check_layout(cfg, world: int) -> None:

@@ -71,6 +71,10 @@ class Trainer:
         self._open_data()
         restored = self._read_resume_checkpoint()
         self._build_module(restored)
+        if self.cfg.train.compile:  # per block, before the engine wraps the module (sparselm/compile.py)
+            from sparselm.compile import compile_blocks
+
+            compile_blocks(self.module)
         self._build_engine()
         self.step = 0
         if restored is not None:

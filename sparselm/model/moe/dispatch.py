@@ -46,7 +46,7 @@ def plan_dispatch(experts: torch.Tensor, probs: torch.Tensor, num_experts: int, 
     if policy not in DROP_POLICIES:
         raise ValueError(f"unknown drop policy {policy!r}; use one of {DROP_POLICIES}")
     flat_e = experts.reshape(-1)
-    routed = torch.bincount(flat_e, minlength=num_experts)
+    routed = count_ids(flat_e, num_experts)
     groups = sequences if per_sequence else 1
     if capacity is None or capacity * groups >= flat_e.numel():
         order = torch.argsort(flat_e, stable=True)
@@ -63,11 +63,38 @@ def plan_dispatch(experts: torch.Tensor, probs: torch.Tensor, num_experts: int, 
         priority = torch.argsort((pos * sequences + seq) * k + choice)
     bucket = (ids // (m // groups)) * num_experts + flat_e  # (group, expert)
     order = priority[torch.argsort(bucket[priority], stable=True)]  # by bucket, then priority
-    sizes = torch.bincount(bucket, minlength=groups * num_experts)
+    sizes = count_ids(bucket, groups * num_experts)
     rank_in_bucket = ids - (torch.cumsum(sizes, 0) - sizes).repeat_interleave(sizes, output_size=m)
     kept = order[rank_in_bucket < capacity]
     kept = kept[torch.argsort(flat_e[kept], stable=True)]
-    return DispatchPlan(order=kept, counts=torch.bincount(flat_e[kept], minlength=num_experts), routed=routed)
+    return DispatchPlan(order=kept, counts=count_ids(flat_e[kept], num_experts), routed=routed)
+
+
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] int64 occurrences of each id in 0..n-1 (``torch.bincount`` with minlength=n, which reads the
+    largest id back to the host on CUDA: a synchronisation per call; integer adds are exact in any order)."""
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
+def combine_choices(out: torch.Tensor, gates: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """y[t] = sum over choices c of gates[t, c] * (expert output of assignment t * k + c; zero if dropped).
+
+    out: [M, D] expert outputs of the kept assignments, in ``order`` ([M] assignment ids); gates: [N, k]
+    (fp32).  The gate multiply and the sum over the k choices run in fp32 into one [N, D] accumulator, one
+    expert-output row per choice read in out's dtype (no fp32 [N * k, D] buffer); the result is in out's
+    dtype.  Deterministic: each output sums its k terms in choice order, and the backward's index-add
+    writes each expert-output row from one assignment only."""
+    (n, k), m = gates.shape, order.numel()
+    if m == 0:  # every assignment dropped (or none routed here): zeros, still connected to both inputs
+        return out.new_zeros(n, out.shape[1]) + (out.sum() + gates.sum() * 0).to(out.dtype)
+    row = torch.zeros(n * k, dtype=torch.long, device=out.device).index_copy(0, order, torch.arange(m, device=out.device))
+    kept = torch.zeros(n * k, dtype=torch.bool, device=out.device).index_fill(0, order, True)
+    gate = torch.where(kept, gates.reshape(-1).float(), 0.0).view(n, k, 1)  # a dropped choice reads row 0, weight 0
+    row = row.view(n, k)
+    y = torch.zeros(n, out.shape[1], dtype=torch.float32, device=out.device)
+    for c in range(k):
+        y.addcmul_(out.index_select(0, row[:, c]), gate[:, c])
+    return y.to(out.dtype)
 
 
 class LocalDispatcher:

@@ -151,6 +151,9 @@ class GroupedExperts(nn.Module):
         if impl == "auto":
             impl = "grouped_mm" if grouped_mm_supported(x.device, x.dtype) and self._aligned(x, down) else "padded"
         if impl == "grouped_mm" and x.shape[0] > 0:
+            if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+                # torch.compile's shape function of _grouped_mm accepts bf16 only (eager also runs fp32 on CPU)
+                return _eager_grouped_mm(x, counts, gate_up, down)
             return self._grouped_mm(x, counts, gate_up, down)
         return self._padded(x, counts, gate_up, down)
 
@@ -180,3 +183,6 @@ class GroupedExperts(nn.Module):
         h = torch.bmm(padded, gate_up.transpose(1, 2))
         out = torch.bmm(_swiglu(h), down.transpose(1, 2))
         return out.view(n_exp * cap, d).index_select(0, slot)
+
+
+_eager_grouped_mm = torch.compiler.disable(GroupedExperts._grouped_mm)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparselm.model.feedforward import SwiGLU
-from sparselm.model.moe.dispatch import LocalDispatcher, expert_capacity, plan_dispatch
+from sparselm.model.moe.dispatch import LocalDispatcher, combine_choices, count_ids, expert_capacity, plan_dispatch
 from sparselm.model.moe.experts import GroupedExperts
 from sparselm.model.moe.router import Router, balance_loss, z_loss
 
@@ -73,17 +73,13 @@ class MoELayer(nn.Module):
         rows = tokens.index_select(0, plan.order // k)
         local_rows, local_counts, context = self.dispatcher.dispatch(rows, plan.counts)
         out = self.dispatcher.combine(self.experts(local_rows, local_counts), context)
-        # Weight in fp32 (the gates are fp32), place each kept assignment in its (token, choice) slot and sum
-        # the k choices: dropped slots stay zero, no scatter-add, deterministic on every device.
-        weighted = out.float() * routing.gates.reshape(-1).index_select(0, plan.order).unsqueeze(1)
-        slots = weighted.new_zeros(n * k, d).index_copy(0, plan.order, weighted)
-        y = slots.view(n, k, d).sum(1).to(x.dtype)
+        # gates applied and the k choices summed in fp32, per token (dispatch.combine_choices)
+        y = combine_choices(out, routing.gates.view(n, k), plan.order).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(tokens)
 
         group_of = torch.arange(n * k, device=x.device) // max(1, n * k // groups)
-        group_counts = torch.bincount(group_of * self.num_experts + routing.experts.reshape(-1),
-                                      minlength=groups * self.num_experts)
+        group_counts = count_ids(group_of * self.num_experts + routing.experts.reshape(-1), groups * self.num_experts)
         lb = balance_loss(routing.scores.view(groups, n // groups, -1), group_counts.view(groups, -1))
         z = z_loss(routing.logits)
         aux = self.aux_loss_coef * lb + self.z_loss_coef * z

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselm.model.pkm.lookup import product_key_topk
+from sparselm.model.pkm.read import weighted_read
 from sparselm.model.pkm.usage import SlotUsage
 
 VALUE_GROUP = "pkm_values"
@@ -99,8 +100,7 @@ class ProductKeyMemory(nn.Module):
     def read(self, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the selected value rows: [n, v_dim]."""
         n = slots.shape[0]
-        return F.embedding_bag(slots.reshape(n, -1), self.values, per_sample_weights=weights.reshape(n, -1),
-                               mode="sum")
+        return weighted_read(slots.reshape(n, -1), weights.reshape(n, -1), self.values)
 
     def project(self, memory: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.gate_weight is not None:

@@ -76,7 +76,7 @@ def random_block_table(spec: PatternSpec, n_blocks: int, device) -> torch.Tensor
     attended exactly as the shorter sequence is (generation relies on it).  Candidates are the blocks
     not already covered by the global blocks or the window.
     """
-    table = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    table = torch.zeros(n_blocks, n_blocks, dtype=torch.bool, device="cpu")  # drawn on the host, then moved
     gen = torch.Generator()
     for i in range(n_blocks):
         first, last = spec.global_blocks, i - spec.window_blocks  # candidates: first..last inclusive
@@ -84,7 +84,7 @@ def random_block_table(spec: PatternSpec, n_blocks: int, device) -> torch.Tensor
         if count <= 0 or spec.random_blocks == 0:
             continue
         gen.manual_seed(spec.seed * 1_000_003 + i)
-        picks = torch.randperm(count, generator=gen)[: spec.random_blocks] + first
+        picks = torch.randperm(count, generator=gen, device="cpu")[: spec.random_blocks] + first
         table[i, picks] = True
     return table.to(device)
 
