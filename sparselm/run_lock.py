@@ -18,14 +18,15 @@ from pathlib import Path
 from sparselm.errors import ConfigError
 
 LOCK_FILE = ".lock"
-_HELD: dict[str, int] = {}
-"""Lock path -> file descriptor, for the locks this process holds."""
+_HELD: dict[str, tuple[int, bool]] = {}
+"""Lock path -> (file descriptor, whether acquiring created the directory), for the locks this process holds."""
 
 
 def acquire(out_dir: str | Path) -> Path:
     """Take the lock of ``out_dir`` (created if missing) or raise ConfigError naming the run that holds it.
     A lock this process already holds (a trainer that was not closed) is taken over."""
     path = Path(out_dir) / LOCK_FILE
+    created = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
     if key in _HELD:
@@ -42,17 +43,25 @@ def acquire(out_dir: str | Path) -> Path:
     os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode() + b"\n")
     os.fsync(fd)
-    _HELD[key] = fd
+    _HELD[key] = (fd, created)
     return path
 
 
-def release(out_dir: str | Path) -> None:
-    """Give the lock of ``out_dir`` back (a no-op when this process does not hold it)."""
-    fd = _HELD.pop(str((Path(out_dir) / LOCK_FILE).resolve()), None)
-    if fd is not None:
+def release(out_dir: str | Path, remove_if_created: bool = False) -> None:
+    """Give the lock of ``out_dir`` back (a no-op when this process does not hold it).  With
+    ``remove_if_created`` (a start-up that failed), a directory that acquiring created and that holds nothing
+    but the lock file is removed."""
+    path = Path(out_dir) / LOCK_FILE
+    fd, created = _HELD.pop(str(path.resolve()), (None, False))
+    if fd is None:
+        return
+    if remove_if_created and created and [p.name for p in path.parent.iterdir()] == [LOCK_FILE]:
+        path.unlink()
+        path.parent.rmdir()
+    else:
         os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def _describe(raw: bytes) -> str:

@@ -65,7 +65,18 @@ class Trainer:
         absolute_paths(cfg)  # the config.yaml it saves then works from any directory
         self.cfg = cfg
         self._start_processes()
+        try:
+            self._construct()
+        except BaseException:
+            if self.is_rank0:  # a start-up that failed leaves no run directory it created itself
+                from sparselm import run_lock
+
+                run_lock.release(self.cfg.train.out_dir, remove_if_created=True)
+            raise
+
+    def _construct(self) -> None:
         # from here on, SIGTERM/SIGUSR1/SIGINT stop the run after its next step, with a checkpoint
+        cfg = self.cfg
         self.guard = StopGuard(cfg.train.save_every_minutes, cfg.train.max_minutes, stop_file=cfg.train.stop_file,
                                say=print if self.is_rank0 else (lambda line: None))
         self._open_data()
@@ -91,11 +102,11 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         self.topo = Topology(self.cfg)
-        self._lock_run_dir()
         self.ds_notes: list[str] = []
         # refuses a JSON sparselm cannot honour; the engine resolves it again (same result) when it is built
         self.ds_config = build_ds_config(self.cfg, self.topo.dp_size, self.ds_notes)
         self.resume_from = find_resume(self.cfg)
+        self._lock_run_dir()  # after the checks above, so a refused config leaves no directory behind
 
     def _lock_run_dir(self) -> None:
         """Rank 0 holds ``train.out_dir``'s run lock until the run ends (``sparselm.run_lock``); every rank
