@@ -3,7 +3,8 @@
 
   consolidate  --input CKPT_OR_RUN --output DIR [--dtype bf16] [--max-shard-gb G]   whole tensors in HF-style shards
   export-hf    --input CKPT_OR_RUN --output DIR                  Llama (dense) / Mixtral (MoE) layout
-  import-hf    --input HF_DIR      --output DIR                  a local Llama-layout model into sparselm
+  import-hf    --input HF_DIR      --output DIR [--force]        llama, mistral, mixtral, qwen2, qwen3, qwen2_moe,
+                                                                 qwen3_moe, olmoe, glm4_moe (streamed)
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
   inspect      --input CKPT_OR_RUN [--json]
 """
@@ -87,25 +88,46 @@ def export_hf(args) -> Path:
 
 
 def import_hf(args) -> Path:
+    """A Hugging Face model directory of a supported family, streamed tensor by tensor (``hf_import``)."""
+    from sparselm.checkpoint import expected_shapes
     from sparselm.config import load_config
-    from sparselm.convert.llama import from_llama
+    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.convert.hf_import import open_hf_model, read_config
     from sparselm.model import build_model
-    from sparselm.checkpoint import check_tensors_match
+    from sparselm.parallel.materialize import tied_aliases
 
     hf_dir = Path(args.input)
     if not hf_dir.is_dir():
         raise ConversionError(f"'{hf_dir}' is not a directory; give a local Hugging Face model directory")
-    tensors, model_overrides = from_llama(hf_dir)
+    hf = read_config(hf_dir)
+    overrides = sparselm_config(hf)
+    overrides["data"] = {"seq_len": min(2048, overrides["model"]["max_seq_len"])}
     tok = hf_dir / "tokenizer.json"
-    overrides = {"model": model_overrides, "data": {"seq_len": min(2048, model_overrides["max_seq_len"])}}
     if tok.is_file():
         overrides["data"]["tokenizer"] = str(Path(args.output).resolve() / "tokenizer.json")
     cfg = load_config(None, overrides)
-    check_tensors_match(build_model(cfg, device="meta"), tensors, hf_dir)
-    out = write_model_checkpoint(args.output, tensors, cfg, source=f"import-hf {hf_dir}",
-                                 extra_files={"tokenizer.json": tok} if tok.is_file() else None)
-    print(f"wrote {out} (sparselm checkpoint; train from it with --train.resume={out})")
+    model = build_model(cfg, device="meta")
+    tied = set(tied_aliases(model))
+    expected = {k: v for k, v in expected_shapes(model).items() if k not in tied}
+    tensors = open_hf_model(hf_dir, expected, hf, cfg.model.layer_kinds())
+    extra = {name: hf_dir / name for name in TOKENIZER_FILES if (hf_dir / name).is_file()}
+    _clear_output(args)
+    out = write_model_checkpoint(args.output, tensors, cfg, source=f"import-hf {hf_dir} ({hf['model_type']})",
+                                 extra_files=extra, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {out} ({hf['model_type']}, {len(tensors)} tensors; train from it with --train.resume={out})")
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def _clear_output(args) -> None:
+    """--force: remove an existing output directory (after every check passed); without it the writers refuse."""
+    out = Path(args.output)
+    if getattr(args, "force", False) and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
 
 
 def upcycle(args) -> Path:
@@ -157,6 +179,10 @@ def main(argv: list[str] | None = None):
         if name != "inspect":
             p.add_argument("--output", required=True)
         p.set_defaults(fn=fn)
+        if name in ("import-hf", "export-hf"):
+            p.add_argument("--force", action="store_true", help="replace an existing output directory")
+        if name == "import-hf":
+            p.add_argument("--max-shard-gb", type=float, default=0.5, help="largest output file (and memory held), GiB")
         if name == "consolidate":
             p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
             p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest output file (and memory held), GiB")

@@ -1,0 +1,149 @@
+"""Hugging Face families: import-hf and export-hf against transformers' own modeling code.
+
+Every family is a tiny random model built offline with transformers' classes, its distinctive options on
+(Qwen2-MoE's shared-expert gate and q/k/v biases, Qwen3's head_dim != d_model / heads, OLMoE's full-width q/k
+norm and clip_qkv, Llama 3 rope scaling, GLM-4-MoE's group-limited sigmoid routing, partial rotary and
+dense first layer, Mistral / Qwen2 sliding windows shorter than the sequence).  Tolerances: logits within
+1e-5 in fp32 (both sides compute the same operations; only summation order differs).
+"""
+import json
+
+import pytest
+import torch
+
+from sparselm.convert.store import ConversionError
+from tools.convert_checkpoint import main as convert
+
+transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
+
+VOCAB, SEQ = 288, 40
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+def family_config(family: str):
+    """The family's transformers config with its distinctive options switched on."""
+    T = transformers
+    if family == "llama":
+        return T.LlamaConfig(**COMMON, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 16})
+    if family == "llama_yarn":
+        return T.LlamaConfig(**COMMON, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                        "original_max_position_embeddings": 32})
+    if family == "llama_linear":
+        return T.LlamaConfig(**{**COMMON, "tie_word_embeddings": True},
+                             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    if family == "mistral":
+        return T.MistralConfig(**COMMON, sliding_window=8, head_dim=24)
+    if family == "qwen2":
+        return T.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    if family == "qwen3":
+        return T.Qwen3Config(**COMMON, head_dim=32)
+    if family == "mixtral":
+        return T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        return T.Qwen2MoeConfig(**COMMON, **MOE, num_experts=4, shared_expert_intermediate_size=64,
+                                norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0])
+    if family == "qwen3_moe":
+        return T.Qwen3MoeConfig(**COMMON, **MOE, num_experts=4, head_dim=32, norm_topk_prob=True)
+    if family == "olmoe":
+        return T.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, clip_qkv=0.6, norm_topk_prob=False)
+    if family == "glm4_moe":
+        return T.Glm4MoeConfig(**COMMON, **MOE, n_routed_experts=8, n_group=2, topk_group=1, first_k_dense_replace=1,
+                               n_shared_experts=1, use_qk_norm=True, attention_bias=True, routed_scaling_factor=1.8,
+                               norm_topk_prob=True)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "llama_yarn", "llama_linear", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",
+            "olmoe", "glm4_moe"]
+
+
+def tiny_hf_model(family: str, seed: int = 0):
+    """A random model of ``family`` whose weights are all far from their init (norm weights, biases and GLM's
+    selection bias included), so every tensor's mapping matters."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(family_config(family)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias") or "router" in name or name.endswith("gate.weight"):
+                p.normal_(0, 0.3)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
+    return model
+
+
+def save(model, path, fused: bool = False):
+    """save_pretrained (per-expert names, as published) or the transformers-5 in-memory (fused) names."""
+    model.save_pretrained(str(path), max_shard_size="200KB")
+    if fused:
+        from safetensors.torch import save_file
+
+        for f in list(path.glob("*.safetensors")) + list(path.glob("*.index.json")):
+            f.unlink()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def max_diff(hf, ours, ids):
+    with torch.no_grad():
+        return (hf(ids).logits - ours(ids)).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_matches_transformers(tmp_path, family):
+    from sparselm import load_model
+
+    hf = tiny_hf_model(family)
+    save(hf, tmp_path / "hf")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1  # sharded, with an index
+    convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
+    ours, cfg = load_model(tmp_path / "ours")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    diff = max_diff(hf, ours, ids)
+    print(f"{family}: import max|diff| {diff:.2e}")
+    assert diff < 1e-5, diff
+
+
+CARRIED = {  # the distinctive options each family's import must carry (checked in the sparselm config)
+    "llama": {"model.rope_scaling": "llama3", "model.rope_factor": 8.0, "model.rope_original_max_seq_len": 16},
+    "llama_yarn": {"model.rope_scaling": "yarn", "model.rope_attention_factor": pytest.approx(1.1386294)},
+    "llama_linear": {"model.rope_scaling": "linear", "model.tie_embeddings": True},
+    "mistral": {"model.head_dim": 24, "model.sliding_window": 8, "model.attention_layers": ["sliding"]},
+    "qwen2": {"model.qkv_bias": True, "model.attention_layers": ["full", "sliding"]},
+    "qwen3": {"model.head_dim": 32, "model.qk_norm": "per_head"},
+    "mixtral": {"model.pattern": ["moe", "moe"], "moe.renormalize": True},
+    "qwen2_moe": {"model.pattern": ["dense", "moe"], "moe.shared_expert_gate": True, "moe.num_shared_experts": 2,
+                  "model.qkv_bias": True, "moe.renormalize": False},
+    "qwen3_moe": {"model.qk_norm": "per_head", "moe.renormalize": True},
+    "olmoe": {"model.qk_norm": "full", "model.clip_qkv": 0.6},
+    "glm4_moe": {"model.pattern": ["dense", "moe"], "moe.n_group": 2, "moe.topk_group": 1, "moe.score_func": "sigmoid",
+                 "moe.routed_scaling_factor": 1.8, "model.rotary_fraction": 0.5, "moe.bias_balancing": True},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imported_config_carries_the_family_options_and_flops_counts_them(family):
+    from sparselm.config import load_config
+    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.flops import flop_counts, param_counts
+    from sparselm.model import build_model
+
+    hf = json.loads(family_config(family).to_json_string())
+    cfg = load_config(None, {**sparselm_config(hf), "data": {"seq_len": 32}})
+    for key, value in CARRIED[family].items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value, key
+    model = build_model(cfg, device="meta")
+    counts = param_counts(cfg)
+    assert counts.total == model.num_params() and counts.active == model.num_params(active=True)
+    assert flop_counts(cfg).per_token > 0
