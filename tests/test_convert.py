@@ -127,7 +127,8 @@ def test_export_mixtral_matches_transformers_logits(tmp_path, expert_hidden):
 
 
 @pytest.mark.parametrize("pattern, message", [
-    (["--model.pattern=dense,moe"] + MIXTRAL[1:], "mixes in dense layers"),
+    (["--model.pattern=dense,moe"] + MIXTRAL[1:], "dense layers among the MoE layers"),
+    (MIXTRAL + ["--moe.drop_tokens=true"], "moe.drop_tokens=true"),
     (MIXTRAL + ["--moe.num_shared_experts=1"], "moe.num_shared_experts=1"),
     (["--model.pattern=pkm", "--pkm.n_keys=256", "--pkm.k_dim=32", "--pkm.knn=8"], "no Hugging Face"),
     (["--model.pattern=allattn"], "no Hugging Face"),

@@ -2,7 +2,7 @@
 """Checkpoint conversions (each goes through sparselm's layout-free checkpoint form).
 
   consolidate  --input CKPT_OR_RUN --output DIR [--dtype bf16] [--max-shard-gb G]   whole tensors in HF-style shards
-  export-hf    --input CKPT_OR_RUN --output DIR                  Llama (dense) / Mixtral (MoE) layout
+  export-hf    --input CKPT_OR_RUN --output DIR [--fused-experts] [--force]   the family computing the model
   import-hf    --input HF_DIR      --output DIR [--force]        llama, mistral, mixtral, qwen2, qwen3, qwen2_moe,
                                                                  qwen3_moe, olmoe, glm4_moe (streamed)
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
@@ -65,25 +65,57 @@ def _write_hf_tokenizer(tokenizer, cfg, out: Path) -> None:
 
 
 def export_hf(args) -> Path:
-    from sparselm.checkpoint import load_tokenizer, write_safetensors
+    """The Hugging Face family that computes the model (``hf_export.choose_family``), streamed into sharded
+    safetensors with an index (one output shard in memory at a time), config.json, generation_config.json and
+    the tokenizer files."""
+    import math
+
+    from sparselm.checkpoint import load_tokenizer
+    from sparselm.checkpoint_shards import write_consolidated
+    from sparselm.convert.hf_export import choose_family, expert_slice, hf_config, hf_tensor_plan
     from sparselm.convert.llama import generation_config
 
     ckpt, meta, cfg, tensors = _load(args.input)
-    if set(cfg.model.layer_kinds()) <= {"dense"}:
-        from sparselm.convert.llama import to_llama as convert
-    else:
-        from sparselm.convert.mixtral import to_mixtral as convert
+    family = choose_family(cfg)
     tokenizer = load_tokenizer(ckpt)
-    hf_tensors, hf_config = convert(tensors, cfg, tokenizer.eod_id)
+    plan = hf_tensor_plan(family, cfg, tensors.keys(), args.fused_experts)
+    config = hf_config(family, cfg, tokenizer.eod_id)
+    missing = sorted({ours for ours, _ in plan.values()} - set(tensors.keys()))
+    if missing:
+        raise ConversionError(f"'{ckpt}' lacks tensors the {family} export needs: {', '.join(missing[:5])}")
     out = Path(args.output)
+    _clear_output(args)
     if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"output directory '{out}' exists and is not empty; choose a new --output")
+        raise ConversionError(f"output directory '{out}' exists and is not empty; choose a new --output or pass --force")
+    dtype = tensors.dtype("embed.weight")
+    config["dtype"] = str(dtype).replace("torch.", "")
+
+    def shape(name):
+        ours, how = plan[name]
+        full = tensors.shapes[ours]
+        if how == "copy":
+            return full
+        return full[1:] if how[0] == "down" else (full[1] // 2, full[2])
+
+    cache: dict = {}
+
+    def get(name):
+        ours, how = plan[name]
+        if ours not in cache:
+            if len(cache) >= 2:  # gate_up and down of the layer being written
+                cache.pop(next(iter(cache)))
+            cache[ours] = tensors[ours]
+        return cache[ours] if how == "copy" else expert_slice(cache[ours], how)
+
+    names = list(plan)
+    nbytes = {n: math.prod(shape(n)) * tensors.dtype(plan[n][0]).itemsize for n in names}
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors({k: v.contiguous() for k, v in hf_tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config, indent=1))
+    write_consolidated(names, nbytes, get, out, int(args.max_shard_gb * 2**30))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(generation_config(tokenizer.eod_id), indent=1))
     _write_hf_tokenizer(tokenizer, cfg, out)
-    print(f"wrote {out} ({hf_config['architectures'][0]}, {len(hf_tensors)} tensors)")
+    print(f"wrote {out} ({config['architectures'][0]}, {len(names)} tensors"
+          f"{', fused experts' if args.fused_experts else ''})")
     return out
 
 
@@ -181,7 +213,10 @@ def main(argv: list[str] | None = None):
         p.set_defaults(fn=fn)
         if name in ("import-hf", "export-hf"):
             p.add_argument("--force", action="store_true", help="replace an existing output directory")
-        if name == "import-hf":
+        if name == "export-hf":
+            p.add_argument("--fused-experts", action="store_true",
+                           help="transformers 5's in-memory expert names (mlp.experts.gate_up_proj) instead of one per expert")
+        if name in ("import-hf", "export-hf"):
             p.add_argument("--max-shard-gb", type=float, default=0.5, help="largest output file (and memory held), GiB")
         if name == "consolidate":
             p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
