@@ -186,3 +186,88 @@ def test_export_loads_in_transformers_with_the_same_logits_and_generation(tmp_pa
     mine = generate(ours, prompt, 20, temperature=0, eod_id=config["eos_token_id"])[0].tolist()
     theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False)[0].tolist()
     assert theirs == mine
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_import_keeps_half_precision_weights(tmp_path, dtype):
+    from sparselm import load_model
+
+    hf = tiny_hf_model("qwen3_moe").to(dtype)
+    save(hf, tmp_path / "hf")
+    info = convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) and \
+        convert(["inspect", "--input", str(tmp_path / "ours"), "--json"])
+    assert {t["dtype"] for t in info["tensors"].values()} == {str(dtype).replace("torch.", "")}
+    ours, _ = load_model(tmp_path / "ours")  # fp32 copies of the stored values
+    # transformers' model of the same stored values in fp32 (rebuilt: a cast model keeps rotary tables in half)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    assert max_diff(ref, ours, ids) < 1e-5
+
+
+def _add_tensors(hf_dir, tensors: dict):
+    """Add tensors in a new shard listed by the index (as an unexpected or quantized checkpoint would)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(hf_dir / "extra.safetensors"))
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(tensors, "extra.safetensors"))
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _break_missing_shard(hf_dir):
+    sorted(hf_dir.glob("model-*.safetensors"))[1].unlink()
+
+
+def _break_truncated_shard(hf_dir):
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
+REFUSALS = {
+    "missing shard": (_break_missing_shard, "shard '.*model-00002-of-.*' named by model.safetensors.index.json is missing"),
+    "truncated shard": (_break_truncated_shard, "shard '.*model-00002-of-.*' is truncated"),
+    "expert biases": (lambda d: _add_tensors(d, {"model.layers.0.mlp.experts.0.gate_proj.bias": torch.zeros(32)}),
+                      "has tensors sparselm has no place for .*model.layers.0.mlp.experts.0.gate_proj.bias"),
+    "quantized": (lambda d: _add_tensors(d, {"model.layers.0.mlp.experts.0.qweight": torch.zeros(4, dtype=torch.int8)}),
+                  "model.layers.0.mlp.experts.0.qweight has dtype I8 .quantized weights.; supported: bf16, fp16, fp32"),
+    "activation": (lambda d: _edit(d, hidden_act="gelu"), "hidden_act='gelu' .supported: silu"),
+    "mla": (lambda d: _edit(d, model_type="deepseek_v3"), "model_type='deepseek_v3' is not supported .multi-head latent"),
+    "shared size": (lambda d: _edit(d, shared_expert_intermediate_size=40),
+                    "shared_expert_intermediate_size=40 .supported: a multiple of moe_intermediate_size=32"),
+}
+
+
+def _edit(hf_dir, **values):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(values)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def saved_qwen2_moe(tmp_path_factory):
+    return save(tiny_hf_model("qwen2_moe"), tmp_path_factory.mktemp("qwen2_moe") / "hf")
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_import_refuses_bad_input_in_one_line_before_writing(tmp_path, saved_qwen2_moe, case):
+    import shutil
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(saved_qwen2_moe, hf_dir)
+    breaker, message = REFUSALS[case]
+    breaker(hf_dir)
+    with pytest.raises(ConversionError, match=message) as err:
+        convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ours").exists()
+
+
+def test_import_overwrites_an_existing_output_only_with_force(tmp_path, saved_qwen2_moe):
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "keep.txt").write_text("precious")
+    args = ["import-hf", "--input", str(saved_qwen2_moe), "--output", str(tmp_path / "ours")]
+    with pytest.raises(ConversionError, match="not empty"):
+        convert(args)
+    assert (tmp_path / "ours" / "keep.txt").read_text() == "precious"
+    convert(args + ["--force"])
+    assert not (tmp_path / "ours" / "keep.txt").exists() and (tmp_path / "ours" / "meta.json").is_file()
