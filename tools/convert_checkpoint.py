@@ -72,8 +72,7 @@ def export_hf(args) -> Path:
 
     from sparselm.checkpoint import load_tokenizer
     from sparselm.checkpoint_shards import write_consolidated
-    from sparselm.convert.hf_export import choose_family, expert_slice, hf_config, hf_tensor_plan
-    from sparselm.convert.llama import generation_config
+    from sparselm.convert.hf_export import choose_family, expert_slice, generation_config, hf_config, hf_tensor_plan
 
     ckpt, meta, cfg, tensors = _load(args.input)
     family = choose_family(cfg)

@@ -93,6 +93,12 @@ def choose_family(cfg) -> str:
                           + "; ".join(found[closest]) + ". Use `consolidate` for a sparselm checkpoint instead")
 
 
+def generation_config(eod_id: int) -> dict:
+    """generation_config.json: transformers' generate stops at our end-of-document token and pads with it (no
+    beginning-of-sequence token: sparselm prepends none)."""
+    return {"bos_token_id": None, "eos_token_id": eod_id, "pad_token_id": eod_id}
+
+
 def hf_config(family: str, cfg, eod_id: int) -> dict:
     """config.json for ``family`` (transformers 5 keys)."""
     from sparselm.model.moe.config import resolved_expert_hidden
