@@ -304,3 +304,32 @@ def test_round_trip_import_train_tp2_ep2_export(tmp_path):
     diff = max_diff(hf, trained, ids)
     print(f"round trip (glm4_moe, tp2 x ep2): export max|diff| {diff:.2e}")
     assert diff < 1e-5, diff
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 3.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 1.0, "mscale_all_dim": 0.707, "truncate": False},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048, "attention_factor": 1.3,
+     "partial_rotary_factor": 0.5},
+])
+def test_rope_frequencies_equal_transformers(rope):
+    """Inverse frequencies and the attention factor, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from sparselm.config import load_config
+    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.model.rotary import rope_frequencies
+
+    hf_cfg = transformers.LlamaConfig(hidden_size=1024, num_attention_heads=8, num_hidden_layers=1, vocab_size=300,
+                                      max_position_embeddings=131072, rope_parameters={"rope_theta": 500000.0, **rope})
+    theirs, their_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
+    cfg = load_config(None, {**sparselm_config(json.loads(hf_cfg.to_json_string())), "data": {"seq_len": 32}})
+    ours, our_scale = rope_frequencies(cfg.model)
+    assert torch.equal(ours, theirs.float())
+    assert our_scale == pytest.approx(their_scale, rel=1e-12)
