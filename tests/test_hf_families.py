@@ -333,3 +333,29 @@ def test_rope_frequencies_equal_transformers(rope):
     ours, our_scale = rope_frequencies(cfg.model)
     assert torch.equal(ours, theirs.float())
     assert our_scale == pytest.approx(their_scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("rope, top_level", [
+    ({"rope_type": "yarn", "factor": 4.0}, {}),  # no original length: transformers takes max_position_embeddings
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+     {"original_max_position_embeddings": 4096}),  # the top-level field wins (Phi-3 style)
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, {"original_max_position_embeddings": 2048}),
+])
+def test_rope_original_length_is_found_where_transformers_finds_it(rope, top_level):
+    """A config.json as written (not re-serialised by transformers, which fills the rotary dict in)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from sparselm.config import load_config
+    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.model.rotary import rope_frequencies
+
+    raw = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 1,
+           "intermediate_size": 512, "vocab_size": 300, "max_position_embeddings": 32768, "hidden_act": "silu",
+           "rope_parameters": {"rope_theta": 500000.0, **rope}, **top_level}
+    hf_cfg = transformers.LlamaConfig.from_dict(json.loads(json.dumps(raw)))
+    theirs, their_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
+    cfg = load_config(None, {**sparselm_config(raw), "data": {"seq_len": 32}})
+    ours, our_scale = rope_frequencies(cfg.model)
+    assert torch.equal(ours, theirs.float())
+    assert our_scale == pytest.approx(their_scale, rel=1e-12)

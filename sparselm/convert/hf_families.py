@@ -60,6 +60,8 @@ def _rope_overrides(hf: dict, problems: list) -> dict:
         return out
     factor = rope.get("factor")
     original = rope.get("original_max_position_embeddings")
+    if kind in ("llama3", "yarn"):  # transformers' standardize_rope_params: the top-level field wins, else max length
+        original = hf.get("original_max_position_embeddings") or original or hf.get("max_position_embeddings")
     if kind == "yarn" and factor is None and original:
         factor = hf["max_position_embeddings"] / original
     out.update(rope_scaling=kind, rope_factor=float(factor if factor is not None else 1.0))
