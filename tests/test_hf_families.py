@@ -359,3 +359,32 @@ def test_rope_original_length_is_found_where_transformers_finds_it(rope, top_lev
     ours, our_scale = rope_frequencies(cfg.model)
     assert torch.equal(ours, theirs.float())
     assert our_scale == pytest.approx(their_scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("family, edit", [
+    ("qwen2", {"layer_types": None}),  # config.json older than layer_types: derived from max_window_layers
+    ("qwen2_moe", {"layer_types": None, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),
+    ("qwen3_moe", {"sliding_window": 8, "use_sliding_window": False}),  # a window transformers ignores
+    ("qwen3_moe", {"sliding_window": 8, "use_sliding_window": True}),
+])
+def test_import_reads_sliding_windows_as_transformers_does(tmp_path, family, edit):
+    """The windows transformers makes of a config.json as published (compared with transformers loading it),
+    and exported back so that transformers makes the same of them."""
+    from sparselm import load_model
+
+    save(tiny_hf_model(family), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.update({k: v for k, v in edit.items() if v is not None})
+    config = {k: v for k, v in config.items() if not (k in edit and edit[k] is None)}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
+    ours, cfg = load_model(tmp_path / "ours")
+    windows = [cfg.model.layer_window(i) for i in range(cfg.model.n_layers)]
+    assert windows == [hf.config.sliding_window or 0 if t == "sliding_attention" or family == "qwen3_moe" else 0
+                       for t in getattr(hf.config, "layer_types", None) or ["full_attention"] * cfg.model.n_layers]
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    assert max_diff(hf, ours, ids) < 1e-5
+    convert(["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")])
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True).eval()
+    assert max_diff(back, ours, ids) < 1e-5

@@ -129,6 +129,8 @@ def hf_config(family: str, cfg, eod_id: int) -> dict:
                    layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
     elif family in ("mistral", "mixtral", "qwen3_moe"):
         out["sliding_window"] = window
+        if family == "qwen3_moe":  # transformers drops the window unless use_sliding_window
+            out["use_sliding_window"] = window is not None
     if family == "qwen2_moe":
         out["qkv_bias"] = m.qkv_bias
     if family == "glm4_moe":

@@ -100,8 +100,14 @@ def _attention_overrides(hf: dict, family: str, problems: list) -> dict:
         out["qk_norm"] = "full"
         out["clip_qkv"] = float(hf.get("clip_qkv") or 0.0)
     window = hf.get("sliding_window")
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not hf.get("use_sliding_window"):
+        window = None  # transformers drops the window unless use_sliding_window (published configs keep one)
     types = hf.get("layer_types")
-    if family in ("qwen2", "qwen3", "qwen2_moe") and types:
+    if family in ("qwen2", "qwen3", "qwen2_moe") and window:
+        if not types:  # a config.json older than layer_types: the types transformers derives
+            n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
+            slides = [(i + 1) % 2 and i < first if family == "qwen2_moe" else i >= first for i in range(n)]
+            types = ["sliding_attention" if s else "full_attention" for s in slides]
         layers = ["sliding" if t == "sliding_attention" else "full" for t in types]
         if "sliding" in layers:
             out.update(sliding_window=int(window), attention_layers=layers)
