@@ -63,13 +63,58 @@ class ModelConfig:
     """Standard deviation of the normal init; output projections are scaled by 1/sqrt(2 * n_layers)."""
     pattern: list[str] = field(default_factory=lambda: ["dense"])
     """Block kinds, repeated cyclically to n_layers (e.g. [dense, moe]); see sparselm.model.registry."""
+    head_dim: int = 0
+    """Width of one attention head; 0 means d_model // n_heads.  Queries are n_heads * head_dim wide and keys and
+    values n_kv_heads * head_dim, whatever d_model is (Qwen3: head_dim 128)."""
+    qkv_bias: bool = False
+    """Biases in the query, key and value projections (Qwen2, Qwen2-MoE, GLM-4-MoE); the output projection has none."""
+    qk_norm: Literal["none", "per_head", "full"] = "none"
+    """RMSNorm of queries and keys before rotary: 'per_head' over each head's head_dim with one weight shared by
+    the heads (Qwen3, Qwen3-MoE, GLM-4-MoE), 'full' over all heads together, one weight per channel (OLMoE)."""
+    clip_qkv: float = 0.0
+    """Clamp queries, keys and values to [-clip_qkv, clip_qkv] after the projections (and qk_norm); 0 disables it
+    (OLMoE's clip_qkv)."""
+    rotary_fraction: float = 1.0
+    """Fraction of each head's width rotated by rotary positions (the first channels); the rest passes unrotated
+    (transformers' partial_rotary_factor; GLM-4-MoE: 0.5)."""
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    """Rotary frequency scaling for long contexts, computed as transformers computes it: 'linear' (positions /
+    rope_factor), 'llama3' (Llama 3.1+: low frequencies / rope_factor, smooth between), 'yarn' (YaRN, with its
+    attention factor)."""
+    rope_factor: float = 1.0
+    """Context extension factor of rope_scaling (transformers' rope_parameters.factor)."""
+    rope_original_max_seq_len: int = 0
+    """Context length the model was pretrained at (original_max_position_embeddings); llama3 and yarn need it."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original / low_freq_factor are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original / high_freq_factor are kept; between, smoothly interpolated."""
+    rope_beta_fast: float = 32.0
+    """yarn: rotations bounding the extrapolated (unscaled) frequencies."""
+    rope_beta_slow: float = 1.0
+    """yarn: rotations bounding the interpolated (scaled) frequencies."""
+    rope_attention_factor: float = 0.0
+    """yarn: factor on cos and sin (scales the attention logits by its square); 0 means 0.1 * ln(rope_factor) + 1."""
+    rope_truncate: bool = True
+    """yarn: round the correction range to whole dimensions (transformers' truncate)."""
+    sliding_window: int = 0
+    """Keys a query sees in layers of kind 'sliding' in attention_layers (itself and the window - 1 before it)."""
+    attention_layers: list[str] = field(default_factory=lambda: ["full"])
+    """Attention of each layer, repeated cyclically to n_layers as pattern is: 'full' (causal) or 'sliding'
+    (causal within model.sliding_window; Mistral, Qwen2's max_window_layers)."""
 
     def layer_kinds(self) -> list[str]:
         return [self.pattern[i % len(self.pattern)] for i in range(self.n_layers)]
 
+    def layer_window(self, layer_idx: int) -> int:
+        """Keys a query of layer ``layer_idx`` sees at most (itself included); 0: all before it."""
+        kind = self.attention_layers[layer_idx % len(self.attention_layers)]
+        return self.sliding_window if kind == "sliding" else 0
+
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_width(self) -> int:
+        """The resolved head_dim."""
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -412,14 +457,40 @@ def describe(cfg=None) -> str:
     return "\n".join(lines)
 
 
+def validate_attention_features(m) -> None:
+    """The model section's attention options (head width, q/k norm, rotary scaling, sliding windows)."""
+    rot = m.head_width * m.rotary_fraction
+    require(0 < m.rotary_fraction <= 1 and rot == int(rot) and int(rot) % 2 == 0,
+            f"model.rotary_fraction={m.rotary_fraction} must be in (0, 1] and rotate an even number of the "
+            f"{m.head_width} channels of a head")
+    require(m.clip_qkv >= 0, f"model.clip_qkv must be >= 0 (0 disables it), got {m.clip_qkv}")
+    if m.rope_scaling != "none":
+        require(m.rope_factor > 0, f"model.rope_factor={m.rope_factor} must be > 0 with model.rope_scaling={m.rope_scaling}")
+    if m.rope_scaling in ("llama3", "yarn"):
+        require(m.rope_original_max_seq_len > 0, f"model.rope_scaling={m.rope_scaling} needs "
+                "model.rope_original_max_seq_len (the pretraining context length)")
+    if m.rope_scaling == "llama3":
+        require(m.rope_high_freq_factor > m.rope_low_freq_factor > 0, "model.rope_high_freq_factor must exceed "
+                f"model.rope_low_freq_factor > 0, got {m.rope_high_freq_factor} and {m.rope_low_freq_factor}")
+    require(len(m.attention_layers) > 0, "model.attention_layers is empty; give at least one of full, sliding")
+    for kind in m.attention_layers:
+        require(kind in ("full", "sliding"), f"model.attention_layers names '{kind}'; known: full, sliding")
+    if "sliding" in m.attention_layers:
+        require(m.sliding_window > 0, "model.attention_layers has 'sliding' layers; set model.sliding_window > 0")
+
+
 def validate(cfg) -> None:
     m, p, t, d, o = cfg.model, cfg.parallel, cfg.train, cfg.data, cfg.optim
     for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_to"):
         require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    require(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick heads that divide the width")
-    require(m.head_dim % 2 == 0, f"model.d_model/model.n_heads = {m.head_dim} must be even for rotary positions")
+    require(m.head_dim > 0 or m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick heads that divide the width or set model.head_dim")
+    require(m.head_dim >= 0, f"model.head_dim must be >= 0 (0: d_model / n_heads), got {m.head_dim}")
+    require(m.head_width % 2 == 0, f"the head width {m.head_width} (model.head_dim or d_model/n_heads) must be even for rotary positions")
+    validate_attention_features(m)
     require(m.n_heads % m.kv_heads == 0, f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.kv_heads}")
     require(len(m.pattern) > 0, "model.pattern is empty; give at least one block kind, e.g. [dense]")
+    require("sliding" not in m.attention_layers or cfg.attention.pattern == "causal", "model.attention_layers has "
+            f"'sliding' layers and attention.pattern={cfg.attention.pattern}; use one or the other")
     for kind in m.pattern:
         require(kind in BLOCKS, f"model.pattern names unknown block kind '{kind}'; known kinds: {', '.join(sorted(BLOCKS))}")
     require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")

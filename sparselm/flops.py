@@ -121,14 +121,19 @@ def mean_visible_keys(cfg, seq_len: int | None = None) -> float:
     return _visible_keys(PatternSpec.from_config(cfg.attention), t)
 
 
-def _attention(cfg, memory: int, seq_len: int, mode: str) -> tuple[dict, dict]:
-    """(params, forward FLOPs by component) of one block's attention with ``memory`` persistent slots."""
+def _attention(cfg, memory: int, seq_len: int, mode: str, window: int = 0) -> tuple[dict, dict]:
+    """(params, forward FLOPs by component) of one block's attention with ``memory`` persistent slots and a
+    sliding ``window`` (0: none); ``d`` in the core terms is the query width n_heads * head_dim."""
     m = cfg.model
-    d, kv = m.d_model, m.kv_heads * m.head_dim
-    proj = 2 * d * d + 2 * d * kv
-    params = {"attention_proj": proj, "attention_memory": 2 * m.kv_heads * memory * m.head_dim}
+    dm, d, kv = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
+    proj = 2 * dm * d + 2 * dm * kv
+    norm = {"per_head": 2 * m.head_width, "full": d + kv}.get(m.qk_norm, 0)
+    params = {"attention_proj": proj + ((d + 2 * kv) if m.qkv_bias else 0) + norm,
+              "attention_memory": 2 * m.kv_heads * memory * m.head_width}
     if mode == "pattern":
-        core = 4 * d * (mean_visible_keys(cfg, seq_len) + memory)
+        t = seq_len or cfg.data.seq_len
+        keys = (sum(min(q + 1, window) for q in range(t)) / t) if window else mean_visible_keys(cfg, seq_len)
+        core = 4 * d * (keys + memory)
     elif mode == "executed_dense":
         keys = seq_len + memory
         sparse_path = memory > 0 or cfg.attention.pattern != "causal"
@@ -179,7 +184,7 @@ def _slot(cfg, kind: str, layer_idx: int) -> tuple[int, int, dict]:
         e = cfg.moe
         hidden = resolved_expert_hidden(cfg)
         router = e.num_experts * d * (2 if e.noisy_gating else 1)
-        shared = _swiglu(d, e.num_shared_experts * hidden)
+        shared = _swiglu(d, e.num_shared_experts * hidden) + (d if e.shared_expert_gate else 0)
         expert = _swiglu(d, hidden)
         flops = {"moe_router": 2 * router, "moe_shared": 2 * shared, "moe_experts": 2 * e.top_k * expert}
         return router + shared + e.num_experts * expert, router + shared + e.top_k * expert, flops
@@ -216,7 +221,7 @@ def _blocks(cfg, seq_len: int, mode: str):
     d = cfg.model.d_model
     for i, kind in enumerate(cfg.model.layer_kinds()):
         memory = memory_slots(cfg) if kind == "allattn" else 0
-        attn_params, flops = _attention(cfg, memory, seq_len, mode)
+        attn_params, flops = _attention(cfg, memory, seq_len, mode, cfg.model.layer_window(i))
         slot_total, slot_active, slot_flops = _slot(cfg, kind, i)
         norms = d * (1 if kind == "allattn" else 2)
         attn = sum(attn_params.values()) + norms

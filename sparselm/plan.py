@@ -240,7 +240,7 @@ def _block_elems(kind: str, cfg, t: int, a: int, slots: int) -> float:
     from sparselm.model.moe.config import resolved_expert_hidden
 
     m, s = cfg.model, cfg.data.seq_len
-    d, qd, kvd = m.d_model, m.n_heads * m.head_dim, m.kv_heads * m.head_dim
+    d, qd, kvd = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
     # norm input and output; q and k before and after rotary, v, attention output (flash/flex kernels keep
     # no scores; persistent memory adds its keys and values to every sequence)
     attn = 2 * d + (3 * qd + 3 * kvd) / t + 2 * kvd * slots / s / t
@@ -495,11 +495,13 @@ def _step_time(cfg, layout, stages, comm, assume, ac, m_batches, offload_opt, w)
     (not overlapped unless ``overlap_dp``), the pipeline bubble, CPU Adam and PCIe under offload."""
     active = _active_matmul_params(_model_key(cfg), cfg)
     # persistent memory slots are parameters every token reads: counted in ``active``, not here
-    spans = _attention_span(cfg) * cfg.model.n_layers
+    m = cfg.model  # a sliding layer's queries see at most its window
+    spans = sum(min(m.layer_window(i), cfg.data.seq_len / 2) if m.layer_window(i) else _attention_span(cfg)
+                for i in range(m.n_layers))
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     # 6 FLOPs per parameter and token (forward and backward), 12 d per attended context key and token;
     # recomputation repeats the forward
-    flops = (6 * active + 12 * cfg.model.d_model * spans) * tokens * (4 / 3 if ac else 1)
+    flops = (6 * active + 12 * m.n_heads * m.head_width * spans) * tokens * (4 / 3 if ac else 1)
     compute = flops / layout.world_size / (assume.peak_tflops * 1e12 * assume.mfu)
     bubble = (layout.pp - 1) / m_batches if layout.pp > 1 else 0.0
     bw = lambda axis: (assume.nvlink_gbs if _intra_node(layout, axis, assume.gpus_per_node) else assume.network_gbs) * 1e9

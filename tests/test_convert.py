@@ -127,7 +127,8 @@ def test_export_mixtral_matches_transformers_logits(tmp_path, expert_hidden):
 
 
 @pytest.mark.parametrize("pattern, message", [
-    (["--model.pattern=dense,moe"] + MIXTRAL[1:], "mixes in dense layers"),
+    (["--model.pattern=dense,moe"] + MIXTRAL[1:], "dense layers among the MoE layers"),
+    (MIXTRAL + ["--moe.drop_tokens=true"], "moe.drop_tokens=true"),
     (MIXTRAL + ["--moe.num_shared_experts=1"], "moe.num_shared_experts=1"),
     (["--model.pattern=pkm", "--pkm.n_keys=256", "--pkm.k_dim=32", "--pkm.knn=8"], "no Hugging Face"),
     (["--model.pattern=allattn"], "no Hugging Face"),
@@ -184,13 +185,15 @@ def _edit_config(hf_dir, drop=(), **values):
 
 
 @pytest.mark.parametrize("edit, named", [
-    ({"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}, "rope_scaling.type='linear'"),
-    ({"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "rope_scaling.rope_type='linear'"),
+    ({"rope_theta": 10000.0, "rope_scaling": {"type": "longrope", "factor": 4.0}}, "rope_scaling.rope_type='longrope'"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_parameters.rope_type='dynamic'"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
-     "partial_rotary_factor=0.5"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),  # was imported silently as silu
-    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config="),
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config.quant_method='bitsandbytes'"),
+    ({"attention_bias": True}, "attention_bias=True"),  # Llama's also biases o_proj
+    ({"mlp_bias": True}, "mlp_bias=True"),
+    ({"model_type": "deepseek_v3"}, "model_type='deepseek_v3' is not supported (multi-head latent attention (MLA))"),
+    ({"model_type": "gpt_oss"}, "model_type='gpt_oss' is not supported (attention sinks"),
+    ({"model_type": "phi3"}, "model_type='phi3' is not supported; import-hf reads llama, mistral"),
 ])
 def test_import_refuses_settings_it_cannot_compute_naming_field_and_value(tmp_path, edit, named):
     hf_dir = _positional_llama(tmp_path)

@@ -45,7 +45,10 @@ def _layer_equivalence(rank):
     inputs = [torch.randn(3, 10, 16) for _ in range(WORLD)]
     errors = {}
     for case, kw in {"dropless": {}, "dropping+shared": dict(drop_tokens=True, capacity_factor=0.7, num_shared_experts=1),
-                     "top1-sigmoid": dict(k=1, score_func="sigmoid")}.items():
+                     "top1-sigmoid": dict(k=1, score_func="sigmoid"),
+                     # GLM-4-MoE / DeepSeek-V3 group-limited routing, routed scaling; Qwen2-MoE's shared-expert gate
+                     "grouped+gated": dict(score_func="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                                           num_shared_experts=1, shared_expert_gate=True)}.items():
         ref = _fresh_layer(**kw)
         outs = [ref(x) for x in inputs]  # each rank's micro-batch routed on its own, as under EP
         (sum((y * y).sum() + a for y, a in outs)).backward()
@@ -235,7 +238,7 @@ def report():
 
 def test_expert_parallel_layer_matches_one_process(report):
     for rank, r in enumerate(report):
-        assert set(r["layer"]) == {f"{c} ep={ep}" for c in ("dropless", "dropping+shared", "top1-sigmoid") for ep in (2, 4)}
+        assert set(r["layer"]) == {f"{c} ep={ep}" for c in ("dropless", "dropping+shared", "top1-sigmoid", "grouped+gated") for ep in (2, 4)}
         for case, err in r["layer"].items():
             assert err < 1e-5, (rank, case, err)
 

@@ -100,7 +100,7 @@ def test_allattn_replaces_the_feed_forward_at_equal_size():
     dense = build_model(dense_cfg)
     assert all(block.ffn is None and block.attn.memory_slots > 0 for block in model.layers)
     # Equal but for the feed-forward's norm (d_model weights per layer) and slot rounding.
-    slack = cfg.model.n_layers * (cfg.model.d_model + 2 * cfg.model.kv_heads * cfg.model.head_dim)
+    slack = cfg.model.n_layers * (cfg.model.d_model + 2 * cfg.model.kv_heads * cfg.model.head_width)
     assert abs(model.num_params() - dense.num_params()) <= slack
     logits = model(torch.randint(0, 256, (2, cfg.data.seq_len)))
     assert logits.shape == (2, cfg.data.seq_len, 256) and logits.isfinite().all()
@@ -119,7 +119,7 @@ def test_persistent_memory_keeps_the_papers_init_inside_the_model():
     cfg, model = allattn_model("--attention.persistent_slots=2048")
     attn = model.layers[0].attn
     # The model's normal(0, init_std) pass must not overwrite it: U_k ~ N(0, 1/d_h), U_v ~ N(0, 1/N).
-    assert attn.memory_k.std().item() == pytest.approx(cfg.model.head_dim**-0.5, rel=0.05)
+    assert attn.memory_k.std().item() == pytest.approx(cfg.model.head_width**-0.5, rel=0.05)
     assert attn.memory_v.std().item() == pytest.approx(2048**-0.5, rel=0.05)
     keys, values = attn.memory()
     assert keys.std().item() == pytest.approx(1.0, rel=0.05) and values.std().item() == pytest.approx(1.0, rel=0.05)

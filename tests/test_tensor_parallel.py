@@ -19,7 +19,17 @@ CASES = {
     "mha": [],
     "gqa": ["--model.n_kv_heads=2"],
     "tied": ["--model.tie_embeddings=true"],
+    # the Hugging Face families' attention options: head width != d_model / heads, q/k/v biases, per-head q/k
+    # norm (one weight used by both ranks' heads), clipping, partial yarn rotary, a sliding window in layer 1
+    "hf_per_head": ["--model.head_dim=12", "--model.qkv_bias=true", "--model.qk_norm=per_head", "--model.clip_qkv=0.5",
+                    "--model.rotary_fraction=0.5", "--model.rope_scaling=yarn", "--model.rope_factor=4",
+                    "--model.rope_original_max_seq_len=8", "--model.sliding_window=5",
+                    "--model.attention_layers=full,sliding"],
+    # full-width q/k norm (channels split with the heads, mean of squares summed over ranks), llama3 rotary
+    "hf_full_norm": ["--model.n_kv_heads=2", "--model.qk_norm=full", "--model.rope_scaling=llama3",
+                     "--model.rope_factor=8", "--model.rope_original_max_seq_len=8"],
 }
+EXTRA_SHARDED = {"hf_per_head": 2 * 3, "hf_full_norm": 2 * 2}  # q/k/v biases; q/k norm weights (per layer)
 
 
 
@@ -44,7 +54,7 @@ def _compare_case(overrides: list[str]) -> dict:
         # really sharded: this rank holds half of every split dimension
         assert isinstance(attn.q_proj, ColumnLinear) and isinstance(attn.o_proj, RowLinear)
         assert isinstance(ffn.up_proj, ColumnLinear) and isinstance(ffn.down_proj, RowLinear)
-        assert attn.k_proj.weight.shape[0] == cfg1.model.kv_heads * cfg1.model.head_dim // 2
+        assert attn.k_proj.weight.shape[0] == cfg1.model.kv_heads * cfg1.model.head_width // 2
         assert ffn.down_proj.weight.shape[1] == cfg1.model.ffn_hidden // 2
         assert model.embed.weight.shape[0] == model.head.proj.weight.shape[0] == cfg1.model.vocab_size // 2
         assert (model.head.proj.weight is model.embed.weight) == cfg1.model.tie_embeddings
@@ -102,7 +112,7 @@ def test_tp2_equals_tp1(tp2_results, case):
     for rank, results in enumerate(tp2_results):
         errors = dict(results[case])
         # embeddings, q/k/v/o, gate/up/down of 2 layers, head: all sharded (the tied head shares one)
-        assert errors.pop("sharded_count") == 1 + 2 * 7 + (0 if case == "tied" else 1)
+        assert errors.pop("sharded_count") == 1 + 2 * 7 + (0 if case == "tied" else 1) + EXTRA_SHARDED.get(case, 0)
         bad = {k: v for k, v in errors.items() if not v <= 1e-5}
         assert not bad, f"rank {rank}, {case}: relative errors above 1e-5: {bad}"
 

@@ -2,8 +2,9 @@
 """Checkpoint conversions (each goes through sparselm's layout-free checkpoint form).
 
   consolidate  --input CKPT_OR_RUN --output DIR [--dtype bf16] [--max-shard-gb G]   whole tensors in HF-style shards
-  export-hf    --input CKPT_OR_RUN --output DIR                  Llama (dense) / Mixtral (MoE) layout
-  import-hf    --input HF_DIR      --output DIR                  a local Llama-layout model into sparselm
+  export-hf    --input CKPT_OR_RUN --output DIR [--fused-experts] [--force]   the family computing the model
+  import-hf    --input HF_DIR      --output DIR [--force]        llama, mistral, mixtral, qwen2, qwen3, qwen2_moe,
+                                                                 qwen3_moe, olmoe, glm4_moe (streamed)
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
   inspect      --input CKPT_OR_RUN [--json]
 """
@@ -64,48 +65,100 @@ def _write_hf_tokenizer(tokenizer, cfg, out: Path) -> None:
 
 
 def export_hf(args) -> Path:
-    from sparselm.checkpoint import load_tokenizer, write_safetensors
-    from sparselm.convert.llama import generation_config
+    """The Hugging Face family that computes the model (``hf_export.choose_family``), streamed into sharded
+    safetensors with an index (one output shard in memory at a time), config.json, generation_config.json and
+    the tokenizer files."""
+    import math
+
+    from sparselm.checkpoint import load_tokenizer
+    from sparselm.checkpoint_shards import write_consolidated
+    from sparselm.convert.hf_export import choose_family, expert_slice, generation_config, hf_config, hf_tensor_plan
 
     ckpt, meta, cfg, tensors = _load(args.input)
-    if set(cfg.model.layer_kinds()) <= {"dense"}:
-        from sparselm.convert.llama import to_llama as convert
-    else:
-        from sparselm.convert.mixtral import to_mixtral as convert
+    family = choose_family(cfg)
     tokenizer = load_tokenizer(ckpt)
-    hf_tensors, hf_config = convert(tensors, cfg, tokenizer.eod_id)
+    plan = hf_tensor_plan(family, cfg, tensors.keys(), args.fused_experts)
+    config = hf_config(family, cfg, tokenizer.eod_id)
+    missing = sorted({ours for ours, _ in plan.values()} - set(tensors.keys()))
+    if missing:
+        raise ConversionError(f"'{ckpt}' lacks tensors the {family} export needs: {', '.join(missing[:5])}")
     out = Path(args.output)
+    _clear_output(args)
     if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"output directory '{out}' exists and is not empty; choose a new --output")
+        raise ConversionError(f"output directory '{out}' exists and is not empty; choose a new --output or pass --force")
+    dtype = tensors.dtype("embed.weight")
+    config["dtype"] = str(dtype).replace("torch.", "")
+
+    def shape(name):
+        ours, how = plan[name]
+        full = tensors.shapes[ours]
+        if how == "copy":
+            return full
+        return full[1:] if how[0] == "down" else (full[1] // 2, full[2])
+
+    cache: dict = {}
+
+    def get(name):
+        ours, how = plan[name]
+        if ours not in cache:
+            if len(cache) >= 2:  # gate_up and down of the layer being written
+                cache.pop(next(iter(cache)))
+            cache[ours] = tensors[ours]
+        return cache[ours] if how == "copy" else expert_slice(cache[ours], how)
+
+    names = list(plan)
+    nbytes = {n: math.prod(shape(n)) * tensors.dtype(plan[n][0]).itemsize for n in names}
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors({k: v.contiguous() for k, v in hf_tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config, indent=1))
+    write_consolidated(names, nbytes, get, out, int(args.max_shard_gb * 2**30))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(generation_config(tokenizer.eod_id), indent=1))
     _write_hf_tokenizer(tokenizer, cfg, out)
-    print(f"wrote {out} ({hf_config['architectures'][0]}, {len(hf_tensors)} tensors)")
+    print(f"wrote {out} ({config['architectures'][0]}, {len(names)} tensors"
+          f"{', fused experts' if args.fused_experts else ''})")
     return out
 
 
 def import_hf(args) -> Path:
+    """A Hugging Face model directory of a supported family, streamed tensor by tensor (``hf_import``)."""
+    from sparselm.checkpoint import expected_shapes
     from sparselm.config import load_config
-    from sparselm.convert.llama import from_llama
+    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.convert.hf_import import open_hf_model, read_config
     from sparselm.model import build_model
-    from sparselm.checkpoint import check_tensors_match
+    from sparselm.parallel.materialize import tied_aliases
 
     hf_dir = Path(args.input)
     if not hf_dir.is_dir():
         raise ConversionError(f"'{hf_dir}' is not a directory; give a local Hugging Face model directory")
-    tensors, model_overrides = from_llama(hf_dir)
+    hf = read_config(hf_dir)
+    overrides = sparselm_config(hf)
+    overrides["data"] = {"seq_len": min(2048, overrides["model"]["max_seq_len"])}
     tok = hf_dir / "tokenizer.json"
-    overrides = {"model": model_overrides, "data": {"seq_len": min(2048, model_overrides["max_seq_len"])}}
     if tok.is_file():
         overrides["data"]["tokenizer"] = str(Path(args.output).resolve() / "tokenizer.json")
     cfg = load_config(None, overrides)
-    check_tensors_match(build_model(cfg, device="meta"), tensors, hf_dir)
-    out = write_model_checkpoint(args.output, tensors, cfg, source=f"import-hf {hf_dir}",
-                                 extra_files={"tokenizer.json": tok} if tok.is_file() else None)
-    print(f"wrote {out} (sparselm checkpoint; train from it with --train.resume={out})")
+    model = build_model(cfg, device="meta")
+    tied = set(tied_aliases(model))
+    expected = {k: v for k, v in expected_shapes(model).items() if k not in tied}
+    tensors = open_hf_model(hf_dir, expected, hf, cfg.model.layer_kinds())
+    extra = {name: hf_dir / name for name in TOKENIZER_FILES if (hf_dir / name).is_file()}
+    _clear_output(args)
+    out = write_model_checkpoint(args.output, tensors, cfg, source=f"import-hf {hf_dir} ({hf['model_type']})",
+                                 extra_files=extra, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {out} ({hf['model_type']}, {len(tensors)} tensors; train from it with --train.resume={out})")
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def _clear_output(args) -> None:
+    """--force: remove an existing output directory (after every check passed); without it the writers refuse."""
+    out = Path(args.output)
+    if getattr(args, "force", False) and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
 
 
 def upcycle(args) -> Path:
@@ -157,6 +210,13 @@ def main(argv: list[str] | None = None):
         if name != "inspect":
             p.add_argument("--output", required=True)
         p.set_defaults(fn=fn)
+        if name in ("import-hf", "export-hf"):
+            p.add_argument("--force", action="store_true", help="replace an existing output directory")
+        if name == "export-hf":
+            p.add_argument("--fused-experts", action="store_true",
+                           help="transformers 5's in-memory expert names (mlp.experts.gate_up_proj) instead of one per expert")
+        if name in ("import-hf", "export-hf"):
+            p.add_argument("--max-shard-gb", type=float, default=0.5, help="largest output file (and memory held), GiB")
         if name == "consolidate":
             p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
             p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest output file (and memory held), GiB")

@@ -34,7 +34,7 @@ def default_attention(cfg, layer_idx: int):
 
     acfg = getattr(cfg, "attention", None)
     if acfg is None or acfg.pattern == "causal":
-        return Attention(cfg.model)
+        return Attention(cfg.model, window=cfg.model.layer_window(layer_idx))
     from sparselm.model.sparse_attention import SparseAttention
 
     return SparseAttention(cfg.model, acfg)

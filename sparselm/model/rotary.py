@@ -1,20 +1,77 @@
-"""Rotary position embedding (Su et al. 2021), half-split ("rotate_half") form as in Llama."""
+"""Rotary position embedding (Su et al. 2021), half-split ("rotate_half") form as in Llama.
+
+Frequencies are computed as transformers 5 computes them (``modeling_rope_utils``), in fp32, including its
+long-context scalings: ``linear`` (positions / factor), ``llama3`` (Llama 3.1: low frequencies / factor, a
+smooth ramp between) and ``yarn`` (per-dimension ramp plus an attention factor on cos and sin).  With
+``fraction`` < 1 only the first ``fraction * head_dim`` channels of a head rotate (partial rotary).
+"""
+from __future__ import annotations
+
+import math
+
 import torch
 from torch import nn
 
 
+def rope_frequencies(mcfg) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [rot_dim / 2] fp32, attention factor on cos/sin) of model config ``mcfg``."""
+    dim = int(mcfg.head_width * mcfg.rotary_fraction)
+    base, kind, factor = mcfg.rope_theta, mcfg.rope_scaling, mcfg.rope_factor
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if kind in ("none", "default"):
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    old = mcfg.rope_original_max_seq_len
+    if kind == "llama3":
+        low, high = mcfg.rope_low_freq_factor, mcfg.rope_high_freq_factor
+        low_wavelen, high_wavelen = old / low, old / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        attention = mcfg.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+        def correction_dim(rotations):
+            return (dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(mcfg.rope_beta_fast), correction_dim(mcfg.rope_beta_slow)
+        if mcfg.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+        extrapolation = 1 - ramp
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv, float(attention)
+    raise ValueError(f"model.rope_scaling={kind!r} is not one of none, linear, llama3, yarn")
+
+
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, mcfg):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        inv_freq, scale = rope_frequencies(mcfg)
+        self.rot_dim = 2 * inv_freq.numel()
+        angles = torch.arange(mcfg.max_seq_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
         emb = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, head_dim] -> same shape with positions 0..T-1 applied."""
+        """x: [B, H, T, head_dim] -> same shape with positions 0..T-1 applied (to the first rot_dim channels)."""
         t = x.shape[-2]
         cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+        if self.rot_dim < x.shape[-1]:
+            rot, rest = x[..., :self.rot_dim], x[..., self.rot_dim:]
+            return torch.cat([self._rotate(rot, cos, sin), rest], dim=-1)
+        return self._rotate(x, cos, sin)
+
+    @staticmethod
+    def _rotate(x, cos, sin):
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -181,7 +181,28 @@ def tp_attention(attn, topo):
     attn.k_proj = column_parallel(attn.k_proj, topo)
     attn.v_proj = column_parallel(attn.v_proj, topo)
     attn.o_proj = row_parallel(attn.o_proj, topo)
+    if getattr(attn, "qk_norm", "none") == "full":  # channels split with the heads; mean of squares summed
+        for norm in (attn.q_norm, attn.k_norm):
+            shard_(norm.weight, Shard(0, "tp"), tp_groups(topo))
+            norm.mean_square_reducer = _MeanOverGroup(topo.tp_group, topo.tp)
+    elif getattr(attn, "qk_norm", "none") == "per_head":  # one weight used by each rank's heads: grads summed
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+        for norm in (attn.q_norm, attn.k_norm):
+            norm.weight_hook = lambda w, group=topo.tp_group: copy_to_tensor_model_parallel_region(w, group)
     return attn
+
+
+class _MeanOverGroup:
+    """Mean of a tensor over a process group, differentiable (the gradient is summed back over the group)."""
+
+    def __init__(self, group, size: int):
+        self.group, self.size = group, size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed.nn.functional as dist_fn
+
+        return dist_fn.all_reduce(x, group=self.group) / self.size
 
 
 @register_tp_rule(SwiGLU)

@@ -20,6 +20,15 @@ class MoEConfig:
     active feed-forward parameters equal those of the dense block."""
     num_shared_experts: int = 0
     """Experts that see every token (DeepSeek-MoE); their output is added to the routed experts' output."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(x . w), w a learned [1, d_model] vector (Qwen2-MoE)."""
+    routed_scaling_factor: float = 1.0
+    """Factor on the routed experts' gate weights, after renormalisation (DeepSeek-V3, GLM-4-MoE: 2.5 / 1.8)."""
+    n_group: int = 1
+    """Group-limited routing (DeepSeek-V3, GLM-4-MoE): experts form n_group equal groups, a token picks the
+    topk_group groups whose two best selection scores sum highest, then its top_k experts within them; 1: off."""
+    topk_group: int = 1
+    """Groups a token may route to when n_group > 1."""
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     """Router scores: 'softmax' over experts, or 'sigmoid' per expert (DeepSeek-V3)."""
     renormalize: bool = True
@@ -79,6 +88,15 @@ def validate_moe(cfg) -> None:
              f"moe.num_experts={m.num_experts} is not divisible by parallel.ep={ep}; every expert-parallel rank "
              f"holds the same number of experts")
     require(m.expert_hidden >= 0, f"moe.expert_hidden must be >= 0 (0 derives it), got {m.expert_hidden}")
+    require(m.routed_scaling_factor > 0, f"moe.routed_scaling_factor must be > 0, got {m.routed_scaling_factor}")
+    require(not m.shared_expert_gate or m.num_shared_experts > 0,
+            "moe.shared_expert_gate=true needs shared experts; set moe.num_shared_experts >= 1")
+    if m.n_group > 1:
+        per = m.num_experts // m.n_group
+        require(m.num_experts % m.n_group == 0 and per >= 2, f"moe.n_group={m.n_group} must divide "
+                f"moe.num_experts={m.num_experts} into groups of at least 2 experts")
+        require(1 <= m.topk_group <= m.n_group and m.topk_group * per >= m.top_k, f"moe.topk_group={m.topk_group} "
+                f"must be in [1, moe.n_group={m.n_group}] with at least moe.top_k={m.top_k} experts in the chosen groups")
     require(m.num_shared_experts >= 0, f"moe.num_shared_experts must be >= 0, got {m.num_shared_experts}")
     if m.drop_tokens:
         require(m.capacity_factor > 0,

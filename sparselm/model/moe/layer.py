@@ -26,7 +26,8 @@ class MoELayer(nn.Module):
                  bias_balancing: bool = False, bias_update_rate: float = 1e-3, aux_loss_coef: float = 1e-2,
                  z_loss_coef: float = 1e-3, drop_tokens: bool = False, capacity_factor: float = 1.25,
                  drop_policy: str = "position", balance_scope: str = "sequence", expert_impl: str = "auto",
-                 init_std: float = 0.02, out_std: float = 0.02, seed: int = 0):
+                 init_std: float = 0.02, out_std: float = 0.02, seed: int = 0, shared_expert_gate: bool = False,
+                 routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
@@ -34,9 +35,11 @@ class MoELayer(nn.Module):
         self.drop_policy, self.per_sequence = drop_policy, balance_scope == "sequence"
         self.bias_update_rate = bias_update_rate
         self.router = Router(d_model, num_experts, top_k, score_func, renormalize, noisy_gating, bias_balancing, init_std,
-                             seed)
+                             seed, n_group, topk_group, routed_scaling_factor)
         self.experts = GroupedExperts(num_experts, d_model, expert_hidden, init_std, out_std, expert_impl)
         self.shared_experts = SwiGLU(d_model, num_shared_experts * expert_hidden) if num_shared_experts else None
+        # Qwen2-MoE: the shared experts' output times sigmoid(x . w)
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if shared_expert_gate else None
         self.dispatcher = LocalDispatcher()
         # Set by sparselm.parallel: sums a tensor over the data-parallel ranks (the step's load counts).
         self.stats_reducer = None
@@ -55,7 +58,9 @@ class MoELayer(nn.Module):
                    aux_loss_coef=m.aux_loss_coef, z_loss_coef=m.z_loss_coef, drop_tokens=m.drop_tokens,
                    capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, balance_scope=m.balance_scope,
                    expert_impl=m.expert_impl, init_std=mm.init_std,
-                   out_std=mm.init_std / math.sqrt(2 * mm.n_layers), seed=cfg.train.seed)
+                   out_std=mm.init_std / math.sqrt(2 * mm.n_layers), seed=cfg.train.seed,
+                   shared_expert_gate=m.shared_expert_gate, routed_scaling_factor=m.routed_scaling_factor,
+                   n_group=m.n_group, topk_group=m.topk_group)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, D] (or [N, D]: one group) -> (y like x, aux_loss scalar fp32)."""
@@ -76,7 +81,10 @@ class MoELayer(nn.Module):
         # gates applied and the k choices summed in fp32, per token (dispatch.combine_choices)
         y = combine_choices(out, routing.gates.view(n, k), plan.order).to(x.dtype)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(tokens)
+            shared = self.shared_experts(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            y = y + shared
 
         group_of = torch.arange(n * k, device=x.device) // max(1, n * k // groups)
         group_counts = count_ids(group_of * self.num_experts + routing.experts.reshape(-1), groups * self.num_experts)
@@ -121,4 +129,6 @@ class MoELayer(nn.Module):
         n = sum(p.numel() for p in self.router.parameters())
         if self.shared_experts is not None:
             n += sum(p.numel() for p in self.shared_experts.parameters())
+        if self.shared_expert_gate is not None:
+            n += self.shared_expert_gate.weight.numel()
         return n + self.top_k * self.experts.params_per_expert()

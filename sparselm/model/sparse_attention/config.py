@@ -47,7 +47,7 @@ def memory_slots(cfg) -> int:
     if cfg.attention.persistent_slots:
         return cfg.attention.persistent_slots
     m = cfg.model
-    return math.ceil(3 * m.d_model * m.ffn_hidden / (2 * m.kv_heads * m.head_dim))
+    return math.ceil(3 * m.d_model * m.ffn_hidden / (2 * m.kv_heads * m.head_width))
 
 
 def validate_attention(cfg) -> None:

@@ -25,7 +25,7 @@ class SparseAttention(Attention):
         self.backend = acfg.backend
         self.memory_slots = memory_slots
         if memory_slots:
-            shape = (mcfg.kv_heads, memory_slots, mcfg.head_dim)
+            shape = (mcfg.kv_heads, memory_slots, mcfg.head_width)
             self.memory_k = nn.Parameter(torch.empty(shape))
             self.memory_v = nn.Parameter(torch.empty(shape))
             for p in (self.memory_k, self.memory_v):
