@@ -600,6 +600,8 @@ def smallest_fix(cfg, world: int, gpu_mem_gb, host_mem_gb=None, device="gpu", as
         tries.append(({"recompute": "selective"}, "--parallel.recompute=selective (keeps matmul outputs, recomputes the rest)"))
     if p.recompute != "full":
         tries.append(({"recompute": "full"}, "--parallel.recompute=full (recomputes whole blocks in backward)"))
+        ac_pp = max(p.pp * 2, 2)
+        tries.append(({"pp": ac_pp, "recompute": "full"}, f"--parallel.pp={ac_pp} --parallel.recompute=full"))
     if micro > 1:
         tries.append(({"micro_batch": micro // 2}, f"--train.micro_batch_size={micro // 2}"))
     tries += [({"ds_config": "zero2_offload", "pp": 1}, "--parallel.ds_config=zero2_offload --parallel.pp=1"),
