@@ -140,8 +140,14 @@ class ParallelConfig:
     pp_partition: str = "parameters"
     """How layers are split into pipeline stages: 'parameters' (balance parameter counts), 'uniform' (layer
     counts) or 'type:REGEX' (balance layers whose class matches, e.g. 'type:BlockStage')."""
-    activation_checkpoint_interval: int = 0
-    """Pipeline runs: recompute activations in backward every N layers (0 keeps all activations)."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation recomputation in every layout (pipelines included): 'full' keeps only each recomputed
+    block's input and runs its forward again in backward (least memory, about one more forward of time);
+    'selective' keeps the blocks' weight-matmul outputs and recomputes attention core, norms, activations
+    and MoE dispatch (less memory saved, little time); 'none' keeps every activation."""
+    recompute_every: int = 1
+    """With parallel.recompute: recompute every N-th block (blocks N-1, 2N-1, ...); 1: all blocks.  At most
+    model.n_layers."""
     timeout_minutes: float = 30.0
     """Minutes a collective (or the start-up rendezvous) may wait for the other ranks before it fails
     with an error instead of hanging (torch.distributed's process-group timeout)."""
@@ -349,6 +355,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
+RENAMED = {"parallel.activation_checkpoint_interval": " (replaced by parallel.recompute=full with "
+           "parallel.recompute_every=N, in every layout)"}
+"""Keys that were removed, with what says the same now."""
+
+
 def _apply(obj, data: dict, where: str) -> None:
     hints = get_type_hints(type(obj))
     names = {f.name for f in fields(obj)}
@@ -357,6 +368,7 @@ def _apply(obj, data: dict, where: str) -> None:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=3)
             hint = f" (did you mean {', '.join(f'{where}.{c}' if where else c for c in close)}?)" if close else ""
+            hint = RENAMED.get(path, hint)
             raise ConfigError(f"unknown config key '{path}'{hint}; run `python -m sparselm.train --help-config` for all keys")
         current = getattr(obj, key)
         if is_dataclass(current):
@@ -502,6 +514,9 @@ def validate(cfg) -> None:
     for name in ("tp", "pp", "ep"):
         require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")
+    require(p.recompute_every >= 1, f"parallel.recompute_every must be >= 1 (1 recomputes every block), got {p.recompute_every}")
+    require(p.recompute_every <= m.n_layers, f"parallel.recompute_every={p.recompute_every} is larger than the "
+            f"{m.n_layers} layers (model.n_layers): no block would be recomputed; use 1..{m.n_layers}")
     require(p.zero3_experts_per_gather >= 0, "parallel.zero3_experts_per_gather must be >= 0 (0: all of a layer's "
             f"experts at once), got {p.zero3_experts_per_gather}")
     check_layout_fits_model(cfg)
@@ -509,6 +524,10 @@ def validate(cfg) -> None:
     require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
     require(t.micro_batch_size >= 0, f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
     require(p.timeout_minutes > 0, f"parallel.timeout_minutes must be positive, got {p.timeout_minutes}")
+    require(not (t.compile and p.recompute != "none"),
+            f"train.compile=true with parallel.recompute={p.recompute!r}: compiling recomputed blocks is not supported "
+            "yet (the recomputed forward replays routing state that Dynamo does not trace); set train.compile=false "
+            "or parallel.recompute=none")
     require(t.max_skipped_steps >= 0 and t.skip_batches >= 0,
             "train.max_skipped_steps and train.skip_batches must be >= 0")
     for name in ("save_every_minutes", "max_minutes"):

@@ -108,6 +108,10 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
         skip_nonfinite_steps(optimizer)  # ZeRO stages 1-3 and fp16 skip an overflowing step themselves
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
     place_buffers(engine.module, engine.device)
+    if cfg.parallel.pp > 1:
+        from sparselm.parallel.deepspeed_private import pipeline_backward_in_one_call
+
+        pipeline_backward_in_one_call(engine)  # each recomputed block recomputed once per micro-batch
     _keep_stage0_grad_norm(engine, norm_mpu if norm_mpu is not None else mpu)
     return engine, ds
 

@@ -25,7 +25,9 @@ token, Kaplan's C = 6N).  By layer kind:
 - output projection (logits).  The embedding lookup, norms, rotary, activations, softmaxes and the loss
   are elementwise and not counted (as Kaplan, Megatron and PaLM's MFU do not).
 
-Recomputation (activation checkpointing) is not counted: ``mfu`` is model-FLOPs utilisation.
+Recomputation (activation checkpointing, ``parallel.recompute``) is not in ``per_token``: ``mfu`` is model-FLOPs
+utilisation.  ``recompute_per_token`` reports it apart: the forward FLOPs of the recomputed blocks (full), or of
+their counted non-matmul parts (selective keeps the matmul outputs: the attention core and PKM's top-k).
 ``attention="executed_dense"`` counts the attention core instead as the masked dense SDPA of the CPU
 reference path executes it (every query against every context key and memory slot; memory queries
 double the score width, see sparse_attention.kernels.append_memory): what FlopCounterMode measures.
@@ -74,6 +76,8 @@ class FlopCounts:
     """Training FLOPs per token of the blocks of each kind (the lm_head under 'head')."""
     seq_len: int = 0
     """Sequence length the attention term was averaged over."""
+    recompute_per_token: float = 0.0
+    """FLOPs per token that parallel.recompute repeats in backward (hardware FLOPs, not model FLOPs)."""
 
 
 def _check_resolved(cfg) -> None:
@@ -256,6 +260,7 @@ def flop_counts(cfg, seq_len: int | None = None, attention: str = "pattern") -> 
     t = seq_len or cfg.data.seq_len
     by_component: dict[str, float] = {}
     by_kind: dict[str, float] = {}
+    recompute = _recomputed_forward(cfg, t, attention)
     for kind, _, _, flops in _blocks(cfg, t, attention):
         for name, fwd in flops.items():
             train = fwd * (1 if name == "pkm_topk" else TRAIN_MULTIPLIER)
@@ -265,7 +270,26 @@ def flop_counts(cfg, seq_len: int | None = None, attention: str = "pattern") -> 
     by_component["lm_head"] = by_kind["head"] = float(head)
     fwd = sum(v / (1 if k == "pkm_topk" else TRAIN_MULTIPLIER) for k, v in by_component.items())
     return FlopCounts(per_token=sum(by_component.values()), forward_per_token=fwd, by_component=by_component,
-                      by_kind=by_kind, seq_len=t)
+                      by_kind=by_kind, seq_len=t, recompute_per_token=recompute)
+
+
+SELECTIVE_RECOMPUTES = ("attention_core", "pkm_topk")
+"""Counted components that are not weight matmuls: what selective recomputation runs again."""
+
+
+def _recomputed_forward(cfg, seq_len: int, mode: str) -> float:
+    """Forward FLOPs per token that ``parallel.recompute`` runs again in backward."""
+    from sparselm.model.recompute import recomputed_layers
+
+    p = cfg.parallel
+    if p.recompute == "none":
+        return 0.0
+    chosen = set(recomputed_layers(cfg.model.n_layers, p.recompute_every))
+    total = 0.0
+    for i, (_, _, _, flops) in enumerate(_blocks(cfg, seq_len, mode)):
+        if i in chosen:
+            total += sum(v for k, v in flops.items() if p.recompute == "full" or k in SELECTIVE_RECOMPUTES)
+    return total
 
 
 def summary_lines(cfg) -> list[str]:
@@ -277,6 +301,9 @@ def summary_lines(cfg) -> list[str]:
              f"training FLOPs per token: {f.per_token / 1e6:,.3f} M (forward {f.forward_per_token / 1e6:,.3f} M, "
              f"seq_len {f.seq_len}): "
              + ", ".join(f"{k} {v / f.per_token:.1%}" for k, v in f.by_component.items() if v)]
+    if f.recompute_per_token:
+        lines.append(f"recomputation (parallel.recompute={cfg.parallel.recompute}) adds {f.recompute_per_token / 1e6:,.3f} M "
+                     f"FLOPs per token ({f.recompute_per_token / f.per_token:.1%}), not counted in mfu")
     return lines
 
 

@@ -192,11 +192,11 @@ def stage_holdings(cfg, layout) -> list[StageHold]:
 
 # ----------------------------------------------------------------------------- the layout and its checks
 def configure(cfg, tp: int | None = None, pp: int | None = None, ep: int | None = None, ds_config: str | None = None,
-              micro_batch: int | None = None, ac: int | None = None):
+              micro_batch: int | None = None, recompute: str | None = None):
     """A copy of ``cfg`` with the layout settings replaced (None keeps the config's)."""
     cfg = copy.deepcopy(cfg)
     p = cfg.parallel
-    for name, value in (("tp", tp), ("pp", pp), ("ep", ep), ("ds_config", ds_config), ("activation_checkpoint_interval", ac)):
+    for name, value in (("tp", tp), ("pp", pp), ("ep", ep), ("ds_config", ds_config), ("recompute", recompute)):
         if value is not None:
             setattr(p, name, value)
     if micro_batch is not None:
@@ -259,6 +259,43 @@ def _block_elems(kind: str, cfg, t: int, a: int, slots: int) -> float:
     return attn + ffn
 
 
+def _block_matmul_elems(kind: str, cfg, t: int, a: int) -> float:
+    """Elements per token of the weight-matmul outputs of one block, which selective recomputation keeps, plus
+    the block's input (kept by every recomputed block)."""
+    from sparselm.model.moe.config import resolved_expert_hidden
+
+    m = cfg.model
+    d, qd, kvd = m.d_model, m.n_heads * m.head_dim, m.kv_heads * m.head_dim
+    keep = d + (qd + 2 * kvd) / t + d  # input; q, k, v projections; output projection
+    swiglu = lambda hidden: 2 * hidden / t + d  # noqa: E731  gate and up projections, down projection
+    if kind in ("dense", "pkm_ffn"):
+        keep += swiglu(m.ffn_hidden)
+    if kind in ("pkm", "pkm_ffn"):
+        p = cfg.pkm
+        keep += p.heads * (p.k_dim + 2 * round(math.sqrt(p.n_keys))) + 2 * (p.v_dim or d) / t
+    if kind == "moe":
+        e, k, h = cfg.moe.num_experts, cfg.moe.top_k, resolved_expert_hidden(cfg)
+        keep += e * 4 / a + k * swiglu(h) + cfg.moe.num_shared_experts * swiglu(h)
+    return keep
+
+
+def stage_activations(cfg, layers: list[int], t: int, a: int, slots: int, ends: float) -> dict:
+    """Activation elements per token of one micro-batch on a stage holding blocks ``layers``, under each
+    parallel.recompute mode (with the config's recompute_every): {mode: (kept from forward to backward, the
+    largest block rebuilt at a time in backward)}.  ``ends``: embedding and head elements."""
+    from sparselm.model.recompute import recomputed_layers
+
+    kinds = cfg.model.layer_kinds()
+    chosen = set(recomputed_layers(cfg.model.n_layers, cfg.parallel.recompute_every))
+    whole = {i: _block_elems(kinds[i], cfg, t, a, slots) for i in layers}
+    kept = {i: min(whole[i], _block_matmul_elems(kinds[i], cfg, t, a)) for i in layers}
+    plain = sum(v for i, v in whole.items() if i not in chosen) + ends
+    mine = [i for i in layers if i in chosen]
+    return {"none": (sum(whole.values()) + ends, 0.0),
+            "full": (plain + cfg.model.d_model * len(mine), max((whole[i] for i in mine), default=0.0)),
+            "selective": (plain + sum(kept[i] for i in mine), max((whole[i] - kept[i] for i in mine), default=0.0))}
+
+
 def _attention_span(cfg) -> float:
     """Keys an average query attends to (causal: half the sequence; sparse patterns: their budget)."""
     a, s = cfg.attention, cfg.data.seq_len
@@ -310,7 +347,7 @@ class Plan:
     def as_dict(self, per_rank: bool = True) -> dict:
         out = {**self.layout.as_dict(), "ds_config": self.cfg.parallel.ds_config, "zero_stage": self.zero_stage,
                "micro_batch": self.micro_batch, "micro_batches": self.micro_batches,
-               "activation_checkpoint_interval": self.cfg.parallel.activation_checkpoint_interval,
+               "recompute": self.cfg.parallel.recompute, "recompute_every": self.cfg.parallel.recompute_every,
                "fits": self.fits, "why": self.why, "step_time_s": self.time["step_s"],
                "peak_gpu_bytes": max(r.gpu_bytes for r in self.ranks), "peak_host_bytes": max(r.host_bytes for r in self.ranks),
                "comm_bytes_per_step": self.comm, "time": self.time, "notes": self.notes}
@@ -346,8 +383,7 @@ def plan_layout(cfg, world: int, gpu_mem_gb: float, host_mem_gb: float | None = 
     tokens = micro * cfg.data.seq_len
     edp = layout.dp // layout.ep
     t = layout.tp
-    ac = cfg.parallel.activation_checkpoint_interval if layout.pp > 1 else 0
-    kinds = cfg.model.layer_kinds()
+    mode = cfg.parallel.recompute
 
     ranks = []
     for r in range(layout.world_size):
@@ -371,17 +407,13 @@ def plan_layout(cfg, world: int, gpu_mem_gb: float, host_mem_gb: float | None = 
         for key, value in states.items():
             to_host = (offload_opt and key.startswith("fp32")) or (offload_param and key == "weights")
             (host if to_host else gpu)[key] = value
-        # activations of one micro-batch, and with per-layer recomputation
-        layer_elems = [_block_elems(kinds[i], cfg, t, a, s.memory_slots) for i in s.layers]
+        # activations of one micro-batch under each recomputation mode: kept ones for every micro-batch in
+        # flight, plus one recomputed block rebuilt at a time in backward
         ends = (cfg.model.d_model if s.first else 0) + ((2 * cfg.model.d_model + cfg.model.vocab_size / t * (a + 8) / a) if s.last else 0)
-        full = tokens * a * (sum(layer_elems) + ends)
-        # DeepSpeed's pipeline recomputes every `interval` layers: it keeps each chunk's input and rebuilds one
-        # chunk at a time
-        every = max(1, cfg.parallel.activation_checkpoint_interval)
-        chunks = [sum(layer_elems[i:i + every]) for i in range(0, len(layer_elems), every)]
-        recompute = tokens * a * (len(chunks) * cfg.model.d_model + max(chunks, default=0) + ends)
+        modes = {m: (tokens * a * kept, tokens * a * rebuilt)
+                 for m, (kept, rebuilt) in stage_activations(cfg, s.layers, t, a, s.memory_slots, ends).items()}
         in_flight = min(layout.pp - stage, m_batches) if layout.pp > 1 else 1
-        act = (recompute if ac else full) * in_flight
+        act = modes[mode][0] * in_flight + modes[mode][1]
         if stage_no >= 1:
             workspace = 4 * max((n / (edp if moe else layout.dp) for n, moe in s.groups.values()), default=0)
         else:
@@ -398,13 +430,14 @@ def plan_layout(cfg, world: int, gpu_mem_gb: float, host_mem_gb: float | None = 
             gpu = {}
             host["process"] = assume.host_process_gb * GiB
         rp = RankPlan(rank=r, stage=stage, params=s.params, by_kind=s.by_kind, gpu=gpu, host=host,
-                      activations={"per_micro_batch": full, "per_micro_batch_recompute": recompute, "in_flight": in_flight,
-                                   "peak": act, "step_workspace": workspace},
+                      activations={"per_micro_batch": modes["none"][0], "per_micro_batch_full": modes["full"][0],
+                                   "per_micro_batch_selective": modes["selective"][0], "recompute": mode,
+                                   "in_flight": in_flight, "peak": act, "step_workspace": workspace},
                       checkpoint_bytes=int(12 * (dense / layout.dp + expert / edp)))
         ranks.append(rp)
 
     comm = _communication(cfg, layout, stages, stage_no, w, a, micro, m_batches, tokens)
-    time = _step_time(cfg, layout, stages, comm, assume, ac, m_batches, offload_opt, w)
+    time = _step_time(cfg, layout, stages, comm, assume, m_batches, offload_opt, w)
     plan = Plan(cfg=cfg, layout=layout, ds=ds, device=device, stages=stages, ranks=ranks, micro_batch=micro,
                 micro_batches=m_batches, zero_stage=stage_no, notes=notes, comm=comm, time=time)
     _judge(plan, gpu_mem_gb, host_mem_gb, assume)
@@ -490,9 +523,11 @@ def _active_matmul_params(key: str, cfg) -> int:
     return _ACTIVE[key]
 
 
-def _step_time(cfg, layout, stages, comm, assume, ac, m_batches, offload_opt, w) -> dict:
+def _step_time(cfg, layout, stages, comm, assume, m_batches, offload_opt, w) -> dict:
     """Estimated seconds per optimizer step: compute at mfu x peak, communication over the stated bandwidths
     (not overlapped unless ``overlap_dp``), the pipeline bubble, CPU Adam and PCIe under offload."""
+    from sparselm.flops import flop_counts
+
     active = _active_matmul_params(_model_key(cfg), cfg)
     # persistent memory slots are parameters every token reads: counted in ``active``, not here
     m = cfg.model  # a sliding layer's queries see at most its window
@@ -500,9 +535,11 @@ def _step_time(cfg, layout, stages, comm, assume, ac, m_batches, offload_opt, w)
                 for i in range(m.n_layers))
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     # 6 FLOPs per parameter and token (forward and backward), 12 d per attended context key and token;
-    # recomputation repeats the forward
-    flops = (6 * active + 12 * m.n_heads * m.head_width * spans) * tokens * (4 / 3 if ac else 1)
-    compute = flops / layout.world_size / (assume.peak_tflops * 1e12 * assume.mfu)
+    # recomputation repeats what sparselm.flops says of the model's FLOPs (hardware FLOPs, not model FLOPs)
+    flops = (6 * active + 12 * m.n_heads * m.head_width * spans) * tokens
+    counts = flop_counts(cfg)
+    recomputed = flops * counts.recompute_per_token / counts.per_token
+    compute = (flops + recomputed) / layout.world_size / (assume.peak_tflops * 1e12 * assume.mfu)
     bubble = (layout.pp - 1) / m_batches if layout.pp > 1 else 0.0
     bw = lambda axis: (assume.nvlink_gbs if _intra_node(layout, axis, assume.gpus_per_node) else assume.network_gbs) * 1e9
     comm_s = {"tp": comm["all-reduce tp"] / bw("tp"), "ep": comm["all-to-all ep"] / bw("ep"),
@@ -516,7 +553,7 @@ def _step_time(cfg, layout, stages, comm, assume, ac, m_batches, offload_opt, w)
         offload = part / (assume.cpu_adam_gparams_s * 1e9) + (4 + w) * part / (assume.pcie_gbs * 1e9)
     step = compute * (1 + bubble) + sum(comm_s.values()) + offload
     return {"step_s": step, "compute_s": compute, "bubble_fraction": bubble, "comm_s": comm_s, "offload_s": offload,
-            "model_flops_per_step": flops, "active_params": active}
+            "model_flops_per_step": flops, "recompute_flops_per_step": recomputed, "active_params": active}
 
 
 # ----------------------------------------------------------------------------- search and advice
@@ -534,13 +571,14 @@ def candidate_layouts(cfg, world: int):
                     yield tp, pp, ep
 
 
-def search(cfg, world: int, gpu_mem_gb: float, host_mem_gb=None, device="gpu", assume=None, ac_options=(0, 1)):
+def search(cfg, world: int, gpu_mem_gb: float, host_mem_gb=None, device="gpu", assume=None,
+           recompute_options=("none", "full")):
     """(fitting plans ranked by estimated step time, refused layouts with their reasons, plans that do not
-    fit).  Activation checkpointing is tried where the trainer has it (pipeline runs)."""
+    fit).  Each layout is tried with each of ``recompute_options`` (parallel.recompute)."""
     fitting, refused, too_big = [], [], []
     for tp, pp, ep in sorted(candidate_layouts(cfg, world), key=lambda c: (c[0], c[2], c[1])):  # one model per (tp, ep)
-        for ac in (ac_options if pp > 1 else (0,)):
-            variant = configure(cfg, tp=tp, pp=pp, ep=ep, ac=ac)
+        for ac in recompute_options:
+            variant = configure(cfg, tp=tp, pp=pp, ep=ep, recompute=ac)
             try:
                 plan = plan_layout(variant, world, gpu_mem_gb, host_mem_gb, device, assume)
             except ConfigError as err:
@@ -552,7 +590,7 @@ def search(cfg, world: int, gpu_mem_gb: float, host_mem_gb=None, device="gpu", a
 
 
 def smallest_fix(cfg, world: int, gpu_mem_gb, host_mem_gb=None, device="gpu", assume=None) -> str:
-    """The first of the usual changes (more ep, tp, pp, activation checkpointing, offload, smaller
+    """The first of the usual changes (more ep, tp, pp, recomputation, offload, smaller
     micro-batches, more GPUs) under which the layout fits, as the overrides to pass; '' if none does."""
     p = cfg.parallel
     micro = cfg.train.micro_batch_size or cfg.train.global_batch_size // max(1, world // (p.tp * p.pp))
@@ -560,9 +598,12 @@ def smallest_fix(cfg, world: int, gpu_mem_gb, host_mem_gb=None, device="gpu", as
     if "moe" in cfg.model.layer_kinds():
         tries.append(({"ep": p.ep * 2}, f"--parallel.ep={p.ep * 2}"))
     tries += [({"tp": p.tp * 2}, f"--parallel.tp={p.tp * 2}"), ({"pp": p.pp * 2}, f"--parallel.pp={p.pp * 2}")]
-    ac_pp = max(p.pp, 2)
-    tries.append(({"pp": ac_pp, "ac": 1}, f"--parallel.pp={ac_pp} --parallel.activation_checkpoint_interval=1"
-                   " (activation checkpointing; the trainer has it in pipeline runs)"))
+    if p.recompute == "none":
+        tries.append(({"recompute": "selective"}, "--parallel.recompute=selective (keeps matmul outputs, recomputes the rest)"))
+    if p.recompute != "full":
+        tries.append(({"recompute": "full"}, "--parallel.recompute=full (recomputes whole blocks in backward)"))
+        ac_pp = max(p.pp * 2, 2)
+        tries.append(({"pp": ac_pp, "recompute": "full"}, f"--parallel.pp={ac_pp} --parallel.recompute=full"))
     if micro > 1:
         tries.append(({"micro_batch": micro // 2}, f"--train.micro_batch_size={micro // 2}"))
     tries += [({"ds_config": "zero2_offload", "pp": 1}, "--parallel.ds_config=zero2_offload --parallel.pp=1"),
@@ -617,8 +658,8 @@ def format_plan(plan: Plan) -> str:
     lay, lines = plan.layout, []
     lines.append(f"layout tp={lay.tp} pp={lay.pp} ep={lay.ep} dp={lay.dp} ({lay.world_size} {plan.device.upper()}s), "
                  f"ds_config={plan.cfg.parallel.ds_config} (ZeRO-{plan.zero_stage}, {_precision_bytes(plan.ds) * 8}-bit weights), "
-                 f"micro-batch {plan.micro_batch} x {plan.micro_batches}, activation checkpointing "
-                 f"{'every ' + str(plan.cfg.parallel.activation_checkpoint_interval) + ' layer(s)' if lay.pp > 1 and plan.cfg.parallel.activation_checkpoint_interval else 'off'}")
+                 f"micro-batch {plan.micro_batch} x {plan.micro_batches}, recomputation {plan.cfg.parallel.recompute}"
+                 f"{' every ' + str(plan.cfg.parallel.recompute_every) + ' block(s)' if plan.cfg.parallel.recompute != 'none' else ''}")
     firsts = {}
     for r in plan.ranks:
         firsts.setdefault(r.stage, r)
@@ -649,7 +690,8 @@ def format_plan(plan: Plan) -> str:
     rows.append(["GPU total", *[_gb(r.gpu_bytes) for r in seen.values()]])
     rows.append(["host total", *[_gb(r.host_bytes) for r in seen.values()]])
     rows.append(["activations / micro-batch", *[_gb(r.activations["per_micro_batch"]) for r in seen.values()]])
-    rows.append(["  with recomputation", *[_gb(r.activations["per_micro_batch_recompute"]) for r in seen.values()]])
+    rows.append(["  with full recomputation", *[_gb(r.activations["per_micro_batch_full"]) for r in seen.values()]])
+    rows.append(["  with selective recomputation", *[_gb(r.activations["per_micro_batch_selective"]) for r in seen.values()]])
     rows.append(["  micro-batches in flight", *[str(r.activations["in_flight"]) for r in seen.values()]])
     rows.append(["checkpoint share (fp32 + Adam)", *[_gb(r.checkpoint_bytes) for r in seen.values()]])
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
@@ -739,7 +781,7 @@ def _run(cfg, args, assume) -> dict:
             fix = smallest_fix(cfg, world, args.gpu_mem, args.host_mem, args.device, assume)
             result["smallest_fix"] = fix
             out(f"smallest change that fits: {fix}" if fix else
-                "no single change tried fits (ep, tp, pp, activation checkpointing, micro-batch, offload, up to 16x the GPUs)")
+                "no single change tried fits (ep, tp, pp, recomputation, micro-batch, offload, up to 16x the GPUs)")
         return result
     fitting, refused, too_big = search(cfg, world, args.gpu_mem, args.host_mem, args.device, assume)
     if not fitting and not too_big:
@@ -749,15 +791,15 @@ def _run(cfg, args, assume) -> dict:
                           + (f"; GPU counts with a valid layout nearby: {', '.join(map(str, near))}" if near else ""))
     out(f"{len(fitting)} of {len(fitting) + len(too_big)} valid layouts of {world} GPUs fit "
         f"({len(refused)} refused by the start-up checks); ranked by estimated step time:")
-    out("  rank  tp  pp  ep   dp  ac  ZeRO  GPU GiB  host GiB  step s  bubble  why not")
+    out("  rank  tp  pp  ep   dp  recompute  ZeRO  GPU GiB  host GiB  step s  bubble  why not")
     for i, p in enumerate(fitting[:args.top] + sorted(too_big, key=lambda p: max(r.gpu_bytes for r in p.ranks))[:3]):
         lay = p.layout
         out(f"  {str(i + 1) if p.fits else '-':>4}  {lay.tp:>2}  {lay.pp:>2}  {lay.ep:>2}  {lay.dp:>3}  "
-            f"{p.cfg.parallel.activation_checkpoint_interval if lay.pp > 1 else 0:>2}  {p.zero_stage:>4}  "
+            f"{p.cfg.parallel.recompute:>9}  {p.zero_stage:>4}  "
             f"{max(r.gpu_bytes for r in p.ranks) / GiB:>7.1f}  {max(r.host_bytes for r in p.ranks) / GiB:>8.1f}  "
             f"{p.time['step_s']:>6.2f}  {p.time['bubble_fraction']:>6.2f}  {p.why}")
     result = {"fits": bool(fitting), "gpus": world, "layouts": [p.as_dict() for p in fitting],
-              "refused": [{"tp": tp, "pp": pp, "ep": ep, "activation_checkpoint_interval": ac, "why": why}
+              "refused": [{"tp": tp, "pp": pp, "ep": ep, "recompute": ac, "why": why}
                           for (tp, pp, ep, ac), why in refused]}
     if fitting:
         out("best layout:")

@@ -154,7 +154,7 @@ def test_the_search_returns_only_layouts_the_trainer_accepts():
 
     cfg = load_config("tiny_mixed", ["--model.vocab_size=256", "--train.micro_batch_size=1"], check=False)
     world = 8
-    fitting, refused, too_big = search(cfg, world, GPU_MEM, device="cpu", ac_options=(0,))
+    fitting, refused, too_big = search(cfg, world, GPU_MEM, device="cpu", recompute_options=("none",))
     assert fitting and refused  # tp=8 breaks the heads rule, for one
     accepted = {(p.layout.tp, p.layout.pp, p.layout.ep) for p in fitting + too_big}
     for tp, pp, ep in candidate_layouts(cfg, world):

@@ -50,3 +50,13 @@ class StartStep(Protocol):
         """Called on every rank before each optimizer step's first micro-batch: ``step`` optimizer steps are
         done, and this rank's first token is at position ``token_offset`` of the step's global batch
         (sample * seq_len + t).  Lets a layer key its randomness by token, not by layout (noisy gating)."""
+
+
+@runtime_checkable
+class ForwardState(Protocol):
+    def forward_state(self):
+        """What a training forward advances (e.g. the noisy router's next token position): taken before a
+        recomputed block's first forward, so that its recomputation replays it (``sparselm.model.recompute``)."""
+
+    def set_forward_state(self, state) -> None:
+        """Put back a state ``forward_state`` returned."""

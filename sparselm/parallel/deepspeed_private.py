@@ -7,12 +7,16 @@ two subclasses override private methods by name and are listed here for the same
   nothing), and reads ``_layer_specs``, ``_local_start``, ``_local_stop`` and ``parts``; ``stage_bounds`` runs
   ``_partition_layers`` on an instance whose ``__init__`` is skipped, setting ``_layer_specs``, ``_topo``,
   ``num_stages``, ``global_rank`` and ``loss_fn`` (what it reads) itself;
+- ``pipeline_backward_in_one_call`` replaces ``PipelineEngine._exec_backward_pass`` in an engine's
+  ``_INSTRUCTION_MAP`` by a wrapper around it;
 - ``sparselm.parallel.expert.DeepSpeedMoETag`` (a ``deepspeed.moe.layer.MoE``): skips its ``__init__`` and
   sets the attributes ``deepspeed.initialize`` reads (``num_experts``, ``ep_size``, ``expert_group_name``,
   ``num_local_experts``, ``enable_expert_tensor_parallelism``).
 Tested against the DeepSpeed version in ``setup.py``.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -128,3 +132,45 @@ def zero3_converter(ds_config: dict, dp_group, mpu=None, dtype=None):
 
     init = Init(data_parallel_group=dp_group, config_dict_or_path=ds_config, mpu=mpu, dtype=dtype)
     return init._convert_to_zero_parameters
+
+
+# ------------------------------------------------------------------ pipeline engine (deepspeed.runtime.pipe)
+def pipeline_backward_in_one_call(engine) -> None:
+    """DeepSpeed's ``PipelineEngine._exec_backward_pass`` back-propagates a stage's float outputs (our hidden
+    states and aux loss) with one ``Tensor.backward`` call each, ``retain_graph=True`` for all but the last: the
+    stage's graph is traversed once per output, a recomputed block (``parallel.recompute``) recomputed once per
+    output, which selective recomputation refuses ("backward an extra time").  This engine's backward passes
+    run those calls as one ``torch.autograd.backward`` (the same gradients, summed by autograd)."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.pipe.schedule import BackwardPass
+
+    original = PipelineEngine._INSTRUCTION_MAP[BackwardPass]
+
+    def backward_pass(self, buffer_id):
+        with _joined_backward_calls():
+            original(self, buffer_id)
+
+    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, BackwardPass: backward_pass}
+
+
+@contextmanager
+def _joined_backward_calls():
+    """Inside: ``Tensor.backward(gradient, retain_graph=True)`` is deferred, and the next call without
+    retain_graph runs every deferred one with it in one ``torch.autograd.backward``."""
+    plain, pending = torch.Tensor.backward, []
+
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+        if retain_graph and not create_graph and inputs is None:
+            pending.append((self, gradient))
+            return
+        tensors, grads = [t for t, _ in pending] + [self], [g for _, g in pending] + [gradient]
+        pending.clear()
+        torch.autograd.backward(tensors, grads, retain_graph=retain_graph, create_graph=create_graph, inputs=inputs)
+
+    torch.Tensor.backward = backward
+    try:
+        yield
+    finally:
+        torch.Tensor.backward = plain
+        if pending:
+            raise RuntimeError("a deferred pipeline backward call was never run (DeepSpeed's backward loop changed?)")

@@ -128,8 +128,7 @@ def build_sharded(cfg, topo, tensors=None, source=None, partitioner=None) -> tor
         return materialize_pieces(stage, source, groups, stage.canonical, f"pipeline stage {type(stage).__name__}",
                                   load_buffers, partitioner)
 
-    return build_pipeline(model, topo.ds_topology, cfg.parallel.pp_partition, cfg.parallel.activation_checkpoint_interval,
-                          materialize_stage)
+    return build_pipeline(model, topo.ds_topology, cfg.parallel.pp_partition, materialize_stage)
 
 
 def held_pieces(cfg, topo, model=None) -> dict[str, torch.nn.Parameter]:

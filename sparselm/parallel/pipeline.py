@@ -62,7 +62,7 @@ class BlockStage(nn.Module):
         return f"layers.{self.layer_index}.{name.removeprefix('block.')}"
 
     def pop_metrics(self) -> dict[str, torch.Tensor]:
-        """Average over the forwards since the last call (a recomputed forward adds an identical value)."""
+        """Average over the forwards since the last call."""
         out = {k: v / self._count for k, v in self._sums.items()} if self._count else {}
         self._sums, self._count = {}, 0
         return out
@@ -157,16 +157,15 @@ class SparseLMPipe(PipelineModule):
         return rest
 
 
-def build_pipeline(model, topology, partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
-                   materialize=None):
+def build_pipeline(model, topology, partition_method: str = "parameters", materialize=None):
     """Wrap a ``SparseLM`` as a ``SparseLMPipe`` over DeepSpeed ``topology``.  ``materialize(stage) -> stage``
     gives a meta stage its memory and values (``stage.canonical`` maps its names to the one-process model's);
-    None: ``model`` is real already.  Only this rank's stages are materialised."""
+    None: ``model`` is real already.  Only this rank's stages are materialised.  Activation recomputation is the
+    blocks' own (``parallel.recompute``, applied by ``parallelize``), not DeepSpeed's pipeline checkpointing."""
     stages, tied = pipeline_stages(model)
     del model  # the stages hold its modules; nothing else may keep the other stages alive
     pipe = SparseLMPipe(layers=[StageSpec(stage, materialize) for stage in stages], topology=topology,
-                        loss_fn=total_loss, partition_method=partition_method,
-                        activation_checkpoint_interval=activation_checkpoint_interval)
+                        loss_fn=total_loss, partition_method=partition_method)
     pipe.drop_other_stages()
     if tied:
         _tie_first_and_last_stage(pipe, topology)

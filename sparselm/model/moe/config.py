@@ -37,8 +37,8 @@ class MoEConfig:
     noisy_gating: bool = False
     """Noisy top-k gating (Shazeer 2017): add N(0,1) * softplus(x W_noise) to the router logits while training.
     The noise is keyed by (train.seed, optimizer step, the token's position in the global batch), so every
-    layout and micro-batch size draws the same noise for the same token.  Not with
-    parallel.activation_checkpoint_interval > 0 (a recomputed forward would draw the next tokens' noise)."""
+    layout and micro-batch size draws the same noise for the same token (and a recomputed forward, under
+    parallel.recompute, draws it again)."""
     bias_balancing: bool = False
     """Auxiliary-loss-free balancing (Wang 2024, DeepSeek-V3): a per-expert bias added to the scores for the
     top-k selection only, moved by bias_update_rate toward uniform load after every optimizer step."""
@@ -102,9 +102,5 @@ def validate_moe(cfg) -> None:
         require(m.capacity_factor > 0,
                  f"moe.capacity_factor={m.capacity_factor} must be > 0 with moe.drop_tokens=true "
                  f"(or set moe.drop_tokens=false for dropless routing)")
-    require(not (m.noisy_gating and cfg.parallel.activation_checkpoint_interval > 0),
-            "moe.noisy_gating=true with parallel.activation_checkpoint_interval="
-            f"{cfg.parallel.activation_checkpoint_interval}: the recomputed forward would draw other noise than the "
-            "first; set parallel.activation_checkpoint_interval=0 or moe.noisy_gating=false")
     for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
         require(getattr(m, name) >= 0, f"moe.{name} must be >= 0, got {getattr(m, name)}")

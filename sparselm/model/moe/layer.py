@@ -18,6 +18,7 @@ from sparselm.model.feedforward import SwiGLU
 from sparselm.model.moe.dispatch import LocalDispatcher, combine_choices, count_ids, expert_capacity, plan_dispatch
 from sparselm.model.moe.experts import GroupedExperts
 from sparselm.model.moe.router import Router, balance_loss, z_loss
+from sparselm.model.recompute import recomputing
 
 
 class MoELayer(nn.Module):
@@ -91,9 +92,10 @@ class MoELayer(nn.Module):
         lb = balance_loss(routing.scores.view(groups, n // groups, -1), group_counts.view(groups, -1))
         z = z_loss(routing.logits)
         aux = self.aux_loss_coef * lb + self.z_loss_coef * z
-        if self.training:
-            self.load_since_update += plan.routed
-        self._record(plan, lb, z)
+        if not recomputing():  # a recomputed forward (activation checkpointing) repeats these: count once
+            if self.training:
+                self.load_since_update += plan.routed
+            self._record(plan, lb, z)
         return y.view(shape), aux
 
     @torch.no_grad()

@@ -118,6 +118,13 @@ class Router(nn.Module):
         global position ``token_offset`` of the step's global batch."""
         self.noise_step, self.next_position = step, token_offset
 
+    def forward_state(self) -> int:
+        """The next token position (``hooks.ForwardState``): a recomputed forward draws the same noise."""
+        return self.next_position
+
+    def set_forward_state(self, state: int) -> None:
+        self.next_position = state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] tokens -> fp32 logits [N, E] (with gating noise in training when noisy)."""
         x32 = x.float()

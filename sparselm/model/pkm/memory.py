@@ -14,6 +14,7 @@ from torch import nn
 from sparselm.model.pkm.lookup import product_key_topk
 from sparselm.model.pkm.read import weighted_read
 from sparselm.model.pkm.usage import SlotUsage
+from sparselm.model.recompute import recomputing
 
 VALUE_GROUP = "pkm_values"
 
@@ -115,7 +116,7 @@ class ProductKeyMemory(nn.Module):
                                "never bound: the model must call bind_shared(layers) after building its layers")
         flat = x.reshape(-1, x.shape[-1])
         weights, slots = self.lookup(flat)
-        if self.training:
+        if self.training and not recomputing():  # a recomputed forward reads the same slots again
             self.usage.record(slots, weights)  # summarised once per optimizer step (usage.step_metrics)
         y = self.project(self.read(slots, weights.to(self.values.dtype)), flat)
         return y.view(*x.shape[:-1], y.shape[-1])
