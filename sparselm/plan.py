@@ -265,7 +265,7 @@ def _block_matmul_elems(kind: str, cfg, t: int, a: int) -> float:
     from sparselm.model.moe.config import resolved_expert_hidden
 
     m = cfg.model
-    d, qd, kvd = m.d_model, m.n_heads * m.head_dim, m.kv_heads * m.head_dim
+    d, qd, kvd = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
     keep = d + (qd + 2 * kvd) / t + d  # input; q, k, v projections; output projection
     swiglu = lambda hidden: 2 * hidden / t + d  # noqa: E731  gate and up projections, down projection
     if kind in ("dense", "pkm_ffn"):

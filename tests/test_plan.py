@@ -236,3 +236,16 @@ def test_zero3_gathered_layer_counts_one_expert_module(ep):
     assert together == 4 * max(others, experts // ep)
     assert per_expert == 4 * max(others, experts // cfg.moe.num_experts)
     assert per_expert < together
+
+
+def test_an_explicit_head_dim_equal_to_the_derived_width_changes_no_estimate():
+    """model.head_dim=0 means d_model / n_heads: every estimate must use the resolved width (head_width)."""
+    from sparselm.config import load_config
+    from sparselm.plan import stage_activations
+
+    derived = load_config("tiny_mixed", ["--parallel.recompute=selective"])
+    explicit = load_config("tiny_mixed", ["--parallel.recompute=selective",
+                                          f"--model.head_dim={derived.model.d_model // derived.model.n_heads}"])
+    layers = list(range(derived.model.n_layers))
+    assert (stage_activations(derived, layers, 1, 4, 0, 0.0)
+            == stage_activations(explicit, layers, 1, 4, 0, 0.0))
