@@ -18,12 +18,8 @@ import pytest
 
 from sparselm.distributed_testing import run_distributed
 
-BASE = ["--model.d_model=32", "--model.n_heads=2", "--data.seq_len=16", "--model.max_seq_len=16",
-        "--train.global_batch_size=4", "--train.steps=5", "--train.progress=false", "--train.tensorboard=false",
-        "--train.eval_every=0", "--train.log_every=1", "--train.save_every=0", "--model.vocab_size=0",
-        "--optim.grad_clip=0.05"]
-MOE = ["--model.n_layers=2", "--moe.num_experts=4", "--moe.expert_hidden=32"]
-PKM = ["--pkm.n_keys=256", "--pkm.knn=8", "--pkm.k_dim=16"]
+from test_zero3 import BASE, MOE, PKM  # the same small models as the ZeRO-3 equivalence tests
+
 CASES = {
     "tiny_mixed": ("tiny_mixed", PKM + ["--attention.window=8", "--model.tie_embeddings=true", "--pkm.gated=true"]),
     "moe_noisy": ("tiny_moe", MOE + ["--moe.num_shared_experts=1", "--moe.noisy_gating=true"]),
