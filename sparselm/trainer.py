@@ -418,9 +418,8 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             bar.update(1)
             decision = guard.check()
-            if self.skipped_streak:  # never a checkpoint while the steps are not finite
-                pass
-            elif (t.save_every and self.step % t.save_every == 0) or last or decision.save:
+            due = (t.save_every and self.step % t.save_every == 0) or last or decision.save
+            if due and not self.skipped_streak:  # never a checkpoint while the steps are not finite
                 path = self.save()
                 guard.saved()
                 if self.is_rank0:
