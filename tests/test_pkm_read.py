@@ -1,7 +1,8 @@
 """The PKM weighted read (sparselm/model/pkm/read.py) against the path it replaced, F.embedding_bag with
 per_sample_weights and its own backward: the same outputs and gradients in fp32 (1e-6), close in bf16,
-alone (several backward chunks, repeated rows) and inside every PKM variant (plain, Memory+ gate,
-output projection, shared table).  The tensor-parallel variant reads through the same function
+alone (both backward paths: reads grouped by row, CPU's in fp32, and token chunks, CUDA's and bf16's, with
+several chunks and repeated rows) and inside every PKM variant (plain, Memory+ gate, output projection,
+shared table).  The tensor-parallel variant reads through the same function
 (tests/test_pkm_distributed.py compares it with the unsharded layer)."""
 import copy
 
@@ -34,14 +35,39 @@ def _run(fn, slots, weights, values, grad):
     return out.detach(), w.grad, v.grad
 
 
-@pytest.mark.parametrize("chunk", [1 << 22, 5 * 12 * 24])  # one chunk; 8 chunks of 5 tokens, the last ragged
-def test_read_equals_embedding_bag_in_fp32(monkeypatch, chunk):
+BACKWARDS = {"by_row": (pkm_read.BY_ROW_DTYPES, 1 << 22), "chunked_one": ((), 1 << 22),
+             "chunked_eight": ((), 5 * 12 * 24)}  # 8 chunks of 5 tokens, the last ragged
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_read_equals_embedding_bag_in_fp32(monkeypatch, backward):
+    by_row_dtypes, chunk = BACKWARDS[backward]
+    monkeypatch.setattr(pkm_read, "BY_ROW_DTYPES", by_row_dtypes)
     monkeypatch.setitem(pkm_read.CHUNK_ELEMENTS, "cpu", chunk)
+    calls = []
+    for name in ("_backward_by_row", "_backward_chunked"):
+        monkeypatch.setattr(pkm_read, name, lambda *a, f=getattr(pkm_read, name), name=name: calls.append(name) or f(*a))
     args = _inputs(torch.float32)
     new, old = _run(weighted_read, *args), _run(old_read, *args)
     for a, b, name in zip(new, old, ("output", "weights grad", "values grad")):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    assert calls == ["_backward_by_row" if backward == "by_row" else "_backward_chunked"]
+
+
+def test_by_row_backward_handles_unread_rows_and_one_gradient_at_a_time():
+    """Rows nobody read get a zero gradient; with only one input needing a gradient the other is skipped."""
+    slots, weights, values, grad = _inputs(torch.float32, rows=500)  # most of the 500 rows unread
+    _, gw, gv = _run(old_read, slots, weights, values, grad)
+    for need_weights, need_values in ((True, False), (False, True)):
+        got_w, got_v = pkm_read._backward_by_row(slots, weights, values, grad, need_weights, need_values)
+        assert (got_w is None) != need_weights and (got_v is None) != need_values
+        if need_weights:
+            torch.testing.assert_close(got_w, gw, rtol=1e-6, atol=1e-6)
+        if need_values:
+            torch.testing.assert_close(got_v, gv, rtol=1e-6, atol=1e-6)
+            unread = torch.ones(500, dtype=torch.bool).index_fill_(0, slots.reshape(-1), False)
+            assert unread.sum() > 0 and got_v[unread].eq(0).all()
 
 
 def test_read_in_bf16_is_close_to_fp64():

@@ -16,9 +16,14 @@ import statistics
 import time
 import weakref
 
+import sparselm  # noqa: F401 - before torch allocates: its CPU allocator setting (sparselm/__init__.py)
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+def _strided(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided
 
 
 class PeakMemory(TorchDispatchMode):
@@ -34,9 +39,9 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if _strided(t)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if _strided(t):  # a sparse tensor's pieces are strided tensors, counted where they are made
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
                 if storage.nbytes() and key not in self.live and key not in inputs:  # views are not allocations
@@ -142,7 +147,8 @@ def main(argv=None) -> dict:
     }
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     load = " | load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    print(f"device {device} ({threads} threads{load}) | {args.dtype} | {batch} x {args.seq_len} tokens | d_model {args.d_model} | "
+    thp = f" | THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}" if device.type == "cpu" else ""
+    print(f"device {device} ({threads} threads{load}{thp}) | {args.dtype} | {batch} x {args.seq_len} tokens | d_model {args.d_model} | "
           f"PKM heads {args.heads} k_dim {args.k_dim} knn {args.knn} n_keys {args.n_keys}")
     print(f"{'layer':<6}{'params':>14}{'fwd+bwd ms':>13}{'peak MB':>11}")
     for name, r in results.items():
