@@ -28,10 +28,11 @@ rm -f "$STOP_FILE"
 # of each other and must not be killed on the way out (srun would then report 143, not 75), while a rank
 # that crashed takes the others down after 60 s instead of a collective timeout.
 run_or_requeue() {
-  "$@" &
-  local pid=$! rc=0
+  # the traps first: a warning that comes while srun starts must not kill this shell
   trap 'echo "sparselm: got SIGUSR1, asking the ranks to save and stop"; touch "$STOP_FILE"' USR1
   trap 'echo "sparselm: got SIGTERM"' TERM
+  "$@" &
+  local pid=$! rc=0
   while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
   wait "$pid" || rc=$?
   trap - USR1 TERM

@@ -8,30 +8,58 @@ trained once for the module.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 
 import pytest
 
-from conftest import BIN, REPO, TINY, read_metrics, subprocess_env, train
+from conftest import BIN, PYTHON, REPO, TINY, read_metrics, subprocess_env
 from local_slurm import LocalSlurm, missing_binaries
 
 SHORT, LONG = 12, 2500  # LONG: long enough that a 1-minute job is signalled before it ends (~30 s on 2 cores)
 ARGS = TINY + ["--optim.warmup_steps=5", "--optim.min_lr_ratio=1", "--data.allow_repeat=true"]
 
 
+class Reference:
+    """One plain process, LONG steps, trained in the background (one thread): the losses every other run must
+    reproduce.  It runs beside the cluster's start and the time-limit job, which leave a core idle; a test
+    reads the steps it needs as soon as they are logged."""
+
+    def __init__(self, out):
+        self.out, self.log = out, out.parent / "reference.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([PYTHON, "-m", "sparselm.train", *ARGS, f"--train.steps={LONG}",
+                                          f"--train.out_dir={out}"], cwd=REPO, env=subprocess_env(),
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def rows(self, steps: int = LONG, timeout: float = 600) -> list[dict]:
+        end = time.monotonic() + timeout
+        while True:
+            done = self.proc.poll() is not None
+            metrics = self.out / "metrics.jsonl"
+            text = metrics.read_text() if metrics.exists() else ""
+            rows = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+            if len(rows) >= steps:
+                return rows[:steps]
+            assert not done, f"the reference run exited {self.proc.returncode} after {len(rows)} steps:\n" \
+                             f"{self.log.read_text()[-4000:]}"
+            assert time.monotonic() < end, f"the reference run logged {len(rows)} of {steps} steps in {timeout} s"
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[dict]:
-    """One plain process, LONG steps: the losses every other run must reproduce."""
-    out = tmp_path_factory.mktemp("reference")
-    train(ARGS + [f"--train.steps={LONG}", f"--train.out_dir={out}"])
-    return read_metrics(out)
+def reference(tmp_path_factory):
+    ref = Reference(tmp_path_factory.mktemp("reference") / "run")
+    yield ref
+    ref.proc.kill()
+    ref.proc.wait()
 
 
-def assert_same_losses(run: list[dict], reference: list[dict], steps: int) -> None:
+def assert_same_losses(run: list[dict], reference: Reference, steps: int) -> None:
     assert [r["step"] for r in run] == list(range(1, steps + 1)), "one metrics line per step"
-    for got, want in zip(run, reference[:steps]):
+    for got, want in zip(run, reference.rows(steps)):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), got["step"]
 
 
@@ -54,19 +82,7 @@ def submit(cluster, tmp_path, script: str, sbatch_args: list[str], train_args: l
     return job, log
 
 
-def test_deepspeed_sbatch_two_ranks_equals_one_process(cluster, reference, tmp_path):
-    """slurm/train_deepspeed.sbatch, run from slurmd's spool copy, 2 ranks through the deepspeed launcher."""
-    out = tmp_path / "run"
-    job, log = submit(cluster, tmp_path, "train_deepspeed.sbatch", [],
-                      ARGS + [f"--train.steps={SHORT}", f"--train.out_dir={out}"], env={"PROCS_PER_NODE": "2"})
-    info = cluster.wait(job)
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED", text[-4000:]
-    assert "2 process(es)" in text
-    assert_same_losses(read_metrics(out), reference, SHORT)
-
-
-def test_time_limit_saves_requeues_and_continues(cluster, reference, tmp_path):
+def test_time_limit_saves_requeues_and_continues(reference, cluster, tmp_path):
     """A 1-minute job (train.sbatch) gets SIGUSR1 before its limit, saves, exits 75, requeues itself and,
     resumed, reaches the uninterrupted run's final loss with one metrics line per step.  One rank, as the
     reference: over thousands of steps another data-parallel layout drifts by rounding (about 1e-3 after
@@ -95,8 +111,21 @@ def test_time_limit_saves_requeues_and_continues(cluster, reference, tmp_path):
     assert f"resumed from {out / 'checkpoints' / f'step_{first}'} at step {first}" in text
     run = read_metrics(out)
     assert [r["step"] for r in run] == list(range(1, LONG + 1)), "one metrics line per step after the requeue"
-    assert run[first]["loss"] == pytest.approx(reference[first]["loss"], rel=1e-6)  # the first resumed step
-    assert run[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-6)
+    want = reference.rows(LONG)
+    assert run[first]["loss"] == pytest.approx(want[first]["loss"], rel=1e-6)  # the first resumed step
+    assert run[-1]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-6)
+
+
+def test_deepspeed_sbatch_two_ranks_equals_one_process(cluster, reference, tmp_path):
+    """slurm/train_deepspeed.sbatch, run from slurmd's spool copy, 2 ranks through the deepspeed launcher."""
+    out = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, "train_deepspeed.sbatch", [],
+                      ARGS + [f"--train.steps={SHORT}", f"--train.out_dir={out}"], env={"PROCS_PER_NODE": "2"})
+    info = cluster.wait(job)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert "2 process(es)" in text
+    assert_same_losses(read_metrics(out), reference, SHORT)
 
 
 # ------------------------------------------------------------------------------------- two nodes
