@@ -23,8 +23,9 @@ $(STAMP): setup.py Makefile
 train: setup
 	$(PY) -m sparselm.train --config tiny_dense --train.out_dir=runs/tiny_dense
 
+# Two workers (pytest-xdist), each taking whole files so that a module's expensive runs happen once.
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The first thing to run on a GPU machine, with its own torch and no setup (make setup would pin a CPU
 # torch from a registry): GPU-only tests, every block kind under ZeRO-1/3/3-offload in bf16, a save and

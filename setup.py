@@ -33,7 +33,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers", "product-key-memory==0.3.0", "wandb"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "transformers", "product-key-memory==0.3.0", "wandb"],
         "hf": ["transformers"],
         "wandb": ["wandb"],
     },

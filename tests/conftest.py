@@ -49,6 +49,13 @@ def torchrun(n: int) -> list[str]:
     return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={n}", "-m", "sparselm.train"]
 
 
+def deepspeed_launcher(n: int) -> list[str]:
+    """The deepspeed launcher on a free port (its default, 29500, would be shared by tests run side by side)."""
+    from sparselm.distributed_testing import free_port
+
+    return [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()), "--module", "sparselm.train"]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

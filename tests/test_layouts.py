@@ -7,7 +7,7 @@ Each layout is a real multi-process run on gloo, started by torchrun or by the d
 module and only when a selected test needs it (``pytest -k tp2`` trains the one-process reference and tp2)."""
 import pytest
 
-from conftest import BIN, read_metrics, torchrun, train
+from conftest import deepspeed_launcher, read_metrics, torchrun, train
 
 ARGS = ["--config", "tiny_mixed", "--train.steps=5", "--train.eval_every=0", "--train.progress=false",
         "--train.tensorboard=false", "--train.save_every=2", "--train.keep_last=0"]
@@ -51,7 +51,7 @@ def launcher_prefix(launcher: str | None, procs: int) -> list[str] | None:
     if launcher == "torchrun":
         return torchrun(procs)
     if launcher == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", str(procs), "--module", "sparselm.train"]
+        return deepspeed_launcher(procs)
     return None
 
 

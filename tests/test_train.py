@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import BIN, PYTHON, TINY, read_metrics, run_cmd, torchrun, train
+from conftest import PYTHON, TINY, deepspeed_launcher, read_metrics, run_cmd, torchrun, train
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,7 @@ def test_data_parallel_and_accumulation_match_one_process(tmp_path):
     train(args + [f"--train.out_dir={tmp_path / 'one'}"])
     train(args + [f"--train.out_dir={tmp_path / 'dp2'}"], launcher=torchrun(2))
     train(args + [f"--train.out_dir={tmp_path / 'accum'}", "--train.micro_batch_size=2"])
-    ds_launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--module", "sparselm.train"]
-    train(args + [f"--train.out_dir={tmp_path / 'ds'}", "--train.micro_batch_size=2"], launcher=ds_launcher)
+    train(args + [f"--train.out_dir={tmp_path / 'ds'}", "--train.micro_batch_size=2"], launcher=deepspeed_launcher(2))
     one = _losses(tmp_path / "one")
     for other in ("dp2", "accum", "ds"):
         for (l1, g1), (l2, g2) in zip(one, _losses(tmp_path / other), strict=True):
