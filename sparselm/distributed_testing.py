@@ -14,16 +14,11 @@ applied in each rank, since a forkserver's children inherit the server's.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sparselm.runtime import free_port
 
 
 # Imported once by the forkserver; a module missing here is imported by each rank on first use as before.

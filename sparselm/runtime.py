@@ -9,7 +9,8 @@ import torch
 from sparselm.errors import DistributedStartError
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -71,7 +72,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
 
     if "RANK" not in os.environ:
         _SOLO.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(_free_port()))
+                     MASTER_PORT=str(free_port()))
         os.environ.update(_SOLO)
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

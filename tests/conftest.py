@@ -51,7 +51,7 @@ def torchrun(n: int) -> list[str]:
 
 def deepspeed_launcher(n: int) -> list[str]:
     """The deepspeed launcher on a free port (its default, 29500, would be shared by tests run side by side)."""
-    from sparselm.distributed_testing import free_port
+    from sparselm.runtime import free_port
 
     return [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()), "--module", "sparselm.train"]
 

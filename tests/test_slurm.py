@@ -17,6 +17,7 @@ import pytest
 
 from conftest import BIN, PYTHON, REPO, TINY, read_metrics, subprocess_env
 from local_slurm import LocalSlurm, missing_binaries
+from sparselm.runtime import free_port
 
 SHORT, LONG = 12, 2500  # LONG: long enough that a 1-minute job is signalled before it ends (~30 s on 2 cores)
 ARGS = TINY + ["--optim.warmup_steps=5", "--optim.min_lr_ratio=1", "--data.allow_repeat=true"]
@@ -129,14 +130,6 @@ def test_deepspeed_sbatch_two_ranks_equals_one_process(cluster, reference, tmp_p
 
 
 # ------------------------------------------------------------------------------------- two nodes
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_nodes(cmds: list[list[str]], timeout: int = 300) -> None:
     procs = [subprocess.Popen(c, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c in cmds]
@@ -153,7 +146,7 @@ def _run_nodes(cmds: list[list[str]], timeout: int = 300) -> None:
 
 
 def test_two_torchrun_nodes_equal_one_process(reference, tmp_path):
-    port, out = _free_port(), tmp_path / "run"
+    port, out = free_port(), tmp_path / "run"
     _run_nodes([[str(BIN / "torchrun"), "--nnodes=2", f"--node_rank={i}", "--nproc_per_node=1", "--rdzv_backend=c10d",
                  f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", "-m", "sparselm.train",
                  *ARGS, f"--train.steps={SHORT}", f"--train.out_dir={out}"] for i in range(2)])
@@ -161,7 +154,7 @@ def test_two_torchrun_nodes_equal_one_process(reference, tmp_path):
 
 
 def test_two_deepspeed_no_ssh_nodes_equal_one_process(reference, tmp_path):
-    hostfile, out, port = tmp_path / "hostfile", tmp_path / "run", _free_port()
+    hostfile, out, port = tmp_path / "hostfile", tmp_path / "run", free_port()
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     _run_nodes([[str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", f"--node_rank={i}",
                  "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "sparselm.train",
