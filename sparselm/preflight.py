@@ -158,7 +158,6 @@ def absolute_paths(cfg) -> None:
         d.tokenizer = _absolute(d.tokenizer)
     if t.resume not in ("", "latest"):
         t.resume = _absolute(t.resume)
-    t.out_dir = _absolute(t.out_dir)
     t.out_dir = _absolute(t.out_dir)  # a resume with the saved config.yaml continues this run from anywhere
 
 

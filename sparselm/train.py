@@ -71,19 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.stopped_early:  # a checkpoint was saved: the same command with --train.resume=latest continues
             sys.exit(REQUEUE_EXIT)
         return record
-    except tuple(EXIT_STATUS) as err:  # a run-time failure after which nothing saved is lost: one line, its status
-        if argv is not None:
-            raise
-        _say(f"sparselm: error: {err}", sys.stderr)
-        sys.exit(EXIT_STATUS[type(err)])
-    except USER_ERRORS as err:
+    except (*EXIT_STATUS, *USER_ERRORS) as err:
         if argv is not None:
             raise
         from sparselm.errors import DistributedStartError
 
-        # every rank stops; one says why (any rank when the group could not form: rank 0 may be the one missing)
+        # every rank stops; one says why (any rank when the group could not form: rank 0 may be the one missing).
+        # Bad input exits 2; a run-time failure after which nothing saved is lost exits with its own status.
         _say(f"sparselm: error: {err}", sys.stderr, every_rank=isinstance(err, DistributedStartError))
-        sys.exit(2)
+        sys.exit(EXIT_STATUS.get(type(err), 2))
 
 
 def _say(line: str, stream=None, every_rank: bool = False) -> None:

@@ -298,13 +298,12 @@ class Trainer:
         if bad is None and self.ds_config.get("fp16", {}).get("enabled"):
             return None  # a loss-scale overflow: DeepSpeed lowers the scale and goes on
         self.skipped_streak += 1
-        self.last_nonfinite = bad or ("grad_norm", record.get("grad_norm", float("nan")))
+        name, value = bad or ("grad_norm", record.get("grad_norm", float("nan")))
         limit = self.cfg.train.max_skipped_steps
         if not limit or self.skipped_streak < limit:
             return None
         self.saver.wait()
         good = ckpt.latest_checkpoint(self.out_dir) or self.resume_from
-        name, value = self.last_nonfinite
         first = self.step - self.skipped_streak + 1
         where = (f"the last good checkpoint is {good}: resume from it past the batches since with "
                  f"--train.resume={good} --train.skip_batches="
