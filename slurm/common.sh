@@ -11,7 +11,7 @@ export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONUNBUFFERED=1
-REQUEUE_EXIT=75  # sparselm.preemption.REQUEUE_EXIT: stopped early after saving a checkpoint
+REQUEUE_EXIT=75  # sparselm.training.preemption.REQUEUE_EXIT: stopped early after saving a checkpoint
 echo "sparselm: job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST at $(date -u +%FT%TZ)"
 
 # The ranks are told to save and stop through a file (--train.stop_file), not a signal: a signal sent to a

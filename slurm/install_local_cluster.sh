@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what tests/test_slurm.py needs to run a real one-node SLURM cluster on this machine:
+# Installs what tests/e2e/test_slurm.py needs to run a real one-node SLURM cluster on this machine:
 # Debian's slurm-wlm (slurmctld, slurmd, sbatch, srun, scontrol) and munge. Needs root and a reachable
 # package mirror; does nothing when the binaries are already there. The daemons are not started here:
 # the tests start their own, with state under a temporary directory.

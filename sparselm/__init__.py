@@ -12,14 +12,14 @@ __version__ = "0.1.0"
 
 def load_model(path: str):
     """Load ``(model, config)`` on CPU in fp32 from a checkpoint directory or a run directory (its latest)."""
-    from sparselm.checkpoint import load_model as _load
+    from sparselm.checkpoint.checkpointing import load_model as _load
 
     return _load(path)
 
 
 def load_tokenizer(path: str):
     """The tokenizer of a checkpoint or run directory (``encode(text) -> ids``, ``decode(ids)``, ``eod_id``)."""
-    from sparselm.checkpoint import load_tokenizer as _load
+    from sparselm.checkpoint.checkpointing import load_tokenizer as _load
 
     return _load(path)
 

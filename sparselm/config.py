@@ -243,7 +243,7 @@ class TrainConfig:
     (rank 0 looks once per step).  The sbatch scripts set it and create the file when SLURM warns of the
     time limit.  Empty: not used."""
     max_minutes: float = 0.0
-    """Save a checkpoint and stop (exit status 75, see sparselm.preemption) once the run has lasted this
+    """Save a checkpoint and stop (exit status 75, see sparselm.training.preemption) once the run has lasted this
     many minutes, counted from start-up; set it below a job's time limit.  0: no limit."""
     keep_last: int = 3
     """Checkpoints to keep; older ones are removed after a newer one is complete. 0 keeps all."""
@@ -271,7 +271,7 @@ class TrainConfig:
     measures both).  Refused with ZeRO stage 3, whose per-module gather hooks would run inside compiled blocks."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device, the denominator of the logged `mfu`; 0 looks the CUDA device up by name in
-    sparselm.flops.PEAK_TFLOPS at the run's precision (no mfu on CPU or for an unknown device)."""
+    sparselm.planning.flops.PEAK_TFLOPS at the run's precision (no mfu on CPU or for an unknown device)."""
     wandb_project: str = ""
     """Also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline writes
     out_dir/wandb without a network); empty disables it."""

@@ -51,7 +51,7 @@ USER_ERRORS = (ConfigError, DatasetError, DataExhausted, CheckpointError, Conver
 EXIT_STATUS = {SaveError: 74, DivergenceError: 65}
 """Exit status of ``sparselm.train`` for the run-time failures that are not bad input (which exit 2): 74
 (sysexits' EX_IOERR) when a checkpoint could not be written, 65 (EX_DATAERR) when training diverged.
-75 (``sparselm.preemption.REQUEUE_EXIT``) is a stop after a checkpoint was saved."""
+75 (``sparselm.training.preemption.REQUEUE_EXIT``) is a stop after a checkpoint was saved."""
 
 
 def require(cond: bool, msg: str) -> None:

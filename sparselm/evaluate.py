@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batches < 1 or args.batch_size < 1 or args.seq_len < 0:
         parser.error("--batches and --batch-size must be >= 1 and --seq-len >= 0")
 
-    from sparselm.checkpoint import load_model, load_tokenizer
+    from sparselm.checkpoint.checkpointing import load_model, load_tokenizer
     from sparselm.errors import USER_ERRORS
-    from sparselm.runtime import quiet_third_party
+    from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
 

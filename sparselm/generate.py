@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from sparselm.checkpoint import CheckpointError, load_model, load_tokenizer
-    from sparselm.runtime import quiet_third_party
+    from sparselm.checkpoint.checkpointing import CheckpointError, load_model, load_tokenizer
+    from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
 

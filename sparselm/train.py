@@ -8,12 +8,12 @@ import os
 import sys
 
 if __name__ == "__main__":  # a real run: from here on a stop signal during start-up cannot kill it
-    from sparselm.preemption import catch_early
+    from sparselm.training.preemption import catch_early
 
     catch_early()
 
 from sparselm.config import ConfigError, describe, list_presets, load_config
-from sparselm.preflight import preflight
+from sparselm.training.preflight import preflight
 
 USAGE = """usage: python -m sparselm.train --config NAME_OR_PATH [--section.key=value ...]
        python -m sparselm.train --help-config      (every key, its default and meaning)"""
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(name, overrides, check=False)
         for note in preflight(cfg):  # every check that needs no process group, before DeepSpeed is imported
             _say(f"sparselm: {note}")
-        from sparselm.runtime import quiet_third_party
+        from sparselm.training.runtime import quiet_third_party
 
         quiet_third_party()
-        from sparselm.preemption import REQUEUE_EXIT
-        from sparselm.trainer import Trainer
+        from sparselm.training.preemption import REQUEUE_EXIT
+        from sparselm.training.trainer import Trainer
 
         trainer = Trainer(cfg)
         try:

@@ -59,8 +59,8 @@ def save_format1(trainer, path: Path) -> int:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from sparselm.checkpoint import write_safetensors
-    from sparselm.engine_state import MOMENTS, _adam_state, _local_tensors, _zero_managed, canonical_names_of, link_optimizer_state
+    from sparselm.checkpoint.checkpointing import write_safetensors
+    from sparselm.checkpoint.engine_state import MOMENTS, _adam_state, _local_tensors, _zero_managed, canonical_names_of, link_optimizer_state
     from sparselm.parallel.canonical import gather_full
     from sparselm.parallel.pieces import placements
 
@@ -96,13 +96,13 @@ def save_format1(trainer, path: Path) -> int:
 
 
 def worker(args, overrides: list[str]) -> None:
-    from sparselm.runtime import quiet_third_party
+    from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
     import torch.distributed as dist
 
     from sparselm.config import load_config
-    from sparselm.trainer import Trainer
+    from sparselm.training.trainer import Trainer
 
     cfg = load_config(args.config, overrides)
     out = {}

@@ -24,7 +24,7 @@ def rss(key):
     for line in open('/proc/self/status'):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-from sparselm.runtime import quiet_third_party
+from sparselm.training.runtime import quiet_third_party
 from tools.convert_checkpoint import main
 import torch, safetensors, sparselm.convert.hf_import
 quiet_third_party()

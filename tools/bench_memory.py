@@ -111,15 +111,15 @@ class _Held:
 
 
 def worker(args, overrides: list[str]) -> None:
-    from sparselm.runtime import quiet_third_party
+    from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
     import torch
 
     from sparselm.config import load_config
-    from sparselm.optim import lr_at, set_lr
+    from sparselm.training.optim import lr_at, set_lr
     from sparselm.parallel.materialize import reachable_parameters
-    from sparselm.trainer import Trainer
+    from sparselm.training.trainer import Trainer
 
     cfg = load_config(args.config, overrides)
     t = Trainer.__new__(Trainer)
@@ -167,8 +167,8 @@ def worker(args, overrides: list[str]) -> None:
 
 
 def planned_activations_gb(cfg, world: int, rank: int) -> float:
-    """sparselm.plan's activations kept per micro-batch on ``rank`` under cfg's parallel.recompute (CPU ranks)."""
-    from sparselm.plan import plan_layout
+    """sparselm.planning.planner's activations kept per micro-batch on ``rank`` under cfg's parallel.recompute (CPU ranks)."""
+    from sparselm.planning.planner import plan_layout
 
     mode = cfg.parallel.recompute
     acts = plan_layout(cfg, world, gpu_mem_gb=1e6, device="cpu").ranks[rank].activations

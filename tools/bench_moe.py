@@ -23,7 +23,7 @@ def _init_process_group() -> None:
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        from sparselm.runtime import free_port
+        from sparselm.training.runtime import free_port
 
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)

@@ -88,15 +88,15 @@ def _peak_rss_bytes() -> int:
 def measure(config: str, overrides: list[str], steps: int) -> dict:
     """Train ``steps`` steps in this process; the figures of one run."""
     from sparselm.config import load_config
-    from sparselm.optim import lr_at, set_lr
-    from sparselm.preflight import preflight
-    from sparselm.runtime import quiet_third_party
+    from sparselm.training.optim import lr_at, set_lr
+    from sparselm.training.preflight import preflight
+    from sparselm.training.runtime import quiet_third_party
 
     out = tempfile.mkdtemp(prefix="bench-offload-")
     cfg = load_config(config, overrides + QUIET + [f"--train.out_dir={out}", f"--train.steps={steps}"], check=False)
     preflight(cfg)
     quiet_third_party()
-    from sparselm.trainer import Trainer
+    from sparselm.training.trainer import Trainer
 
     trainer = Trainer(cfg)
     zero = trainer.ds_config["zero_optimization"]
@@ -168,7 +168,7 @@ def _trial(name: str, config: str, overrides: list[str], steps: int, experts: in
 def _params(config: str, overrides: list[str], experts: int) -> int:
     from sparselm.config import load_config
     from sparselm.model import build_model
-    from sparselm.plan import _resolve_vocab
+    from sparselm.planning.planner import _resolve_vocab
 
     cfg = load_config(config, overrides + [f"--moe.num_experts={experts}"], check=False)
     _resolve_vocab(cfg)

@@ -19,8 +19,8 @@ import time
 
 def run(overrides: list[str], prefetch: int, out_dir: str, steps: int) -> float:
     from sparselm.config import load_config
-    from sparselm.preflight import preflight
-    from sparselm.trainer import Trainer
+    from sparselm.training.preflight import preflight
+    from sparselm.training.trainer import Trainer
 
     cfg = load_config(overrides[0], overrides[1:] + [f"--data.prefetch={prefetch}", f"--train.steps={steps}",
                                                      f"--train.out_dir={out_dir}", "--train.eval_every=0",
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parser.parse_known_args(argv)
 
     from sparselm.data.packing import PackedSamples
-    from sparselm.runtime import quiet_third_party
+    from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
     original = PackedSamples.batch

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sparselm.checkpoint import (CheckpointError, open_model_tensors, open_optimizer_tensors, read_config, read_meta,
+from sparselm.checkpoint.checkpointing import (CheckpointError, open_model_tensors, open_optimizer_tensors, read_config, read_meta,
                                  resolve_checkpoint)
 from sparselm.convert.store import ConversionError, write_model_checkpoint
 
@@ -70,8 +70,8 @@ def export_hf(args) -> Path:
     the tokenizer files."""
     import math
 
-    from sparselm.checkpoint import load_tokenizer
-    from sparselm.checkpoint_shards import write_consolidated
+    from sparselm.checkpoint.checkpointing import load_tokenizer
+    from sparselm.checkpoint.shards import write_consolidated
     from sparselm.convert.hf_export import choose_family, expert_slice, generation_config, hf_config, hf_tensor_plan
 
     ckpt, meta, cfg, tensors = _load(args.input)
@@ -120,7 +120,7 @@ def export_hf(args) -> Path:
 
 def import_hf(args) -> Path:
     """A Hugging Face model directory of a supported family, streamed tensor by tensor (``hf_import``)."""
-    from sparselm.checkpoint import expected_shapes
+    from sparselm.checkpoint.checkpointing import expected_shapes
     from sparselm.config import load_config
     from sparselm.convert.hf_families import sparselm_config
     from sparselm.convert.hf_import import open_hf_model, read_config
@@ -198,7 +198,7 @@ def inspect(args) -> dict:
 
 
 def main(argv: list[str] | None = None):
-    from sparselm.runtime import quiet_third_party
+    from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -16,7 +16,7 @@ is named and the next case runs):
 
 It prints a table and one line ``gpu_check_json: {...}`` and exits 1 when a case failed (naming it).
 ``--cpu-smoke`` runs the same orchestration on CPU at toy sizes (the test suite runs it:
-tests/test_gpu_check.py); without ``--cpu-smoke`` a machine without CUDA stops at once.
+tests/e2e/tools/test_gpu_check.py); without ``--cpu-smoke`` a machine without CUDA stops at once.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("tests", "train", "bench", "throughput")
 TIMEOUTS = {"tests": 150, "train": 150, "bench": 60, "throughput": 200}  # caps per section on the GPU (sum < 10 min)
 
-GPU_TESTS = ["tests/test_device_placement.py", "tests/test_moe_combine.py", "tests/test_sparse_attention_kernels.py"]
-SMOKE_TESTS = ["tests/test_moe_combine.py::test_moe_forward_makes_no_host_sync_on_cuda"]
+# The GPU-only tests are those marked ``gpu`` (pytest.ini); the CPU rehearsal selects them from one file only.
+GPU_TESTS = ["-m", "gpu", "tests"]
+SMOKE_TESTS = ["-m", "gpu", "tests/unit/model/test_moe_combine.py"]
 
 KINDS = {  # block kind -> preset and overrides (the presets' small sizes: a correctness check)
     "dense": ("tiny_dense", []),
@@ -108,7 +109,7 @@ def _train(argv: list[str]) -> None:
             from megatron.core import parallel_state
 
             parallel_state.destroy_model_parallel()
-            from sparselm.runtime import forget_solo_world
+            from sparselm.training.runtime import forget_solo_world
 
             forget_solo_world()
         except Exception:  # noqa: BLE001 - best effort; the case is reported failed either way
@@ -118,7 +119,7 @@ def _train(argv: list[str]) -> None:
 
 def _bf16_configs(work: Path) -> dict[str, str]:
     """ZeRO-1, ZeRO-3 and ZeRO-3-offload DeepSpeed JSONs with bf16 on (paths in ``work``)."""
-    from sparselm.ds_config import load_ds_json
+    from sparselm.training.ds_config import load_ds_json
 
     paths = {}
     for stage, name in STAGES.items():
@@ -190,11 +191,11 @@ def section_bench(smoke: bool, work: Path, result_file: Path) -> None:
 def section_throughput(smoke: bool, work: Path, result_file: Path) -> None:
     import torch
 
-    import sparselm.compile
+    import sparselm.training.compile
 
     cuda = torch.cuda.is_available()
     if smoke:  # dynamo and AOT autograd without inductor's C++ build (about 30 s per block kind on CPU)
-        sparselm.compile.BACKEND = "aot_eager"
+        sparselm.training.compile.BACKEND = "aot_eager"
     steps = 4 if smoke else 12
     configs = _bf16_configs(work)
     for name, (preset, size) in MODELS.items():

@@ -20,7 +20,7 @@ from multiprocessing import Pool
 from sparselm.data.indexed import write_indexed
 from sparselm.data.sources import RecordError, expand_inputs, iter_documents
 from sparselm.data.tokenizer import load_tokenizer
-from sparselm.runtime import quiet_third_party
+from sparselm.training.runtime import quiet_third_party
 
 _TOKENIZER = None
 

@@ -75,7 +75,7 @@ def parse_size(text: str, head_dim: int) -> tuple[int, int, int]:
 
 def make_config(base: str, family: str, d: int, layers: int, heads: int, overrides: list[str]):
     from sparselm.config import load_config
-    from sparselm.flops import resolve_vocab
+    from sparselm.planning.flops import resolve_vocab
 
     pattern = ",".join(family_pattern(family, layers))
     cfg = load_config(base, [f"--model.d_model={d}", f"--model.n_layers={layers}", f"--model.n_heads={heads}",
@@ -87,7 +87,7 @@ def make_config(base: str, family: str, d: int, layers: int, heads: int, overrid
 def shape_for_n(target: float, base: str, family: str, aspect: float, head_dim: int, overrides: list[str]):
     """(d_model, n_layers, heads) whose non-embedding N is nearest ``target`` (log distance) with
     d_model / n_layers near ``aspect``; d_model a multiple of head_dim."""
-    from sparselm.flops import param_counts
+    from sparselm.planning.flops import param_counts
 
     best = None
     for d in range(head_dim, 64 * head_dim + 1, head_dim):
@@ -103,7 +103,7 @@ def shape_for_n(target: float, base: str, family: str, aspect: float, head_dim: 
 
 def sweep(args, overrides: list[str]) -> list[dict]:
     from sparselm.config import to_yaml
-    from sparselm.flops import flop_counts
+    from sparselm.planning.flops import flop_counts
 
     if (args.tokens is None) == (args.compute is None):
         raise SystemExit("scaling: give one budget per run: --tokens D or --compute C")
@@ -163,13 +163,13 @@ def sweep(args, overrides: list[str]) -> list[dict]:
 
 def train_in_process(argv: list[str]) -> None:
     from sparselm.config import load_config
-    from sparselm.preflight import preflight
-    from sparselm.runtime import quiet_third_party
+    from sparselm.training.preflight import preflight
+    from sparselm.training.runtime import quiet_third_party
 
     cfg = load_config(argv[1], argv[2:], check=False)
     preflight(cfg)
     quiet_third_party()
-    from sparselm.trainer import Trainer
+    from sparselm.training.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:
@@ -200,7 +200,7 @@ def infer_family(pattern: list[str]) -> str:
 def collect(out: Path) -> list[dict]:
     """results.csv and curves.csv from every finished run under OUT/runs/."""
     from sparselm.config import load_config
-    from sparselm.flops import flop_counts, param_counts
+    from sparselm.planning.flops import flop_counts, param_counts
 
     out = Path(out)
     manifest_path = out / "manifest.json"

@@ -7,8 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
-from sparselm.checkpoint import FORMAT, MODEL_DIR, VERSION, _file_sizes, _versions
-from sparselm.checkpoint_shards import write_consolidated
+from sparselm.checkpoint.checkpointing import FORMAT, MODEL_DIR, VERSION, _file_sizes, _versions
+from sparselm.checkpoint.shards import write_consolidated
 from sparselm.config import to_yaml
 from sparselm.errors import ConversionError
 

@@ -6,7 +6,7 @@ and then ``materialize_pieces`` allocates each piece and fills it from a source 
 tensor at a time:
 - ``InitSource`` (sparselm.model.init): the seeded initial values, drawn module by module from a second meta
   copy of the model, so every layout starts from exactly the one-process weights;
-- ``ShardReader`` (sparselm.checkpoint_shards): a checkpoint's ``model/`` shards, of which each rank reads
+- ``ShardReader`` (sparselm.checkpoint.shards): a checkpoint's ``model/`` shards, of which each rank reads
   exactly the boxes of its pieces, so a resumed run skips random init entirely and never holds a whole
   tensor of another rank (``LazyTensors``, format 1's single file, is read tensor by tensor).
 The peak is this rank's pieces plus one full tensor (or one module's tensors when initialising); a piece

@@ -1,6 +1,6 @@
 """The live parallel layout: megatron-core groups, DeepSpeed's topology and expert groups, in agreement.
 
-``Topology(cfg)`` (after torch.distributed is initialised, e.g. by ``sparselm.runtime.init_distributed``)
+``Topology(cfg)`` (after torch.distributed is initialised, e.g. by ``sparselm.training.runtime.init_distributed``)
 - validates the layout against the world size and the model (``layout.validate_layout``);
 - creates megatron-core ``parallel_state`` groups (TP, DP, PP) for tensor parallelism;
 - builds DeepSpeed's ``PipeModelDataParallelTopology`` (what a ``PipelineModule`` is given);
@@ -31,7 +31,7 @@ class Topology:
         from megatron.core import parallel_state as ps
 
         if not dist.is_initialized():
-            raise RuntimeError("Topology needs torch.distributed initialised first (sparselm.runtime.init_distributed)")
+            raise RuntimeError("Topology needs torch.distributed initialised first (sparselm.training.runtime.init_distributed)")
         if ps.model_parallel_is_initialized():
             raise RuntimeError("megatron-core parallel_state is already initialised in this process; "
                                "call teardown() on the previous Topology first")

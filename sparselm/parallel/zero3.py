@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from sparselm.ds_config import working_dtype
+from sparselm.training.ds_config import working_dtype
 from sparselm.parallel.deepspeed_private import zero3_converter
 
 
@@ -49,7 +49,7 @@ class Zero3Partitioner:
         if self.experts_per_gather:
             for layer in moe_layers(model):
                 local = layer.experts.num_local_experts
-                if local > self.experts_per_gather:  # divides it (sparselm.zero_rules)
+                if local > self.experts_per_gather:  # divides it (sparselm.training.zero_rules)
                     layer.experts.split_into_chunks(local // self.experts_per_gather, gather_chunk)
         tag_experts_for_zero3(model)
 

@@ -128,7 +128,7 @@ class ProductKeyMemory(nn.Module):
 
 
 def tag_values(param: nn.Parameter, pcfg) -> None:
-    """Put a value table in its own optimizer group (see sparselm/optim.py)."""
+    """Put a value table in its own optimizer group (see sparselm/training/optim.py)."""
     param.optim_group = VALUE_GROUP
     param.optim_overrides = {"lr_scale": pcfg.value_lr_scale, "weight_decay": pcfg.value_weight_decay}
     if pcfg.value_grad_clip > 0:

@@ -1,0 +1,390 @@
+"""Hugging Face families: import-hf and export-hf against transformers' own modeling code.
+
+Every family is a tiny random model built offline with transformers' classes, its distinctive options on
+(Qwen2-MoE's shared-expert gate and q/k/v biases, Qwen3's head_dim != d_model / heads, OLMoE's full-width q/k
+norm and clip_qkv, Llama 3 rope scaling, GLM-4-MoE's group-limited sigmoid routing, partial rotary and
+dense first layer, Mistral / Qwen2 sliding windows shorter than the sequence).  Tolerances: logits within
+1e-5 in fp32 (both sides compute the same operations; only summation order differs).
+"""
+import json
+
+import pytest
+import torch
+
+from sparselm.convert.store import ConversionError
+from tools.convert_checkpoint import main as convert
+
+transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
+
+VOCAB, SEQ = 288, 40
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=96, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+def family_config(family: str):
+    """The family's transformers config with its distinctive options switched on."""
+    T = transformers
+    if family == "llama":
+        return T.LlamaConfig(**COMMON, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 16})
+    if family == "llama_yarn":
+        return T.LlamaConfig(**COMMON, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                        "original_max_position_embeddings": 32})
+    if family == "llama_linear":
+        return T.LlamaConfig(**{**COMMON, "tie_word_embeddings": True},
+                             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    if family == "mistral":
+        return T.MistralConfig(**COMMON, sliding_window=8, head_dim=24)
+    if family == "qwen2":
+        return T.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    if family == "qwen3":
+        return T.Qwen3Config(**COMMON, head_dim=32)
+    if family == "mixtral":
+        return T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        return T.Qwen2MoeConfig(**COMMON, **MOE, num_experts=4, shared_expert_intermediate_size=64,
+                                norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0])
+    if family == "qwen3_moe":
+        return T.Qwen3MoeConfig(**COMMON, **MOE, num_experts=4, head_dim=32, norm_topk_prob=True)
+    if family == "olmoe":
+        return T.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, clip_qkv=0.6, norm_topk_prob=False)
+    if family == "glm4_moe":
+        return T.Glm4MoeConfig(**COMMON, **MOE, n_routed_experts=8, n_group=2, topk_group=1, first_k_dense_replace=1,
+                               n_shared_experts=1, use_qk_norm=True, attention_bias=True, routed_scaling_factor=1.8,
+                               norm_topk_prob=True)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "llama_yarn", "llama_linear", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",
+            "olmoe", "glm4_moe"]
+
+
+def tiny_hf_model(family: str, seed: int = 0):
+    """A random model of ``family`` whose weights are all far from their init (norm weights, biases and GLM's
+    selection bias included), so every tensor's mapping matters."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(family_config(family)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias") or "router" in name or name.endswith("gate.weight"):
+                p.normal_(0, 0.3)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
+    return model
+
+
+def save(model, path, fused: bool = False):
+    """save_pretrained (per-expert names, as published) or the transformers-5 in-memory (fused) names."""
+    model.save_pretrained(str(path), max_shard_size="200KB")
+    if fused:
+        from safetensors.torch import save_file
+
+        for f in list(path.glob("*.safetensors")) + list(path.glob("*.index.json")):
+            f.unlink()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def max_diff(hf, ours, ids):
+    with torch.no_grad():
+        return (hf(ids).logits - ours(ids)).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_matches_transformers(tmp_path, family):
+    from sparselm import load_model
+
+    hf = tiny_hf_model(family)
+    save(hf, tmp_path / "hf")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1  # sharded, with an index
+    convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
+    ours, cfg = load_model(tmp_path / "ours")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    diff = max_diff(hf, ours, ids)
+    print(f"{family}: import max|diff| {diff:.2e}")
+    assert diff < 1e-5, diff
+
+
+CARRIED = {  # the distinctive options each family's import must carry (checked in the sparselm config)
+    "llama": {"model.rope_scaling": "llama3", "model.rope_factor": 8.0, "model.rope_original_max_seq_len": 16},
+    "llama_yarn": {"model.rope_scaling": "yarn", "model.rope_attention_factor": pytest.approx(1.1386294)},
+    "llama_linear": {"model.rope_scaling": "linear", "model.tie_embeddings": True},
+    "mistral": {"model.head_dim": 24, "model.sliding_window": 8, "model.attention_layers": ["sliding"]},
+    "qwen2": {"model.qkv_bias": True, "model.attention_layers": ["full", "sliding"]},
+    "qwen3": {"model.head_dim": 32, "model.qk_norm": "per_head"},
+    "mixtral": {"model.pattern": ["moe", "moe"], "moe.renormalize": True},
+    "qwen2_moe": {"model.pattern": ["dense", "moe"], "moe.shared_expert_gate": True, "moe.num_shared_experts": 2,
+                  "model.qkv_bias": True, "moe.renormalize": False},
+    "qwen3_moe": {"model.qk_norm": "per_head", "moe.renormalize": True},
+    "olmoe": {"model.qk_norm": "full", "model.clip_qkv": 0.6},
+    "glm4_moe": {"model.pattern": ["dense", "moe"], "moe.n_group": 2, "moe.topk_group": 1, "moe.score_func": "sigmoid",
+                 "moe.routed_scaling_factor": 1.8, "model.rotary_fraction": 0.5, "moe.bias_balancing": True},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imported_config_carries_the_family_options_and_flops_counts_them(family):
+    from sparselm.config import load_config
+    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.planning.flops import flop_counts, param_counts
+    from sparselm.model import build_model
+
+    hf = json.loads(family_config(family).to_json_string())
+    cfg = load_config(None, {**sparselm_config(hf), "data": {"seq_len": 32}})
+    for key, value in CARRIED[family].items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value, key
+    model = build_model(cfg, device="meta")
+    counts = param_counts(cfg)
+    assert counts.total == model.num_params() and counts.active == model.num_params(active=True)
+    assert flop_counts(cfg).per_token > 0
+
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe"]
+EXPORT_CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in MOE_FAMILIES]
+
+
+@pytest.mark.parametrize("family, fused", EXPORT_CASES)
+def test_export_loads_in_transformers_with_the_same_logits_and_generation(tmp_path, family, fused):
+    """transformers model -> import-hf -> export-hf (per-expert names, or fused) -> transformers: the same family
+    chosen, no missing or unexpected key, logits within 1e-5 of sparselm's, greedy 20 tokens identical."""
+    from sparselm import load_model
+    from sparselm.generate import generate
+
+    save(tiny_hf_model(family), tmp_path / "hf", fused=fused)  # the import reads either naming too
+    convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
+    args = ["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out"), "--max-shard-gb",
+            str(150_000 / 2**30)] + (["--fused-experts"] if fused else [])
+    convert(args)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == ("llama" if family.startswith("llama") else family)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "out" / "generation_config.json").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
+    keys = set(json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"])
+    if family in MOE_FAMILIES:
+        per_expert = any(".experts.0." in k for k in keys)
+        assert per_expert != fused and any(k.endswith("experts.gate_up_proj") for k in keys) == fused
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True,
+                                                                 output_loading_info=True)
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours, _ = load_model(tmp_path / "ours")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    diff = max_diff(hf, ours, ids)
+    print(f"{family}{' fused' if fused else ''}: export max|diff| {diff:.2e}")
+    assert diff < 1e-5, diff
+    prompt = ids[:1, :5]
+    mine = generate(ours, prompt, 20, temperature=0, eod_id=config["eos_token_id"])[0].tolist()
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False)[0].tolist()
+    assert theirs == mine
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_import_keeps_half_precision_weights(tmp_path, dtype):
+    from sparselm import load_model
+
+    hf = tiny_hf_model("qwen3_moe").to(dtype)
+    save(hf, tmp_path / "hf")
+    info = convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) and \
+        convert(["inspect", "--input", str(tmp_path / "ours"), "--json"])
+    assert {t["dtype"] for t in info["tensors"].values()} == {str(dtype).replace("torch.", "")}
+    ours, _ = load_model(tmp_path / "ours")  # fp32 copies of the stored values
+    # transformers' model of the same stored values in fp32 (rebuilt: a cast model keeps rotary tables in half)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    assert max_diff(ref, ours, ids) < 1e-5
+
+
+def _add_tensors(hf_dir, tensors: dict):
+    """Add tensors in a new shard listed by the index (as an unexpected or quantized checkpoint would)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(hf_dir / "extra.safetensors"))
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(tensors, "extra.safetensors"))
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _break_missing_shard(hf_dir):
+    sorted(hf_dir.glob("model-*.safetensors"))[1].unlink()
+
+
+def _break_truncated_shard(hf_dir):
+    shard = sorted(hf_dir.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
+REFUSALS = {
+    "missing shard": (_break_missing_shard, "shard '.*model-00002-of-.*' named by model.safetensors.index.json is missing"),
+    "truncated shard": (_break_truncated_shard, "shard '.*model-00002-of-.*' is truncated"),
+    "expert biases": (lambda d: _add_tensors(d, {"model.layers.0.mlp.experts.0.gate_proj.bias": torch.zeros(32)}),
+                      "has tensors sparselm has no place for .*model.layers.0.mlp.experts.0.gate_proj.bias"),
+    "quantized": (lambda d: _add_tensors(d, {"model.layers.0.mlp.experts.0.qweight": torch.zeros(4, dtype=torch.int8)}),
+                  "model.layers.0.mlp.experts.0.qweight has dtype I8 .quantized weights.; supported: bf16, fp16, fp32"),
+    "activation": (lambda d: _edit(d, hidden_act="gelu"), "hidden_act='gelu' .supported: silu"),
+    "mla": (lambda d: _edit(d, model_type="deepseek_v3"), "model_type='deepseek_v3' is not supported .multi-head latent"),
+    "shared size": (lambda d: _edit(d, shared_expert_intermediate_size=40),
+                    "shared_expert_intermediate_size=40 .supported: a multiple of moe_intermediate_size=32"),
+}
+
+
+def _edit(hf_dir, **values):
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(values)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def saved_qwen2_moe(tmp_path_factory):
+    return save(tiny_hf_model("qwen2_moe"), tmp_path_factory.mktemp("qwen2_moe") / "hf")
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_import_refuses_bad_input_in_one_line_before_writing(tmp_path, saved_qwen2_moe, case):
+    import shutil
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(saved_qwen2_moe, hf_dir)
+    breaker, message = REFUSALS[case]
+    breaker(hf_dir)
+    with pytest.raises(ConversionError, match=message) as err:
+        convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ours").exists()
+
+
+def test_import_overwrites_an_existing_output_only_with_force(tmp_path, saved_qwen2_moe):
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "keep.txt").write_text("precious")
+    args = ["import-hf", "--input", str(saved_qwen2_moe), "--output", str(tmp_path / "ours")]
+    with pytest.raises(ConversionError, match="not empty"):
+        convert(args)
+    assert (tmp_path / "ours" / "keep.txt").read_text() == "precious"
+    convert(args + ["--force"])
+    assert not (tmp_path / "ours" / "keep.txt").exists() and (tmp_path / "ours" / "meta.json").is_file()
+
+
+def _train_imported(rank, world, ckpt, out):
+    """Two optimizer steps of the imported model under tp=2 x ep=2 (4 ranks), through sparselm.train.main."""
+    from sparselm.train import main
+
+    main(["--config", str(ckpt / "config.yaml"), "--parallel.tp=2", "--parallel.ep=2", f"--train.resume={ckpt}",
+          "--train.steps=2", "--train.global_batch_size=4", "--data.seq_len=32", "--optim.lr=1e-2",
+          "--optim.warmup_steps=0", f"--train.out_dir={out}", "--train.eval_every=0", "--train.progress=false",
+          "--train.tensorboard=false", "--data.tokenizer=byte"])
+    return rank
+
+
+def test_round_trip_import_train_tp2_ep2_export(tmp_path):
+    """GLM-4-MoE (group-limited sigmoid routing with its selection bias, shared experts, per-head q/k norm,
+    partial rotary, a dense first layer) imported, trained 2 steps under tp2 x ep2, exported: transformers'
+    logits equal those of sparselm's consolidated trained model within 1e-5."""
+    from sparselm import load_model
+    from support.distributed import run_distributed
+
+    save(tiny_hf_model("glm4_moe"), tmp_path / "hf")
+    convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
+    run_distributed(_train_imported, 4, tmp_path / "ours", str(tmp_path / "run"))
+    trained, _ = load_model(tmp_path / "run")
+    imported, _ = load_model(tmp_path / "ours")
+    convert(["export-hf", "--input", str(tmp_path / "run"), "--output", str(tmp_path / "out")])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True).eval()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (imported(ids) - trained(ids)).abs().max().item() > 1e-3  # the steps changed the model
+    diff = max_diff(hf, trained, ids)
+    print(f"round trip (glm4_moe, tp2 x ep2): export max|diff| {diff:.2e}")
+    assert diff < 1e-5, diff
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 3.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 1.0, "mscale_all_dim": 0.707, "truncate": False},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048, "attention_factor": 1.3,
+     "partial_rotary_factor": 0.5},
+])
+def test_rope_frequencies_equal_transformers(rope):
+    """Inverse frequencies and the attention factor, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from sparselm.config import load_config
+    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.model.rotary import rope_frequencies
+
+    hf_cfg = transformers.LlamaConfig(hidden_size=1024, num_attention_heads=8, num_hidden_layers=1, vocab_size=300,
+                                      max_position_embeddings=131072, rope_parameters={"rope_theta": 500000.0, **rope})
+    theirs, their_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
+    cfg = load_config(None, {**sparselm_config(json.loads(hf_cfg.to_json_string())), "data": {"seq_len": 32}})
+    ours, our_scale = rope_frequencies(cfg.model)
+    assert torch.equal(ours, theirs.float())
+    assert our_scale == pytest.approx(their_scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("rope, top_level", [
+    ({"rope_type": "yarn", "factor": 4.0}, {}),  # no original length: transformers takes max_position_embeddings
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+     {"original_max_position_embeddings": 4096}),  # the top-level field wins (Phi-3 style)
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, {"original_max_position_embeddings": 2048}),
+])
+def test_rope_original_length_is_found_where_transformers_finds_it(rope, top_level):
+    """A config.json as written (not re-serialised by transformers, which fills the rotary dict in)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from sparselm.config import load_config
+    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.model.rotary import rope_frequencies
+
+    raw = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 1,
+           "intermediate_size": 512, "vocab_size": 300, "max_position_embeddings": 32768, "hidden_act": "silu",
+           "rope_parameters": {"rope_theta": 500000.0, **rope}, **top_level}
+    hf_cfg = transformers.LlamaConfig.from_dict(json.loads(json.dumps(raw)))
+    theirs, their_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
+    cfg = load_config(None, {**sparselm_config(raw), "data": {"seq_len": 32}})
+    ours, our_scale = rope_frequencies(cfg.model)
+    assert torch.equal(ours, theirs.float())
+    assert our_scale == pytest.approx(their_scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("family, edit", [
+    ("qwen2", {"layer_types": None}),  # config.json older than layer_types: derived from max_window_layers
+    ("qwen2_moe", {"layer_types": None, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),
+    ("qwen3_moe", {"sliding_window": 8, "use_sliding_window": False}),  # a window transformers ignores
+    ("qwen3_moe", {"sliding_window": 8, "use_sliding_window": True}),
+])
+def test_import_reads_sliding_windows_as_transformers_does(tmp_path, family, edit):
+    """The windows transformers makes of a config.json as published (compared with transformers loading it),
+    and exported back so that transformers makes the same of them."""
+    from sparselm import load_model
+
+    save(tiny_hf_model(family), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.update({k: v for k, v in edit.items() if v is not None})
+    config = {k: v for k, v in config.items() if not (k in edit and edit[k] is None)}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
+    ours, cfg = load_model(tmp_path / "ours")
+    windows = [cfg.model.layer_window(i) for i in range(cfg.model.n_layers)]
+    assert windows == [hf.config.sliding_window or 0 if t == "sliding_attention" or family == "qwen3_moe" else 0
+                       for t in getattr(hf.config, "layer_types", None) or ["full_attention"] * cfg.model.n_layers]
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    assert max_diff(hf, ours, ids) < 1e-5
+    convert(["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")])
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True).eval()
+    assert max_diff(back, ours, ids) < 1e-5
