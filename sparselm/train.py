@@ -12,8 +12,10 @@ if __name__ == "__main__":  # a real run: from here on a stop signal during star
 
     catch_early()
 
-from sparselm.config import ConfigError, describe, list_presets, load_config
-from sparselm.training.preflight import preflight
+from sparselm.config import ConfigError, describe, list_presets
+from sparselm.errors import EXIT_STATUS, USER_ERRORS, DistributedStartError
+from sparselm.training.launch import prepare, start
+from sparselm.training.preemption import REQUEUE_EXIT
 
 USAGE = """usage: python -m sparselm.train --config NAME_OR_PATH [--section.key=value ...]
        python -m sparselm.train --help-config      (every key, its default and meaning)"""
@@ -45,23 +47,12 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> dict:
     """Train; with ``argv`` given (tests), errors are raised instead of printed."""
-    from sparselm.errors import EXIT_STATUS, USER_ERRORS
-
     try:
         name, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         if name is None:
             raise ConfigError(f"no --config given; name a preset ({', '.join(list_presets())}) or a YAML path, "
                               "e.g. --config tiny_dense")
-        cfg = load_config(name, overrides, check=False)
-        for note in preflight(cfg):  # every check that needs no process group, before DeepSpeed is imported
-            _say(f"sparselm: {note}")
-        from sparselm.training.runtime import quiet_third_party
-
-        quiet_third_party()
-        from sparselm.training.preemption import REQUEUE_EXIT
-        from sparselm.training.trainer import Trainer
-
-        trainer = Trainer(cfg)
+        trainer = start(prepare(name, overrides, say=_say))
         try:
             record = trainer.run()
         except tuple(EXIT_STATUS):
@@ -74,8 +65,6 @@ def main(argv: list[str] | None = None) -> dict:
     except (*EXIT_STATUS, *USER_ERRORS) as err:
         if argv is not None:
             raise
-        from sparselm.errors import DistributedStartError
-
         # every rank stops; one says why (any rank when the group could not form: rank 0 may be the one missing).
         # Bad input exits 2; a run-time failure after which nothing saved is lost exits with its own status.
         _say(f"sparselm: error: {err}", sys.stderr, every_rank=isinstance(err, DistributedStartError))

@@ -27,9 +27,9 @@ def _init_process_group() -> None:
 
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
-    from sparselm.parallel.expert import _ensure_deepspeed_comm
+    from sparselm.parallel.topology import ensure_deepspeed_comm
 
-    _ensure_deepspeed_comm()
+    ensure_deepspeed_comm()
 
 
 def _time(fns: dict, warmup: int, repeats: int, device: torch.device, clock) -> dict:

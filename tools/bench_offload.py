@@ -87,18 +87,12 @@ def _peak_rss_bytes() -> int:
 
 def measure(config: str, overrides: list[str], steps: int) -> dict:
     """Train ``steps`` steps in this process; the figures of one run."""
-    from sparselm.config import load_config
+    from sparselm.training.launch import prepare, start
     from sparselm.training.optim import lr_at, set_lr
-    from sparselm.training.preflight import preflight
-    from sparselm.training.runtime import quiet_third_party
 
     out = tempfile.mkdtemp(prefix="bench-offload-")
-    cfg = load_config(config, overrides + QUIET + [f"--train.out_dir={out}", f"--train.steps={steps}"], check=False)
-    preflight(cfg)
-    quiet_third_party()
-    from sparselm.training.trainer import Trainer
-
-    trainer = Trainer(cfg)
+    cfg = prepare(config, overrides + QUIET + [f"--train.out_dir={out}", f"--train.steps={steps}"])
+    trainer = start(cfg)
     zero = trainer.ds_config["zero_optimization"]
     offloaded = zero.get("offload_param", {}).get("device", "none") != "none"
     total = sum(p.ds_numel * p.element_size() if hasattr(p, "ds_id") else p.numel() * p.element_size()

@@ -18,16 +18,12 @@ import time
 
 
 def run(overrides: list[str], prefetch: int, out_dir: str, steps: int) -> float:
-    from sparselm.config import load_config
-    from sparselm.training.preflight import preflight
-    from sparselm.training.trainer import Trainer
+    from sparselm.training.launch import prepare, start
 
-    cfg = load_config(overrides[0], overrides[1:] + [f"--data.prefetch={prefetch}", f"--train.steps={steps}",
-                                                     f"--train.out_dir={out_dir}", "--train.eval_every=0",
-                                                     "--train.progress=false", "--train.tensorboard=false",
-                                                     "--train.save_every=0"], check=False)
-    preflight(cfg)
-    trainer = Trainer(cfg)
+    trainer = start(prepare(overrides[0], overrides[1:] + [f"--data.prefetch={prefetch}", f"--train.steps={steps}",
+                                                           f"--train.out_dir={out_dir}", "--train.eval_every=0",
+                                                           "--train.progress=false", "--train.tensorboard=false",
+                                                           "--train.save_every=0"]))
     trainer.save = lambda: "nothing (benchmark)"  # time the loop, not the final checkpoint
     started = time.perf_counter()
     trainer.run()

@@ -31,6 +31,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from sparselm.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("tests", "train", "bench", "throughput")
@@ -92,11 +93,6 @@ def _record(result_file: Path, **case) -> dict:
     return case
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
 def _train(argv: list[str]) -> None:
     """One run through the real entry point in this process; the process groups are released after a failure
     too, so the next case can start."""
@@ -142,7 +138,7 @@ def section_train(smoke: bool, work: Path, result_file: Path) -> None:
             try:
                 _train(["--config", preset, *RUN, *extra, *size, f"--train.steps={steps}", "--train.save_every=0",
                         f"--parallel.ds_config={ds}", f"--train.out_dir={out}"])
-                rows = _rows(out)
+                rows = read_metrics(out, train_only=True)
                 losses[stage] = [r["loss"] for r in rows]
                 ok = len(rows) == steps and all(math.isfinite(v) for v in losses[stage])
                 _record(result_file, section="train", case=f"{kind}/{stage}", ok=ok, seconds=time.monotonic() - started,
@@ -162,8 +158,8 @@ def section_train(smoke: bool, work: Path, result_file: Path) -> None:
         full, resumed = work / "resume-full", work / "resume-resumed"
         _train(base + ["--train.save_every=3", f"--train.out_dir={full}"])
         _train(base + [f"--train.resume={full / 'checkpoints' / 'step_3'}", f"--train.out_dir={resumed}"])
-        a = {r["step"]: r["loss"] for r in _rows(full)}
-        b = {r["step"]: r["loss"] for r in _rows(resumed)}
+        a = {r["step"]: r["loss"] for r in read_metrics(full, train_only=True)}
+        b = {r["step"]: r["loss"] for r in read_metrics(resumed, train_only=True)}
         worst = max(abs(b[s] - a[s]) / abs(a[s]) for s in (4, 5, 6))
         _record(result_file, section="train", case="tiny_mixed/save_resume", ok=worst <= 1e-3, max_rel_diff=worst,
                 exact=worst == 0)
@@ -210,7 +206,7 @@ def section_throughput(smoke: bool, work: Path, result_file: Path) -> None:
                 _train(["--config", preset, *RUN, *size, *(SMOKE_MODELS if smoke else []), f"--train.steps={steps}",
                         "--train.save_every=0", f"--train.compile={str(compiled).lower()}",
                         f"--parallel.ds_config={configs['zero1']}", f"--train.out_dir={out}"])
-                rows = _rows(out)[steps // 2:]  # after compilation and warm-up
+                rows = read_metrics(out, train_only=True)[steps // 2:]  # after compilation and warm-up
                 _record(result_file, section="throughput", case=case, ok=True, seconds=time.monotonic() - started,
                         tokens_per_s=statistics.median(r["tokens_per_s"] for r in rows),
                         tflops=statistics.median(r["tflops"] for r in rows),

@@ -8,11 +8,12 @@ Reads each run's metrics.jsonl and config.yaml (tokens per step = global batch x
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import yaml
+
+from sparselm.training.metrics import read_metrics
 
 
 def read_run(run_dir: Path) -> dict:
@@ -20,7 +21,7 @@ def read_run(run_dir: Path) -> dict:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"'{metrics}' does not exist; give run directories made by sparselm.train")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     per_step = cfg.get("train", {}).get("global_batch_size", 0) * cfg.get("data", {}).get("seq_len", 0)
     return {"name": run_dir.name, "rows": rows, "tokens_per_step": per_step}

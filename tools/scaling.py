@@ -47,6 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sparselm.training.launch import run_in_process
+from sparselm.training.metrics import read_metrics
+
 FAMILY_BASE = {"dense": "tiny_dense", "moe": "tiny_moe", "pkm": "tiny_pkm", "allattn": "tiny_allattn"}
 KAPLAN = {"N": 0.076, "N_active": 0.076, "D": 0.095, "C": 0.050}
 """Kaplan et al. 2020 exponents (alpha_C is their compute-efficient frontier's, alpha_C^min)."""
@@ -162,27 +165,7 @@ def sweep(args, overrides: list[str]) -> list[dict]:
 
 
 def train_in_process(argv: list[str]) -> None:
-    from sparselm.config import load_config
-    from sparselm.training.preflight import preflight
-    from sparselm.training.runtime import quiet_third_party
-
-    cfg = load_config(argv[1], argv[2:], check=False)
-    preflight(cfg)
-    quiet_third_party()
-    from sparselm.training.trainer import Trainer
-
-    trainer = Trainer(cfg)
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    run_in_process(argv[1], argv[2:])
 
 
 def run_finished(run_dir: Path, steps: int) -> bool:

@@ -32,6 +32,7 @@ from torch import nn
 from sparselm.model.moe import MoELayer
 from sparselm.model.moe.experts import GroupedExperts
 from sparselm.parallel.comm import GroupReducer
+from sparselm.parallel.topology import ensure_deepspeed_comm
 from sparselm.parallel.pieces import Shard, group_rank_size, in_world, is_sharded_over, shard_
 
 
@@ -181,20 +182,11 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def _ensure_deepspeed_comm() -> None:
-    import deepspeed.comm as ds_dist
-
-    if not ds_dist.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-
-
 def expert_groups(ep_size: int):
     """(expert-parallel group, expert-data-parallel group) of this rank, created once through DeepSpeed."""
     from sparselm.parallel import deepspeed_private as dsp
 
-    _ensure_deepspeed_comm()
+    ensure_deepspeed_comm()
     name = group_name(ep_size)
     if not dsp.expert_groups_exist(name):
         dsp.create_expert_groups(ep_size)

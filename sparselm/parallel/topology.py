@@ -39,7 +39,7 @@ class Topology:
         self.layout: Layout = validate_layout(cfg, self.world_size)
         self.tp, self.pp, self.dp, self.ep = self.layout.tp, self.layout.pp, self.layout.dp, self.layout.ep
         self.coord: Coord = self.layout.coord(self.rank)
-        _ensure_deepspeed_comm()
+        ensure_deepspeed_comm()
 
         # gloo is already every group's backend on CPU; megatron's extra gloo copies would only add start-up time.
         ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
@@ -181,8 +181,9 @@ class Topology:
         ps.destroy_model_parallel()
 
 
-def _ensure_deepspeed_comm() -> None:
-    """DeepSpeed's group helpers go through deepspeed.comm; wrap an existing torch process group."""
+def ensure_deepspeed_comm() -> None:
+    """DeepSpeed's group helpers go through deepspeed.comm: wrap the existing torch process group once (no-op
+    when deepspeed.comm is already initialised).  Call after ``torch.distributed.init_process_group``."""
     import deepspeed.comm
 
     if not deepspeed.comm.is_initialized():

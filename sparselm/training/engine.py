@@ -91,9 +91,10 @@ def make_optimizer(model: torch.nn.Module, cfg, ds: dict, cuda: bool | None = No
     return torch.optim.AdamW(groups, foreach=False, **kwargs)
 
 
-def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
+def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None, nonfinite=None):
     """deepspeed.initialize with our optimizer; returns (engine, ds_config).  ``mpu`` goes to DeepSpeed
-    (None for pipelines); ``norm_mpu`` (megatron-core's groups, pipeline included) serves the norm."""
+    (None for pipelines); ``norm_mpu`` (megatron-core's groups, pipeline included) serves the norm;
+    ``nonfinite``: a ``NonFiniteGuard`` that protects the optimizer where DeepSpeed would apply a non-finite step."""
     import deepspeed
 
     ds = build_ds_config(cfg, dp_size)
@@ -102,10 +103,8 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None):
 
         tag_experts_for_zero3(model)
     optimizer = make_optimizer(model, cfg, ds)
-    if ds["zero_optimization"].get("stage", 0) == 0 and not ds.get("fp16", {}).get("enabled"):
-        from sparselm.training.nonfinite import skip_nonfinite_steps
-
-        skip_nonfinite_steps(optimizer)  # ZeRO stages 1-3 and fp16 skip an overflowing step themselves
+    if nonfinite is not None and ds["zero_optimization"].get("stage", 0) == 0 and not ds.get("fp16", {}).get("enabled"):
+        nonfinite.protect(optimizer)  # ZeRO stages 1-3 and fp16 skip an overflowing step themselves
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
     place_buffers(engine.module, engine.device)
     if cfg.parallel.pp > 1:

@@ -7,6 +7,19 @@ import math
 import os
 from pathlib import Path
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path, train_only: bool = False) -> list[dict]:
+    """The records of a run directory's metrics.jsonl, in file order (one dict per logged step; eval lines
+    carry ``val_loss``).  ``train_only``: only the lines with a training ``loss``.  A run directory without
+    the file (a run that never logged) gives []."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r] if train_only else rows
+
 
 class MetricsWriter:
     """metrics.jsonl and TensorBoard.  ``resume_step``: the step a resumed run continues after; lines of later
@@ -16,7 +29,7 @@ class MetricsWriter:
     def __init__(self, out_dir: Path, tensorboard: bool, enabled: bool, resume_step: int | None = None,
                  wandb_project: str = "", config: dict | None = None):
         self.enabled = enabled
-        path = out_dir / "metrics.jsonl"
+        path = out_dir / METRICS_FILE
         if enabled and resume_step is not None and path.is_file():
             _keep_until(path, resume_step)
         self.jsonl = open(path, "a", encoding="utf-8") if enabled else None

@@ -16,23 +16,26 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from sparselm.checkpoint import checkpointing as ckpt
+from sparselm.checkpoint.engine_state import load_full_state, load_state
 from sparselm.config import ConfigError, to_dict, to_yaml
-from sparselm.data.indexed import DatasetError
 from sparselm.data.blend import is_blend, parse_blend
+from sparselm.data.indexed import DatasetError
 from sparselm.data.loader import build_blend, build_datasets
 from sparselm.data.prefetch import Prefetcher
 from sparselm.data.sampler import GlobalBatchSampler, check_steps_available
 from sparselm.data.tokenizer import load_tokenizer
-from sparselm.training.engine import build_ds_config, build_engine, settle_pipeline_zero_stage
-from sparselm.checkpoint.engine_state import load_full_state, load_state
-from sparselm.planning.flops import device_peak_tflops, flop_counts, summary_lines
-from sparselm.training.metrics import MetricsWriter, format_line
+from sparselm.errors import DivergenceError
 from sparselm.model import build_model
-from sparselm.training.optim import lr_at, set_lr
 from sparselm.parallel.materialize import build_sharded
 from sparselm.parallel.topology import Topology
+from sparselm.planning.flops import device_peak_tflops, flop_counts, summary_lines
+from sparselm.training.engine import build_ds_config, build_engine, settle_pipeline_zero_stage
+from sparselm.training.metrics import MetricsWriter, format_line
+from sparselm.training.nonfinite import NonFiniteGuard
+from sparselm.training.optim import lr_at, set_lr
 from sparselm.training.preemption import StopGuard
 from sparselm.training.preflight import absolute_paths, find_resume
 from sparselm.training.runtime import forget_solo_world, init_distributed, release_free_memory
@@ -79,6 +82,7 @@ class Trainer:
         cfg = self.cfg
         self.guard = StopGuard(cfg.train.save_every_minutes, cfg.train.max_minutes, stop_file=cfg.train.stop_file,
                                say=print if self.is_rank0 else (lambda line: None))
+        self.nonfinite = NonFiniteGuard(cfg.train.max_skipped_steps, fp16=self.ds_config.get("fp16", {}).get("enabled", False))
         self._open_data()
         restored = self._read_resume_checkpoint()
         self._build_module(restored)
@@ -182,11 +186,11 @@ class Trainer:
             if note and self.is_rank0:
                 print(f"sparselm: {note}")
             self.engine, self.ds_config = build_engine(self.module, cfg, topo.dp_size, mpu=None,
-                                                       norm_mpu=topo.parallel_state_mpu)
+                                                       norm_mpu=topo.parallel_state_mpu, nonfinite=self.nonfinite)
             self.steps = PipelineSteps(self.engine, self.module, self.device, self.micro, topo.pp_group)
         else:
             self.engine, self.ds_config = build_engine(self.module, cfg, topo.dp_size, mpu=topo.mpu,
-                                                       norm_mpu=topo.parallel_state_mpu)
+                                                       norm_mpu=topo.parallel_state_mpu, nonfinite=self.nonfinite)
             self.steps = EngineSteps(self.engine, self.module, self.device, self.micro)
 
     def _restore(self, restored: Restored) -> None:
@@ -277,34 +281,17 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             record["grad_norm"] = float(norm)
-        optimizer = self.engine.optimizer
-        inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's wrapper around our client optimizer
-        if not self.engine.was_step_applied() or getattr(inner, "sparselm_skipped", False):
-            record["skipped"] = 1
-            record.setdefault("grad_norm", float("nan"))  # not computed (no clipping), but not finite
+        self.nonfinite.observe(record, self.engine.was_step_applied())
         return record
 
-    def _check_finite(self, record: dict):
-        """Count consecutive non-finite steps (the record's ``skipped``); after train.max_skipped_steps return the
-        DivergenceError (the loop raises it once the step is logged) naming the step, the quantity, the last good checkpoint and how to resume past it."""
-        from sparselm.errors import DivergenceError
-        from sparselm.training.nonfinite import first_nonfinite
-
-        bad = first_nonfinite(record)
-        if bad is None and "skipped" not in record:
-            self.skipped_streak = 0
-            return None
-        record["skipped"] = 1
-        if bad is None and self.ds_config.get("fp16", {}).get("enabled"):
-            return None  # a loss-scale overflow: DeepSpeed lowers the scale and goes on
-        self.skipped_streak += 1
-        name, value = bad or ("grad_norm", record.get("grad_norm", float("nan")))
-        limit = self.cfg.train.max_skipped_steps
-        if not limit or self.skipped_streak < limit:
-            return None
+    def _divergence_error(self) -> DivergenceError:
+        """The error that stops a run after train.max_skipped_steps non-finite steps in a row (raised once the step
+        is logged), naming the steps, the quantity, the last good checkpoint and how to resume past it."""
+        name, value = self.nonfinite.diverged
+        streak, limit = self.nonfinite.streak, self.cfg.train.max_skipped_steps
         self.saver.wait()
         good = ckpt.latest_checkpoint(self.out_dir) or self.resume_from
-        first = self.step - self.skipped_streak + 1
+        first = self.step - streak + 1
         where = (f"the last good checkpoint is {good}: resume from it past the batches since with "
                  f"--train.resume={good} --train.skip_batches="
                  f"{self.sampler.skipped + self.step - ckpt.read_meta(good)['step']}"
@@ -312,7 +299,7 @@ class Trainer:
                  f"no checkpoint was written yet: start again with --train.skip_batches={self.step}")
         return DivergenceError(
             f"training diverged: steps {first}-{self.step} were not finite ({name} = {value} at step {self.step}) "
-            f"and were skipped, {self.skipped_streak} in a row (train.max_skipped_steps={limit}), so the run stops "
+            f"and were skipped, {streak} in a row (train.max_skipped_steps={limit}), so the run stops "
             f"without saving; {where} (a lower optim.lr or optim.grad_clip may be needed too)")
 
     def _eval_samples(self, data) -> int:
@@ -366,75 +353,76 @@ class Trainer:
                                self.topo.as_dict(), self._groups())
 
     def run(self) -> dict:
-        from tqdm import tqdm
-
+        """Train from ``self.step`` to train.steps and return the last step's record.  Stops early (after a
+        checkpoint, ``stopped_early`` saying why) on a signal, a stop file or train.max_minutes; raises
+        DivergenceError after train.max_skipped_steps non-finite steps in a row.  The batch reader, progress bar
+        and metric sinks are closed on every way out."""
         t = self.cfg.train
-        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
         show_bar = self.is_rank0 and t.progress and sys.stdout.isatty()  # no \r frames in log files
         bar = tqdm(total=t.steps, initial=self.step, disable=not show_bar, unit="step",
                    dynamic_ncols=True, file=sys.stdout)
-        record: dict = {}
-        guard = self.guard
+        say = bar.write if self.is_rank0 else (lambda line: None)
         self.stopped_early = ""  # why the run ended before train.steps ('' when it did not)
-        self.skipped_streak = 0  # consecutive non-finite steps (none of them applied)
-        if t.eval_every and self.step == 0:  # where training starts from, for comparison
-            start = {"step": 0, **self.evaluate()}
-            self.writer.write(start)
-            if self.is_rank0:
-                bar.write(format_line(start, t.steps))
-        ahead = self._batches()
-        while self.step < t.steps:
-            lr = lr_at(self.step, self.cfg.optim, t.steps)
-            set_lr(self.engine.optimizer, lr)
-            indices = self.sampler.next_batch()
-            batch = ahead.next() if ahead is not None else self.train_data.batch(self._rank_slice(indices))
-            started = time.perf_counter()
-            record = self.train_step(batch)
-            elapsed = time.perf_counter() - started
-            self.step += 1
-            record = {"step": self.step, **record, "lr": lr, "tokens_per_s": tokens_per_step / elapsed,
-                      "flops_per_token": self.flops_per_token,
-                      "tflops": self.flops_per_token * tokens_per_step / elapsed / self.world / 1e12}
-            if self.peak_tflops:
-                record["mfu"] = record["tflops"] / self.peak_tflops
-            diverged = self._check_finite(record)
-            if self.blended:
-                record.update({f"data/{name}_samples": n for name, n in
-                               self.train_data.consumed_by_source(self.sampler.consumed).items()})
-            last = self.step == t.steps
-            if t.eval_every and (self.step % t.eval_every == 0 or last):
-                record.update(self.evaluate())
-            if self.step % t.log_every == 0 or last or "val_loss" in record or "skipped" in record:
-                self.writer.write(record)
-                if self.is_rank0:
-                    bar.write(format_line(record, t.steps))
-            if diverged is not None:
-                if ahead is not None:
-                    ahead.close()
-                bar.close()
-                self.writer.close()
-                raise diverged
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            bar.update(1)
-            decision = guard.check()
-            due = (t.save_every and self.step % t.save_every == 0) or last or decision.save
-            if due and not self.skipped_streak:  # never a checkpoint while the steps are not finite
-                path = self.save()
-                guard.saved()
-                if self.is_rank0:
-                    bar.write(f"saved {path}")
-            if decision.stop and not last:
-                self.stopped_early = decision.stop
-                if self.is_rank0:
-                    bar.write(f"sparselm: stopped at step {self.step}/{t.steps} ({decision.stop}); "
-                              + ("no checkpoint written: the step was not finite; " if self.skipped_streak else "")
-                              + "resume with --train.resume=latest")
-                break
-        if ahead is not None:
-            ahead.close()
-        self.saver.wait()
-        bar.close()
-        self.writer.close()
+        record: dict = {}
+        ahead = None
+        try:
+            if t.eval_every and self.step == 0:  # where training starts from, for comparison
+                start = {"step": 0, **self.evaluate()}
+                self.writer.write(start)
+                say(format_line(start, t.steps))
+            ahead = self._batches()
+            while self.step < t.steps:
+                record = self._one_step(ahead)
+                last = self.step == t.steps
+                if t.eval_every and (self.step % t.eval_every == 0 or last):
+                    record.update(self.evaluate())
+                if self.step % t.log_every == 0 or last or "val_loss" in record or "skipped" in record:
+                    self.writer.write(record)
+                    say(format_line(record, t.steps))
+                if self.nonfinite.diverged is not None:
+                    raise self._divergence_error()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                bar.update(1)
+                decision = self.guard.check()
+                due = (t.save_every and self.step % t.save_every == 0) or last or decision.save
+                if due and not self.nonfinite.streak:  # never a checkpoint while the steps are not finite
+                    path = self.save()
+                    self.guard.saved()
+                    say(f"saved {path}")
+                if decision.stop and not last:
+                    self.stopped_early = decision.stop
+                    say(f"sparselm: stopped at step {self.step}/{t.steps} ({decision.stop}); "
+                        + ("no checkpoint written: the step was not finite; " if self.nonfinite.streak else "")
+                        + "resume with --train.resume=latest")
+                    break
+            self.saver.wait()
+        finally:
+            if ahead is not None:
+                ahead.close()
+            bar.close()
+            self.writer.close()
+        return record
+
+    def _one_step(self, ahead: Prefetcher | None) -> dict:
+        """Train one global batch and return its record (losses, norms, lr, throughput, data mix)."""
+        t = self.cfg.train
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
+        lr = lr_at(self.step, self.cfg.optim, t.steps)
+        set_lr(self.engine.optimizer, lr)
+        indices = self.sampler.next_batch()
+        batch = ahead.next() if ahead is not None else self.train_data.batch(self._rank_slice(indices))
+        started = time.perf_counter()
+        record = self.train_step(batch)
+        elapsed = time.perf_counter() - started
+        self.step += 1
+        record = {"step": self.step, **record, "lr": lr, "tokens_per_s": tokens_per_step / elapsed,
+                  "flops_per_token": self.flops_per_token,
+                  "tflops": self.flops_per_token * tokens_per_step / elapsed / self.world / 1e12}
+        if self.peak_tflops:
+            record["mfu"] = record["tflops"] / self.peak_tflops
+        if self.blended:
+            record.update({f"data/{name}_samples": n for name, n in
+                           self.train_data.consumed_by_source(self.sampler.consumed).items()})
         return record
 
     def close(self) -> None:

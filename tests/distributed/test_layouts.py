@@ -7,7 +7,8 @@ Each layout is a real multi-process run on gloo, started by torchrun or by the d
 module and only when a selected test needs it (``pytest -k tp2`` trains the one-process reference and tp2)."""
 import pytest
 
-from support.run import deepspeed_launcher, read_metrics, torchrun, train
+from support.run import deepspeed_launcher, torchrun, train
+from sparselm.training.metrics import read_metrics
 
 ARGS = ["--config", "tiny_mixed", "--train.steps=5", "--train.eval_every=0", "--train.progress=false",
         "--train.tensorboard=false", "--train.save_every=2", "--train.keep_last=0"]

@@ -144,9 +144,9 @@ def _deepspeed_reference(rank):
     from deepspeed.moe.layer import MoE
 
     from sparselm.model.feedforward import SwiGLU
-    from sparselm.parallel.expert import _ensure_deepspeed_comm
+    from sparselm.parallel.topology import ensure_deepspeed_comm
 
-    _ensure_deepspeed_comm()
+    ensure_deepspeed_comm()
     result = {}
     for k in (1, 2):
         # DeepSpeed takes the balance statistics over the micro-batch: compare with our micro_batch scope

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from support.run import TINY, read_metrics, torchrun, train
+from support.run import TINY, torchrun, train
+from sparselm.training.metrics import read_metrics
 from support.distributed import run_distributed
 
 

@@ -19,6 +19,7 @@ import pytest
 from support.distributed import run_distributed
 
 from test_zero3 import BASE, MOE, PKM  # the same small models as the ZeRO-3 equivalence tests
+from sparselm.training.metrics import read_metrics
 
 CASES = {
     "tiny_mixed": ("tiny_mixed", PKM + ["--attention.window=8", "--model.tie_embeddings=true", "--pkm.gated=true"]),
@@ -37,10 +38,6 @@ WORLD_JOBS = [(case, layout, mode) for case, layout in (("tiny_mixed", "tp2"), (
 KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm")
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-
-
 def _args(case, layout, mode, run_dir, extra=()):
     preset, overrides = CASES[case]
     return ["--config", preset, *BASE, *overrides, *LAYOUTS[layout], f"--parallel.recompute={mode}",
@@ -54,12 +51,12 @@ def _train(rank, world, jobs, out, resume):
     for job in jobs:
         run_dir = Path(out) / "-".join(job)
         main(_args(*job, run_dir))
-        rows[job] = _rows(run_dir) if rank == 0 else None
+        rows[job] = read_metrics(run_dir, train_only=True) if rank == 0 else None
     if resume:  # recomputation on: 4 steps saving at 2, then resumed from step 2
         full, resumed = Path(out) / "resume-full", Path(out) / "resume-resumed"
         main(_args("tiny_mixed", "1", "full", full, ["--train.steps=4", "--train.save_every=2"]))
         main(_args("tiny_mixed", "1", "full", resumed, ["--train.steps=4", f"--train.resume={full}/checkpoints/step_2"]))
-        rows["resume"] = (_rows(full), _rows(resumed))
+        rows["resume"] = (read_metrics(full, train_only=True), read_metrics(resumed, train_only=True))
     return rows
 
 

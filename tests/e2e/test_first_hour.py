@@ -6,7 +6,8 @@ import stat
 
 import pytest
 
-from support.run import PYTHON, TINY, read_metrics, run_cmd, torchrun, train
+from support.run import PYTHON, TINY, run_cmd, torchrun, train
+from sparselm.training.metrics import read_metrics
 
 PROBE = """
 import sys

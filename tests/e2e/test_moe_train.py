@@ -3,7 +3,8 @@ under torchrun, with bias balancing on so that the per-step bias update (load co
 takes part.  Same micro-batches, so the same losses, grad norms, expert loads and final checkpoint."""
 import pytest
 
-from support.run import checkpoint_tensors, read_metrics, torchrun, train
+from support.run import checkpoint_tensors, torchrun, train
+from sparselm.training.metrics import read_metrics
 
 ARGS = ["--config", "tiny_moe", "--model.d_model=64", "--model.n_layers=2", "--model.n_heads=2",
         "--model.max_seq_len=32", "--data.seq_len=32", "--moe.num_experts=4", "--moe.bias_balancing=true",

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from support.run import PYTHON, REPO, TINY, read_metrics, subprocess_env, train
+from support.run import PYTHON, REPO, TINY, subprocess_env, train
+from sparselm.training.metrics import read_metrics
 from sparselm.checkpoint.checkpointing import latest_checkpoint, load_model, read_meta
 from sparselm.training.preemption import REQUEUE_EXIT, StopGuard
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from support.run import PYTHON, REPO, TINY, checkpoint_tensors, read_metrics, run_cmd, subprocess_env, train
+from support.run import PYTHON, REPO, TINY, checkpoint_tensors, run_cmd, subprocess_env, train
+from sparselm.training.metrics import read_metrics
 
 DIVERGE = ["--optim.lr=50", "--optim.grad_clip=0"]
 

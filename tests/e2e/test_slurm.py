@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from support.run import BIN, PYTHON, REPO, TINY, read_metrics, subprocess_env
+from support.run import BIN, PYTHON, REPO, TINY, subprocess_env
+from sparselm.training.metrics import read_metrics
 from support.local_slurm import LocalSlurm, missing_binaries
 from sparselm.training.runtime import free_port
 

@@ -1,7 +1,8 @@
 """The all-attention presets: tiny_allattn trains as a real process and reloads; the GPU preset validates."""
 import torch
 
-from support.run import read_metrics, train
+from support.run import train
+from sparselm.training.metrics import read_metrics
 from sparselm.config import load_config
 
 SMALL = ["--config", "tiny_allattn", "--model.d_model=64", "--model.n_layers=2", "--model.n_heads=2",

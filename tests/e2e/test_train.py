@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from support.run import PYTHON, TINY, deepspeed_launcher, read_metrics, run_cmd, torchrun, train
+from support.run import PYTHON, TINY, deepspeed_launcher, run_cmd, torchrun, train
+from sparselm.training.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Test helpers: tiny configs, running the trainer and tools as real subprocesses, reading metrics."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -52,10 +51,6 @@ def deepspeed_launcher(n: int) -> list[str]:
     from sparselm.training.runtime import free_port
 
     return [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", str(free_port()), "--module", "sparselm.train"]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def rel_error(a, b) -> float:

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from support.run import TINY, read_metrics, torchrun, train
+from support.run import TINY, torchrun, train
+from sparselm.training.metrics import read_metrics
 
 from sparselm.config import ConfigError, load_config
 from sparselm.data.blend import BlendedSamples, Source, parse_blend

@@ -11,6 +11,7 @@ import torch
 
 from sparselm.config import ConfigError, load_config
 from sparselm.model import build_model
+from sparselm.training.metrics import read_metrics
 
 SMALL = ["--model.vocab_size=64", "--pkm.n_keys=64", "--pkm.knn=4", "--pkm.k_dim=16"]
 CASES = {"dense": ("tiny_dense", "inductor"), "moe": ("tiny_moe", "aot_eager"), "pkm": ("tiny_pkm", "aot_eager"),
@@ -57,8 +58,6 @@ def test_compiled_blocks_equal_eager(case):
 
 
 def test_trainer_compiles_blocks_and_trains_the_eager_numbers(tmp_path, monkeypatch):
-    import json
-
     import sparselm.training.compile
     from sparselm.train import main
 
@@ -69,8 +68,7 @@ def test_trainer_compiles_blocks_and_trains_the_eager_numbers(tmp_path, monkeypa
     for mode in ("false", "true"):
         torch._dynamo.reset()
         main(base + [f"--train.compile={mode}", f"--train.out_dir={tmp_path / mode}"])
-        runs[mode] = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
-                      if '"loss"' in line]
+        runs[mode] = read_metrics(tmp_path / mode, train_only=True)
     assert len(runs["true"]) == 3
     for a, b in zip(runs["true"], runs["false"]):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
