@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sparselm.data.loader import build_datasets, pack_dataset
+from sparselm.errors import USER_ERRORS, DatasetError
+
 
 @torch.no_grad()
 def evaluate(model, samples, tokenizer, batches: int, batch_size: int) -> dict:
@@ -75,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batches < 1 or args.batch_size < 1 or args.seq_len < 0:
         parser.error("--batches and --batch-size must be >= 1 and --seq-len >= 0")
 
+    # deliberate: loading a checkpoint imports the model and parallel code; --help and bad flags stay instant
     from sparselm.checkpoint.checkpointing import load_model, load_tokenizer
-    from sparselm.errors import USER_ERRORS
     from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
@@ -106,18 +109,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _samples(cfg, tokenizer, prefix: str, seq_len: int):
-    from sparselm.data.loader import pack_dataset, build_datasets
-
-    from sparselm.errors import DatasetError
-
+    """The packed samples to evaluate: ``prefix``'s dataset, or the run's validation split as its config names it.
+    Raises DatasetError naming an empty validation split (nothing held out) and suggesting --data."""
     if prefix:
         return pack_dataset(prefix, seq_len)
     cfg.data.seq_len = seq_len
     try:
-        return build_datasets(cfg.data, tokenizer)[1]
+        valid = build_datasets(cfg.data, tokenizer)[1]
     except DatasetError as err:
         raise DatasetError(f"{err} (the run's validation data, as its config names it: relative paths are read from "
                            "the current directory; pass --data PREFIX or run from the directory training ran in)") from None
+    if len(valid.lengths) == 0:
+        source = (f"data.valid_dataset={cfg.data.valid_dataset}" if cfg.data.valid_dataset else
+                  f"data.valid_fraction={cfg.data.valid_fraction} of {cfg.data.dataset} held out no document")
+        raise DatasetError(f"the run's validation split is empty ({source}); pass --data PREFIX to evaluate on "
+                           "another indexed dataset")
+    return valid
 
 
 if __name__ == "__main__":

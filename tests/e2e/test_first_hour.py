@@ -196,6 +196,22 @@ def test_evaluate_on_another_dataset_and_its_errors(bpe_run, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_evaluate_names_an_empty_validation_split(bpe_run, tmp_path, capsys):
+    """A dataset of one large document holds none out at data.valid_fraction: evaluate says so and points at --data."""
+    from sparselm.evaluate import main as evaluate
+
+    prefix = bpe_run / "data" / "c"  # one .txt file: one document, which data.valid_fraction=0.02 does not hold out
+    run_cmd([PYTHON, "-m", "sparselm.train", *TINY, "--train.steps=1", "--train.global_batch_size=2",
+             f"--data.tokenizer={bpe_run / 'tok' / 'tokenizer.json'}", f"--data.dataset={prefix}",
+             "--data.seq_len=16", "--model.max_seq_len=16", f"--train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exit_:
+        evaluate(["--ckpt", str(tmp_path / "run"), "--batches", "1", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "validation split is empty" in err and "data.valid_fraction=0.02" in err and "--data PREFIX" in err
+    assert "--seq-len" not in err
+
+
 def test_tools_stop_bad_input_in_one_line(tmp_path):
     proc = run_cmd([PYTHON, "tools/train_tokenizer.py", "--input", str(tmp_path / "nothing"), "--output",
                     str(tmp_path / "t.json")], check=False)
