@@ -60,7 +60,7 @@ def save_format1(trainer, path: Path) -> int:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from sparselm.checkpoint.checkpointing import write_safetensors
-    from sparselm.checkpoint.engine_state import MOMENTS, _adam_state, _local_tensors, _zero_managed, canonical_names_of, link_optimizer_state
+    from sparselm.checkpoint.engine_state import MOMENTS, adam_state, local_tensors, zero_managed, canonical_names_of, link_optimizer_state
     from sparselm.parallel.canonical import gather_full
     from sparselm.parallel.pieces import placements
 
@@ -71,14 +71,14 @@ def save_format1(trainer, path: Path) -> int:
     link_optimizer_state(engine)
     names, params, aliases = canonical_names_of(model), dict(model.named_parameters()), getattr(model, "canonical_aliases", {})
     weights, moments, specs = {}, {}, {}
-    for local, tensor in _local_tensors(model).items():
+    for local, tensor in local_tensors(model).items():
         canon = names[local]
         specs[canon] = placements(tensor)
         p = params.get(local)
-        managed = p is not None and _zero_managed(p)
+        managed = p is not None and zero_managed(p)
         weights[canon] = (safe_get_full_fp32_param(p) if managed else tensor).detach().float().cpu()
         for key in MOMENTS if p is not None else ():
-            value = safe_get_full_optimizer_state(p, key) if managed else _adam_state(engine, p).get(key)
+            value = safe_get_full_optimizer_state(p, key) if managed else adam_state(engine, p).get(key)
             moments[f"{canon}::{key}"], specs[f"{canon}::{key}"] = value.detach().float().cpu(), specs[canon]
     groups = trainer._groups()
     weights = gather_full(weights, specs, groups, trainer.topo.pp_group)

@@ -170,7 +170,7 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def _publish(ckdir: Path, tmp: Path, final: Path, keep_last: int) -> None:
+def publish(ckdir: Path, tmp: Path, final: Path, keep_last: int) -> None:
     """Move a complete ``tmp`` to ``final``, then ``latest``; a checkpoint of the same step is set aside first
     and removed last, so ``latest_checkpoint`` finds a complete checkpoint at every moment."""
     old = ckdir / f".old_{final.name}"
@@ -185,7 +185,7 @@ def _publish(ckdir: Path, tmp: Path, final: Path, keep_last: int) -> None:
     _prune(ckdir, keep_last, final)
 
 
-def _clean_stale(ckdir: Path) -> None:
+def clean_stale(ckdir: Path) -> None:
     """What a killed save left: partial ``.tmp_step_*`` directories go; a set-aside ``.old_step_N`` whose
     replacement never arrived goes back to ``step_N``."""
     for stale in ckdir.glob(".tmp_step_*"):
@@ -236,7 +236,7 @@ class CheckpointWriter:
         if rank == 0:
             try:
                 self.ckdir.mkdir(parents=True, exist_ok=True)
-                _clean_stale(self.ckdir)
+                clean_stale(self.ckdir)
                 _warn_if_short(self.ckdir, needed, final.name)
                 tmp.mkdir()
                 (tmp / "config.yaml").write_text(to_yaml(cfg))
@@ -277,7 +277,7 @@ class CheckpointWriter:
                 meta["tensors"] = {n: list(md.size) for n, md in sorted(written.state_dict_metadata.items())}
                 meta["files"] = _file_sizes(tmp)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-                _publish(self.ckdir, tmp, final, self.keep_last)
+                publish(self.ckdir, tmp, final, self.keep_last)
             except OSError as err:
                 failure = err
         self._check(_agree(failure, self._group), tmp, needed)

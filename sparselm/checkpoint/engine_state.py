@@ -16,18 +16,21 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 """Adam's state tensors, stored as ``{canonical name}::{moment}``."""
 
 
-def _zero_managed(p: torch.nn.Parameter) -> bool:
+def zero_managed(p: torch.nn.Parameter) -> bool:
+    """Whether DeepSpeed's ZeRO owns ``p``'s fp32 master copy and optimizer state (stage 3's ``ds_id``, stages
+    1-2's ``_hp_mapping``); such state is read and written through deepspeed.utils' safe accessors."""
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16/fp16 optimizers) of ``engine``."""
     opt = engine.optimizer
     while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
         opt = opt.optimizer
     return opt
 
 
-def _adam_state(engine, p):
+def adam_state(engine, p):
     """The base optimizer's state dict of a parameter that ZeRO does not manage."""
     return base_optimizer(engine).state[p]
 
@@ -58,7 +61,7 @@ def link_optimizer_state(engine) -> None:
     relink_zero_optimizer_state(engine.optimizer)
 
 
-def _local_tensors(model) -> dict[str, torch.Tensor]:
+def local_tensors(model) -> dict[str, torch.Tensor]:
     """Local name -> tensor for parameters (the first name of a tied one) and persistent buffers."""
     out = dict(model.named_parameters())
     seen = {id(p) for p in out.values()}
@@ -86,7 +89,7 @@ def _fragments(engine, p) -> list[tuple[int, int, torch.Tensor, dict[str, torch.
             return []
         moments = {k: safe_get_local_optimizer_state(p, k).narrow(0, 0, numel) for k in MOMENTS}
         return [(start, numel, safe_get_local_fp32_param(p).narrow(0, 0, numel), moments)]
-    state = _adam_state(engine, p)
+    state = adam_state(engine, p)
     return [(0, p.numel(), p.detach().view(-1), {k: state[k].view(-1) for k in MOMENTS if k in state})]
 
 
@@ -99,7 +102,7 @@ def _pieces(model, groups: dict, skip_aliases: bool = True):
 
     aliases = getattr(model, "canonical_aliases", {})
     names = canonical_names_of(model)
-    for local, tensor in _local_tensors(model).items():
+    for local, tensor in local_tensors(model).items():
         canon = names[local]
         if canon in aliases:
             if skip_aliases:
@@ -171,7 +174,7 @@ def load_state(engine, model, weights, moments, optimizer_step: int, groups: dic
         if p is None:
             continue
         local_shape = tuple(getattr(p, "ds_shape", p.shape))
-        managed = _zero_managed(p)
+        managed = zero_managed(p)
         for start, numel, master, frag_moments in _fragments(engine, p):
             if managed:  # else the parameter is its own master, already read
                 add(weights, canon, [(b.offsets, v) for b, v in flat_range_boxes(local_shape, segs, start, numel, master)])
@@ -202,7 +205,7 @@ def load_full_state(engine, model, tensors: dict, moments: dict | None, optimize
     names = {local: aliases.get(canon, canon) for local, canon in canonical_names_of(model).items()}
     params = dict(model.named_parameters())
     for local, p in params.items():
-        if _zero_managed(p):  # the fp32 master copy ZeRO steps from
+        if zero_managed(p):  # the fp32 master copy ZeRO steps from
             safe_set_full_fp32_param(p, piece(tensors[names[local]], placements(p), groups).contiguous().to(p.device))
     if not moments:
         return
@@ -213,10 +216,10 @@ def load_full_state(engine, model, tensors: dict, moments: dict | None, optimize
             if value is None:
                 continue
             value = piece(value, placements(p), groups)
-            if _zero_managed(p):
+            if zero_managed(p):
                 safe_set_full_optimizer_state(p, value.to(p.device), key)
             else:
-                _adam_state(engine, p)[key].copy_(value)
+                adam_state(engine, p)[key].copy_(value)
     _set_optimizer_step(engine, optimizer_step)
 
 

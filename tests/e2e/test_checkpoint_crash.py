@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from support.run import PYTHON, REPO, subprocess_env
-from sparselm.checkpoint.checkpointing import _clean_stale, _publish, latest_checkpoint, load_model
+from sparselm.checkpoint.checkpointing import clean_stale, publish, latest_checkpoint, load_model
 
 
 @pytest.mark.parametrize("mode, delays", [("sync", (0.05, 0.13, 0.31)), ("async", (0.02, 0.21))])
@@ -49,12 +49,12 @@ def test_replacing_a_step_never_leaves_latest_dangling(tmp_path):
     (ckdir / "step_4").rename(ckdir / ".old_step_4")
     _fake_checkpoint(ckdir / ".tmp_step_4", 40)
     assert latest_checkpoint(tmp_path) == ckdir / ".old_step_4"
-    _clean_stale(ckdir)  # what the next save does first
+    clean_stale(ckdir)  # what the next save does first
     assert not (ckdir / ".tmp_step_4").exists() and (ckdir / "step_4" / "weights").read_text() == "4"
     assert latest_checkpoint(tmp_path) == ckdir / "step_4"
     # the whole swap
     _fake_checkpoint(ckdir / ".tmp_step_4", 40)
-    _publish(ckdir, ckdir / ".tmp_step_4", ckdir / "step_4", keep_last=2)
+    publish(ckdir, ckdir / ".tmp_step_4", ckdir / "step_4", keep_last=2)
     assert latest_checkpoint(tmp_path) == ckdir / "step_4"
     assert (ckdir / "step_4" / "weights").read_text() == "40"
     assert sorted(p.name for p in ckdir.iterdir()) == ["latest", "step_2", "step_4"]
