@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from sparselm.data.loader import build_datasets, pack_dataset
 from sparselm.errors import USER_ERRORS, DatasetError
+from sparselm.training.runtime import quiet_third_party
 
 
 @torch.no_grad()
@@ -80,7 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # deliberate: loading a checkpoint imports the model and parallel code; --help and bad flags stay instant
     from sparselm.checkpoint.checkpointing import load_model, load_tokenizer
-    from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
 

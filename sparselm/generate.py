@@ -6,6 +6,9 @@ import math
 
 import torch
 
+from sparselm.checkpoint.checkpointing import CheckpointError, load_model, load_tokenizer
+from sparselm.training.runtime import quiet_third_party
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Mask (to -inf) all but the top_k logits and the smallest set whose probability reaches top_p.
@@ -78,9 +81,6 @@ def main(argv: list[str] | None = None) -> str:
                              "(the most probable token is always kept, so 0 is greedy); 1 keeps all")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-
-    from sparselm.checkpoint.checkpointing import CheckpointError, load_model, load_tokenizer
-    from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
 

@@ -59,7 +59,7 @@ def save_format1(trainer, path: Path) -> int:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from sparselm.checkpoint.checkpointing import write_safetensors
+    from sparselm.checkpoint.files import write_safetensors
     from sparselm.checkpoint.engine_state import MOMENTS, adam_state, local_tensors, zero_managed, canonical_names_of, link_optimizer_state
     from sparselm.parallel.canonical import gather_full
     from sparselm.parallel.pieces import placements

@@ -22,15 +22,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from sparselm.errors import CheckpointError, SaveError
+import sparselm
+from sparselm.checkpoint.engine_state import optimizer_step_count, state_boxes
+from sparselm.checkpoint.files import write_safetensors
+from sparselm.checkpoint.shards import ShardReader, save_boxes
 from sparselm.checkpoint.tensors import CanonicalTensors
+from sparselm.config import ConfigError, config_from_dict, to_yaml
+from sparselm.data.tokenizer import load_tokenizer as from_spec
+from sparselm.errors import CheckpointError, SaveError
+from sparselm.model import build_model
+from sparselm.parallel.materialize import materialize_pieces, tied_aliases
 
 FORMAT = "sparselm-checkpoint"
 TOKENIZER_FILE = "tokenizer.json"
@@ -86,24 +95,6 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """safetensors' save_file, then the file mode the process umask gives (save_file creates 0600, so
-    teammates could not read checkpoints or exports)."""
-    save_file(tensors, str(path), metadata=metadata)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, use an earlier one")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({err}); use an earlier checkpoint") from None
-
-
 class LazyTensors(CanonicalTensors):
     """The tensors of a safetensors file, read one at a time on demand (``safe_open``: the JSON header at
     open, then only the bytes of the tensor asked for), so a rank never holds a whole checkpoint.
@@ -142,8 +133,6 @@ class LazyTensors(CanonicalTensors):
 
 
 def read_config(ckpt: Path):
-    from sparselm.config import ConfigError, config_from_dict
-
     try:
         return config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
     except (OSError, yaml.YAMLError, ConfigError) as err:
@@ -208,25 +197,16 @@ class CheckpointWriter:
     when the write is complete, and the next ``save`` (or ``wait``) waits for it."""
 
     def __init__(self, out_dir, keep_last: int, async_save: bool = False):
-        import torch.distributed as dist
-
         self.ckdir, self.keep_last = checkpoints_dir(out_dir), keep_last
         self._pending = None
         self._group = dist.new_group(backend="gloo") if async_save else None  # collective: every rank builds it
         self._executor = None
         if async_save:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparselm-save")
 
     def save(self, step: int, engine, model, cfg, sampler_state: dict, layout: dict, groups: dict) -> Path:
         """Write checkpoint ``step`` (collective).  Raises SaveError on every rank when any rank could not write
         its part (the partial ``.tmp_step_<N>`` is removed, ``latest`` and earlier checkpoints stay)."""
-        import torch.distributed as dist
-
-        from sparselm.config import to_yaml
-        from sparselm.checkpoint.engine_state import optimizer_step_count, state_boxes
-
         self.wait()
         rank = dist.get_rank()
         final, tmp = self.ckdir / f"step_{step}", self.ckdir / f".tmp_step_{step}"
@@ -261,10 +241,7 @@ class CheckpointWriter:
         return final
 
     def _write(self, tmp: Path, final: Path, weights, moments, meta: dict, needed: int) -> None:
-        import torch.distributed as dist
         from torch.distributed.checkpoint.api import CheckpointException
-
-        from sparselm.checkpoint.shards import save_boxes
 
         failure = None
         try:
@@ -284,8 +261,6 @@ class CheckpointWriter:
 
     def _check(self, failure: str | None, tmp: Path, needed: int) -> None:
         """Raise SaveError (on every rank: ``failure`` was agreed) after rank 0 removed the partial ``tmp``."""
-        import torch.distributed as dist
-
         if failure is None:
             return
         if dist.get_rank() == 0:
@@ -310,8 +285,6 @@ class CheckpointWriter:
 
 def _bytes_needed(*parts) -> int:
     """Bytes of every rank's pieces (summed over ranks: an upper bound, as replicas are written once)."""
-    import torch.distributed as dist
-
     total = torch.tensor([sum(t.numel() * t.element_size() for part in parts for _, boxes in part.values()
                               for _, t in boxes)], dtype=torch.float64)
     if dist.get_world_size() > 1:
@@ -351,8 +324,6 @@ def _cause(err: BaseException) -> str:
 
 def _agree(failure, group=None) -> str | None:
     """Collective over ``group``: the first failure any rank met (a message), or None when none failed."""
-    import torch.distributed as dist
-
     mine = None if failure is None else (failure if isinstance(failure, str) else f"{type(failure).__name__}: {failure}")
     if dist.get_world_size(group) == 1:
         return mine
@@ -373,8 +344,6 @@ def _prune(ckdir: Path, keep_last: int, newest: Path) -> None:
 def _versions() -> dict:
     import deepspeed
     import megatron.core
-
-    import sparselm
 
     return {"sparselm": sparselm.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "megatron_core": megatron.core.__version__}
@@ -408,8 +377,6 @@ def check_tensors_match(model, tensors, source: Path) -> None:
 def load_tokenizer(path):
     """The tokenizer a checkpoint (or a run directory's latest) was trained with: its own copy of the
     tokenizer file when there is one, the byte tokenizer when its config says so.  Raises CheckpointError."""
-    from sparselm.data.tokenizer import load_tokenizer as from_spec
-
     ckpt = resolve_checkpoint(path)
     data = read_config(ckpt).data
     if (ckpt / TOKENIZER_FILE).is_file():
@@ -438,7 +405,6 @@ def open_model_tensors(ckpt: Path, meta: dict):
     (format 1).  Checks the files first, and that they hold the tensors and shapes ``meta.json`` recorded."""
     if meta.get("version", 1) < 2:
         return LazyTensors(ckpt / "model.safetensors")
-    from sparselm.checkpoint.shards import ShardReader
 
     verify_files(ckpt, meta)
     reader = ShardReader(ckpt / MODEL_DIR)
@@ -455,7 +421,6 @@ def open_optimizer_tensors(ckpt: Path, meta: dict):
     if meta.get("version", 1) < 2:
         moments = LazyTensors(ckpt / "optimizer.safetensors")
         return moments if len(moments) else None
-    from sparselm.checkpoint.shards import ShardReader
 
     if not (ckpt / OPTIMIZER_DIR).is_dir():
         return None
@@ -465,12 +430,9 @@ def open_optimizer_tensors(ckpt: Path, meta: dict):
 
 def load_model(path):
     """(model, config) on CPU in fp32 from a checkpoint or run directory."""
-    from sparselm.model import build_model
-
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     cfg = read_config(ckpt)
-    from sparselm.parallel.materialize import materialize_pieces, tied_aliases
 
     model = build_model(cfg, device="meta")  # filled from the files tensor by tensor: no random init
     tensors = open_model_tensors(ckpt, meta)

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from sparselm.parallel.deepspeed_private import (relink_zero_optimizer_state, zero3_partition, zero_flat_fp32_partitions,
-                                                 zero_fragment)
+from sparselm.parallel.boxes import flat_range_boxes, piece_layout, piece_views
+from sparselm.parallel.canonical import canonical_names
+from sparselm.parallel.deepspeed_private import (
+    relink_zero_optimizer_state,
+    zero3_partition,
+    zero_flat_fp32_partitions,
+    zero_fragment,
+)
+from sparselm.parallel.pieces import piece, placements
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 """Adam's state tensors, stored as ``{canonical name}::{moment}``."""
@@ -97,9 +104,6 @@ def _pieces(model, groups: dict, skip_aliases: bool = True):
     """(local name, canonical name, tensor, canonical shape, segments) of every parameter and persistent buffer
     this rank holds.  The second copy of a tensor tied across pipeline stages is skipped (``skip_aliases``) or
     named by the tensor it copies."""
-    from sparselm.parallel.boxes import piece_layout
-    from sparselm.parallel.pieces import placements
-
     aliases = getattr(model, "canonical_aliases", {})
     names = canonical_names_of(model)
     for local, tensor in local_tensors(model).items():
@@ -116,8 +120,6 @@ def state_boxes(engine, model, groups: dict):
     """(model boxes, optimizer boxes) of this rank for ``sparselm.checkpoint.shards.save_boxes``: the fp32 master
     weights and Adam moments (``NAME::exp_avg``, ``NAME::exp_avg_sq``) it owns, as boxes of the canonical
     tensors, and its persistent buffers.  No communication and no copy: views into the engine's storage."""
-    from sparselm.parallel.boxes import flat_range_boxes, piece_views
-
     link_optimizer_state(engine)
     params = dict(model.named_parameters())
     weights, moments = {}, {}
@@ -141,8 +143,6 @@ def load_state(engine, model, weights, moments, optimizer_step: int, groups: dic
     (``ShardReader``s of a checkpoint's ``model/`` and ``optimizer/``) straight into the engine's storage, the
     elements it owns only, in batches of about ``batch_elements``.  The module's working weights must already
     hold the checkpoint (``parallel.materialize.build_sharded`` from the same reader)."""
-    from sparselm.parallel.boxes import flat_range_boxes
-
     link_optimizer_state(engine)
     params = dict(model.named_parameters())
     pending: list[tuple[object, dict]] = []
@@ -187,8 +187,6 @@ def load_state(engine, model, weights, moments, optimizer_step: int, groups: dic
 
 
 def canonical_names_of(model) -> dict[str, str]:
-    from sparselm.parallel.canonical import canonical_names
-
     return canonical_names(model)
 
 
@@ -198,8 +196,6 @@ def load_full_state(engine, model, tensors: dict, moments: dict | None, optimize
     any layout: each rank takes its own piece).  The module's working weights must already hold the
     checkpoint (load it into the full model before parallelising and building the engine)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    from sparselm.parallel.pieces import piece, placements
 
     aliases = getattr(model, "canonical_aliases", {})
     names = {local: aliases.get(canon, canon) for local, canon in canonical_names_of(model).items()}

@@ -14,7 +14,9 @@ each rank reads only what it needs whatever layout wrote the files; a directory 
 """
 from __future__ import annotations
 
+import json
 import math
+import queue
 import warnings
 from pathlib import Path
 
@@ -27,8 +29,9 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from sparselm.errors import CheckpointError
+from sparselm.checkpoint.files import write_safetensors
 from sparselm.checkpoint.tensors import CanonicalTensors
+from sparselm.errors import CheckpointError
 
 Boxes = dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]]
 """Canonical name -> (canonical shape, [(offsets, tensor of the box)])."""
@@ -82,7 +85,6 @@ class _ShardWriter(HuggingFaceStorageWriter):
             target["names"].add(item.index.fqn)
             target["items"].append(item)
             target["bytes"] += size
-        import queue
 
         todo: queue.Queue = queue.Queue()
         shard = plan.storage_data["shard_index"]
@@ -205,10 +207,6 @@ def write_consolidated(names: list[str], nbytes: dict[str, int], get, out: Path,
     """Whole canonical tensors into Hugging Face-style shards ``model-0000k-of-0000n.safetensors`` plus
     ``model.safetensors.index.json`` under ``out``, one shard in memory at a time: ``get(name)`` reads a tensor
     when its shard is written, ``nbytes`` plans the shards beforehand.  ``ShardReader`` reads the result."""
-    import json
-
-    from sparselm.checkpoint.checkpointing import write_safetensors
-
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:

@@ -12,6 +12,8 @@ import sysconfig
 import zlib
 from pathlib import Path
 
+from sparselm.data.indexed import write_indexed
+
 
 def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -28,8 +30,6 @@ def default_cache_dir() -> Path:
 
 def build_default_corpus(tokenizer, valid_fraction: float, cache_dir: str = "") -> tuple[str, str]:
     """Return (train_prefix, valid_prefix), building them once per interpreter, tokenizer and split."""
-    from sparselm.data.indexed import write_indexed
-
     root = Path(sysconfig.get_paths()["stdlib"])
     tag = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{tokenizer.name}-v{int(valid_fraction * 10_000)}"
     final = Path(cache_dir or default_cache_dir()) / tag

@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sparselm.errors import DatasetError
 
@@ -21,7 +22,6 @@ def write_indexed(prefix: str | Path, documents, vocab_size: int) -> tuple[int, 
     Written to temporary names and renamed at the end, so an interrupted run never leaves a
     half-written dataset under the final name.  Raises DatasetError, writing nothing under ``prefix``,
     when the documents hold no token at all (a dataset nobody can train on)."""
-    import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(prefix)

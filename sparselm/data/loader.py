@@ -1,10 +1,13 @@
 """Turn data config into packed train/validation samples."""
 from __future__ import annotations
 
+import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 
+from sparselm.data.blend import BlendedSamples, is_blend, parse_blend
 from sparselm.data.corpus import build_default_corpus
 from sparselm.data.indexed import document_lengths, flat_tokens, open_indexed
 from sparselm.data.packing import PackedSamples
@@ -24,8 +27,6 @@ def pack_dataset(prefix: str, seq_len: int, keep=None) -> PackedSamples:
 def build_blend(dcfg, tokenizer, size: int, seed: int):
     """(BlendedSamples for training, {source name: validation PackedSamples}).  Validation: the sources of
     data.valid_dataset (a prefix or a blend), else each training source's held-out documents."""
-    from sparselm.data.blend import BlendedSamples, parse_blend
-
     sources = parse_blend(dcfg.dataset)
     held = lambda i: held_out(i, dcfg.valid_fraction)  # noqa: E731
     keep = None if dcfg.valid_dataset else (lambda i: not held(i))
@@ -41,9 +42,6 @@ def build_blend(dcfg, tokenizer, size: int, seed: int):
 def dataset_meta(prefix: str) -> dict | None:
     """What tools/preprocess_data.py recorded beside a dataset (PREFIX.meta.json: tokenizer, vocab_size,
     eod_id), or None for files made elsewhere (e.g. by Megatron's own tools)."""
-    import json
-    from pathlib import Path
-
     path = Path(f"{prefix}.meta.json")
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -51,8 +49,6 @@ def dataset_meta(prefix: str) -> dict | None:
 def check_dataset_tokenizer(dcfg, tokenizer) -> None:
     """Every dataset (each source of a blend) was tokenized by the run's tokenizer, as far as its
     PREFIX.meta.json records it.  Raises DatasetError naming the source."""
-    from sparselm.data.blend import parse_blend
-
     for key, spec in (("data.dataset", dcfg.dataset), ("data.valid_dataset", dcfg.valid_dataset)):
         for source in parse_blend(spec, key):
             meta = dataset_meta(source.prefix)
@@ -89,8 +85,6 @@ def train_samples_on_disk(dcfg) -> int | None:
     """Training samples of a user dataset counted from its .idx alone (no megatron-core import); None for
     the default corpus, which is built on first use, and for a blend (each source's files are checked;
     the trainer names a source that runs out)."""
-    from sparselm.data.blend import is_blend, parse_blend
-
     if is_blend(dcfg.dataset):
         for source in parse_blend(dcfg.dataset):
             document_lengths(source.prefix)

@@ -5,6 +5,7 @@ A tokenizer spec is the string in ``data.tokenizer``: ``byte`` or the path of a 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from sparselm.errors import DatasetError
@@ -62,8 +63,6 @@ class BPETokenizer:
 
 def _config_eos(path: Path) -> list[str]:
     """The eos_token of a transformers tokenizer_config.json beside ``path``, if any."""
-    import json
-
     config = path.parent / "tokenizer_config.json"
     try:
         eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None

@@ -8,7 +8,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselm.model.hooks import ActiveParams
+from sparselm.model.init import (
+    InitSource,
+    check_materialized,
+    deferred_init,
+    initial_values,
+    materialize,
+    owned_parameters,
+)
 from sparselm.model.norm import RMSNorm
+from sparselm.model.pkm.blocks import bind_shared_values
 from sparselm.model.registry import BLOCKS
 
 
@@ -83,7 +92,6 @@ class SparseLM(nn.Module):
             attention, ffn = BLOCKS[kind](cfg, i)
             blocks.append(Block(mcfg, attention, ffn, kind))
         self.layers = nn.ModuleList(blocks)
-        from sparselm.model.pkm.blocks import bind_shared_values
 
         bind_shared_values(self.layers)  # a layer of pkm.share_values reads its owner's table
         self.head = LMHead(mcfg)
@@ -97,8 +105,6 @@ class SparseLM(nn.Module):
     def reset_parameters(self, seed: int | None = None) -> None:
         """Initialise every module from its own stream (``sparselm.model.init``): the same values whichever
         rank builds which piece.  ``seed``: train.seed unless given.  A no-op on the meta device."""
-        from sparselm.model.init import initial_values, owned_parameters
-
         if self.embed.weight.is_meta:
             return
         seed = self.config.train.seed if seed is None else seed
@@ -151,15 +157,12 @@ def build_model(cfg, seed: int | None = None, device: str = "cpu") -> SparseLM:
     initialised; buffers are real), what a parallel layout starts from before each rank materialises its
     pieces.  On CPU every module is initialised from ``seed`` (train.seed) and its name, so every layout
     starts from these exact values."""
-    from sparselm.model.init import deferred_init
-
     with deferred_init():
         model = SparseLM(cfg)
     if device == "meta":
         return model
     if device != "cpu":
         raise ValueError(f"build_model: device must be 'cpu' or 'meta', got {device!r}")
-    from sparselm.model.init import InitSource, check_materialized, materialize
 
     materialize(model, InitSource(build_model(cfg, device="meta"), cfg, seed))
     check_materialized(model)

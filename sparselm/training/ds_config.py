@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from sparselm.config import ConfigError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -174,8 +176,6 @@ def _fill_auto(ds: dict, cfg, where: str) -> list[str]:
 
 def working_dtype(ds: dict):
     """The dtype DeepSpeed trains the parameters in under the resolved config ``ds``: bf16, fp16 or fp32."""
-    import torch
-
     if ds.get("bf16", {}).get("enabled"):
         return torch.bfloat16
     if ds.get("fp16", {}).get("enabled"):

@@ -6,12 +6,16 @@ layout change never changes the batch); ZeRO stage, offload and precision come f
 """
 from __future__ import annotations
 
+import deepspeed
 import torch
+import torch.distributed as dist
 
 from sparselm.config import ConfigError
+from sparselm.parallel.deepspeed_private import pipeline_backward_in_one_call, replace_fp32_clipping
+from sparselm.parallel.expert import clip_grad_norm_, tag_experts_for_zero3
 from sparselm.training.ds_config import load_ds_json, resolve_ds_json
-from sparselm.training.zero_rules import check_zero_rules
 from sparselm.training.optim import param_groups
+from sparselm.training.zero_rules import check_zero_rules
 
 
 def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None, cuda: bool | None = None) -> dict:
@@ -60,8 +64,6 @@ def settle_pipeline_zero_stage(module: torch.nn.Module, cfg, pp_group) -> str | 
     """ZeRO-1 reduces the gradient norm over the pipeline once per parameter group; stages holding
     different groups (PKM values or experts on some stages only) would wait on each other forever.
     Such runs use ZeRO stage 0 (optimizer state not partitioned).  Returns a note when it changed."""
-    import torch.distributed as dist
-
     stage = build_ds_config(cfg, 1)["zero_optimization"].get("stage", 0)
     mine = [g["name"] for g in optimizer_groups(module, cfg)]
     every = [None] * dist.get_world_size(pp_group)
@@ -95,12 +97,8 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None, nonfinite=No
     """deepspeed.initialize with our optimizer; returns (engine, ds_config).  ``mpu`` goes to DeepSpeed
     (None for pipelines); ``norm_mpu`` (megatron-core's groups, pipeline included) serves the norm;
     ``nonfinite``: a ``NonFiniteGuard`` that protects the optimizer where DeepSpeed would apply a non-finite step."""
-    import deepspeed
-
     ds = build_ds_config(cfg, dp_size)
     if ds["zero_optimization"].get("stage", 0) == 3:
-        from sparselm.parallel.expert import tag_experts_for_zero3
-
         tag_experts_for_zero3(model)
     optimizer = make_optimizer(model, cfg, ds)
     if nonfinite is not None and ds["zero_optimization"].get("stage", 0) == 0 and not ds.get("fp16", {}).get("enabled"):
@@ -108,8 +106,6 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None, nonfinite=No
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=mpu)
     place_buffers(engine.module, engine.device)
     if cfg.parallel.pp > 1:
-        from sparselm.parallel.deepspeed_private import pipeline_backward_in_one_call
-
         pipeline_backward_in_one_call(engine)  # each recomputed block recomputed once per micro-batch
     _keep_stage0_grad_norm(engine, norm_mpu if norm_mpu is not None else mpu)
     return engine, ds
@@ -135,8 +131,5 @@ def _keep_stage0_grad_norm(engine, norm_mpu) -> None:
     discards the result.  Clip by the true global norm instead (``sparselm.parallel.expert``: expert shards
     summed over their group, tensor-parallel replicas counted once, every pipeline stage included through
     ``norm_mpu``'s model-parallel group) and keep it for ``engine.get_global_grad_norm()``."""
-    from sparselm.parallel.deepspeed_private import replace_fp32_clipping
-    from sparselm.parallel.expert import clip_grad_norm_
-
     replace_fp32_clipping(engine, lambda: clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
                                                           mpu=norm_mpu))

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import NamedTuple
 
+import torch.distributed as dist
+
 REQUEUE_EXIT = 75
 """Exit status of a run that stopped early (signal or ``train.max_minutes``) after saving a checkpoint:
 run the same command with ``--train.resume=latest`` to continue.  75 is sysexits' EX_TEMPFAIL
@@ -104,7 +106,6 @@ class StopGuard:
     def check(self) -> Decision:
         """Collective (every rank, after every step): whether to save now and whether to stop."""
         import torch  # here, so that catch_early() costs no torch import at process start
-        import torch.distributed as dist
 
         now = time.monotonic()
         rank0 = not dist.is_initialized() or dist.get_rank() == 0

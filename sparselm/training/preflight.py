@@ -8,13 +8,24 @@ or returns the notes to print at start-up.  The trainer repeats the checks that 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
+import torch
+
+from sparselm.checkpoint import checkpointing as ckpt
 from sparselm.config import validate
 from sparselm.data.blend import is_blend
+from sparselm.data.indexed import document_lengths
+from sparselm.data.loader import check_dataset_tokenizer, packed_samples, train_samples_on_disk
+from sparselm.data.sampler import check_steps_available
+from sparselm.data.tokenizer import load_tokenizer
 from sparselm.errors import ConfigError, DatasetError
-from sparselm.parallel.layout import check_world
+from sparselm.parallel.layout import check_layout_fits_model, check_world
+from sparselm.training.compile import check_compiler
+from sparselm.training.ds_config import load_ds_json
+from sparselm.training.zero_rules import check_zero_rules
 
 
 def launcher_world_size() -> int:
@@ -24,26 +35,16 @@ def launcher_world_size() -> int:
 
 def preflight(cfg, world_size: int | None = None) -> list[str]:
     """Check ``cfg`` (loaded without validation) for a world of ``world_size`` processes; returns notes."""
-    from sparselm.checkpoint import checkpointing as ckpt
-    from sparselm.data.loader import check_dataset_tokenizer, train_samples_on_disk
-    from sparselm.data.sampler import check_steps_available
-    from sparselm.data.tokenizer import load_tokenizer
-
     world = launcher_world_size() if world_size is None else world_size
     _check_layout(cfg, world)
     validate(cfg)
     _check_zero(cfg)
     d, t = cfg.data, cfg.train
     if t.wandb_project:
-        import importlib.util
-
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError(f"train.wandb_project='{t.wandb_project}' needs Weights & Biases: pip install wandb "
                               "(or leave train.wandb_project empty)")
     if t.compile:  # a two-op compile on this machine's device: a missing backend is named now, not at step 1
-        import torch
-
-        from sparselm.training.compile import check_compiler
 
         check_compiler(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
@@ -64,9 +65,6 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
     if samples is not None:
         check_steps_available(samples, consumed, t.steps - start, cfg)
     if d.valid_dataset and not is_blend(d.valid_dataset):
-        from sparselm.data.indexed import document_lengths
-        from sparselm.data.loader import packed_samples
-
         valid = packed_samples(int(document_lengths(d.valid_dataset).sum()), d.seq_len)
         dp = world // (cfg.parallel.tp * cfg.parallel.pp)
         if t.eval_every and valid < dp:
@@ -78,9 +76,6 @@ def preflight(cfg, world_size: int | None = None) -> list[str]:
 
 def _check_zero(cfg) -> None:
     """The ZeRO stage and offload of the DeepSpeed JSON against the layout (``sparselm.training.zero_rules``)."""
-    from sparselm.training.ds_config import load_ds_json
-    from sparselm.training.zero_rules import check_zero_rules
-
     zero = dict(load_ds_json(cfg.parallel.ds_config).get("zero_optimization") or {})
     if cfg.parallel.zero_stage >= 0:
         zero["stage"] = cfg.parallel.zero_stage
@@ -94,8 +89,6 @@ def _check_zero(cfg) -> None:
 def _check_layout(cfg, world: int) -> None:
     """The layout against the world and against the model, every violated rule in one message, so that
     fixing one does not only reveal the next."""
-    from sparselm.parallel.layout import check_layout_fits_model
-
     problems = []
     for check in (lambda: check_world(cfg, world), lambda: check_layout_fits_model(cfg)):
         try:
@@ -132,8 +125,6 @@ def check_same_model(cfg, saved, path) -> None:
 def find_resume(cfg) -> Path | None:
     """The checkpoint to resume from, or None to start fresh.  Raises ConfigError when train.out_dir already
     holds checkpoints and train.resume is empty (nothing is overwritten), CheckpointError for a bad path."""
-    from sparselm.checkpoint import checkpointing as ckpt
-
     t = cfg.train
     existing = ckpt.latest_checkpoint(t.out_dir)
     if t.resume == "latest":

@@ -1,10 +1,17 @@
 """Process start-up: torch.distributed for a plain process, torchrun or the deepspeed launcher."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import datetime
+import io
 import os
 import socket
+import warnings
 
 import torch
+import torch.distributed as dist
 
 from sparselm.errors import DistributedStartError
 
@@ -28,8 +35,6 @@ QUIET_WARNINGS = (
 def quiet_third_party() -> None:
     """Filter known third-party start-up warnings; on a machine without CUDA, name DeepSpeed's CPU
     accelerator so that it does not warn that it fell back to it (call before importing DeepSpeed)."""
-    import warnings
-
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     if not torch.cuda.is_available():
@@ -62,13 +67,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
     ``timeout_minutes`` bounds every collective and the rendezvous: a rank that waits longer raises
     instead of hanging.  Raises ``DistributedStartError`` naming MASTER_ADDR:MASTER_PORT when the
     rendezvous cannot complete."""
-    import contextlib
-    import datetime
-    import io
-
     quiet_third_party()
     import deepspeed
-    import torch.distributed as dist
 
     if "RANK" not in os.environ:
         _SOLO.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -104,9 +104,6 @@ def release_free_memory() -> None:
     """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
     Reading a checkpoint allocates and frees many tensor-sized buffers, and glibc keeps the freed heap, so
     without this a resumed process would start training with a few hundred MB more RSS than a fresh one."""
-    import ctypes
-    import ctypes.util
-
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from sparselm.checkpoint import checkpointing as ckpt
 from sparselm.checkpoint.engine_state import load_full_state, load_state
+from sparselm.checkpoint.files import read_tensors
 from sparselm.config import ConfigError, to_dict, to_yaml
 from sparselm.data.blend import is_blend, parse_blend
 from sparselm.data.indexed import DatasetError
@@ -31,7 +32,10 @@ from sparselm.errors import DivergenceError
 from sparselm.model import build_model
 from sparselm.parallel.materialize import build_sharded
 from sparselm.parallel.topology import Topology
+from sparselm.parallel.zero3 import Zero3Partitioner
 from sparselm.planning.flops import device_peak_tflops, flop_counts, summary_lines
+from sparselm.training import run_lock
+from sparselm.training.compile import compile_blocks
 from sparselm.training.engine import build_ds_config, build_engine, settle_pipeline_zero_stage
 from sparselm.training.metrics import MetricsWriter, format_line
 from sparselm.training.nonfinite import NonFiniteGuard
@@ -72,7 +76,6 @@ class Trainer:
             self._construct()
         except BaseException:
             if self.is_rank0:  # a start-up that failed leaves no run directory it created itself
-                from sparselm.training import run_lock
 
                 run_lock.release(self.cfg.train.out_dir, remove_if_created=True)
             raise
@@ -87,7 +90,6 @@ class Trainer:
         restored = self._read_resume_checkpoint()
         self._build_module(restored)
         if self.cfg.train.compile:  # per block, before the engine wraps the module (sparselm/training/compile.py)
-            from sparselm.training.compile import compile_blocks
 
             compile_blocks(self.module)
         self._build_engine()
@@ -115,8 +117,6 @@ class Trainer:
     def _lock_run_dir(self) -> None:
         """Rank 0 holds ``train.out_dir``'s run lock until the run ends (``sparselm.training.run_lock``); every rank
         raises the same ConfigError when another run holds it."""
-        from sparselm.training import run_lock
-
         refusal = [""]
         if self.is_rank0:
             try:
@@ -173,7 +173,6 @@ class Trainer:
             tensors = restored.tensors
         partitioner = None
         if self.ds_config["zero_optimization"].get("stage", 0) == 3:  # partitioned as built, never whole
-            from sparselm.parallel.zero3 import Zero3Partitioner
 
             partitioner = Zero3Partitioner(self.ds_config, self.topo, self.cfg.parallel.zero3_experts_per_gather)
         self.module = build_sharded(self.cfg, self.topo, tensors, partitioner=partitioner)
@@ -207,7 +206,7 @@ class Trainer:
         self.step = meta["step"]
         rng_file = restored.path / f"rng_rank{self.rank}.safetensors"
         if meta["layout"] == self.topo.as_dict() and rng_file.is_file():
-            ckpt.set_rng_state(ckpt.read_tensors(rng_file))
+            ckpt.set_rng_state(read_tensors(rng_file))
         if self.is_rank0:
             print(f"sparselm: resumed from {restored.path} at step {self.step}")
             if meta["sampler"] is None or restored.moments is None:
@@ -431,8 +430,6 @@ class Trainer:
         self.saver.close()
         self.guard.close()
         if self.is_rank0:
-            from sparselm.training import run_lock
-
             run_lock.release(self.cfg.train.out_dir)
         self.topo.teardown()
         forget_solo_world()

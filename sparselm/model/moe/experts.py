@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparselm.model.init import module_seed
+
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``auto`` uses torch._grouped_mm: on CPU always (when torch has it), on CUDA with compute
@@ -120,8 +122,6 @@ class GroupedExperts(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) gate/up and Normal(0, out_std) down weights; global expert ``first_expert + e``
         from a stream seeded by the current seed (the module's, under sparselm.model.init) and its index."""
-        from sparselm.model.init import module_seed
-
         base = torch.initial_seed()
         for e in range(self.num_local_experts):
             stream = torch.Generator().manual_seed(module_seed(base, f"expert{self.first_expert + e}"))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparselm.model.feedforward import SwiGLU
+from sparselm.model.moe.config import resolved_expert_hidden
 from sparselm.model.moe.dispatch import LocalDispatcher, combine_choices, count_ids, expert_capacity, plan_dispatch
 from sparselm.model.moe.experts import GroupedExperts
 from sparselm.model.moe.router import Router, balance_loss, z_loss
@@ -50,8 +51,6 @@ class MoELayer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, layer_idx: int) -> "MoELayer":
-        from sparselm.model.moe.config import resolved_expert_hidden
-
         m, mm = cfg.moe, cfg.model
         return cls(mm.d_model, m.num_experts, m.top_k, resolved_expert_hidden(cfg),
                    num_shared_experts=m.num_shared_experts, score_func=m.score_func, renormalize=m.renormalize,

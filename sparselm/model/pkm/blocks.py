@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from sparselm.model.feedforward import SwiGLU
 from sparselm.model.pkm.memory import ProductKeyMemory
 from sparselm.model.registry import default_attention, register_block
 
@@ -40,8 +41,6 @@ def pkm_block(cfg, layer_idx: int):
 
 @register_block("pkm_ffn")
 def pkm_ffn_block(cfg, layer_idx: int):
-    from sparselm.model.feedforward import SwiGLU
-
     ffn = SwiGLU(cfg.model.d_model, cfg.model.ffn_hidden)
     return default_attention(cfg, layer_idx), MemoryBesideFFN(ffn, build_memory(cfg, layer_idx))
 

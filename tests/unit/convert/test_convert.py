@@ -74,7 +74,7 @@ def test_consolidate_and_inspect(tmp_path, capsys):
 def test_format1_checkpoints_still_load(tmp_path):
     """A checkpoint of the first format (one model.safetensors written by rank 0) loads and converts."""
     from sparselm import load_model
-    from sparselm.checkpoint.checkpointing import write_safetensors
+    from sparselm.checkpoint.files import write_safetensors
     from sparselm.config import to_yaml
 
     cfg = load_config("tiny_dense", ["--model.vocab_size=128", "--model.d_model=64", "--model.n_layers=2"])
