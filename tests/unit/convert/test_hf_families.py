@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from sparselm.convert.store import ConversionError
+from sparselm.errors import ConversionError
 from tools.convert_checkpoint import main as convert
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
@@ -134,7 +134,7 @@ CARRIED = {  # the distinctive options each family's import must carry (checked 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_imported_config_carries_the_family_options_and_flops_counts_them(family):
     from sparselm.config import load_config
-    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.convert.hf_import_config import sparselm_config
     from sparselm.planning.flops import flop_counts, param_counts
     from sparselm.model import build_model
 
@@ -323,7 +323,7 @@ def test_rope_frequencies_equal_transformers(rope):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from sparselm.config import load_config
-    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.convert.hf_import_config import sparselm_config
     from sparselm.model.rotary import rope_frequencies
 
     hf_cfg = transformers.LlamaConfig(hidden_size=1024, num_attention_heads=8, num_hidden_layers=1, vocab_size=300,
@@ -347,7 +347,7 @@ def test_rope_original_length_is_found_where_transformers_finds_it(rope, top_lev
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from sparselm.config import load_config
-    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.convert.hf_import_config import sparselm_config
     from sparselm.model.rotary import rope_frequencies
 
     raw = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 1,
