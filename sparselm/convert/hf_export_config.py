@@ -86,7 +86,9 @@ def blockers(fam: Family, cfg) -> list[str]:
         out.append("MoE layers" if moe else "no MoE layers")
         return out
     out += attention_blockers(fam, cfg)
-    return out + moe_blockers(fam, cfg) if moe else out
+    if moe:
+        out += moe_blockers(fam, cfg)
+    return out
 
 
 def choose_family(cfg) -> Family:

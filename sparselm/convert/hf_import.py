@@ -17,6 +17,7 @@ from sparselm.checkpoint.checkpointing import expected_shapes
 from sparselm.config import load_config
 from sparselm.convert.experts import PARTS, STACKED
 from sparselm.convert.hf_families import BY_NAME
+from sparselm.convert.hf_family import Family
 from sparselm.convert.hf_import_config import sparselm_config
 from sparselm.convert.hf_names import GLOBAL, expert_name, layer_renames, stacked_name
 from sparselm.convert.hf_safetensors import DTYPES, SafetensorsDir
@@ -38,7 +39,7 @@ def read_config(hf_dir: Path) -> dict:
     return json.loads(config.read_text())
 
 
-def expert_recipe(hf_dir: Path, src: SafetensorsDir, fam, ours: str, experts: int) -> Recipe:
+def expert_recipe(hf_dir: Path, src: SafetensorsDir, fam: Family, ours: str, experts: int) -> Recipe:
     """How our stacked ``ours`` (``layers.{i}.ffn.experts.gate_up_proj`` / ``down_proj``) of ``experts``
     experts is read: transformers 5's stacked tensor as is, or merged from the per-expert ones.  Each expert is
     checked whole (gate, up and down) where its first stacked tensor is planned."""
