@@ -139,7 +139,8 @@ def read_config(ckpt: Path):
         raise CheckpointError(f"'{ckpt / 'config.yaml'}' cannot be read as a sparselm config: {err}") from None
 
 
-def _file_sizes(root: Path) -> dict[str, int]:
+def file_sizes(root: Path) -> dict[str, int]:
+    """Relative path -> size in bytes of every ``*.safetensors`` file under ``root`` (meta.json's ``files``)."""
     return {str(f.relative_to(root)): f.stat().st_size for f in sorted(root.rglob("*.safetensors"))}
 
 
@@ -231,7 +232,7 @@ class CheckpointWriter:
             failure = err
         self._check(_agree(failure), tmp, needed)
         meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": optimizer_step_count(engine),
-                "sampler": sampler_state, "layout": layout, "world_size": dist.get_world_size(), "versions": _versions()}
+                "sampler": sampler_state, "layout": layout, "world_size": dist.get_world_size(), "versions": library_versions()}
         if self._executor is None:
             self._write(tmp, final, weights, moments, meta, needed)  # every rank returns with it published
         else:
@@ -252,7 +253,7 @@ class CheckpointWriter:
         if failure is None and dist.get_rank() == 0:  # DCP's coordinator returns once every rank has written
             try:
                 meta["tensors"] = {n: list(md.size) for n, md in sorted(written.state_dict_metadata.items())}
-                meta["files"] = _file_sizes(tmp)
+                meta["files"] = file_sizes(tmp)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
                 publish(self.ckdir, tmp, final, self.keep_last)
             except OSError as err:
@@ -341,7 +342,9 @@ def _prune(ckdir: Path, keep_last: int, newest: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
+    """Versions of sparselm, torch, deepspeed and megatron-core (meta.json's ``versions``); the imports are
+    deferred: deepspeed and megatron take seconds to import, and only a save needs them."""
     import deepspeed
     import megatron.core
 

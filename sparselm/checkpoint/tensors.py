@@ -1,5 +1,12 @@
-"""A read-only mapping of canonical name -> tensor, read on demand: what checkpoint readers share."""
+"""The one lazy-tensor interface every reader implements: a read-only mapping name -> tensor, read on demand.
+
+Implementations: a checkpoint's ``LazyTensors`` (format 1) and ``ShardReader`` (format 2), a Hugging Face
+directory's ``SafetensorsDir`` and the renamed / merged / split views of conversion (``MappedTensors``, both
+ways between the two namings).
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -7,7 +14,8 @@ import torch
 class CanonicalTensors:
     """Subclasses set ``shapes`` (stored name -> shape) and ``aliases`` (another name of a stored tensor, e.g. a
     tied output projection -> the stored name) and implement ``__getitem__`` (the whole tensor, read when
-    asked); ``full`` is the same, the name ``materialize`` uses."""
+    asked) and ``dtype`` (from the headers, nothing read); ``full`` is the same as ``[name]``, the name
+    ``materialize`` uses.  A name not held raises KeyError (readers of damaged files raise their own errors)."""
 
     shapes: dict[str, tuple[int, ...]]
     aliases: dict[str, str]
@@ -29,6 +37,14 @@ class CanonicalTensors:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of ``name``, without reading it."""
+        raise NotImplementedError
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of ``name`` as stored (shape x element size), without reading it."""
+        return math.prod(self.shapes[self.stored(name)]) * self.dtype(name).itemsize
 
     def full(self, name: str) -> torch.Tensor:
         return self[name]

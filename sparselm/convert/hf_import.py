@@ -1,167 +1,90 @@
 """import-hf: a Hugging Face model directory of a supported family -> a sparselm checkpoint, streamed.
 
-The source is read tensor by tensor through safetensors' memory map (``model.safetensors.index.json`` and its
-shards, or a single ``model.safetensors``), in whatever dtype it is stored (bf16, fp16, fp32 are kept as
-they are); routed experts stored one tensor per expert (as published checkpoints and ``save_pretrained`` hold
-them) or fused (transformers 5's in-memory names) become sparselm's fused ``[E, 2H, D]`` / ``[E, D, H]``
-tensors.  ``HFTensors`` is a lazy reader for ``write_model_checkpoint``, so peak memory is about one output
-shard (``max_shard_bytes``), not the model.  Every check (config, files present and complete, each tensor
-found with the right shape, no tensor left unread, no quantized dtype) runs before anything is written.
+The source is read tensor by tensor through ``SafetensorsDir`` (safetensors' memory map), in whatever dtype it
+is stored (bf16, fp16, fp32 are kept as they are); routed experts stored one tensor per expert (as published
+checkpoints and ``save_pretrained`` hold them) or fused (transformers 5's in-memory names) become sparselm's
+stacked ``[E, 2H, D]`` / ``[E, D, H]`` tensors (``experts``).  ``open_hf_model`` gives a ``MappedTensors``
+view that ``write_model_checkpoint`` streams, so peak memory is about one output shard (``max_shard_bytes``),
+not the model.  Every check (config, files present and complete, each tensor found with the right shape, no
+tensor left unread, no quantized dtype) runs before anything is written.
 """
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
-import torch
-
-from sparselm.convert import hf_families as fam
+from sparselm.checkpoint.checkpointing import expected_shapes
+from sparselm.config import load_config
+from sparselm.convert.experts import PARTS, STACKED
+from sparselm.convert.hf_families import BY_NAME
+from sparselm.convert.hf_family import Family
+from sparselm.convert.hf_import_config import sparselm_config
+from sparselm.convert.hf_names import GLOBAL, expert_name, layer_renames, stacked_name
+from sparselm.convert.hf_safetensors import DTYPES, SafetensorsDir
+from sparselm.convert.mapped import MappedTensors, Piece, Recipe
+from sparselm.convert.store import clear_output, write_model_checkpoint
 from sparselm.errors import ConversionError
+from sparselm.model import build_model
+from sparselm.parallel.materialize import tied_aliases
 
-DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-class SafetensorsDir:
-    """Name -> (file, shape, dtype) of every tensor of a Hugging Face model directory, from the file headers
-    only; ``get(name)`` reads one tensor."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = [f.name for f in sorted(self.path.glob("*.safetensors"))]
-            if not files:
-                raise ConversionError(f"'{self.path}' has no .safetensors weights (pytorch_model.bin is not read: "
-                                      "it would unpickle arbitrary objects); re-save it with save_pretrained()")
-        self.file_of, self.shapes, self.dtypes = {}, {}, {}
-        for name in files:
-            for tensor, (shape, dtype) in self._header(self.path / name).items():
-                self.file_of[tensor], self.shapes[tensor], self.dtypes[tensor] = name, tuple(shape), dtype
-        self._open: dict[str, object] = {}
-
-    @staticmethod
-    def _header(file: Path) -> dict:
-        if not file.is_file():
-            raise ConversionError(f"shard '{file}' named by model.safetensors.index.json is missing")
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            header = f.read(n) if 0 < n <= size - 8 else b""
-        try:
-            meta = json.loads(header)
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict):
-            raise ConversionError(f"shard '{file}' is truncated or not a safetensors file (unreadable header)")
-        meta.pop("__metadata__", None)
-        end = max((v["data_offsets"][1] for v in meta.values()), default=0)
-        if 8 + n + end > size:
-            raise ConversionError(f"shard '{file}' is truncated: {size} bytes, its header describes {8 + n + end}")
-        return {k: (v["shape"], v["dtype"]) for k, v in meta.items()}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.file_of
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.file_of[name]
-        if file not in self._open:
-            self._open = {file: safe_open(str(self.path / file), framework="pt")}  # one file mapped at a time
-        return self._open[file].get_tensor(name)
-
-
-class HFTensors:
-    """sparselm's canonical tensors of the model in an HF directory, each built when read (``[name]``); with
-    ``keys()``, ``shapes`` and ``dtype(name)`` from the headers: the reader ``write_model_checkpoint`` streams."""
-
-    def __init__(self, source: SafetensorsDir, recipes: dict, shapes: dict, dtypes: dict):
-        self.source, self.recipes, self.shapes, self._dtypes = source, recipes, shapes, dtypes
-
-    def keys(self):
-        return list(self.recipes)
-
-    def __len__(self):
-        return len(self.recipes)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._dtypes[name]
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        kind, parts = self.recipes[name]
-        if kind == "copy":
-            return self.source.get(parts)
-        if kind == "gate_up":  # per expert: [gate_e; up_e] stacked over experts
-            out = torch.empty(self.shapes[name], dtype=self._dtypes[name])
-            for e, (gate, up) in enumerate(parts):
-                h = out.shape[1] // 2
-                out[e, :h], out[e, h:] = self.source.get(gate), self.source.get(up)
-            return out
-        out = torch.empty(self.shapes[name], dtype=self._dtypes[name])  # down, per expert
-        for e, down in enumerate(parts):
-            out[e] = self.source.get(down)
-        return out
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+"""Files of a Hugging Face directory import-hf copies into the checkpoint when present."""
 
 
 def read_config(hf_dir: Path) -> dict:
+    """``hf_dir``/config.json as a dict; ConversionError when there is none."""
     config = Path(hf_dir) / "config.json"
     if not config.is_file():
         raise ConversionError(f"'{hf_dir}' has no config.json; give a Hugging Face model directory")
     return json.loads(config.read_text())
 
 
-def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: list[str]) -> HFTensors:
-    """The lazy reader of ``hf_dir`` for a sparselm model whose tensors have ``expected`` shapes; raises
-    ConversionError naming a missing tensor, a wrong shape, a quantized dtype or a tensor sparselm would drop."""
-    family = hf["model_type"]
+def expert_recipe(hf_dir: Path, src: SafetensorsDir, fam: Family, ours: str, experts: int) -> Recipe:
+    """How our stacked ``ours`` (``layers.{i}.ffn.experts.gate_up_proj`` / ``down_proj``) of ``experts``
+    experts is read: transformers 5's stacked tensor as is, or merged from the per-expert ones.  Each expert is
+    checked whole (gate, up and down) where its first stacked tensor is planned."""
+    i, stacked = int(ours.split(".")[1]), ours.rsplit(".", 1)[1]
+    parts = tuple(p for p in PARTS if STACKED[p] == stacked)
+    fused = stacked_name(i, parts[0], fused_hf=True)
+    if fused in src:
+        return Recipe("copy", (Piece(fused),))
+    checked = PARTS if parts[0] == PARTS[0] else parts
+    for e in range(experts):
+        for part in checked:
+            name = expert_name(fam, i, e, part)
+            if name not in src:
+                raise ConversionError(f"'{hf_dir}' is missing tensor {name} (an expert of {ours})")
+    return Recipe("merge", tuple(Piece(expert_name(fam, i, e, p), p, e) for e in range(experts) for p in parts))
+
+
+def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: list[str]) -> MappedTensors:
+    """The lazy reader of ``hf_dir`` (config.json ``hf``) as a sparselm model whose tensors have ``expected``
+    shapes and whose layers are ``kinds``; raises ConversionError naming a missing tensor, a wrong shape, a
+    quantized dtype or a tensor sparselm would drop."""
+    fam = BY_NAME[hf["model_type"]]
     src = SafetensorsDir(hf_dir)
-    for name, dtype in src.dtypes.items():
-        if dtype not in DTYPES:
-            raise ConversionError(f"tensor {name} has dtype {dtype} (quantized weights); supported: bf16, fp16, fp32")
-    recipes, shapes, dtypes, used = {}, {}, {}, set()
-    renames = {**fam.GLOBAL}
+    for name, code in src.dtype_codes.items():
+        if code not in DTYPES:
+            raise ConversionError(f"tensor {name} has dtype {code} (quantized weights); supported: bf16, fp16, fp32")
+    one_to_one = dict(GLOBAL)
     for i, kind in enumerate(kinds):
-        renames.update(fam.layer_renames(family, i, kind, fused=f"model.layers.{i}.mlp.experts.gate_up_proj" in src))
+        one_to_one.update(layer_renames(fam, i, kind, fused=stacked_name(i, "gate", fused_hf=True) in src))
+    recipes, used = {}, set()
     for ours, shape in expected.items():
-        if ours in renames:
-            theirs = renames[ours]
+        if ours in one_to_one:
+            theirs = one_to_one[ours]
             if theirs not in src:
                 raise ConversionError(f"'{hf_dir}' is missing tensor {theirs} (for {ours})")
-            recipes[ours], dtypes[ours] = ("copy", theirs), DTYPES[src.dtypes[theirs]]
-            used.add(theirs)
-            got = src.shapes[theirs]
-        elif ours.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-            i, what = int(ours.split(".")[1]), ours.rsplit(".", 1)[1]
-            fused = f"model.layers.{i}.mlp.experts.{what}"
-            if fused in src:
-                recipes[ours], got = ("copy", fused), src.shapes[fused]
-                used.add(fused)
-                names = [fused]
-            else:
-                per = [fam.expert_names(family, i, e) for e in range(shape[0])]
-                names = [n for p in per for n in (p if what == "gate_up_proj" else p[2:])]
-                for n in names:
-                    if n not in src:
-                        raise ConversionError(f"'{hf_dir}' is missing tensor {n} (an expert of {ours})")
-                used.update(names)
-                if what == "gate_up_proj":
-                    recipes[ours] = ("gate_up", [p[:2] for p in per])
-                    g = src.shapes[per[0][0]]
-                    got = (len(per), 2 * g[0], g[1])
-                else:
-                    recipes[ours] = ("down", [p[2] for p in per])
-                    got = (len(per), *src.shapes[per[0][2]])
-            dtypes[ours] = DTYPES[src.dtypes[names[0]]]
+            recipe = Recipe("copy", (Piece(theirs),))
+        elif ours.endswith(tuple(f".experts.{s}" for s in set(STACKED.values()))):
+            recipe = expert_recipe(hf_dir, src, fam, ours, shape[0])
         else:
-            raise ConversionError(f"'{hf_dir}': no {family} tensor maps to sparselm's {ours}")
+            raise ConversionError(f"'{hf_dir}': no {fam.name} tensor maps to sparselm's {ours}")
+        used.update(p.source for p in recipe.pieces)
+        got = recipe.shape(src)
         if tuple(got) != tuple(shape):
             raise ConversionError(f"'{hf_dir}': {ours} would have shape {tuple(got)}, the model {tuple(shape)}")
-        shapes[ours] = tuple(shape)
+        recipes[ours] = recipe
     n = hf["num_hidden_layers"]
     left = [k for k in src.file_of if k not in used and not k.endswith("rotary_emb.inv_freq")
             and not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)  # GLM's multi-token-prediction layers
@@ -169,4 +92,31 @@ def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: lis
     if left:
         raise ConversionError(f"'{hf_dir}' has tensors sparselm has no place for (e.g. biases it does not compute): "
                               f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
-    return HFTensors(src, recipes, shapes, dtypes)
+    return MappedTensors(src, recipes)
+
+
+def import_hf(hf_dir: str | Path, output: str | Path, max_shard_bytes: int, force: bool = False) -> Path:
+    """The ``import-hf`` command: the Hugging Face model directory ``hf_dir`` of a supported family, streamed
+    tensor by tensor into a sparselm checkpoint at ``output`` (shards of at most ``max_shard_bytes``) with its
+    tokenizer files; ``force`` replaces an existing ``output`` once every check passed.  Raises
+    ConversionError, before writing, for input it cannot convert exactly."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise ConversionError(f"'{hf_dir}' is not a directory; give a local Hugging Face model directory")
+    hf = read_config(hf_dir)
+    overrides = sparselm_config(hf)
+    overrides["data"] = {"seq_len": min(2048, overrides["model"]["max_seq_len"])}
+    tok = hf_dir / "tokenizer.json"
+    if tok.is_file():
+        overrides["data"]["tokenizer"] = str(Path(output).resolve() / "tokenizer.json")
+    cfg = load_config(None, overrides)
+    model = build_model(cfg, device="meta")
+    tied = set(tied_aliases(model))
+    expected = {k: v for k, v in expected_shapes(model).items() if k not in tied}
+    tensors = open_hf_model(hf_dir, expected, hf, cfg.model.layer_kinds())
+    extra = {name: hf_dir / name for name in TOKENIZER_FILES if (hf_dir / name).is_file()}
+    clear_output(output, force)
+    out = write_model_checkpoint(output, tensors, cfg, source=f"import-hf {hf_dir} ({hf['model_type']})",
+                                 extra_files=extra, max_shard_bytes=max_shard_bytes)
+    print(f"wrote {out} ({hf['model_type']}, {len(tensors)} tensors; train from it with --train.resume={out})")
+    return out

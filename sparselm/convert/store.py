@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sparselm.checkpoint.checkpointing import FORMAT, MODEL_DIR, VERSION, _file_sizes, _versions
+from sparselm.checkpoint.checkpointing import FORMAT, MODEL_DIR, VERSION, file_sizes, library_versions
 from sparselm.checkpoint.shards import write_consolidated
 from sparselm.config import to_yaml
 from sparselm.errors import ConversionError
@@ -43,10 +43,18 @@ def write_model_checkpoint(out_dir: str | Path, tensors, cfg, source: str, step:
         shutil.copy(path, tmp / name)
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": 0, "sampler": None,
-            "layout": None, "world_size": None, "versions": _versions(), "source": source,
-            "tensors": {n: list(shapes[n]) for n in sorted(names)}, "files": _file_sizes(tmp)}
+            "layout": None, "world_size": None, "versions": library_versions(), "source": source,
+            "tensors": {n: list(shapes[n]) for n in sorted(names)}, "files": file_sizes(tmp)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
         out.rmdir()
     os.rename(tmp, out)
     return out
+
+
+def clear_output(out_dir: str | Path, force: bool) -> None:
+    """``--force``: remove an existing output directory (call it after every check passed); without ``force``
+    nothing is removed and the writers refuse a non-empty one."""
+    out = Path(out_dir)
+    if force and out.exists():
+        shutil.rmtree(out)

@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from sparselm.convert.store import ConversionError
+from sparselm.errors import ConversionError
 
 ROUTER_INIT_STD = 1e-3  # small: routing starts near uniform, so experts specialise gradually
 

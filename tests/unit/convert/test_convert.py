@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from sparselm.config import load_config
-from sparselm.convert.store import ConversionError, write_model_checkpoint
+from sparselm.convert.store import write_model_checkpoint
+from sparselm.errors import ConversionError
 from sparselm.model import build_model
 from tools.convert_checkpoint import main as convert
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from sparselm.convert.store import ConversionError
+from sparselm.errors import ConversionError
 from tools.convert_checkpoint import main as convert
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
@@ -134,7 +134,7 @@ CARRIED = {  # the distinctive options each family's import must carry (checked 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_imported_config_carries_the_family_options_and_flops_counts_them(family):
     from sparselm.config import load_config
-    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.convert.hf_import_config import sparselm_config
     from sparselm.planning.flops import flop_counts, param_counts
     from sparselm.model import build_model
 
@@ -323,7 +323,7 @@ def test_rope_frequencies_equal_transformers(rope):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from sparselm.config import load_config
-    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.convert.hf_import_config import sparselm_config
     from sparselm.model.rotary import rope_frequencies
 
     hf_cfg = transformers.LlamaConfig(hidden_size=1024, num_attention_heads=8, num_hidden_layers=1, vocab_size=300,
@@ -347,7 +347,7 @@ def test_rope_original_length_is_found_where_transformers_finds_it(rope, top_lev
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from sparselm.config import load_config
-    from sparselm.convert.hf_families import sparselm_config
+    from sparselm.convert.hf_import_config import sparselm_config
     from sparselm.model.rotary import rope_frequencies
 
     raw = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 1,
@@ -388,3 +388,47 @@ def test_import_reads_sliding_windows_as_transformers_does(tmp_path, family, edi
     convert(["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")])
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True).eval()
     assert max_diff(back, ours, ids) < 1e-5
+
+
+def record_keys(fam) -> list[str]:
+    """The config.json keys a family's record names (the ones its import reads and its export writes)."""
+    keys = [fam.qkv_bias_key, fam.qk_norm_key, "clip_qkv" if fam.clip_qkv else None]
+    keys += {"all": ["sliding_window"], "per_layer": ["sliding_window", "layer_types"]}.get(fam.window, [])
+    keys += ["use_sliding_window"] if fam.window_switch else []
+    if fam.moe:
+        keys += [fam.experts_key, fam.expert_hidden_key, fam.renormalize_key, "num_experts_per_tok"]
+        keys += [fam.shared_experts.key] if fam.shared_experts else []
+        keys += ["n_group", "topk_group", "routed_scaling_factor"] if fam.group_routing else []
+        keys += {"listed": ["mlp_only_layers"], "first": ["first_k_dense_replace"]}.get(fam.dense_layers, [])
+    return [k for k in keys if k]
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe",
+                                  "glm4_moe"])
+def test_each_family_record_round_trips_its_config(name):
+    """transformers' config of the family -> import's mapping -> export's writer: the family is chosen again,
+    every key its record names comes back with transformers' value, and importing the written config gives
+    the same sparselm config."""
+    from sparselm.config import load_config
+    from sparselm.convert.hf_export_config import choose_family, hf_config
+    from sparselm.convert.hf_families import BY_NAME, FAMILIES
+    from sparselm.convert.hf_import_config import sparselm_config
+
+    assert [f.name for f in FAMILIES] == list(BY_NAME) and name in BY_NAME
+    fam = BY_NAME[name]
+    hf_cfg = family_config(name)
+    theirs = json.loads(hf_cfg.to_json_string(use_diff=False))
+    cfg = load_config(None, {**sparselm_config(theirs), "data": {"seq_len": 32}})
+    assert choose_family(cfg) is fam
+    ours = hf_config(fam, cfg, eod_id=0)
+    assert ours["model_type"] == name and ours["architectures"] == [fam.architecture]
+    for key in record_keys(fam):
+        assert key in ours, key
+        if key == "sliding_window" and not theirs.get("use_sliding_window", True):
+            continue  # a window transformers ignores is not carried
+        stored = hf_cfg.attribute_map.get(key, key)  # e.g. Qwen3-MoE stores num_experts as num_local_experts
+        assert ours[key] == theirs[stored], (key, ours[key], theirs[stored])
+    again = load_config(None, {**sparselm_config(ours), "data": {"seq_len": 32}})
+    assert again.model.head_width == cfg.model.head_width  # export writes head_dim even where it was derived
+    again.model.head_dim = cfg.model.head_dim
+    assert again == cfg

@@ -1,0 +1,122 @@
+"""What one Hugging Face decoder family is, as a record: ``Family``.
+
+Every family sparselm converts is a pre-norm Llama-style decoder (RMSNorm, rotate-half rotary, SwiGLU); a
+``Family`` names only where it differs from that base, each fact once, read by import's config mapping
+(``hf_import_config``), export's blockers and config writer (``hf_export_config``) and the tensor names
+(``hf_names``).  The facts follow transformers 5's ``configuration_*.py`` and ``modeling_*.py`` of the
+family.  The records themselves, and their order, are in ``hf_families``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+
+def slides_from_max_window_layers(layer: int, max_window_layers: int) -> bool:
+    """Qwen2 / Qwen3 without ``layer_types``: layers from ``max_window_layers`` on slide (transformers'
+    ``Qwen2Config`` derives ``layer_types`` so)."""
+    return layer >= max_window_layers
+
+
+def slides_on_even_layers_below_max_window_layers(layer: int, max_window_layers: int) -> bool:
+    """Qwen2-MoE without ``layer_types``: even layers (0, 2, ...) below ``max_window_layers`` slide
+    (transformers' ``Qwen2MoeConfig``)."""
+    return bool((layer + 1) % 2) and layer < max_window_layers
+
+
+@dataclass(frozen=True)
+class SharedExperts:
+    """Always-on experts beside the routed ones (Qwen2-MoE's gated shared expert, GLM-4-MoE's shared experts)."""
+
+    key: str
+    """config.json key that sizes them (export writes it)."""
+    module: str
+    """Their module in the MoE block: ``model.layers.{i}.mlp.{module}.gate_proj.weight`` ..."""
+    key_is_width: bool = False
+    """The key holds their total hidden width (count x routed expert width, Qwen2-MoE), not their count."""
+    gated: bool = False
+    """A sigmoid gate (``mlp.shared_expert_gate``, a [1, d_model] weight) scales their output; the family has
+    them in every MoE layer (exactly as many as the key says, at least one)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face ``model_type``: how its config.json maps onto sparselm's config and its tensors are named.
+
+    Defaults are the Llama / Mixtral base; a family sets only what differs.  Families with one layout share a
+    record through ``dataclasses.replace``.
+    """
+
+    name: str
+    """``model_type`` in config.json."""
+    architecture: str
+    """``architectures[0]`` export writes (the transformers class, e.g. ``LlamaForCausalLM``)."""
+    moe: bool = False
+    """Its decoder layers are MoE blocks (routed experts); otherwise every layer is a dense SwiGLU."""
+
+    # ---------------------------------------------------------------- attention
+    qkv_bias_key: str | None = None
+    """config.json key that switches q/k/v projection biases (and only those); None: the family has them always
+    or never (``qkv_bias``).  Without one, ``attention_bias`` (which also biases o_proj) is refused."""
+    qkv_bias: bool = False
+    """q/k/v biases when ``qkv_bias_key`` is None (always there: Qwen2), else the key's default when absent."""
+    qk_norm: Literal["none", "per_head", "full"] = "none"
+    """RMSNorm of queries and keys: per head (Qwen3, ``head_dim`` wide) or over all heads (OLMoE)."""
+    qk_norm_key: str | None = None
+    """config.json boolean that switches ``qk_norm`` on (GLM-4-MoE's ``use_qk_norm``); None: always ``qk_norm``."""
+    clip_qkv: bool = False
+    """Reads and writes ``clip_qkv`` (OLMoE: q, k, v clamped to [-clip_qkv, clip_qkv]; null is off)."""
+    partial_rotary: bool = False
+    """Rotary may cover a fraction of each head (``partial_rotary_factor`` < 1, GLM-4-MoE); any family reads it,
+    only these express it on export."""
+
+    # ---------------------------------------------------------------- sliding windows
+    window: Literal["none", "all", "per_layer"] = "none"
+    """Which layers slide within ``sliding_window`` tokens: none (the key is ignored), all or none of them
+    (Mistral), or each by ``layer_types`` (Qwen2)."""
+    window_switch: bool = False
+    """transformers drops ``sliding_window`` unless ``use_sliding_window`` is true (published Qwen configs keep a
+    window they do not use); export writes the switch."""
+    legacy_window_layers: Callable[[int, int], bool] | None = None
+    """``window="per_layer"`` and a config.json older than ``layer_types``: (layer, max_window_layers) -> the
+    layer slides, as transformers derives it."""
+
+    # ---------------------------------------------------------------- MoE block
+    experts_key: str = "num_experts"
+    """config.json key of the routed expert count export writes (import reads ``num_local_experts``,
+    ``num_experts`` or ``n_routed_experts``, the first set)."""
+    expert_hidden_key: str = "moe_intermediate_size"
+    """config.json key of one routed expert's hidden width export writes."""
+    expert_hidden_reads: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size")
+    """Keys import reads that width from: the first set one; the last is required."""
+    renormalize_key: str | None = "norm_topk_prob"
+    """config.json boolean: the top-k weights are renormalised to sum to 1 (absent: false); None: always
+    renormalised (Mixtral)."""
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax over experts, or per-expert sigmoid (GLM-4-MoE)."""
+    selection_bias: bool = False
+    """The router adds a learned per-expert bias (``gate.e_score_correction_bias``) when choosing, not weighting,
+    experts (sparselm's ``moe.bias_balancing``)."""
+    group_routing: bool = False
+    """Group-limited routing (``n_group`` / ``topk_group``) and a ``routed_scaling_factor`` on the weights."""
+    shared_experts: SharedExperts | None = None
+    """Always-on experts, if the family has them (see ``SharedExperts``)."""
+    dense_layers: Literal["none", "listed", "first"] = "none"
+    """Which layers keep a dense SwiGLU: none, those in ``mlp_only_layers`` or off ``decoder_sparse_step``
+    (Qwen-MoE), or the first ``first_k_dense_replace`` (GLM-4-MoE)."""
+    moe_module: str = "mlp"
+    """The MoE block's module in the per-expert layout published checkpoints hold (Mixtral:
+    ``block_sparse_moe``); transformers 5's fused layout always says ``mlp``."""
+    expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    """(gate, up, down) weight names of one expert: ``{moe_module}.experts.{e}.{name}.weight`` (Mixtral: w1, w3, w2)."""
+    fixed_config: tuple[tuple[str, object], ...] = ()
+    """Constant config.json entries export writes for an MoE family (Mixtral's ``router_jitter_noise=0``, GLM's
+    ``num_nextn_predict_layers=0``: no multi-token-prediction layers)."""
+
+    def qk_norms(self) -> tuple[str, ...]:
+        """The ``model.qk_norm`` values the family expresses."""
+        return ("none", self.qk_norm) if self.qk_norm_key else (self.qk_norm,)
+
+    def allows_qkv_bias(self) -> bool:
+        """The family can have q/k/v biases (always, or through ``qkv_bias_key``)."""
+        return self.qkv_bias or self.qkv_bias_key is not None

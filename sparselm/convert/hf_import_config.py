@@ -1,0 +1,116 @@
+"""import-hf's config mapping: a Hugging Face config.json -> sparselm config overrides, read off the family's
+``Family`` record.
+
+``sparselm_config(hf)`` refuses, naming the field, its value and what is supported, anything sparselm would
+compute differently from transformers 5; it reads only config.json, so nothing is written before the refusal.
+"""
+from __future__ import annotations
+
+from sparselm.convert.hf_families import family as family_of
+from sparselm.convert.hf_family import Family
+from sparselm.convert.hf_rope import rope_overrides
+from sparselm.convert.refusal import unsupported
+from sparselm.errors import ConversionError
+
+
+def attention_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
+    """sparselm ``model`` overrides for q/k/v biases, q/k norms, clipping and sliding windows of ``fam``."""
+    out = {}
+    if fam.qkv_bias_key:
+        out["qkv_bias"] = bool(hf.get(fam.qkv_bias_key, fam.qkv_bias))
+    elif fam.qkv_bias:
+        out["qkv_bias"] = True
+    elif hf.get("attention_bias"):
+        problems.append(unsupported("attention_bias", True, "false: this family's attention_bias also puts a bias on "
+                                    "o_proj, which sparselm does not have"))
+    if fam.qk_norm != "none" and (fam.qk_norm_key is None or hf.get(fam.qk_norm_key)):
+        out["qk_norm"] = fam.qk_norm
+    if fam.clip_qkv:
+        out["clip_qkv"] = float(hf.get("clip_qkv") or 0.0)
+    window = hf.get("sliding_window")
+    if fam.window_switch and not hf.get("use_sliding_window"):
+        window = None  # transformers drops the window unless use_sliding_window (published configs keep one)
+    if fam.window == "per_layer" and window:
+        types = hf.get("layer_types")
+        if not types:  # a config.json older than layer_types: the types transformers derives
+            first = hf.get("max_window_layers", 28)
+            slides = [fam.legacy_window_layers(i, first) for i in range(hf["num_hidden_layers"])]
+            types = ["sliding_attention" if s else "full_attention" for s in slides]
+        layers = ["sliding" if t == "sliding_attention" else "full" for t in types]
+        if "sliding" in layers:
+            out.update(sliding_window=int(window), attention_layers=layers)
+    elif fam.window == "all" and window:
+        out.update(sliding_window=int(window), attention_layers=["sliding"])
+    return out
+
+
+def layer_kinds(hf: dict, fam: Family) -> list[str]:
+    """'dense' or 'moe', per layer, of an MoE family's config.json (``Family.dense_layers``)."""
+    n = hf["num_hidden_layers"]
+    if fam.dense_layers == "listed":
+        step, dense_only = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
+        return ["moe" if i not in dense_only and (i + 1) % step == 0 else "dense" for i in range(n)]
+    if fam.dense_layers == "first":
+        return ["dense" if i < hf.get("first_k_dense_replace", 0) else "moe" for i in range(n)]
+    return ["moe"] * n
+
+
+def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
+    """sparselm ``moe`` section of an MoE family's config.json: routed experts, router, shared experts."""
+    experts = hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts")
+    *optional, required = fam.expert_hidden_reads
+    hidden = next((hf[k] for k in optional if hf.get(k)), None) or hf[required]
+    renormalize = True if fam.renormalize_key is None else bool(hf.get(fam.renormalize_key, False))
+    moe = {"num_experts": int(experts), "top_k": int(hf["num_experts_per_tok"]), "drop_tokens": False,
+           "noisy_gating": False, "z_loss_coef": 0.0, "score_func": fam.score_func, "bias_balancing": fam.selection_bias,
+           "num_shared_experts": 0, "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
+           "renormalize": renormalize, "expert_hidden": hidden}
+    shared = fam.shared_experts
+    if shared and shared.key_is_width:  # their total width, in routed experts' widths
+        width, unit = hf.get(shared.key) or 0, hf[fam.expert_hidden_key]
+        if width % unit:
+            problems.append(unsupported(shared.key, width, f"a multiple of {fam.expert_hidden_key}={unit}"))
+        moe["num_shared_experts"] = width // unit
+    elif shared:
+        width = moe["num_shared_experts"] = int(hf.get(shared.key) or 0)
+    if shared and shared.gated:
+        moe["shared_expert_gate"] = width > 0
+    if fam.group_routing:
+        moe.update(n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
+                   routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
+    return moe
+
+
+def sparselm_config(hf: dict) -> dict:
+    """config.json of a supported family -> sparselm config overrides {'model': ..., 'moe': ...}; raises
+    ConversionError with one line naming every field sparselm cannot compute as transformers does (or the
+    unsupported ``model_type``)."""
+    fam = family_of(hf.get("model_type"))
+    problems = []
+    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+    if act not in (None, "silu", "swish"):
+        problems.append(unsupported("hidden_act", act, "silu (SwiGLU)"))
+    if hf.get("quantization_config"):
+        method = (hf["quantization_config"] or {}).get("quant_method", "?")
+        problems.append(unsupported("quantization_config.quant_method", method, "unquantized fp32/bf16/fp16 weights; "
+                                    "dequantize and save_pretrained them first"))
+    if hf.get("mlp_bias"):
+        problems.append(unsupported("mlp_bias", True, "false"))
+    model = {"d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
+             "n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+             "d_ff": hf.get("intermediate_size") or 0, "vocab_size": hf["vocab_size"], "pad_vocab_to": 1,
+             "max_seq_len": hf.get("max_position_embeddings", 2048), "norm_eps": hf.get("rms_norm_eps", 1e-6),
+             "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+    if hf.get("head_dim"):
+        model["head_dim"] = int(hf["head_dim"])
+    model.update(rope_overrides(hf, problems))
+    model.update(attention_overrides(hf, fam, problems))
+    out = {"model": model}
+    if fam.moe:
+        out["moe"], model["pattern"] = moe_overrides(hf, fam, problems), layer_kinds(hf, fam)
+    else:
+        model["pattern"] = ["dense"]
+    if problems:
+        raise ConversionError(f"{fam.name} model cannot be imported without changing what it computes: "
+                              + "; ".join(problems))
+    return out

@@ -1,0 +1,66 @@
+"""Tensor names between sparselm's canonical checkpoints and a Hugging Face family's, both ways.
+
+sparselm: ``embed.weight``, ``layers.{i}.attn.q_proj.weight``, ``layers.{i}.ffn.experts.gate_up_proj`` ...;
+Hugging Face (transformers 5, ``save_pretrained``): ``model.embed_tokens.weight``,
+``model.layers.{i}.self_attn.q_proj.weight``, per-expert ``model.layers.{i}.mlp.experts.{e}.gate_proj.weight``
+or fused ``model.layers.{i}.mlp.experts.gate_up_proj``.  Where a family differs (Mixtral's module and expert
+weight names, the shared experts' module) its ``Family`` record says so.
+"""
+from __future__ import annotations
+
+from sparselm.convert.experts import PARTS, STACKED
+from sparselm.convert.hf_family import Family
+
+GLOBAL = {"embed.weight": "model.embed_tokens.weight", "head.norm.weight": "model.norm.weight",
+          "head.proj.weight": "lm_head.weight"}
+"""ours -> theirs outside the layers."""
+ATTENTION = {"input_norm.weight": "input_layernorm.weight", "post_attn_norm.weight": "post_attention_layernorm.weight",
+             "attn.q_proj.weight": "self_attn.q_proj.weight", "attn.k_proj.weight": "self_attn.k_proj.weight",
+             "attn.v_proj.weight": "self_attn.v_proj.weight", "attn.o_proj.weight": "self_attn.o_proj.weight",
+             "attn.q_proj.bias": "self_attn.q_proj.bias", "attn.k_proj.bias": "self_attn.k_proj.bias",
+             "attn.v_proj.bias": "self_attn.v_proj.bias", "attn.q_norm.weight": "self_attn.q_norm.weight",
+             "attn.k_norm.weight": "self_attn.k_norm.weight"}
+"""ours -> theirs in a layer (after ``layers.{i}.`` / ``model.layers.{i}.``): norms and attention."""
+SWIGLU = {"gate_proj.weight": "gate_proj.weight", "up_proj.weight": "up_proj.weight", "down_proj.weight": "down_proj.weight"}
+"""ours -> theirs in a dense or shared-expert SwiGLU."""
+
+
+def moe_prefix(fam: Family, i: int, fused: bool) -> str:
+    """The MoE block of layer ``i``: ``fam.moe_module`` in the per-expert layout, ``mlp`` in the fused one."""
+    return f"model.layers.{i}.{'mlp' if fused else fam.moe_module}"
+
+
+def expert_name(fam: Family, i: int, e: int, part: str) -> str:
+    """Hugging Face name of ``part`` ('gate', 'up', 'down') of expert ``e`` of layer ``i``, per-expert layout."""
+    return f"{moe_prefix(fam, i, False)}.experts.{e}.{fam.expert_weights[PARTS.index(part)]}.weight"
+
+
+def stacked_name(i: int, part: str, fused_hf: bool = False) -> str:
+    """The stacked tensor holding ``part`` of layer ``i``'s experts: ours (``layers.{i}.ffn.experts.*``) or, with
+    ``fused_hf``, transformers 5's (``model.layers.{i}.mlp.experts.*``)."""
+    return f"model.layers.{i}.mlp.experts.{STACKED[part]}" if fused_hf else f"layers.{i}.ffn.experts.{STACKED[part]}"
+
+
+def layer_renames(fam: Family, i: int, kind: str, fused: bool) -> dict[str, str]:
+    """ours -> theirs for the one-to-one tensors of layer ``i`` ('dense' or 'moe'): attention, norms, dense MLP,
+    router, shared experts; the routed experts are named by ``expert_name`` / ``stacked_name``."""
+    out = {f"layers.{i}.{a}": f"model.layers.{i}.{b}" for a, b in ATTENTION.items()}
+    if kind == "dense":
+        out.update({f"layers.{i}.ffn.{a}": f"model.layers.{i}.mlp.{b}" for a, b in SWIGLU.items()})
+        return out
+    p = moe_prefix(fam, i, fused)
+    out[f"layers.{i}.ffn.router.weight"] = f"{p}.gate.weight"
+    out[f"layers.{i}.ffn.router.expert_bias"] = f"{p}.gate.e_score_correction_bias"
+    if fam.shared_experts:
+        module = fam.shared_experts.module
+        out.update({f"layers.{i}.ffn.shared_experts.{a}": f"{p}.{module}.{b}" for a, b in SWIGLU.items()})
+        out[f"layers.{i}.ffn.shared_expert_gate.weight"] = f"{p}.shared_expert_gate.weight"
+    return out
+
+
+def renames(fam: Family, kinds: list[str], fused: bool) -> dict[str, str]:
+    """ours -> theirs for every one-to-one tensor of a model whose layers are ``kinds``."""
+    out = dict(GLOBAL)
+    for i, kind in enumerate(kinds):
+        out.update(layer_renames(fam, i, kind, fused))
+    return out
