@@ -83,20 +83,7 @@ class FlopCounts:
 def _check_resolved(cfg) -> None:
     if cfg.model.vocab_size <= 0:
         raise ConfigError("sparselm.planning.flops needs a resolved model.vocab_size (the trainer sets it from the "
-                          "tokenizer; read the run's config.yaml or call sparselm.planning.flops.resolve_vocab first)")
-
-
-def resolve_vocab(cfg) -> None:
-    """Set model.vocab_size from the config's tokenizer when it is 0, as the trainer does."""
-    if cfg.model.vocab_size > 0:
-        return
-    import math
-
-    from sparselm.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
-    multiple = math.lcm(cfg.model.pad_vocab_to, cfg.parallel.tp)
-    cfg.model.vocab_size = multiple * math.ceil(tok.vocab_size / multiple)
+                          "tokenizer; read the run's config.yaml or call sparselm.data.vocab.derive_vocab_size first)")
 
 
 # ------------------------------------------------------------------------------------------- attention

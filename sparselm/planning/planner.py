@@ -36,6 +36,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from sparselm.data.vocab import derive_vocab_size
 from sparselm.errors import USER_ERRORS, ConfigError
 
 GiB = 1024**3
@@ -204,24 +205,16 @@ def configure(cfg, tp: int | None = None, pp: int | None = None, ep: int | None 
     return cfg
 
 
-def _resolve_vocab(cfg) -> None:
-    from sparselm.data.tokenizer import load_tokenizer
-    from sparselm.training.trainer import resolve_vocab
-
-    if cfg.model.vocab_size == 0:
-        resolve_vocab(cfg, load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token))
-
-
 def check(cfg, world: int, cuda: bool = True):
     """Every start-up check the trainer makes on the layout, the config and the DeepSpeed JSON for a world of
     ``world`` ranks -> (Layout, DeepSpeed config).  Raises ConfigError naming every broken rule."""
     from sparselm.config import validate
     from sparselm.training.engine import build_ds_config
     from sparselm.parallel.layout import Layout
-    from sparselm.training.preflight import _check_layout
+    from sparselm.training.preflight import check_layout
 
-    _check_layout(cfg, world)
-    _resolve_vocab(cfg)
+    check_layout(cfg, world)
+    derive_vocab_size(cfg)
     validate(cfg)
     dp = world // (cfg.parallel.tp * cfg.parallel.pp)
     ds = build_ds_config(cfg, dp, cuda=cuda)

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparselm.planning import flops
 from sparselm.config import load_config
+from sparselm.data.vocab import derive_vocab_size
 from sparselm.model import build_model
 from sparselm.model.moe.config import resolved_expert_hidden
 from sparselm.model.moe.experts import GroupedExperts
@@ -33,7 +34,7 @@ IDS = PRESETS + list(VARIANTS)
 
 def resolved(name: str, overrides: list[str] | None = None):
     cfg = load_config(name, overrides or [])
-    flops.resolve_vocab(cfg)
+    derive_vocab_size(cfg)
     return cfg
 
 

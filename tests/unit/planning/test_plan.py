@@ -13,6 +13,7 @@ import math
 import pytest
 
 from sparselm.config import list_presets, load_config
+from sparselm.data.vocab import derive_vocab_size
 
 LAYOUTS = {  # name -> (world size, overrides)
     "1": (1, []),
@@ -26,10 +27,8 @@ GPU_MEM = 80
 
 
 def _cfg(preset, overrides):
-    from sparselm.planning.planner import _resolve_vocab
-
     cfg = load_config(preset, overrides + ["--parallel.ep=1"] * ("--parallel.ep=2" not in overrides), check=False)
-    _resolve_vocab(cfg)
+    derive_vocab_size(cfg)
     return cfg
 
 
