@@ -160,10 +160,11 @@ def test_peak_table_and_mfu_device():
 
 
 def test_block_kind_registered_elsewhere():
+    from sparselm.model.cost import SwiGLUCost
     from sparselm.model.feedforward import SwiGLU
     from sparselm.model.registry import BLOCKS, default_attention, register_block
 
-    @register_block("wide_test")
+    @register_block("wide_test", cost=SwiGLUCost(hidden=lambda cfg: 2 * cfg.model.ffn_hidden))
     def wide(cfg, layer_idx):
         return default_attention(cfg, layer_idx), SwiGLU(cfg.model.d_model, 2 * cfg.model.ffn_hidden)
 
@@ -178,6 +179,20 @@ def test_block_kind_registered_elsewhere():
         assert f.per_token > dense.per_token
     finally:
         del BLOCKS["wide_test"]
+
+
+def test_a_block_kind_without_a_cost_model_is_refused_by_name():
+    from sparselm.model.registry import BLOCKS, block_cost, register_block
+
+    with pytest.raises(TypeError, match="'costless_test'"):
+        register_block("costless_test")
+    assert "costless_test" not in BLOCKS
+    cfg = resolved("tiny_dense")
+    cfg.model.pattern = ["dense", "costless_test"]
+    with pytest.raises(flops.ConfigError, match="'costless_test' has no cost model"):
+        flops.flop_counts(cfg)
+    with pytest.raises(flops.ConfigError, match="'costless_test'"):
+        block_cost("costless_test")
 
 
 def test_unresolved_vocab_is_refused():
