@@ -159,17 +159,22 @@ class SwiGLUCost(BlockCost):
     """The setting that gives the width, named when tensor parallelism cannot split it."""
 
     def slot_params(self, cfg, layer_idx: int) -> tuple[int, int]:
+        """(total, active per token): every weight of the SwiGLU, all active."""
         n = swiglu_params(cfg.model.d_model, self.hidden(cfg))
         return n, n
 
     def slot_flops(self, cfg, layer_idx: int) -> dict[str, float]:
+        """Forward FLOPs per token: ffn, 2 per weight."""
         return {"ffn": 2 * swiglu_params(cfg.model.d_model, self.hidden(cfg))}
 
     def slot_activations(self, cfg, tp: int, act_bytes: int) -> float:
+        """``swiglu_activations`` of the slot's width."""
         return swiglu_activations(self.hidden(cfg), tp)
 
     def slot_matmul_outputs(self, cfg, tp: int, act_bytes: int) -> float:
+        """``swiglu_matmul_outputs`` of the slot's width."""
         return swiglu_matmul_outputs(cfg.model.d_model, self.hidden(cfg), tp)
 
     def tp_widths(self, cfg) -> list[tuple[int, str]]:
+        """The slot's hidden width, split by tensor parallelism."""
         return [(self.hidden(cfg), self.setting)]
