@@ -2,7 +2,7 @@
 
 Per-rank memory and step time of a layout before any GPU is spent; the logic is in ``sparselm.planning``.
 """
-from sparselm.planning.planner import main
+from sparselm.planning.report import main
 
 if __name__ == "__main__":
     main()

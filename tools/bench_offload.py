@@ -162,10 +162,10 @@ def _trial(name: str, config: str, overrides: list[str], steps: int, experts: in
 def _params(config: str, overrides: list[str], experts: int) -> int:
     from sparselm.config import load_config
     from sparselm.model import build_model
-    from sparselm.planning.planner import _resolve_vocab
+    from sparselm.data.vocab import derive_vocab_size
 
     cfg = load_config(config, overrides + [f"--moe.num_experts={experts}"], check=False)
-    _resolve_vocab(cfg)
+    derive_vocab_size(cfg)
     return build_model(cfg, device="meta").num_params()
 
 

@@ -78,12 +78,12 @@ def parse_size(text: str, head_dim: int) -> tuple[int, int, int]:
 
 def make_config(base: str, family: str, d: int, layers: int, heads: int, overrides: list[str]):
     from sparselm.config import load_config
-    from sparselm.planning.flops import resolve_vocab
+    from sparselm.data.vocab import derive_vocab_size
 
     pattern = ",".join(family_pattern(family, layers))
     cfg = load_config(base, [f"--model.d_model={d}", f"--model.n_layers={layers}", f"--model.n_heads={heads}",
                              f"--model.pattern={pattern}", *overrides])
-    resolve_vocab(cfg)
+    derive_vocab_size(cfg)
     return cfg
 
 

@@ -89,7 +89,7 @@ class SparseLM(nn.Module):
         self.embed = nn.Embedding(mcfg.vocab_size, mcfg.d_model)
         blocks = []
         for i, kind in enumerate(mcfg.layer_kinds()):
-            attention, ffn = BLOCKS[kind](cfg, i)
+            attention, ffn = BLOCKS[kind].build(cfg, i)
             blocks.append(Block(mcfg, attention, ffn, kind))
         self.layers = nn.ModuleList(blocks)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from sparselm.errors import require
+from sparselm.model.registry import block_cost
 
 AXES = ("tp", "dp", "pp", "mp", "ep", "edp")
 """Group kinds: tensor, data, pipeline, model (tp x pp), expert, expert-data parallel."""
@@ -96,21 +97,14 @@ def check_layout_fits_model(cfg) -> None:
 
 
 def feed_forward_widths(cfg) -> list[tuple[int, str]]:
-    """(hidden width, the setting that gives it) of every SwiGLU the model builds; tensor parallelism splits
-    each by hidden units, routed experts too unless parallel.moe_tp_mode='rows' keeps them whole."""
-    m, kinds = cfg.model, set(cfg.model.layer_kinds())
+    """(hidden width, the setting that gives it) of every SwiGLU the model builds that tensor parallelism
+    splits by hidden units, each once, from the kinds' cost models (``BlockCost.tp_widths``; routed experts
+    too unless parallel.moe_tp_mode='rows' keeps them whole).  Raises ConfigError naming a kind without one."""
     widths = []
-    if kinds & {"dense", "pkm_ffn"}:
-        widths.append((m.ffn_hidden, "model.d_ff"))
-    if "moe" in kinds and cfg.parallel.moe_tp_mode == "weights":
-        from sparselm.model.moe.config import resolved_expert_hidden
-
-        widths.append((resolved_expert_hidden(cfg), "moe.expert_hidden (routed experts; or parallel.moe_tp_mode=rows)"))
-    if "moe" in kinds and cfg.moe.num_shared_experts:
-        from sparselm.model.moe.config import resolved_expert_hidden
-
-        widths.append((cfg.moe.num_shared_experts * resolved_expert_hidden(cfg),
-                       "moe.expert_hidden x moe.num_shared_experts (shared experts)"))
+    for kind in dict.fromkeys(cfg.model.layer_kinds()):
+        for width in block_cost(kind).tp_widths(cfg):
+            if width not in widths:
+                widths.append(width)
     return widths
 
 

@@ -20,8 +20,8 @@ token, Kaplan's C = 6N).  By layer kind:
   top-k selection (comparisons and candidate sums, forward only: no gradient flows through it, and these
   are the only non-matmul operations counted), the weighted value read (knn rows per head) and the
   Memory+ gate/output projections;
-- a block kind registered elsewhere: its slot built on the meta device, 2 FLOPs per active parameter
-  forward (Kaplan's rule, exact for plain matmuls; add a formula here for anything else);
+- every kind's formulas are its cost model, registered with it (``sparselm.model.cost``,
+  ``sparselm.model.registry.block_cost``); a kind without one is refused by name;
 - output projection (logits).  The embedding lookup, norms, rotary, activations, softmaxes and the loss
   are elementwise and not counted (as Kaplan, Megatron and PaLM's MFU do not).
 
@@ -38,7 +38,12 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import torch
+
 from sparselm.errors import ConfigError
+from sparselm.model.recompute import recomputed_layers
+from sparselm.model.registry import block_cost
+from sparselm.model.sparse_attention.patterns import PatternSpec, materialize, pattern_mask_mod
 
 __all__ = ["ParamCounts", "FlopCounts", "param_counts", "flop_counts", "mean_visible_keys", "peak_tflops",
            "device_peak_tflops", "summary_lines", "PEAK_TFLOPS"]
@@ -83,29 +88,12 @@ class FlopCounts:
 def _check_resolved(cfg) -> None:
     if cfg.model.vocab_size <= 0:
         raise ConfigError("sparselm.planning.flops needs a resolved model.vocab_size (the trainer sets it from the "
-                          "tokenizer; read the run's config.yaml or call sparselm.planning.flops.resolve_vocab first)")
-
-
-def resolve_vocab(cfg) -> None:
-    """Set model.vocab_size from the config's tokenizer when it is 0, as the trainer does."""
-    if cfg.model.vocab_size > 0:
-        return
-    import math
-
-    from sparselm.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
-    multiple = math.lcm(cfg.model.pad_vocab_to, cfg.parallel.tp)
-    cfg.model.vocab_size = multiple * math.ceil(tok.vocab_size / multiple)
+                          "tokenizer; read the run's config.yaml or call sparselm.data.vocab.derive_vocab_size first)")
 
 
 # ------------------------------------------------------------------------------------------- attention
 @lru_cache(maxsize=64)
 def _visible_keys(spec, seq_len: int) -> float:
-    import torch
-
-    from sparselm.model.sparse_attention.patterns import materialize, pattern_mask_mod
-
     mod = pattern_mask_mod(spec, seq_len, "cpu")
     total, chunk = 0, max(1, (1 << 22) // seq_len)  # rows per chunk: at most 4M mask entries at a time
     for start in range(0, seq_len, chunk):
@@ -117,121 +105,28 @@ def _visible_keys(spec, seq_len: int) -> float:
 def mean_visible_keys(cfg, seq_len: int | None = None) -> float:
     """Context keys a query sees under attention.pattern, averaged over the positions of a sequence of
     ``seq_len`` (default data.seq_len) tokens; counted exactly from the pattern's mask (row by row)."""
-    from sparselm.model.sparse_attention.patterns import PatternSpec
-
     t = seq_len or cfg.data.seq_len
     if cfg.attention.pattern == "causal":
         return (t + 1) / 2
     return _visible_keys(PatternSpec.from_config(cfg.attention), t)
 
 
-def _attention(cfg, memory: int, seq_len: int, mode: str, window: int = 0) -> tuple[dict, dict]:
-    """(params, forward FLOPs by component) of one block's attention with ``memory`` persistent slots and a
-    sliding ``window`` (0: none); ``d`` in the core terms is the query width n_heads * head_dim."""
-    m = cfg.model
-    dm, d, kv = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
-    proj = 2 * dm * d + 2 * dm * kv
-    norm = {"per_head": 2 * m.head_width, "full": d + kv}.get(m.qk_norm, 0)
-    params = {"attention_proj": proj + ((d + 2 * kv) if m.qkv_bias else 0) + norm,
-              "attention_memory": 2 * m.kv_heads * memory * m.head_width}
-    if mode == "pattern":
-        t = seq_len or cfg.data.seq_len
-        keys = (sum(min(q + 1, window) for q in range(t)) / t) if window else mean_visible_keys(cfg, seq_len)
-        core = 4 * d * (keys + memory)
-    elif mode == "executed_dense":
-        keys = seq_len + memory
-        sparse_path = memory > 0 or cfg.attention.pattern != "causal"
-        # memory slots get their own query half: scores 2 * head_dim wide (kernels.append_memory)
-        core = (2 * d * (2 if memory else 1) + 2 * d) * keys if sparse_path else 4 * d * seq_len
-    else:
-        raise ValueError(f"attention must be 'pattern' or 'executed_dense', got {mode!r}")
-    return params, {"attention_proj": 2 * proj, "attention_core": core}
-
-
-# ------------------------------------------------------------------------------------------ slot kinds
-def _swiglu(d: int, hidden: int) -> int:
-    return 3 * d * hidden
-
-
-def _candidates(knn: int) -> int:
-    """Rank pairs (a, b) with (a + 1)(b + 1) <= knn that the exact product-key top-k scores (pkm.lookup)."""
-    return sum(knn // (a + 1) for a in range(knn))
-
-
-def _pkm(cfg, layer_idx: int) -> tuple[dict, int, int]:
-    """(forward FLOPs by component, total params, active params) of one product-key memory; a layer that
-    reads another's table (pkm.share_values) holds no table of its own."""
-    p, d = cfg.pkm, cfg.model.d_model
-    v_dim = p.v_dim or d
-    norm = {"layernorm": 2 * p.k_dim, "batchnorm": 2 * p.heads * p.k_dim}.get(p.query_norm, 0)
-    query, keys = p.heads * p.k_dim * d, p.heads * p.n_sub * p.k_dim
-    proj = (v_dim * d if p.gated else 0) + (d * v_dim if (p.gated or v_dim != d) else 0)
-    owns_table = not (layer_idx in p.share_values and layer_idx != p.share_values[0])
-    values = p.n_keys * v_dim if owns_table else 0
-    read = p.heads * p.knn * v_dim
-    dense = query + norm + keys + proj
-    flops = {"pkm_query": 2 * query, "pkm_subkeys": 2 * p.heads * p.n_sub * p.k_dim,
-             "pkm_topk": p.heads * (2 * p.n_sub + 2 * _candidates(p.knn)), "pkm_values": 2 * read,
-             "pkm_proj": 2 * proj}
-    return flops, dense + values, dense + read
-
-
-def _slot(cfg, kind: str, layer_idx: int) -> tuple[int, int, dict]:
-    """(total params, active params, forward FLOPs by component) of a block's feed-forward slot."""
-    m, d = cfg.model, cfg.model.d_model
-    if kind == "dense":
-        n = _swiglu(d, m.ffn_hidden)
-        return n, n, {"ffn": 2 * n}
-    if kind == "moe":
-        from sparselm.model.moe.config import resolved_expert_hidden
-
-        e = cfg.moe
-        hidden = resolved_expert_hidden(cfg)
-        router = e.num_experts * d * (2 if e.noisy_gating else 1)
-        shared = _swiglu(d, e.num_shared_experts * hidden) + (d if e.shared_expert_gate else 0)
-        expert = _swiglu(d, hidden)
-        flops = {"moe_router": 2 * router, "moe_shared": 2 * shared, "moe_experts": 2 * e.top_k * expert}
-        return router + shared + e.num_experts * expert, router + shared + e.top_k * expert, flops
-    if kind in ("pkm", "pkm_ffn"):
-        flops, total, active = _pkm(cfg, layer_idx)
-        if kind == "pkm_ffn":
-            n = _swiglu(d, m.ffn_hidden)
-            total, active, flops = total + n, active + n, {**flops, "ffn": 2 * n}
-        return total, active, flops
-    if kind == "allattn":
-        return 0, 0, {}
-    return _other_slot(cfg, kind, layer_idx)
-
-
-def _other_slot(cfg, kind: str, layer_idx: int) -> tuple[int, int, dict]:
-    """A block kind this module has no formula for (registered elsewhere): its slot built on the meta
-    device, FLOPs approximated as 2 per active parameter (Kaplan's dense rule; exact for plain matmuls)."""
-    from sparselm.model.init import deferred_init
-    from sparselm.model.registry import BLOCKS
-    from sparselm.model.transformer import SparseLM
-
-    with deferred_init():
-        _, ffn = BLOCKS[kind](cfg, layer_idx)
-    if ffn is None:
-        return 0, 0, {}
-    active = SparseLM.num_params(ffn, active=True)
-    return sum(p.numel() for p in ffn.parameters()), active, {"ffn": 2 * active}
+def _visible_context_keys(cfg, layer_idx: int, seq_len: int, mode: str) -> float:
+    """Context keys a query of layer ``layer_idx`` sees on average ('pattern' mode; 0 for 'executed_dense',
+    which counts every key): a sliding layer's window, else the attention pattern's."""
+    if mode != "pattern":
+        return 0.0
+    t, window = seq_len or cfg.data.seq_len, cfg.model.layer_window(layer_idx)
+    return (sum(min(q + 1, window) for q in range(t)) / t) if window else mean_visible_keys(cfg, seq_len)
 
 
 def _blocks(cfg, seq_len: int, mode: str):
-    """Per layer: (kind, total params, active params, forward FLOPs by component)."""
-    from sparselm.model.sparse_attention.config import memory_slots
-
-    d = cfg.model.d_model
+    """Per layer: (kind, total params, active params, forward FLOPs by component), from the kind's cost model
+    (``sparselm.model.registry.block_cost``: a kind without one is refused, naming it)."""
     for i, kind in enumerate(cfg.model.layer_kinds()):
-        memory = memory_slots(cfg) if kind == "allattn" else 0
-        attn_params, flops = _attention(cfg, memory, seq_len, mode, cfg.model.layer_window(i))
-        slot_total, slot_active, slot_flops = _slot(cfg, kind, i)
-        norms = d * (1 if kind == "allattn" else 2)
-        attn = sum(attn_params.values()) + norms
-        for name, value in slot_flops.items():
-            flops[name] = flops.get(name, 0) + value
-        yield kind, attn + slot_total, attn + slot_active, flops
+        cost = block_cost(kind)
+        total, active = cost.params(cfg, i)
+        yield kind, total, active, cost.forward_flops(cfg, i, _visible_context_keys(cfg, i, seq_len, mode), seq_len, mode)
 
 
 def param_counts(cfg) -> ParamCounts:
@@ -279,8 +174,6 @@ SELECTIVE_RECOMPUTES = ("attention_core", "pkm_topk")
 
 def _recomputed_forward(cfg, seq_len: int, mode: str) -> float:
     """Forward FLOPs per token that ``parallel.recompute`` runs again in backward."""
-    from sparselm.model.recompute import recomputed_layers
-
     p = cfg.parallel
     if p.recompute == "none":
         return 0.0
@@ -338,8 +231,6 @@ def device_peak_tflops(cfg, ds_config: dict, device) -> float | None:
     """Peak TFLOP/s for this run's MFU: train.peak_tflops if set, else the table for a CUDA device at the
     run's precision (bf16/fp16 from the DeepSpeed JSON, else tf32 when torch allows it, else fp32); None on
     CPU or for an unknown device (no mfu is logged then)."""
-    import torch
-
     if getattr(device, "type", str(device)) != "cuda":
         return None
     if cfg.train.peak_tflops > 0:

@@ -36,7 +36,7 @@ def launcher_world_size() -> int:
 def preflight(cfg, world_size: int | None = None) -> list[str]:
     """Check ``cfg`` (loaded without validation) for a world of ``world_size`` processes; returns notes."""
     world = launcher_world_size() if world_size is None else world_size
-    _check_layout(cfg, world)
+    check_layout(cfg, world)
     validate(cfg)
     _check_zero(cfg)
     d, t = cfg.data, cfg.train
@@ -86,7 +86,7 @@ def _check_zero(cfg) -> None:
                           "step; use ZeRO stage 0-2 or set train.compile=false")
 
 
-def _check_layout(cfg, world: int) -> None:
+def check_layout(cfg, world: int) -> None:
     """The layout against the world and against the model, every violated rule in one message, so that
     fixing one does not only reveal the next."""
     problems = []

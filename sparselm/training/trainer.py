@@ -28,6 +28,7 @@ from sparselm.data.loader import build_blend, build_datasets
 from sparselm.data.prefetch import Prefetcher
 from sparselm.data.sampler import GlobalBatchSampler, check_steps_available
 from sparselm.data.tokenizer import load_tokenizer
+from sparselm.data.vocab import derive_vocab_size
 from sparselm.errors import DivergenceError
 from sparselm.model import build_model
 from sparselm.parallel.materialize import build_sharded
@@ -56,13 +57,11 @@ class Restored(NamedTuple):
 
 
 def resolve_vocab(cfg, tokenizer) -> None:
-    """model.vocab_size from the tokenizer, padded to a multiple of pad_vocab_to and of tp."""
-    m = cfg.model
-    multiple = math.lcm(m.pad_vocab_to, cfg.parallel.tp)
-    if m.vocab_size == 0:
-        m.vocab_size = multiple * math.ceil(tokenizer.vocab_size / multiple)
-    elif m.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; set 0 to derive it")
+    """model.vocab_size from the tokenizer when it is 0 (``sparselm.data.vocab.padded_vocab_size``); an explicit
+    size must hold every token.  Raises ConfigError naming both sizes when it does not."""
+    derive_vocab_size(cfg, tokenizer)
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; set 0 to derive it")
 
 
 class Trainer:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sparselm.model.feedforward import SwiGLU
+from sparselm.model.pkm.cost import PKMCost
 from sparselm.model.pkm.memory import ProductKeyMemory
 from sparselm.model.registry import default_attention, register_block
 
@@ -34,12 +35,12 @@ class MemoryBesideFFN(nn.Module):
         return self.ffn(x) + self.memory(x)
 
 
-@register_block("pkm")
+@register_block("pkm", cost=PKMCost())
 def pkm_block(cfg, layer_idx: int):
     return default_attention(cfg, layer_idx), build_memory(cfg, layer_idx)
 
 
-@register_block("pkm_ffn")
+@register_block("pkm_ffn", cost=PKMCost(with_ffn=True))
 def pkm_ffn_block(cfg, layer_idx: int):
     ffn = SwiGLU(cfg.model.d_model, cfg.model.ffn_hidden)
     return default_attention(cfg, layer_idx), MemoryBesideFFN(ffn, build_memory(cfg, layer_idx))

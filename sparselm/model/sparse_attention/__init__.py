@@ -12,12 +12,13 @@ feed-forward (Sukhbaatar et al. 2019).
 """
 from sparselm.model.registry import register_block
 from sparselm.model.sparse_attention.config import AttentionConfig, memory_slots
+from sparselm.model.sparse_attention.cost import AllAttentionCost
 from sparselm.model.sparse_attention.module import SparseAttention
 
 __all__ = ["AttentionConfig", "SparseAttention"]
 
 
-@register_block("allattn")
+@register_block("allattn", cost=AllAttentionCost())
 def allattn_block(cfg, layer_idx: int):
     """All-attention layer: persistent memory takes the place of the feed-forward."""
     return SparseAttention(cfg.model, cfg.attention, memory_slots(cfg)), None

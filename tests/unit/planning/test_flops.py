@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparselm.planning import flops
 from sparselm.config import load_config
+from sparselm.data.vocab import derive_vocab_size
 from sparselm.model import build_model
 from sparselm.model.moe.config import resolved_expert_hidden
 from sparselm.model.moe.experts import GroupedExperts
@@ -33,7 +34,7 @@ IDS = PRESETS + list(VARIANTS)
 
 def resolved(name: str, overrides: list[str] | None = None):
     cfg = load_config(name, overrides or [])
-    flops.resolve_vocab(cfg)
+    derive_vocab_size(cfg)
     return cfg
 
 
@@ -159,10 +160,11 @@ def test_peak_table_and_mfu_device():
 
 
 def test_block_kind_registered_elsewhere():
+    from sparselm.model.cost import SwiGLUCost
     from sparselm.model.feedforward import SwiGLU
     from sparselm.model.registry import BLOCKS, default_attention, register_block
 
-    @register_block("wide_test")
+    @register_block("wide_test", cost=SwiGLUCost(hidden=lambda cfg: 2 * cfg.model.ffn_hidden))
     def wide(cfg, layer_idx):
         return default_attention(cfg, layer_idx), SwiGLU(cfg.model.d_model, 2 * cfg.model.ffn_hidden)
 
@@ -177,6 +179,20 @@ def test_block_kind_registered_elsewhere():
         assert f.per_token > dense.per_token
     finally:
         del BLOCKS["wide_test"]
+
+
+def test_a_block_kind_without_a_cost_model_is_refused_by_name():
+    from sparselm.model.registry import BLOCKS, block_cost, register_block
+
+    with pytest.raises(TypeError, match="'costless_test'"):
+        register_block("costless_test")
+    assert "costless_test" not in BLOCKS
+    cfg = resolved("tiny_dense")
+    cfg.model.pattern = ["dense", "costless_test"]
+    with pytest.raises(flops.ConfigError, match="'costless_test' has no cost model"):
+        flops.flop_counts(cfg)
+    with pytest.raises(flops.ConfigError, match="'costless_test'"):
+        block_cost("costless_test")
 
 
 def test_unresolved_vocab_is_refused():

@@ -13,6 +13,7 @@ import math
 import pytest
 
 from sparselm.config import list_presets, load_config
+from sparselm.data.vocab import derive_vocab_size
 
 LAYOUTS = {  # name -> (world size, overrides)
     "1": (1, []),
@@ -26,10 +27,8 @@ GPU_MEM = 80
 
 
 def _cfg(preset, overrides):
-    from sparselm.planning.planner import _resolve_vocab
-
     cfg = load_config(preset, overrides + ["--parallel.ep=1"] * ("--parallel.ep=2" not in overrides), check=False)
-    _resolve_vocab(cfg)
+    derive_vocab_size(cfg)
     return cfg
 
 
@@ -37,10 +36,10 @@ def _cfg(preset, overrides):
 def _one_process(preset, vocab):
     """The one-process meta model's parameters by every name (tied ones under both)."""
     from sparselm.model import build_model
-    from sparselm.planning.planner import _one_thread
+    from sparselm.planning.holdings import one_thread
 
     cfg = _cfg(preset, [f"--model.vocab_size={vocab}"])
-    with _one_thread():
+    with one_thread():
         return dict(build_model(cfg, device="meta").named_parameters(remove_duplicate=False))
 
 
@@ -50,7 +49,8 @@ def test_each_rank_holds_its_cut_of_every_tensor_once_per_replica(preset, layout
     from sparselm.parallel.materialize import held_pieces
     from sparselm.parallel.pieces import piece, placements
     from sparselm.parallel.topology import VirtualTopology
-    from sparselm.planning.planner import _one_thread, plan_layout
+    from sparselm.planning.holdings import one_thread
+    from sparselm.planning.planner import plan_layout
 
     world, overrides = LAYOUTS[layout]
     cfg = _cfg(preset, overrides)
@@ -61,7 +61,7 @@ def test_each_rank_holds_its_cut_of_every_tensor_once_per_replica(preset, layout
     held = {}
     for r in replica:
         topo = VirtualTopology(lay, r)
-        with _one_thread():
+        with one_thread():
             pieces = held_pieces(cfg, topo)
         groups = {"tp": topo.tp_group, "ep": topo.ep_group}
         for name, p in pieces.items():
@@ -149,7 +149,8 @@ def test_zero0_and_zero1_by_hand(tmp_path):
 def test_the_search_returns_only_layouts_the_trainer_accepts():
     from sparselm.training.engine import build_ds_config
     from sparselm.errors import ConfigError
-    from sparselm.planning.planner import candidate_layouts, configure, search
+    from sparselm.planning.advice import search
+    from sparselm.planning.layouts import candidate_layouts, configure
     from sparselm.training.preflight import preflight
 
     cfg = load_config("tiny_mixed", ["--model.vocab_size=256", "--train.micro_batch_size=1"], check=False)
@@ -171,7 +172,7 @@ def test_the_search_returns_only_layouts_the_trainer_accepts():
 
 
 def _main(capsys, *argv):
-    from sparselm.planning.planner import main
+    from sparselm.planning.report import main
 
     code = 0
     try:
@@ -241,11 +242,11 @@ def test_zero3_gathered_layer_counts_one_expert_module(ep):
 def test_an_explicit_head_dim_equal_to_the_derived_width_changes_no_estimate():
     """model.head_dim=0 means d_model / n_heads: every estimate must use the resolved width (head_width)."""
     from sparselm.config import load_config
-    from sparselm.planning.planner import stage_activations
+    from sparselm.planning.memory import stage_activations
 
     derived = load_config("tiny_mixed", ["--parallel.recompute=selective"])
     explicit = load_config("tiny_mixed", ["--parallel.recompute=selective",
                                           f"--model.head_dim={derived.model.d_model // derived.model.n_heads}"])
     layers = list(range(derived.model.n_layers))
-    assert (stage_activations(derived, layers, 1, 4, 0, 0.0)
-            == stage_activations(explicit, layers, 1, 4, 0, 0.0))
+    assert (stage_activations(derived, layers, 1, 4, 0.0)
+            == stage_activations(explicit, layers, 1, 4, 0.0))
