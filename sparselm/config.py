@@ -36,6 +36,35 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
+class RopeConfig:
+    """Rotary position embedding (Su et al. 2021, RoFormer) and its long-context scalings, with frequencies as
+    transformers 5 computes them (``modeling_rope_utils``)."""
+
+    theta: float = 10000.0
+    """Base of the rotary position frequencies."""
+    scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    """Rotary frequency scaling for long contexts, computed as transformers computes it: 'linear' (positions /
+    factor), 'llama3' (Llama 3.1+: low frequencies / factor, smooth between), 'yarn' (YaRN, with its
+    attention factor)."""
+    factor: float = 1.0
+    """Context extension factor of model.rope.scaling (transformers' rope_parameters.factor)."""
+    original_max_seq_len: int = 0
+    """Context length the model was pretrained at (original_max_position_embeddings); llama3 and yarn need it."""
+    low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original / low_freq_factor are divided by factor."""
+    high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original / high_freq_factor are kept; between, smoothly interpolated."""
+    beta_fast: float = 32.0
+    """yarn: rotations bounding the extrapolated (unscaled) frequencies."""
+    beta_slow: float = 1.0
+    """yarn: rotations bounding the interpolated (scaled) frequencies."""
+    attention_factor: float = 0.0
+    """yarn: factor on cos and sin (scales the attention logits by its square); 0 means 0.1 * ln(factor) + 1."""
+    truncate: bool = True
+    """yarn: round the correction range to whole dimensions (transformers' truncate)."""
+
+
+@dataclass
 class ModelConfig:
     d_model: int = 128
     """Width of the residual stream."""
@@ -53,8 +82,6 @@ class ModelConfig:
     """Pad the vocabulary to a multiple of this (fast matmuls, divisible by the tensor-parallel degree)."""
     max_seq_len: int = 256
     """Longest sequence the model accepts (rotary tables are built to this length)."""
-    rope_theta: float = 10000.0
-    """Base of the rotary position frequencies."""
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm."""
     tie_embeddings: bool = False
@@ -74,29 +101,11 @@ class ModelConfig:
     clip_qkv: float = 0.0
     """Clamp queries, keys and values to [-clip_qkv, clip_qkv] after the projections (and qk_norm); 0 disables it
     (OLMoE's clip_qkv)."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """Rotary positions: base frequency and long-context scaling (model.rope.theta, model.rope.scaling, ...)."""
     rotary_fraction: float = 1.0
     """Fraction of each head's width rotated by rotary positions (the first channels); the rest passes unrotated
     (transformers' partial_rotary_factor; GLM-4-MoE: 0.5)."""
-    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
-    """Rotary frequency scaling for long contexts, computed as transformers computes it: 'linear' (positions /
-    rope_factor), 'llama3' (Llama 3.1+: low frequencies / rope_factor, smooth between), 'yarn' (YaRN, with its
-    attention factor)."""
-    rope_factor: float = 1.0
-    """Context extension factor of rope_scaling (transformers' rope_parameters.factor)."""
-    rope_original_max_seq_len: int = 0
-    """Context length the model was pretrained at (original_max_position_embeddings); llama3 and yarn need it."""
-    rope_low_freq_factor: float = 1.0
-    """llama3 scaling: wavelengths above original / low_freq_factor are divided by rope_factor."""
-    rope_high_freq_factor: float = 4.0
-    """llama3 scaling: wavelengths below original / high_freq_factor are kept; between, smoothly interpolated."""
-    rope_beta_fast: float = 32.0
-    """yarn: rotations bounding the extrapolated (unscaled) frequencies."""
-    rope_beta_slow: float = 1.0
-    """yarn: rotations bounding the interpolated (scaled) frequencies."""
-    rope_attention_factor: float = 0.0
-    """yarn: factor on cos and sin (scales the attention logits by its square); 0 means 0.1 * ln(rope_factor) + 1."""
-    rope_truncate: bool = True
-    """yarn: round the correction range to whole dimensions (transformers' truncate)."""
     sliding_window: int = 0
     """Keys a query sees in layers of kind 'sliding' in attention_layers (itself and the window - 1 before it)."""
     attention_layers: list[str] = field(default_factory=lambda: ["full"])
@@ -355,9 +364,14 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
-RENAMED = {"parallel.activation_checkpoint_interval": " (replaced by parallel.recompute=full with "
+REMOVED = {"parallel.activation_checkpoint_interval": " (replaced by parallel.recompute=full with "
            "parallel.recompute_every=N, in every layout)"}
-"""Keys that were removed, with what says the same now."""
+"""Keys that were removed, with what says the same now (refused with that hint)."""
+
+RENAMED = {f"model.rope_{name}": f"model.rope.{name}" for name in (
+    "theta", "scaling", "factor", "original_max_seq_len", "low_freq_factor", "high_freq_factor", "beta_fast",
+    "beta_slow", "attention_factor", "truncate")}
+"""Keys that moved, old -> new: an old key still sets the new one, so older configs and checkpoints load."""
 
 
 def _apply(obj, data: dict, where: str) -> None:
@@ -365,10 +379,14 @@ def _apply(obj, data: dict, where: str) -> None:
     names = {f.name for f in fields(obj)}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
+        if path in RENAMED:
+            section, _, leaf = RENAMED[path].removeprefix(f"{where}.").rpartition(".")
+            _apply(getattr(obj, section), {leaf: value}, f"{where}.{section}")
+            continue
         if key not in names:
             close = difflib.get_close_matches(key, names, n=3)
             hint = f" (did you mean {', '.join(f'{where}.{c}' if where else c for c in close)}?)" if close else ""
-            hint = RENAMED.get(path, hint)
+            hint = REMOVED.get(path, hint)
             raise ConfigError(f"unknown config key '{path}'{hint}; run `python -m sparselm.train --help-config` for all keys")
         current = getattr(obj, key)
         if is_dataclass(current):
@@ -461,12 +479,20 @@ def describe(cfg=None) -> str:
     cfg = cfg or Config()
     lines = []
     for sec in fields(cfg):
-        section = getattr(cfg, sec.name)
         lines.append(f"[{sec.name}]")
-        docs = field_docs(type(section))
-        for f in fields(section):
-            lines.append(f"  {sec.name}.{f.name} = {getattr(section, f.name)!r}\n      {docs.get(f.name, '')}")
+        lines.extend(_describe_section(getattr(cfg, sec.name), sec.name))
     return "\n".join(lines)
+
+
+def _describe_section(section, where: str) -> list[str]:
+    docs, lines = field_docs(type(section)), []
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            lines.extend(_describe_section(value, f"{where}.{f.name}"))
+        else:
+            lines.append(f"  {where}.{f.name} = {value!r}\n      {docs.get(f.name, '')}")
+    return lines
 
 
 def validate_attention_features(m) -> None:
@@ -476,14 +502,14 @@ def validate_attention_features(m) -> None:
             f"model.rotary_fraction={m.rotary_fraction} must be in (0, 1] and rotate an even number of the "
             f"{m.head_width} channels of a head")
     require(m.clip_qkv >= 0, f"model.clip_qkv must be >= 0 (0 disables it), got {m.clip_qkv}")
-    if m.rope_scaling != "none":
-        require(m.rope_factor > 0, f"model.rope_factor={m.rope_factor} must be > 0 with model.rope_scaling={m.rope_scaling}")
-    if m.rope_scaling in ("llama3", "yarn"):
-        require(m.rope_original_max_seq_len > 0, f"model.rope_scaling={m.rope_scaling} needs "
-                "model.rope_original_max_seq_len (the pretraining context length)")
-    if m.rope_scaling == "llama3":
-        require(m.rope_high_freq_factor > m.rope_low_freq_factor > 0, "model.rope_high_freq_factor must exceed "
-                f"model.rope_low_freq_factor > 0, got {m.rope_high_freq_factor} and {m.rope_low_freq_factor}")
+    if m.rope.scaling != "none":
+        require(m.rope.factor > 0, f"model.rope.factor={m.rope.factor} must be > 0 with model.rope.scaling={m.rope.scaling}")
+    if m.rope.scaling in ("llama3", "yarn"):
+        require(m.rope.original_max_seq_len > 0, f"model.rope.scaling={m.rope.scaling} needs "
+                "model.rope.original_max_seq_len (the pretraining context length)")
+    if m.rope.scaling == "llama3":
+        require(m.rope.high_freq_factor > m.rope.low_freq_factor > 0, "model.rope.high_freq_factor must exceed "
+                f"model.rope.low_freq_factor > 0, got {m.rope.high_freq_factor} and {m.rope.low_freq_factor}")
     require(len(m.attention_layers) > 0, "model.attention_layers is empty; give at least one of full, sliding")
     for kind in m.attention_layers:
         require(kind in ("full", "sliding"), f"model.attention_layers names '{kind}'; known: full, sliding")

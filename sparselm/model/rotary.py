@@ -16,15 +16,15 @@ from torch import nn
 def rope_frequencies(mcfg) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [rot_dim / 2] fp32, attention factor on cos/sin) of model config ``mcfg``."""
     dim = int(mcfg.head_width * mcfg.rotary_fraction)
-    base, kind, factor = mcfg.rope_theta, mcfg.rope_scaling, mcfg.rope_factor
+    base, kind, factor = mcfg.rope.theta, mcfg.rope.scaling, mcfg.rope.factor
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if kind in ("none", "default"):
         return inv_freq, 1.0
     if kind == "linear":
         return inv_freq / factor, 1.0
-    old = mcfg.rope_original_max_seq_len
+    old = mcfg.rope.original_max_seq_len
     if kind == "llama3":
-        low, high = mcfg.rope_low_freq_factor, mcfg.rope_high_freq_factor
+        low, high = mcfg.rope.low_freq_factor, mcfg.rope.high_freq_factor
         low_wavelen, high_wavelen = old / low, old / high
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -33,13 +33,13 @@ def rope_frequencies(mcfg) -> tuple[torch.Tensor, float]:
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
-        attention = mcfg.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        attention = mcfg.rope.attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
 
         def correction_dim(rotations):
             return (dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
-        low, high = correction_dim(mcfg.rope_beta_fast), correction_dim(mcfg.rope_beta_slow)
-        if mcfg.rope_truncate:
+        low, high = correction_dim(mcfg.rope.beta_fast), correction_dim(mcfg.rope.beta_slow)
+        if mcfg.rope.truncate:
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
@@ -49,7 +49,7 @@ def rope_frequencies(mcfg) -> tuple[torch.Tensor, float]:
         extrapolation = 1 - ramp
         inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
         return inv, float(attention)
-    raise ValueError(f"model.rope_scaling={kind!r} is not one of none, linear, llama3, yarn")
+    raise ValueError(f"model.rope.scaling={kind!r} is not one of none, linear, llama3, yarn")
 
 
 class Rotary(nn.Module):

@@ -22,12 +22,12 @@ CASES = {
     # the Hugging Face families' attention options: head width != d_model / heads, q/k/v biases, per-head q/k
     # norm (one weight used by both ranks' heads), clipping, partial yarn rotary, a sliding window in layer 1
     "hf_per_head": ["--model.head_dim=12", "--model.qkv_bias=true", "--model.qk_norm=per_head", "--model.clip_qkv=0.5",
-                    "--model.rotary_fraction=0.5", "--model.rope_scaling=yarn", "--model.rope_factor=4",
-                    "--model.rope_original_max_seq_len=8", "--model.sliding_window=5",
+                    "--model.rotary_fraction=0.5", "--model.rope.scaling=yarn", "--model.rope.factor=4",
+                    "--model.rope.original_max_seq_len=8", "--model.sliding_window=5",
                     "--model.attention_layers=full,sliding"],
     # full-width q/k norm (channels split with the heads, mean of squares summed over ranks), llama3 rotary
-    "hf_full_norm": ["--model.n_kv_heads=2", "--model.qk_norm=full", "--model.rope_scaling=llama3",
-                     "--model.rope_factor=8", "--model.rope_original_max_seq_len=8"],
+    "hf_full_norm": ["--model.n_kv_heads=2", "--model.qk_norm=full", "--model.rope.scaling=llama3",
+                     "--model.rope.factor=8", "--model.rope.original_max_seq_len=8"],
 }
 EXTRA_SHARDED = {"hf_per_head": 2 * 3, "hf_full_norm": 2 * 2}  # q/k/v biases; q/k norm weights (per layer)
 

@@ -69,3 +69,16 @@ def test_every_config_field_has_a_docstring():
 def test_parse_overrides_rejects_positional():
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["stray"])
+
+
+def test_rope_settings_are_a_section_and_the_old_flat_keys_still_load():
+    from sparselm.config import RENAMED, describe, load_config
+
+    cfg = load_config("tiny_dense", ["--model.rope.theta=500000", "--model.rope.scaling=linear", "--model.rope.factor=2"])
+    assert (cfg.model.rope.theta, cfg.model.rope.scaling, cfg.model.rope.factor) == (500000.0, "linear", 2.0)
+    # a config.yaml written before the section existed (older checkpoints) sets the same fields
+    old = load_config("tiny_dense", {"model": {"rope_theta": 500000, "rope_scaling": "linear", "rope_factor": 2}})
+    assert old.model.rope == cfg.model.rope
+    assert RENAMED["model.rope_original_max_seq_len"] == "model.rope.original_max_seq_len"
+    text = describe()
+    assert "model.rope.theta = 10000.0" in text and "model.rope.truncate" in text and "model.rope_theta" not in text

@@ -49,7 +49,7 @@ def test_import_llama_round_trip(tmp_path):
     with torch.no_grad():
         diff = (hf(ids).logits - ours(ids)).abs().max().item()
     assert diff < 1e-4, diff
-    assert cfg.model.n_kv_heads == 2 and cfg.model.rope_theta == 5000.0
+    assert cfg.model.n_kv_heads == 2 and cfg.model.rope.theta == 5000.0
 
 
 def test_consolidate_and_inspect(tmp_path, capsys):
@@ -218,7 +218,7 @@ def test_import_carries_supported_rope_spellings_and_the_logits_match(tmp_path, 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True).eval()
     convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
     ours, cfg = load_model(tmp_path / "ours")
-    assert cfg.model.rope_theta == 2500.0
+    assert cfg.model.rope.theta == 2500.0
     ids = torch.randint(0, 64, (2, 40))
     with torch.no_grad():
         theirs = hf(ids).logits

@@ -6,6 +6,7 @@ norm and clip_qkv, Llama 3 rope scaling, GLM-4-MoE's group-limited sigmoid routi
 dense first layer, Mistral / Qwen2 sliding windows shorter than the sequence).  Tolerances: logits within
 1e-5 in fp32 (both sides compute the same operations; only summation order differs).
 """
+import functools
 import json
 
 import pytest
@@ -115,9 +116,9 @@ def test_import_matches_transformers(tmp_path, family):
 
 
 CARRIED = {  # the distinctive options each family's import must carry (checked in the sparselm config)
-    "llama": {"model.rope_scaling": "llama3", "model.rope_factor": 8.0, "model.rope_original_max_seq_len": 16},
-    "llama_yarn": {"model.rope_scaling": "yarn", "model.rope_attention_factor": pytest.approx(1.1386294)},
-    "llama_linear": {"model.rope_scaling": "linear", "model.tie_embeddings": True},
+    "llama": {"model.rope.scaling": "llama3", "model.rope.factor": 8.0, "model.rope.original_max_seq_len": 16},
+    "llama_yarn": {"model.rope.scaling": "yarn", "model.rope.attention_factor": pytest.approx(1.1386294)},
+    "llama_linear": {"model.rope.scaling": "linear", "model.tie_embeddings": True},
     "mistral": {"model.head_dim": 24, "model.sliding_window": 8, "model.attention_layers": ["sliding"]},
     "qwen2": {"model.qkv_bias": True, "model.attention_layers": ["full", "sliding"]},
     "qwen3": {"model.head_dim": 32, "model.qk_norm": "per_head"},
@@ -141,8 +142,7 @@ def test_imported_config_carries_the_family_options_and_flops_counts_them(family
     hf = json.loads(family_config(family).to_json_string())
     cfg = load_config(None, {**sparselm_config(hf), "data": {"seq_len": 32}})
     for key, value in CARRIED[family].items():
-        section, name = key.split(".")
-        assert getattr(getattr(cfg, section), name) == value, key
+        assert functools.reduce(getattr, key.split("."), cfg) == value, key
     model = build_model(cfg, device="meta")
     counts = param_counts(cfg)
     assert counts.total == model.num_params() and counts.active == model.num_params(active=True)
