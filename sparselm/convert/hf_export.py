@@ -11,7 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparselm.checkpoint.checkpointing import load_tokenizer, open_model_tensors, read_config, read_meta, resolve_checkpoint
+from sparselm.checkpoint.checkpointing import (
+    load_tokenizer,
+    open_model_tensors,
+    read_config,
+    read_meta,
+    resolve_checkpoint,
+)
 from sparselm.checkpoint.shards import write_consolidated
 from sparselm.checkpoint.tensors import CanonicalTensors
 from sparselm.convert.experts import PARTS

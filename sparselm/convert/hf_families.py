@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from sparselm.convert.hf_family import (Family, SharedExperts, slides_from_max_window_layers,
-                                        slides_on_even_layers_below_max_window_layers)
+from sparselm.convert.hf_family import (
+    Family,
+    SharedExperts,
+    slides_from_max_window_layers,
+    slides_on_even_layers_below_max_window_layers,
+)
 from sparselm.errors import ConversionError
 
 LLAMA = Family("llama", "LlamaForCausalLM")

@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from sparselm.parallel.pieces import Shard, assemble
 
-
 _EXPERT_CHUNK = re.compile(r"\.chunks\.\d+\.(gate_up_proj|down_proj)$")
 
 

@@ -32,8 +32,8 @@ from torch import nn
 from sparselm.model.moe import MoELayer
 from sparselm.model.moe.experts import GroupedExperts
 from sparselm.parallel.comm import GroupReducer
-from sparselm.parallel.topology import ensure_deepspeed_comm
 from sparselm.parallel.pieces import Shard, group_rank_size, in_world, is_sharded_over, shard_
+from sparselm.parallel.topology import ensure_deepspeed_comm
 
 
 def group_name(ep_size: int) -> str:
@@ -249,9 +249,8 @@ def global_grad_norm(parameters, ep_group=None, mpu=None) -> torch.Tensor:
     counted on model-parallel rank 0 only.
     When ``mpu`` has pipeline stages, the stages' sums are added over its pipeline group (tied copies
     marked ``ds_pipe_replicated`` are skipped: counted on their first stage)."""
-    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
-
     from deepspeed.runtime.utils import is_model_parallel_parameter
+    from deepspeed.utils.bwc import bwc_tensor_model_parallel_rank
 
     mp_rank0 = mpu is None or bwc_tensor_model_parallel_rank(mpu) == 0
     shared = torch.zeros((), dtype=torch.float64)
@@ -369,8 +368,10 @@ class TensorParallelExperts(GroupedExperts):
     tp_group = None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                            reduce_from_tensor_model_parallel_region)
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            reduce_from_tensor_model_parallel_region,
+        )
 
         out = super().forward(copy_to_tensor_model_parallel_region(x, self.tp_group), counts)
         return reduce_from_tensor_model_parallel_region(out, self.tp_group)

@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region as copy_to_group,
-                                                    reduce_from_tensor_model_parallel_region as reduce_from_group)
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region as copy_to_group,
+    reduce_from_tensor_model_parallel_region as reduce_from_group,
+)
 
 from sparselm.model.pkm.memory import ProductKeyMemory
 from sparselm.model.pkm.usage import SlotUsage

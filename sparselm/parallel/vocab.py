@@ -6,9 +6,9 @@ import torch
 from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 
+from sparselm.model.init import deferred_init
 from sparselm.model.transformer import LMHead
 from sparselm.parallel.comm import gather_along_dim
-from sparselm.model.init import deferred_init
 from sparselm.parallel.pieces import Shard
 from sparselm.parallel.tensor import adopt, column_parallel, megatron_config, register_tp_rule
 

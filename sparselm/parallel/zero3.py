@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from sparselm.training.ds_config import working_dtype
 from sparselm.parallel.deepspeed_private import zero3_converter
+from sparselm.training.ds_config import working_dtype
 
 
 class Zero3Partitioner:

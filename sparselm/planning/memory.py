@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from sparselm.model.recompute import recomputed_layers
 from sparselm.model.registry import block_cost
-from sparselm.planning.assumptions import GiB, Assumptions
+from sparselm.planning.assumptions import Assumptions, GiB
 from sparselm.planning.holdings import StageHold
 from sparselm.training.ds_config import working_dtype
 

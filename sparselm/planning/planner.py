@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from sparselm.planning.assumptions import GiB, Assumptions
+from sparselm.planning.assumptions import Assumptions, GiB
 from sparselm.planning.communication import communication_bytes
 from sparselm.planning.holdings import stage_holdings
 from sparselm.planning.layouts import check

@@ -17,7 +17,7 @@ import json
 from sparselm.config import field_docs, load_config
 from sparselm.errors import USER_ERRORS, ConfigError
 from sparselm.planning.advice import search, smallest_fix
-from sparselm.planning.assumptions import GiB, Assumptions
+from sparselm.planning.assumptions import Assumptions, GiB
 from sparselm.planning.holdings import KINDS
 from sparselm.planning.layouts import configure, nearest_valid_worlds
 from sparselm.planning.memory import precision_bytes

@@ -6,7 +6,6 @@ normal init, which visits children after their parent, cannot overwrite the spec
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
