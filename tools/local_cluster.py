@@ -19,8 +19,9 @@ node end ``eth1`` is 10.77.X.N/24 and whose other end ``vnN`` is a bridge port. 
 inside the cluster's namespaces, so the machine's own network (and ``ip link``) never sees them, and there
 is no route out: traffic stays between the nodes.
 
-Each node (and ctl) has one *holder* process, ``ip netns exec NS unshare --uts --mount --propagation
-private``, that sets the hostname (nN; the machine's own is never touched), bind-mounts the cluster's
+Each node (and ctl) has one *holder* process, ``nsenter --net=/run/netns/NS unshare --uts --mount
+--propagation private``, that sets the hostname (nN; the machine's own is never touched), mounts the
+namespace's own sysfs (keeping the host's cgroup tree, which slurmd wants), bind-mounts the cluster's
 hosts file (every node name -> its address, ``ctl`` -> the bridge) over /etc/hosts, applies optional
 per-node bind mounts (a node-local cache dir), then sleeps.  Commands run in the node with ``nsenter -t
 HOLDER -n -u -m``; everything else (the checkout, the venv, /tmp) is the one shared file system, standing
@@ -189,14 +190,20 @@ class LocalCluster:
         ready = self.root / "run" / f"{node}.ready"
         ready.unlink(missing_ok=True)
         binds = "".join(f'mkdir -p "{t}" && mount --bind "{s}" "{t}" && ' for s, t in self.binds.get(node, []))
-        script = (f'hostname {node} && mount --bind "{hosts}" /etc/hosts && '
+        # /sys: a sysfs of this netns (its own /sys/class/net), with the host's cgroup tree moved onto it
+        # (slurmd needs /sys/fs/cgroup even with task/none; `ip netns exec` would leave it empty)
+        cg = self.root / "run" / f"cgroup-{node}"
+        cg.mkdir(exist_ok=True)
+        sysfs = (f'mount --rbind /sys/fs/cgroup "{cg}" && mount -t sysfs sysfs /sys && '
+                 f'mount --move "{cg}" /sys/fs/cgroup && ') if Path("/sys/fs/cgroup").is_mount() else ""
+        script = (f'hostname {node} && {sysfs}mount --bind "{hosts}" /etc/hosts && '
                   f'{{ [ ! -e /etc/hostname ] || mount --bind "{self.root}/etc/hostname-{node}" /etc/hostname; }} && {binds}'
                   f'touch "{ready}" && exec sleep infinity')
         log = open(self.root / "log" / f"holder-{node}.log", "wb")
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns(node), "unshare", "--uts", "--mount",
+        p = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.ns(node)}", "unshare", "--uts", "--mount",
                               "--propagation", "private", "sh", "-c", script],
                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.holders[node] = p.pid  # ip -> unshare -> sh -> sleep all exec: one pid
+        self.holders[node] = p.pid  # nsenter -> unshare -> sh -> sleep all exec: one pid
         self._holder_popen = getattr(self, "_holder_popen", []) + [p]
 
     def _ns_pids(self, node: str) -> list[int]:
@@ -207,6 +214,8 @@ class LocalCluster:
         """Kill every process in the cluster (recorded groups, then whatever is left in its namespaces, the
         holders last), delete the namespaces.  Returns the daemons' logs when ``dump_logs``."""
         logs = self.logs() if dump_logs else ""
+        if getattr(self, "slurm_env", None) and any(p.poll() is None for p in self.procs):
+            self.run("ctl", ["scancel", "--full", "--user=root"], env=self.slurm_env, timeout=15)
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -292,6 +301,105 @@ class LocalCluster:
         self._save()
         return p
 
+    # ---------------------------------------------------------------------------- SLURM across the nodes
+    def start_slurm(self, cpus: int = 2, timeout: float = 60) -> None:
+        """One munged and slurmctld in ctl (hostname ``ctl``), one slurmd per node (``-N nN``), every file under
+        ROOT/slurm; ``slurm_env`` then gives clients (``run("ctl", ["sbatch", ...], env=c.slurm_env)``) their
+        SLURM_CONF.  Debian's slurm-wlm + munge (slurm/install_local_cluster.sh).  One munged serves every
+        slurmd: its socket is a path on the shared file system, and Debian builds SLURM with
+        MULTIPLE_SLURMD, which accepts the one credential that several slurmds decode (a "replay" otherwise)."""
+        sbin = lambda b: shutil.which(b) or f"/usr/sbin/{b}"
+        r = self.root / "slurm"
+        for d in ("munge", "state", "run", *(f"spool/{n}" for n in self.nodes)):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(r / "munge", 0o700)
+        key = r / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o400)
+        sock = r / "munge" / "munge.socket"
+        self.daemon("ctl", "munged", [sbin("munged"), "--foreground", "--force", f"--key-file={key}",
+                                      f"--socket={sock}", f"--pid-file={r / 'munge' / 'munged.pid'}",
+                                      f"--seed-file={r / 'munge' / 'munged.seed'}",
+                                      f"--log-file={self.root / 'log' / 'munged-file.log'}"])
+        self._wait(lambda: sock.exists(), "munged's socket", timeout)
+        nodes = f"n[1-{self.n}]" if self.n > 1 else "n1"
+        addrs = ",".join(self.addr(n) for n in self.nodes)
+        log = self.root / "log"
+        conf = r / "slurm.conf"
+        conf.write_text(f"""ClusterName=localcluster
+SlurmctldHost=ctl({self.addr('ctl')})
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={sock},cred_expire=10
+SchedulerParameters=sched_interval=1
+StateSaveLocation={r / 'state'}
+SlurmdSpoolDir={r / 'spool'}/%n
+SlurmctldPidFile={r / 'run'}/slurmctld.pid
+SlurmdPidFile={r / 'run'}/slurmd-%n.pid
+SlurmctldLogFile={log}/slurmctld-file.log
+SlurmdLogFile={log}/slurmd-%n-file.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+ReturnToService=2
+SlurmdTimeout=15
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+NodeName={nodes} NodeHostname={nodes} NodeAddr={addrs} CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""")
+        self.slurm_env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SLURM_CONF": str(conf)}
+        self.daemon("ctl", "slurmctld", [sbin("slurmctld"), "-D", "-f", str(conf)])
+        for node in self.nodes:
+            self.daemon(node, f"slurmd-{node}", [sbin("slurmd"), "-D", "-f", str(conf), "-N", node])
+        self._wait(self._slurm_idle, f"{self.n} idle slurm nodes", timeout)
+
+    def _slurm_idle(self) -> bool:
+        out = self.run("ctl", ["sinfo", "-h", "-N", "-o", "%N %t"], env=self.slurm_env)
+        states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+        return out.returncode == 0 and all(states.get(n) == "idle" for n in self.nodes)
+
+    def _wait(self, ready, what: str, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while not ready():
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{' '.join(dead[0].args[-6:])} exited {dead[0].returncode} while waiting for "
+                                   f"{what}:\n{self.logs()}")
+            if time.monotonic() > end:
+                raise RuntimeError(f"timed out after {timeout} s waiting for {what}:\n{self.logs()}")
+            time.sleep(0.3)
+
+    def sbatch(self, args: list[str], env: dict | None = None, cwd=None) -> int:
+        out = self.run("ctl", ["sbatch", "--parsable", *map(str, args)], env={**self.slurm_env, **(env or {})}, cwd=cwd)
+        if out.returncode != 0:
+            raise RuntimeError(f"sbatch {' '.join(map(str, args))} failed: {out.stderr}\n{self.logs()}")
+        return int(out.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict:
+        out = self.run("ctl", ["scontrol", "-o", "show", "job", str(job_id)], env=self.slurm_env)
+        return dict(item.partition("=")[::2] for item in out.stdout.split())
+
+    def wait_job(self, job_id: int, timeout: float = 300) -> dict:
+        done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            info = self.job(job_id)
+            if info.get("JobState") in done:
+                return info
+            time.sleep(1)
+        raise TimeoutError(f"job {job_id} not finished after {timeout} s: {self.job(job_id)}\n{self.logs()}")
+
     def kill(self, node: str, sig=signal.SIGKILL) -> list[int]:
         """Send SIG to every process in NODE but its holder (a crash: SIGKILL; a hang: SIGSTOP)."""
         pids = [pid for pid in self._ns_pids(node) if pid != self.holders[node]]
@@ -317,6 +425,7 @@ def main(argv=None) -> int:
     up = sub.add_parser("up", help="start N nodes n1..nN (and ctl); state under --root")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--root", required=True)
+    up.add_argument("--slurm", action="store_true", help="also start munged + slurmctld in ctl and a slurmd per node")
     up.add_argument("--bind", action="append", default=[], metavar="NODE:SRC:TARGET",
                     help="bind-mount SRC over TARGET in NODE only (a node-local directory); repeatable")
     ex = sub.add_parser("exec", help="run a command inside a node: exec --root DIR n2 -- CMD...")
@@ -336,6 +445,8 @@ def main(argv=None) -> int:
         c = LocalCluster(args.root, args.nodes, binds=binds)
         try:
             c.up()
+            if args.slurm:
+                c.start_slurm()
         except BaseException:
             c.down()
             raise
@@ -343,6 +454,9 @@ def main(argv=None) -> int:
         for node in c.all:
             print(f"  {node:4s} {c.addr(node):15s} netns {c.ns(node)}  holder pid {c.holders[node]}")
         print(f"run: python tools/local_cluster.py exec --root {args.root} n1 -- hostname")
+        if args.slurm:
+            print(f"SLURM: python tools/local_cluster.py exec --root {args.root} ctl -- env "
+                  f"SLURM_CONF={c.slurm_env['SLURM_CONF']} sinfo")
         return 0
     if not (Path(args.root) / STATE).exists():
         print(f"local_cluster: no cluster under {args.root} ({STATE} missing)", file=sys.stderr)
