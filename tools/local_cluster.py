@@ -381,7 +381,7 @@ PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubs
             time.sleep(0.3)
 
     def sbatch(self, args: list[str], env: dict | None = None, cwd=None) -> int:
-        out = self.run("ctl", ["sbatch", "--parsable", *map(str, args)], env={**self.slurm_env, **(env or {})}, cwd=cwd)
+        out = self.run("ctl", ["sbatch", "--parsable", *map(str, args)], env={**self.slurm_env, **(env or {}), "SLURM_CONF": self.slurm_env["SLURM_CONF"]}, cwd=cwd)
         if out.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(map(str, args))} failed: {out.stderr}\n{self.logs()}")
         return int(out.stdout.strip().split(";")[0])

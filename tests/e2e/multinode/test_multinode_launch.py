@@ -1,7 +1,8 @@
 """Two real "nodes" on this machine (tools/local_cluster.py: network, UTS and mount namespaces, each node
 with its own hostname and address, one shared file system): a TP2 x EP2 MoE run with TP inside a node and
-DP/EP across nodes, launched as a user launches it on two machines, must log the one-process run's losses,
-one metrics line per step.  Needs root; skips elsewhere with the reason.
+DP/EP across nodes, launched as a user launches it on two machines (torchrun c10d, deepspeed --no_ssh, sbatch
+on the cluster's own SLURM), must log the one-process run's losses, one metrics line per step.  Needs root
+(and slurm-wlm + munge for the sbatch route); skips elsewhere with the reason.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from sparselm.training.metrics import read_metrics
 from support.run import BIN, PYTHON, REPO, subprocess_env
+from support.local_slurm import missing_binaries
 from tools.local_cluster import LocalCluster, missing_requirements
 
 _why = missing_requirements()
@@ -57,8 +59,14 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
     c = LocalCluster(tmp_path_factory.mktemp("cluster"), nodes=2)
+    c.slurm = None  # why SLURM is not running, else None
     try:
         c.up()
+        missing = missing_binaries()
+        if missing:
+            c.slurm = f"SLURM is not installed here (missing {', '.join(missing)}): run slurm/install_local_cluster.sh"
+        else:
+            c.start_slurm()
     except BaseException:
         print(c.down(dump_logs=True))
         raise
@@ -131,4 +139,19 @@ def test_deepspeed_no_ssh_two_nodes(cluster, reference, tmp_path):
                           *COMMON, *LAYOUT, f"--train.out_dir={out}"] for i in range(2)}
     text = run_on_nodes(cluster, tmp_path, cmds)
     assert_rank0_on_n1(text)
+    assert_same_losses(out, reference)
+
+
+def test_sbatch_two_nodes(cluster, reference, tmp_path):
+    """slurm/train.sbatch submitted from ctl: slurmd on n1 runs the script, srun starts 2 ranks on each node."""
+    if cluster.slurm:
+        pytest.skip(cluster.slurm)
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.sbatch(["--nodes=2", "--ntasks-per-node=2", f"--output={log}", "slurm/train.sbatch",
+                          *COMMON, *LAYOUT, f"--train.out_dir={out}"],
+                         env={**env(), "SPARSELM_BIN": str(BIN)}, cwd=REPO)
+    info = cluster.wait_job(job, timeout=300)
+    text = log.read_text() if log.exists() else ""
+    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text[-4000:]}\n{cluster.logs()}"
+    assert "on n[1-2]" in text and "4 process(es)" in text, text[-3000:]
     assert_same_losses(out, reference)
