@@ -189,7 +189,7 @@ class LocalCluster:
     def _start_holder(self, node: str, hosts: Path) -> None:
         ready = self.root / "run" / f"{node}.ready"
         ready.unlink(missing_ok=True)
-        binds = "".join(f'mkdir -p "{t}" && mount --bind "{s}" "{t}" && ' for s, t in self.binds.get(node, []))
+        binds = "".join(f'mkdir -p "{s}" "{t}" && mount --bind "{s}" "{t}" && ' for s, t in self.binds.get(node, []))
         # /sys: a sysfs of this netns (its own /sys/class/net), with the host's cgroup tree moved onto it
         # (slurmd needs /sys/fs/cgroup even with task/none; `ip netns exec` would leave it empty)
         cg = self.root / "run" / f"cgroup-{node}"
