@@ -19,6 +19,8 @@ de-duplication across TP is the expert-parallel code's decision (``sparselm.para
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -43,7 +45,8 @@ class Topology:
 
         # gloo is already every group's backend on CPU; megatron's extra gloo copies would only add start-up time.
         ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                                     create_gloo_process_groups=False)
+                                     create_gloo_process_groups=False,
+                                     distributed_timeout_minutes=math.ceil(cfg.parallel.timeout_minutes))
         from sparselm.parallel.mpu import ParallelStateMPU
 
         self._ps_mpu = ParallelStateMPU()
