@@ -19,8 +19,6 @@ de-duplication across TP is the expert-parallel code's decision (``sparselm.para
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -46,7 +44,8 @@ class Topology:
         # gloo is already every group's backend on CPU; megatron's extra gloo copies would only add start-up time.
         ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                                      create_gloo_process_groups=False,
-                                     distributed_timeout_minutes=math.ceil(cfg.parallel.timeout_minutes))
+                                     # typed int, used only as timedelta(minutes=...): fractions hold
+                                     distributed_timeout_minutes=cfg.parallel.timeout_minutes)
         from sparselm.parallel.mpu import ParallelStateMPU
 
         self._ps_mpu = ParallelStateMPU()
