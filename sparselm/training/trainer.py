@@ -41,6 +41,7 @@ from sparselm.training.engine import build_ds_config, build_engine, settle_pipel
 from sparselm.training.metrics import MetricsWriter, format_line
 from sparselm.training.nonfinite import NonFiniteGuard
 from sparselm.training.optim import lr_at, set_lr
+from sparselm.training.peers import check_tp_placement, describe_hosts, gather_hosts
 from sparselm.training.preemption import StopGuard
 from sparselm.training.preflight import absolute_paths, find_resume
 from sparselm.training.runtime import forget_solo_world, init_distributed, release_free_memory
@@ -107,11 +108,27 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         self.topo = Topology(self.cfg)
+        self._place_ranks()
         self.ds_notes: list[str] = []
         # refuses a JSON sparselm cannot honour; the engine resolves it again (same result) when it is built
         self.ds_config = build_ds_config(self.cfg, self.topo.dp_size, self.ds_notes)
         self.resume_from = find_resume(self.cfg)
         self._lock_run_dir()  # after the checks above, so a refused config leaves no directory behind
+
+    def _place_ranks(self) -> None:
+        """Gather every rank's host, log them once (rank 0, several ranks) and refuse a tensor-parallel group
+        that spans hosts unless parallel.tp_across_nodes (every rank raises the same ConfigError)."""
+        self.hosts = gather_hosts()
+        if self.is_rank0 and self.world > 1:
+            print(f"sparselm: hosts: {describe_hosts(self.hosts)}")
+        layout = self.topo.layout
+        tp_groups = {tuple(layout.group("tp", r)) for r in range(self.world)}
+        try:
+            check_tp_placement([list(g) for g in sorted(tp_groups)], self.hosts, self.cfg.parallel.tp_across_nodes)
+        except ConfigError:
+            self.topo.teardown()
+            forget_solo_world()
+            raise
 
     def _lock_run_dir(self) -> None:
         """Rank 0 holds ``train.out_dir``'s run lock until the run ends (``sparselm.training.run_lock``); every rank

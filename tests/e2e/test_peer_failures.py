@@ -1,0 +1,69 @@
+"""A peer lost in the middle of a run: its processes killed (a crashed node) or stopped (a hung one).
+
+Two ranks started as srun starts them (RANK, WORLD_SIZE and MASTER_ADDR set, each its node's local rank 0), so
+each survivor is on its own and must leave by itself: within about a minute, with one ``sparselm: error:`` line
+and exit status 69, which the sbatch scripts requeue.  Before, a crash was a traceback and exit 1 and a hang lasted
+30 minutes in the groups parallel.timeout_minutes did not reach.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from sparselm.training.metrics import read_metrics
+from sparselm.training.runtime import free_port
+from support.run import PYTHON, REPO, TINY, subprocess_env
+
+LOST_EXIT = 69
+
+
+def _start_pair(out, timeout_minutes: float) -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [PYTHON, "-m", "sparselm.train", *TINY, "--train.steps=100000", "--train.save_every=0",
+             f"--parallel.timeout_minutes={timeout_minutes}", f"--train.out_dir={out}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _wait_for_step(out, procs, step: int, limit: float = 240) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a rank ended early: {[p.communicate()[1][-2000:] for p in procs]}")
+        rows = read_metrics(out, train_only=True)
+        if rows and rows[-1]["step"] >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {limit} s")
+
+
+@pytest.mark.parametrize("fault, words", [(signal.SIGKILL, "lost its connection to"),
+                                          (signal.SIGSTOP, "waited parallel.timeout_minutes=0.25")])
+def test_the_survivor_of_a_lost_peer_exits_69_in_one_line(tmp_path, fault, words):
+    procs = _start_pair(tmp_path / "run", timeout_minutes=0.25)
+    try:
+        _wait_for_step(tmp_path / "run", procs, 3)
+        os.kill(procs[1].pid, fault)
+        faulted = time.monotonic()
+        _, err = procs[0].communicate(timeout=120)
+        elapsed = time.monotonic() - faulted
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    errors = [line for line in err.splitlines() if line.startswith("sparselm: error:")]
+    assert procs[0].returncode == LOST_EXIT, err[-3000:]
+    assert len(errors) == 1 and words in errors[0] and "resume with --train.resume=latest" in errors[0], err[-3000:]
+    assert "Traceback" not in err
+    # a crash is seen at once; a hang after the timeout (15 s) plus the step in flight
+    assert elapsed < (30 if fault == signal.SIGKILL else 75), elapsed
