@@ -15,7 +15,7 @@ if __name__ == "__main__":  # a real run: from here on a stop signal during star
 from sparselm.config import ConfigError, describe, list_presets
 from sparselm.errors import EXIT_STATUS, USER_ERRORS, DistributedStartError, PeerLostError
 from sparselm.training.launch import prepare, start
-from sparselm.training.peers import lost_peer
+from sparselm.training.peers import lost_peer, report_start_failure
 from sparselm.training.preemption import REQUEUE_EXIT
 
 USAGE = """usage: python -m sparselm.train --config NAME_OR_PATH [--section.key=value ...]
@@ -48,12 +48,19 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> dict:
     """Train; with ``argv`` given (tests), errors are raised instead of printed."""
+    say_here = False  # this rank's own start-up error is news on its node: print it whatever its rank
     try:
         name, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         if name is None:
             raise ConfigError(f"no --config given; name a preset ({', '.join(list_presets())}) or a YAML path, "
                               "e.g. --config tiny_dense")
-        cfg = prepare(name, overrides, say=_say)
+        try:
+            cfg = prepare(name, overrides, say=_say)
+        except USER_ERRORS as err:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not isinstance(err, DistributedStartError):
+                # the other ranks stop with it at once; this node's log says why when rank 0 did not fail too
+                say_here = report_start_failure(err, _timeout_minutes(overrides))
+            raise
         trainer = None
         try:
             trainer = start(cfg)
@@ -78,9 +85,22 @@ def main(argv: list[str] | None = None) -> dict:
         # every rank stops; one says why (any rank when the group could not form: rank 0 may be the one missing).
         # Bad input exits 2; a run-time failure after which nothing saved is lost exits with its own status.
         # a lost peer is seen by every survivor: one line per node
-        _say(f"sparselm: error: {err}", sys.stderr, every_rank=isinstance(err, DistributedStartError),
+        _say(f"sparselm: error: {err}", sys.stderr, every_rank=isinstance(err, DistributedStartError) or say_here,
              per_node=isinstance(err, PeerLostError))
         sys.exit(EXIT_STATUS.get(type(err), 2))
+
+
+def _timeout_minutes(overrides: list[str]) -> float:
+    """parallel.timeout_minutes from the command line when the config itself could not be read (30 otherwise)."""
+    for i, arg in enumerate(overrides):
+        key, _, value = arg.partition("=")
+        if key == "--parallel.timeout_minutes":
+            value = value or (overrides[i + 1] if i + 1 < len(overrides) else "")
+            try:
+                return float(value)
+            except ValueError:
+                break
+    return 30.0
 
 
 def _say(line: str, stream=None, every_rank: bool = False, per_node: bool = False) -> None:

@@ -11,6 +11,8 @@ surfaces as a RuntimeError from gloo or NCCL whose text names no rank: ``lost_pe
 """
 from __future__ import annotations
 
+import datetime
+import os
 import re
 import socket
 from typing import NamedTuple
@@ -47,6 +49,40 @@ def gather_hosts() -> list[Host]:
     hosts: list = [None] * dist.get_world_size()
     dist.all_gather_object(hosts, tuple(this_host()))
     return [Host(*h) for h in hosts]
+
+
+def agree_on_start(problem: str | None) -> None:
+    """The first collective of every run: each rank tells whether its own start-up checks passed (``problem``:
+    None, or the one-line reason they did not), so that bad input seen on one node only (a dataset or tokenizer
+    missing there) stops every rank at once instead of leaving the others to wait parallel.timeout_minutes at
+    the rendezvous.  Raises ConfigError naming the first failing rank, its host and its reason."""
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, (this_host().name, problem))
+    for rank, (host, text) in enumerate(problems):
+        if text is not None:
+            raise ConfigError(f"rank {rank} on {host} cannot start: {text}")
+
+
+def report_start_failure(err: BaseException, timeout_minutes: float) -> bool:
+    """On a rank whose start-up checks raised ``err`` in a world of several (WORLD_SIZE > 1, the launcher's
+    rendezvous variables set): join the default process group (gloo, no DeepSpeed import) and tell the others
+    through ``agree_on_start``.  Returns whether this rank should print ``err`` itself: rank 0 always, another
+    rank when rank 0 passed (bad input on its node only) and it is the first failing rank on its host.  Gives up
+    silently when the group cannot form: the others then stop at their own rendezvous timeout."""
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+        problems: list = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, (this_host().name, f"{err}"))
+    except (RuntimeError, ValueError):
+        return rank == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    me = problems[rank][0]
+    first_here = min(r for r, (host, text) in enumerate(problems) if host == me and text is not None)
+    return rank == 0 or (problems[0][1] is None and first_here == rank)
 
 
 def _spans(ranks: list[int]) -> str:

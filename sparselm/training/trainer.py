@@ -41,7 +41,7 @@ from sparselm.training.engine import build_ds_config, build_engine, settle_pipel
 from sparselm.training.metrics import MetricsWriter, format_line
 from sparselm.training.nonfinite import NonFiniteGuard
 from sparselm.training.optim import lr_at, set_lr
-from sparselm.training.peers import check_tp_placement, describe_hosts, gather_hosts
+from sparselm.training.peers import agree_on_start, check_tp_placement, describe_hosts, gather_hosts
 from sparselm.training.preemption import StopGuard
 from sparselm.training.preflight import absolute_paths, find_resume
 from sparselm.training.runtime import forget_solo_world, init_distributed, release_free_memory
@@ -76,7 +76,6 @@ class Trainer:
             self._construct()
         except BaseException:
             if self.is_rank0:  # a start-up that failed leaves no run directory it created itself
-
                 run_lock.release(self.cfg.train.out_dir, remove_if_created=True)
             raise
 
@@ -105,6 +104,7 @@ class Trainer:
     def _start_processes(self) -> None:
         """Process group, layout and the DeepSpeed JSON: every check that needs no data or model."""
         self.device = init_distributed(self.cfg.parallel.timeout_minutes)
+        agree_on_start(None)  # a rank whose own checks failed says so here, and every rank stops with it
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         self.topo = Topology(self.cfg)

@@ -67,3 +67,33 @@ def test_the_survivor_of_a_lost_peer_exits_69_in_one_line(tmp_path, fault, words
     assert "Traceback" not in err
     # a crash is seen at once; a hang after the timeout (15 s) plus the step in flight
     assert elapsed < (30 if fault == signal.SIGKILL else 75), elapsed
+
+
+def test_bad_input_on_one_node_only_stops_every_node_at_once(tmp_path):
+    """Rank 1 starts where the relative dataset path means nothing (another node's working directory): it says so
+    on its node, rank 0 names the rank, host and file, and both exit 2 long before parallel.timeout_minutes."""
+    from tools.preprocess_data import main as preprocess
+
+    here, there = tmp_path / "node1", tmp_path / "node2"
+    (here / "data").mkdir(parents=True)
+    there.mkdir()
+    (here / "doc.txt").write_text("a short document for two ranks. " * 400)
+    preprocess(["--input", str(here / "doc.txt"), "--output-prefix", str(here / "data" / "small"), "--append-eod"])
+    port = free_port()
+    procs = []
+    for rank, cwd in ((0, here), (1, there)):
+        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
+        procs.append(subprocess.Popen(
+            [PYTHON, "-m", "sparselm.train", *TINY, "--train.steps=2", "--data.dataset=data/small",
+             "--parallel.timeout_minutes=5", f"--train.out_dir={tmp_path / 'run'}"],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    started = time.monotonic()
+    outs = [p.communicate(timeout=180) for p in procs]
+    elapsed = time.monotonic() - started
+    lines = [[line for line in err.splitlines() if line.startswith("sparselm: error:")] for _, err in outs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert len(lines[0]) == 1 and "rank 1 on " in lines[0][0] and "data/small" in lines[0][0], outs[0][1][-2000:]
+    assert len(lines[1]) == 1 and "data/small" in lines[1][0], outs[1][1][-2000:]
+    assert all("Traceback" not in err for _, err in outs)
+    assert elapsed < 150, elapsed  # parallel.timeout_minutes=5: before, rank 0 waited all of it
