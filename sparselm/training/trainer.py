@@ -45,6 +45,7 @@ from sparselm.training.peers import agree_on_start, check_tp_placement, describe
 from sparselm.training.preemption import StopGuard
 from sparselm.training.preflight import absolute_paths, find_resume
 from sparselm.training.runtime import forget_solo_world, init_distributed, release_free_memory
+from sparselm.training.shared_files import agree_on_run_dir
 from sparselm.training.steps import EngineSteps, PipelineSteps
 
 
@@ -114,6 +115,8 @@ class Trainer:
         self.ds_config = build_ds_config(self.cfg, self.topo.dp_size, self.ds_notes)
         self.resume_from = find_resume(self.cfg)
         self._lock_run_dir()  # after the checks above, so a refused config leaves no directory behind
+        if self.world > 1:
+            self._agree_on_run_dir()
 
     def _place_ranks(self) -> None:
         """Gather every rank's host, log them once (rank 0, several ranks) and refuse a tensor-parallel group
@@ -145,6 +148,18 @@ class Trainer:
             self.topo.teardown()  # as close() does: a caller may start another run in this process
             forget_solo_world()
             raise ConfigError(refusal[0])
+
+    def _agree_on_run_dir(self) -> None:
+        """train.out_dir is one directory on every rank and rank 0's resume choice is everyone's
+        (``shared_files.agree_on_run_dir``); on a refusal rank 0 releases the run directory it locked."""
+        try:
+            self.resume_from = agree_on_run_dir(Path(self.cfg.train.out_dir), self.resume_from, self.hosts)
+        except ConfigError:
+            if self.is_rank0:
+                run_lock.release(self.cfg.train.out_dir, remove_if_created=True)
+            self.topo.teardown()
+            forget_solo_world()
+            raise
 
     def _open_data(self) -> None:
         """Tokenizer, vocabulary size, datasets (rank 0 tokenizes the default corpus once, the others then

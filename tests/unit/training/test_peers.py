@@ -42,3 +42,13 @@ def test_transport_errors_become_one_line_naming_the_lost_host():
     hang = RuntimeError("[/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 60000ms for recv operation")
     assert "parallel.timeout_minutes=1" in str(lost_peer(hang, hosts, 1.0))
     assert lost_peer(RuntimeError("shape mismatch in matmul"), hosts, 1.0) is None
+
+
+def test_a_loopback_hostname_is_named_before_the_rendezvous_when_the_nodes_differ():
+    from sparselm.training.runtime import loopback_hostname_problem
+
+    problem = loopback_hostname_problem("n1", "127.0.1.1", "10.77.0.1", "")
+    assert "'n1' resolves to 127.0.1.1" in problem and "GLOO_SOCKET_IFNAME" in problem
+    assert loopback_hostname_problem("n1", "127.0.1.1", "10.77.0.1", "eth1") is None  # the interface is named
+    assert loopback_hostname_problem("vm", "127.0.1.1", "127.0.0.1", "") is None  # one machine: loopback works
+    assert loopback_hostname_problem("n1", "10.77.0.1", "10.77.0.1", "") is None
