@@ -162,8 +162,9 @@ class Trainer:
             raise
 
     def _open_data(self) -> None:
-        """Tokenizer, vocabulary size, datasets (rank 0 tokenizes the default corpus once, the others then
-        open the cache), the sampler and the micro-batch."""
+        """Tokenizer, vocabulary size, datasets (rank 0 tokenizes the default corpus first; the others then open its
+        cache, or, where the cache is node-local, one rank per node builds it under the cache's file lock while the
+        node's others wait), the sampler and the micro-batch."""
         cfg, t = self.cfg, self.cfg.train
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
         resolve_vocab(cfg, self.tokenizer)
