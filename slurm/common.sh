@@ -12,6 +12,8 @@ export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONUNBUFFERED=1
 REQUEUE_EXIT=75  # sparselm.training.preemption.REQUEUE_EXIT: stopped early after saving a checkpoint
+LOST_EXIT=69     # sparselm.errors.PeerLostError: a peer rank was lost or hung; every checkpoint written is complete
+MAX_RESTARTS="${SPARSELM_MAX_RESTARTS:-3}"  # requeues after a lost peer, so a broken node cannot loop the job
 echo "sparselm: job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST at $(date -u +%FT%TZ)"
 
 # The ranks are told to save and stop through a file (--train.stop_file), not a signal: a signal sent to a
@@ -24,6 +26,9 @@ rm -f "$STOP_FILE"
 # signals meanwhile. On SIGUSR1 (sbatch --signal=B:USR1@SECONDS, sent before the time limit) it creates
 # STOP_FILE: the ranks finish their step, save a checkpoint and exit 75; on 75 the job is requeued and
 # resumes from that checkpoint. SIGTERM reaches the ranks from SLURM itself (scancel, the time limit).
+# On 69 (a peer lost or hung: the survivors stopped within parallel.timeout_minutes) the job is requeued too,
+# at most SPARSELM_MAX_RESTARTS times; a node that died outright is requeued by SLURM itself (--requeue,
+# NODE_FAIL), since srun then reports the killed tasks' signal rather than 69.
 # The scripts run srun with --kill-on-bad-exit=0 --wait=60: ranks that stop with 75 leave within moments
 # of each other and must not be killed on the way out (srun would then report 143, not 75), while a rank
 # that crashed takes the others down after 60 s instead of a collective timeout.
@@ -41,6 +46,16 @@ run_or_requeue() {
     echo "sparselm: the run saved a checkpoint and stopped early (status $rc): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+  fi
+  if [[ $rc == "$LOST_EXIT" ]]; then
+    if (( ${SLURM_RESTART_COUNT:-0} < MAX_RESTARTS )); then
+      echo "sparselm: a peer rank was lost (status $rc): requeueing job $SLURM_JOB_ID" \
+           "(restart $((${SLURM_RESTART_COUNT:-0} + 1)) of SPARSELM_MAX_RESTARTS=$MAX_RESTARTS)"
+      scontrol requeue "$SLURM_JOB_ID"
+      exit 0
+    fi
+    echo "sparselm: a peer rank was lost (status $rc) and job $SLURM_JOB_ID was already requeued $MAX_RESTARTS" \
+         "times (SPARSELM_MAX_RESTARTS): not requeueing again; look for the failing node"
   fi
   echo "sparselm: job step ended with status $rc"
   exit "$rc"

@@ -159,7 +159,11 @@ class ParallelConfig:
     model.n_layers."""
     timeout_minutes: float = 30.0
     """Minutes a collective (or the start-up rendezvous) may wait for the other ranks before it fails
-    with an error instead of hanging (torch.distributed's process-group timeout)."""
+    with an error instead of hanging, in every process group the run creates (torch.distributed's
+    process-group timeout); a peer lost or hung for longer stops the run with exit status 69."""
+    tp_across_nodes: bool = False
+    """Allow a tensor-parallel group whose ranks sit on different hosts (refused at start-up otherwise: its
+    per-layer all-reduces would cross the network; usually uneven hostfile slots or a cyclic distribution)."""
     zero3_experts_per_gather: int = 1
     """Under ZeRO stage 3: routed experts per module ZeRO-3 gathers at once (each MoE layer's local experts
     are held as modules of this many, like DeepSpeed's one module per expert), so a step holds one such group

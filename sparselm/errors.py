@@ -40,6 +40,12 @@ class DivergenceError(RuntimeError):
     step, the quantity, the last good checkpoint and how to resume past the bad batches."""
 
 
+class PeerLostError(RuntimeError):
+    """A peer rank was lost during the run (its process killed, its node down) or stopped answering within
+    parallel.timeout_minutes; every checkpoint already written is complete.  The message names the host where
+    the transport says which; exit status 69, which the sbatch scripts requeue."""
+
+
 class DistributedStartError(RuntimeError):
     """The ranks could not form their process group (unreachable rendezvous, a node never started)."""
 
@@ -48,9 +54,10 @@ USER_ERRORS = (ConfigError, DatasetError, DataExhausted, CheckpointError, Conver
                DistributedStartError)
 """What entry points report as one line instead of a traceback."""
 
-EXIT_STATUS = {SaveError: 74, DivergenceError: 65}
+EXIT_STATUS = {SaveError: 74, DivergenceError: 65, PeerLostError: 69}
 """Exit status of ``sparselm.train`` for the run-time failures that are not bad input (which exit 2): 74
-(sysexits' EX_IOERR) when a checkpoint could not be written, 65 (EX_DATAERR) when training diverged.
+(sysexits' EX_IOERR) when a checkpoint could not be written, 65 (EX_DATAERR) when training diverged, 69
+(EX_UNAVAILABLE) when a peer rank was lost or stopped answering (requeued by the sbatch scripts).
 75 (``sparselm.training.preemption.REQUEUE_EXIT``) is a stop after a checkpoint was saved."""
 
 

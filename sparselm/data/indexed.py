@@ -3,6 +3,8 @@ own ``IndexedDatasetBuilder`` / ``IndexedDataset`` so files are interchangeable 
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 import struct
 from pathlib import Path
 
@@ -26,7 +28,7 @@ def write_indexed(prefix: str | Path, documents, vocab_size: int) -> tuple[int, 
 
     prefix = str(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{prefix}.tmp{os.getpid()}"
+    tmp = f"{prefix}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"  # unique across hosts
     dtype = token_dtype(vocab_size)
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     count = tokens = 0

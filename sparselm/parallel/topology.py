@@ -43,7 +43,9 @@ class Topology:
 
         # gloo is already every group's backend on CPU; megatron's extra gloo copies would only add start-up time.
         ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                                     create_gloo_process_groups=False)
+                                     create_gloo_process_groups=False,
+                                     # typed int, used only as timedelta(minutes=...): fractions hold
+                                     distributed_timeout_minutes=cfg.parallel.timeout_minutes)
         from sparselm.parallel.mpu import ParallelStateMPU
 
         self._ps_mpu = ParallelStateMPU()

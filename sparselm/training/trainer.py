@@ -41,9 +41,11 @@ from sparselm.training.engine import build_ds_config, build_engine, settle_pipel
 from sparselm.training.metrics import MetricsWriter, format_line
 from sparselm.training.nonfinite import NonFiniteGuard
 from sparselm.training.optim import lr_at, set_lr
+from sparselm.training.peers import agree_on_start, check_tp_placement, describe_hosts, gather_hosts
 from sparselm.training.preemption import StopGuard
 from sparselm.training.preflight import absolute_paths, find_resume
 from sparselm.training.runtime import forget_solo_world, init_distributed, release_free_memory
+from sparselm.training.shared_files import agree_on_run_dir
 from sparselm.training.steps import EngineSteps, PipelineSteps
 
 
@@ -75,7 +77,6 @@ class Trainer:
             self._construct()
         except BaseException:
             if self.is_rank0:  # a start-up that failed leaves no run directory it created itself
-
                 run_lock.release(self.cfg.train.out_dir, remove_if_created=True)
             raise
 
@@ -104,14 +105,33 @@ class Trainer:
     def _start_processes(self) -> None:
         """Process group, layout and the DeepSpeed JSON: every check that needs no data or model."""
         self.device = init_distributed(self.cfg.parallel.timeout_minutes)
+        agree_on_start(None)  # a rank whose own checks failed says so here, and every rank stops with it
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_rank0 = self.rank == 0
         self.topo = Topology(self.cfg)
+        self._place_ranks()
         self.ds_notes: list[str] = []
         # refuses a JSON sparselm cannot honour; the engine resolves it again (same result) when it is built
         self.ds_config = build_ds_config(self.cfg, self.topo.dp_size, self.ds_notes)
         self.resume_from = find_resume(self.cfg)
         self._lock_run_dir()  # after the checks above, so a refused config leaves no directory behind
+        if self.world > 1:
+            self._agree_on_run_dir()
+
+    def _place_ranks(self) -> None:
+        """Gather every rank's host, log them once (rank 0, several ranks) and refuse a tensor-parallel group
+        that spans hosts unless parallel.tp_across_nodes (every rank raises the same ConfigError)."""
+        self.hosts = gather_hosts()
+        if self.is_rank0 and self.world > 1:
+            print(f"sparselm: hosts: {describe_hosts(self.hosts)}")
+        layout = self.topo.layout
+        tp_groups = {tuple(layout.group("tp", r)) for r in range(self.world)}
+        try:
+            check_tp_placement([list(g) for g in sorted(tp_groups)], self.hosts, self.cfg.parallel.tp_across_nodes)
+        except ConfigError:
+            self.topo.teardown()
+            forget_solo_world()
+            raise
 
     def _lock_run_dir(self) -> None:
         """Rank 0 holds ``train.out_dir``'s run lock until the run ends (``sparselm.training.run_lock``); every rank
@@ -129,9 +149,22 @@ class Trainer:
             forget_solo_world()
             raise ConfigError(refusal[0])
 
+    def _agree_on_run_dir(self) -> None:
+        """train.out_dir is one directory on every rank and rank 0's resume choice is everyone's
+        (``shared_files.agree_on_run_dir``); on a refusal rank 0 releases the run directory it locked."""
+        try:
+            self.resume_from = agree_on_run_dir(Path(self.cfg.train.out_dir), self.resume_from, self.hosts)
+        except ConfigError:
+            if self.is_rank0:
+                run_lock.release(self.cfg.train.out_dir, remove_if_created=True)
+            self.topo.teardown()
+            forget_solo_world()
+            raise
+
     def _open_data(self) -> None:
-        """Tokenizer, vocabulary size, datasets (rank 0 tokenizes the default corpus once, the others then
-        open the cache), the sampler and the micro-batch."""
+        """Tokenizer, vocabulary size, datasets (rank 0 tokenizes the default corpus first; the others then open its
+        cache, or, where the cache is node-local, one rank per node builds it under the cache's file lock while the
+        node's others wait), the sampler and the micro-batch."""
         cfg, t = self.cfg, self.cfg.train
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.eod_token)
         resolve_vocab(cfg, self.tokenizer)

@@ -3,6 +3,8 @@ validation messages, and one 8-process gloo run building real groups for three l
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from sparselm.config import ConfigError, load_config
 from support.distributed import run_distributed
@@ -64,7 +66,7 @@ BASE = ["--model.d_model=32", "--model.n_layers=2", "--model.n_heads=4", "--mode
 
 def _cfg(**parallel):
     """A valid config, then the layout set directly (load_config would reject some on its own)."""
-    cfg = load_config(None, BASE)
+    cfg = load_config(None, BASE + ["--parallel.timeout_minutes=3"])
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)
     return cfg
@@ -114,17 +116,33 @@ def _describe(topo):
     return out
 
 
+def _timeout_s(group) -> float:
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
+def _group_timeouts(topo) -> dict[str, float]:
+    """Every group a run creates, with its timeout in seconds: megatron-core's, DeepSpeed's expert groups and one
+    created later as the checkpoint writer and the pipeline's tied weights create theirs."""
+    return {"tp": _timeout_s(topo.tp_group), "dp": _timeout_s(topo.dp_group), "pp": _timeout_s(topo.pp_group),
+            "ep": _timeout_s(topo.ep_group), "edp": _timeout_s(topo.expert_dp_group),
+            "later": _timeout_s(dist.new_group(backend="gloo"))}
+
+
 def _build_three_layouts(rank, world):
     from deepspeed.utils import groups as ds_groups
 
     import sparselm.parallel.topology as topology
     from sparselm.parallel.layout import Layout
+    from sparselm.training.runtime import set_group_timeout
 
+    set_group_timeout(3)  # as init_distributed does with parallel.timeout_minutes
     results = {}
     for name, parallel in {"tp2pp2dp2ep2": dict(tp=2, pp=2, ep=2), "tp2dp4ep2": dict(tp=2, ep=2),
                            "dp8ep4": dict(ep=4)}.items():
         topo = topology.Topology(_cfg(**parallel))
         results[name] = _describe(topo)
+        if name == "tp2pp2dp2ep2":
+            results["timeouts"] = _group_timeouts(topo)
         # what an MoE layer looks up by DeepSpeed's name is this layout's expert group
         assert ds_groups._get_expert_parallel_group(f"ep_size_{topo.ep}") is topo.ep_group
         assert ds_groups.expert_tensor_parallel_world_size == 1
@@ -164,6 +182,9 @@ def test_topology_builds_agreeing_groups_on_8_ranks():
                 assert got["mpu"] == {"tp": (c.tp, layout.tp), "mp": (c.tp, layout.tp), "dp": (c.dp, layout.dp),
                                       "dp_ranks": layout.group("dp", rank), "mp_ranks": layout.group("tp", rank)}
         assert "parallel layouts disagree" in results["mismatch"], results["mismatch"]
+        # parallel.timeout_minutes bounds every group, not only the default one (megatron's and torch's own
+        # defaults are 30 minutes: a hung node would stall the survivors that long)
+        assert results["timeouts"] == dict.fromkeys(("tp", "dp", "pp", "ep", "edp", "later"), 180.0), results["timeouts"]
     # spot checks written from the rank order (TP fastest, then DP, then PP), not from the code
     assert per_rank[5]["tp2pp2dp2ep2"]["groups"] == {"tp": [4, 5], "dp": [5, 7], "pp": [1, 5], "ep": [5, 7], "edp": [5]}
     assert per_rank[6]["dp8ep4"]["groups"]["edp"] == [2, 6]
