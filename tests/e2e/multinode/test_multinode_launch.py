@@ -56,9 +56,14 @@ def reference(tmp_path_factory):
         ref.proc.wait()
 
 
+NODE_LOCAL = "node-local"
+"""A directory of the cluster's root that n2 sees as its own (a bind mount in its mount namespace only)."""
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), nodes=2)
+    root = tmp_path_factory.mktemp("cluster")
+    c = LocalCluster(root, nodes=2, binds={"n2": [(root / "n2-disk", root / NODE_LOCAL)]})
     c.slurm = None  # why SLURM is not running, else None
     try:
         c.up()
@@ -75,9 +80,10 @@ def cluster(tmp_path_factory, request):
     c.down()
 
 
-def run_on_nodes(cluster, tmp_path, cmds: dict[str, list[str]], timeout: float = 300) -> dict[str, str]:
+def run_on_nodes(cluster, tmp_path, cmds: dict[str, list[str]], timeout: float = 300, check: bool = True) -> dict[str, str]:
     """Start CMD on each node at once, wait for all; on a failure or timeout kill every node's processes and
-    fail with each node's output."""
+    fail with each node's output (``check=False``: only on a timeout; every node's exit status is then in
+    ``text["<node>:exit"]``)."""
     logs = {node: tmp_path / f"{node}.out" for node in cmds}
     procs = {}
     for node, cmd in cmds.items():
@@ -87,13 +93,13 @@ def run_on_nodes(cluster, tmp_path, cmds: dict[str, list[str]], timeout: float =
     end = time.monotonic() + timeout
     failed = None
     while any(p.poll() is None for p in procs.values()):
-        bad = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+        bad = [n for n, p in procs.items() if p.poll() not in (None, 0)] if check else []
         if bad or time.monotonic() > end:
             failed = f"{', '.join(bad)} failed" if bad else f"timed out after {timeout} s"
             time.sleep(2 if bad else 0)  # let the other node print its side of it
             break
         time.sleep(0.5)
-    if failed is None and any(p.returncode != 0 for p in procs.values()):
+    if failed is None and check and any(p.returncode != 0 for p in procs.values()):
         failed = "non-zero exit"
     if failed:
         for node in procs:
@@ -101,6 +107,7 @@ def run_on_nodes(cluster, tmp_path, cmds: dict[str, list[str]], timeout: float =
         for p in procs.values():
             p.wait(timeout=30)
     text = {node: logs[node].read_text(errors="replace") for node in cmds}
+    text.update({f"{node}:exit": str(p.returncode) for node, p in procs.items()})
     if failed:
         detail = "\n".join(f"--- {n} (exit {procs[n].returncode})\n{t[-4000:]}" for n, t in text.items())
         pytest.fail(f"{failed}:\n{detail}")
@@ -119,6 +126,7 @@ def assert_rank0_on_n1(text: dict[str, str]) -> None:
     """Global rank 0 prints the start-up summary (train._say): it must be n1's, so that TP pairs stay in a node."""
     assert "4 process(es)" in text["n1"], text["n1"][-3000:]
     assert "4 process(es)" not in text["n2"], text["n2"][-3000:]
+    assert "sparselm: hosts: n1 ranks 0-1, n2 ranks 2-3" in text["n1"], text["n1"][-3000:]  # logged once, by rank 0
 
 
 def test_torchrun_c10d_two_nodes(cluster, reference, tmp_path):
@@ -154,4 +162,36 @@ def test_sbatch_two_nodes(cluster, reference, tmp_path):
     text = log.read_text() if log.exists() else ""
     assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text[-4000:]}\n{cluster.logs()}"
     assert "on n[1-2]" in text and "4 process(es)" in text, text[-3000:]
+    assert text.count("sparselm: hosts: n1 ranks 0-1, n2 ranks 2-3") == 1, text[-3000:]
     assert_same_losses(out, reference)
+
+
+def _deepspeed_no_ssh(tmp_path, slots: dict[str, int], out, port: int, extra=()) -> dict[str, list[str]]:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{node} slots={n}\n" for node, n in slots.items()))
+    return {node: [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
+                   "--master_addr", "n1", "--master_port", str(port), "--module", "sparselm.train",
+                   *COMMON, *LAYOUT, f"--train.out_dir={out}", *extra] for i, node in enumerate(slots)}
+
+
+def test_a_tensor_parallel_group_across_nodes_is_refused(cluster, tmp_path):
+    """Uneven hostfile slots (3 + 1) put TP pair {2, 3} on n1 and n2: every rank stops at start-up, rank 0 names
+    the group and its hosts; nothing was written."""
+    text = run_on_nodes(cluster, tmp_path, _deepspeed_no_ssh(tmp_path, {"n1": 3, "n2": 1}, tmp_path / "run", 29510),
+                        check=False)
+    errors = [line for line in text["n1"].splitlines() if "sparselm: error:" in line]
+    assert text["n1:exit"] == "2" and text["n2:exit"] == "2", text
+    assert len(errors) == 1 and "ranks 2-3 spans hosts n1, n2" in errors[0], text["n1"][-3000:]
+    assert "n1 ranks 0-2, n2 rank 3" in errors[0] and "parallel.tp_across_nodes" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_dir_that_is_not_shared_is_refused(cluster, tmp_path):
+    """train.out_dir on a path n2 sees as its own disk: before, n2 started fresh while n1 resumed (or the first save
+    failed half-way); now every rank stops at start-up, naming the first rank and host that cannot see it."""
+    out = cluster.root / NODE_LOCAL / "run"
+    text = run_on_nodes(cluster, tmp_path, _deepspeed_no_ssh(tmp_path, {"n1": 2, "n2": 2}, out, 29520), check=False)
+    errors = [line for line in text["n1"].splitlines() if "sparselm: error:" in line]
+    assert text["n1:exit"] == "2" and text["n2:exit"] == "2", text
+    assert len(errors) == 1 and f"train.out_dir '{out}' is not shared: rank 2 on n2" in errors[0], text["n1"][-3000:]
+    assert not out.exists()  # rank 0 removed the directory its run lock created
