@@ -45,7 +45,7 @@ from sparselm.training.peers import agree_on_start, check_tp_placement, describe
 from sparselm.training.preemption import StopGuard
 from sparselm.training.preflight import absolute_paths, find_resume
 from sparselm.training.runtime import forget_solo_world, init_distributed, release_free_memory
-from sparselm.training.shared_files import agree_on_run_dir
+from sparselm.training.shared_files import agree_on_data, agree_on_run_dir, data_fingerprint
 from sparselm.training.steps import EngineSteps, PipelineSteps
 
 
@@ -183,6 +183,8 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.train_data), t.global_batch_size, t.seed,
                                           cfg.data.allow_repeat and not self.blended, shuffle=not self.blended)
         self.micro = t.micro_batch_size or t.global_batch_size // self.topo.dp_size
+        if self.world > 1:
+            agree_on_data(data_fingerprint(self.train_data, self.valid_sets), self.hosts)
         self._check_validation_data()
 
     def _read_resume_checkpoint(self) -> Restored | None:

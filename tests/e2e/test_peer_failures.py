@@ -97,3 +97,28 @@ def test_bad_input_on_one_node_only_stops_every_node_at_once(tmp_path):
     assert len(lines[1]) == 1 and "data/small" in lines[1][0], outs[1][1][-2000:]
     assert all("Traceback" not in err for _, err in outs)
     assert elapsed < 150, elapsed  # parallel.timeout_minutes=5: before, rank 0 waited all of it
+
+
+def test_different_data_on_two_nodes_is_refused(tmp_path):
+    """The same relative dataset path names other files on the second node: both stop at start-up (exit 2), rank 0
+    naming the rank, its host and what differs, before a step trains on mismatched data."""
+    from tools.preprocess_data import main as preprocess
+
+    procs, port = [], free_port()
+    for rank, words in ((0, "one corpus for rank zero. "), (1, "another, longer corpus for rank one! ")):
+        cwd = tmp_path / f"node{rank + 1}"
+        (cwd / "data").mkdir(parents=True)
+        (cwd / "doc.txt").write_text(words * 400)
+        preprocess(["--input", str(cwd / "doc.txt"), "--output-prefix", str(cwd / "data" / "small"), "--append-eod"])
+    for rank in (0, 1):
+        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
+        procs.append(subprocess.Popen(
+            [PYTHON, "-m", "sparselm.train", *TINY, "--train.steps=2", "--data.dataset=data/small",
+             f"--train.out_dir={tmp_path / 'run'}"],
+            cwd=tmp_path / f"node{rank + 1}", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    errors = [line for line in outs[0][1].splitlines() if line.startswith("sparselm: error:")]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert len(errors) == 1 and "rank 1 on " in errors[0] and "opened other train data than rank 0" in errors[0], outs
+    assert not (tmp_path / "run" / "checkpoints").exists()
