@@ -82,17 +82,16 @@ def _resolve(name: str) -> str:
         return ""
 
 
-def loopback_hostname_problem(hostname: str, own_address: str, master_address: str, gloo_ifname: str,
-                              ranks_elsewhere: bool = False) -> str | None:
+def loopback_hostname_problem(hostname: str, own_address: str, master_address: str, gloo_ifname: str) -> str | None:
     """Why gloo cannot work across nodes here, or None.  With GLOO_SOCKET_IFNAME unset gloo advertises the address
     this host's name resolves to; a loopback one (Debian's ``127.0.1.1 host`` line in /etc/hosts) makes every
-    other node connect to itself.  Only a concern when ranks run on other nodes: ``ranks_elsewhere`` (the
-    launcher says WORLD_SIZE > LOCAL_WORLD_SIZE), or MASTER_ADDR resolves to a non-loopback address."""
-    if gloo_ifname or not own_address:
+    other node connect to itself.  Only a concern when the rendezvous is on another node (MASTER_ADDR resolves
+    to a non-loopback address)."""
+    if gloo_ifname or not own_address or not master_address:
         return None
-    if own_address.startswith("127.") and (ranks_elsewhere or (master_address and not master_address.startswith("127."))):
+    if own_address.startswith("127.") and not master_address.startswith("127."):
         return (f"this host's name '{hostname}' resolves to {own_address}, a loopback address, so gloo would give the "
-                f"other nodes an address they cannot reach: set GLOO_SOCKET_IFNAME "
+                f"other nodes an address they cannot reach (MASTER_ADDR is {master_address}): set GLOO_SOCKET_IFNAME "
                 f"to the network interface the nodes share (e.g. GLOO_SOCKET_IFNAME=eth0; `ip -br addr` lists them) "
                 f"or map '{hostname}' to that interface's address in /etc/hosts")
     return None
@@ -121,10 +120,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
         backend = process_group_backend(cuda)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             host = socket.gethostname()
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
             problem = loopback_hostname_problem(host, _resolve(host), _resolve(os.environ.get("MASTER_ADDR", "")),
-                                                os.environ.get("GLOO_SOCKET_IFNAME", ""),
-                                                ranks_elsewhere=0 < local < int(os.environ["WORLD_SIZE"]))
+                                                os.environ.get("GLOO_SOCKET_IFNAME", ""))
             if problem:
                 raise DistributedStartError(f"rank {os.environ.get('RANK')} cannot join the other nodes: {problem}")
         try:

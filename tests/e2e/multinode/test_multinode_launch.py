@@ -195,24 +195,3 @@ def test_an_out_dir_that_is_not_shared_is_refused(cluster, tmp_path):
     assert text["n1:exit"] == "2" and text["n2:exit"] == "2", text
     assert len(errors) == 1 and f"train.out_dir '{out}' is not shared: rank 2 on n2" in errors[0], text["n1"][-3000:]
     assert not out.exists()  # rank 0 removed the directory its run lock created
-
-
-def test_a_hostname_on_loopback_is_named_and_gloo_socket_ifname_fixes_it(reference, tmp_path):
-    """n1's /etc/hosts maps n1 to 127.0.1.1 (Debian's default line): gloo would give n2 a loopback address to
-    connect to. n1's ranks stop before the rendezvous naming the address and GLOO_SOCKET_IFNAME; with
-    GLOO_SOCKET_IFNAME set to the nodes' shared interface the same launch trains the one-process losses."""
-    with LocalCluster(tmp_path / "cluster", nodes=2, hosts_extra={"n1": ["127.0.1.1 n1"]}) as c:
-        def torchrun(out, port):
-            cmd = [str(BIN / "torchrun"), "--nnodes=2", f"--nproc_per_node={PROCS}", "--rdzv_backend=c10d",
-                   f"--rdzv_endpoint=n1:{port}", "--rdzv_id=mn-loopback", "-m", "sparselm.train",
-                   *COMMON, *LAYOUT, "--parallel.timeout_minutes=1", f"--train.out_dir={out}"]
-            return {"n1": cmd, "n2": cmd}
-
-        (tmp_path / "bad").mkdir()
-        text = run_on_nodes(c, tmp_path / "bad", torchrun(tmp_path / "bad" / "run", 29530), check=False)
-        assert text["n1:exit"] != "0", text
-        assert "'n1' resolves to 127.0.1.1" in text["n1"] and "GLOO_SOCKET_IFNAME" in text["n1"], text["n1"][-3000:]
-        (tmp_path / "good").mkdir()
-        good = {node: ["env", "GLOO_SOCKET_IFNAME=eth1", *cmd] for node, cmd in torchrun(tmp_path / "good" / "run", 29540).items()}
-        run_on_nodes(c, tmp_path / "good", good)
-        assert_same_losses(tmp_path / "good" / "run", reference)
