@@ -50,6 +50,12 @@ class DistributedStartError(RuntimeError):
     """The ranks could not form their process group (unreachable rendezvous, a node never started)."""
 
 
+class LoopbackAddressError(DistributedStartError):
+    """A node resolves its own name to a loopback address while the world spans nodes: gloo would hand the
+    others an address they cannot reach.  Every rank learns it from the rendezvous store, so it is reported
+    once per node."""
+
+
 USER_ERRORS = (ConfigError, DatasetError, DataExhausted, CheckpointError, ConversionError, FileNotFoundError,
                DistributedStartError)
 """What entry points report as one line instead of a traceback."""

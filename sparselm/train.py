@@ -13,7 +13,7 @@ if __name__ == "__main__":  # a real run: from here on a stop signal during star
     catch_early()
 
 from sparselm.config import ConfigError, describe, list_presets
-from sparselm.errors import EXIT_STATUS, USER_ERRORS, DistributedStartError, PeerLostError
+from sparselm.errors import EXIT_STATUS, USER_ERRORS, DistributedStartError, LoopbackAddressError, PeerLostError
 from sparselm.training.launch import prepare, start
 from sparselm.training.peers import lost_peer, report_start_failure
 from sparselm.training.preemption import REQUEUE_EXIT
@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
             raise
         # every rank stops; one says why (any rank when the group could not form: rank 0 may be the one missing).
         # Bad input exits 2; a run-time failure after which nothing saved is lost exits with its own status.
-        # a lost peer is seen by every survivor: one line per node
-        _say(f"sparselm: error: {err}", sys.stderr, every_rank=isinstance(err, DistributedStartError) or say_here,
-             per_node=isinstance(err, PeerLostError))
+        # a lost peer and a loopback address are seen by every rank alike: one line per node
+        alike = isinstance(err, (PeerLostError, LoopbackAddressError))
+        _say(f"sparselm: error: {err}", sys.stderr, per_node=alike,
+             every_rank=say_here or (isinstance(err, DistributedStartError) and not alike))
         sys.exit(EXIT_STATUS.get(type(err), 2))
 
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch.distributed as dist
 
 from sparselm.errors import ConfigError, PeerLostError
+from sparselm.training.rendezvous import join
 
 # The transports' words for a peer that went away (gloo's pair and NCCL's socket errors) and for one that stopped
 # answering (a collective's timeout).
@@ -72,7 +73,7 @@ def report_start_failure(err: BaseException, timeout_minutes: float) -> bool:
     rank = int(os.environ.get("RANK", "0"))
     try:
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+            join("gloo", datetime.timedelta(minutes=timeout_minutes))
         problems: list = [None] * dist.get_world_size()
         dist.all_gather_object(problems, (this_host().name, f"{err}"))
     except (RuntimeError, ValueError):

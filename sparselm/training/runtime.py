@@ -13,7 +13,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from sparselm.errors import DistributedStartError
+from sparselm.errors import DistributedStartError, LoopbackAddressError
+from sparselm.training.rendezvous import join
 
 
 def free_port() -> int:
@@ -75,35 +76,13 @@ def set_group_timeout(timeout_minutes: float) -> datetime.timedelta:
     return timeout
 
 
-def _resolve(name: str) -> str:
-    try:
-        return socket.gethostbyname(name)
-    except OSError:
-        return ""
-
-
-def loopback_hostname_problem(hostname: str, own_address: str, master_address: str, gloo_ifname: str) -> str | None:
-    """Why gloo cannot work across nodes here, or None.  With GLOO_SOCKET_IFNAME unset gloo advertises the address
-    this host's name resolves to; a loopback one (Debian's ``127.0.1.1 host`` line in /etc/hosts) makes every
-    other node connect to itself.  Only a concern when the rendezvous is on another node (MASTER_ADDR resolves
-    to a non-loopback address)."""
-    if gloo_ifname or not own_address or not master_address:
-        return None
-    if own_address.startswith("127.") and not master_address.startswith("127."):
-        return (f"this host's name '{hostname}' resolves to {own_address}, a loopback address, so gloo would give the "
-                f"other nodes an address they cannot reach (MASTER_ADDR is {master_address}): set GLOO_SOCKET_IFNAME "
-                f"to the network interface the nodes share (e.g. GLOO_SOCKET_IFNAME=eth0; `ip -br addr` lists them) "
-                f"or map '{hostname}' to that interface's address in /etc/hosts")
-    return None
-
-
 def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
     """Initialise the default process group and return this rank's device.
 
     A plain ``python -m sparselm.train`` becomes a world of one, so the same code path runs everywhere.
     ``timeout_minutes`` bounds every collective and the rendezvous, in the default group and in every group
     created later (``set_group_timeout``): a rank that waits longer raises instead of hanging.  Raises ``DistributedStartError`` naming MASTER_ADDR:MASTER_PORT when the
-    rendezvous cannot complete."""
+    rendezvous cannot complete, ``LoopbackAddressError`` when a node's name resolves to loopback (``meet``)."""
     quiet_third_party()
     import deepspeed
 
@@ -118,14 +97,10 @@ def init_distributed(timeout_minutes: float = 30.0) -> torch.device:
     timeout = set_group_timeout(timeout_minutes)
     if not dist.is_initialized():
         backend = process_group_backend(cuda)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            host = socket.gethostname()
-            problem = loopback_hostname_problem(host, _resolve(host), _resolve(os.environ.get("MASTER_ADDR", "")),
-                                                os.environ.get("GLOO_SOCKET_IFNAME", ""))
-            if problem:
-                raise DistributedStartError(f"rank {os.environ.get('RANK')} cannot join the other nodes: {problem}")
         try:
-            dist.init_process_group(backend, timeout=timeout)
+            join(backend, timeout)  # checks the hosts' addresses before gloo connects
+        except LoopbackAddressError:
+            raise
         except (RuntimeError, ValueError) as err:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             raise DistributedStartError(

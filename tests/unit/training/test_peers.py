@@ -44,11 +44,11 @@ def test_transport_errors_become_one_line_naming_the_lost_host():
     assert lost_peer(RuntimeError("shape mismatch in matmul"), hosts, 1.0) is None
 
 
-def test_a_loopback_hostname_is_named_before_the_rendezvous_when_the_nodes_differ():
-    from sparselm.training.runtime import loopback_hostname_problem
+def test_a_loopback_hostname_is_named_unless_gloo_is_given_an_interface():
+    """meet() raises this on every rank when the world spans hosts (tests/e2e/multinode checks that part)."""
+    from sparselm.training.rendezvous import loopback_problem
 
-    problem = loopback_hostname_problem("n1", "127.0.1.1", "10.77.0.1", "")
-    assert "'n1' resolves to 127.0.1.1" in problem and "GLOO_SOCKET_IFNAME" in problem
-    assert loopback_hostname_problem("n1", "127.0.1.1", "10.77.0.1", "eth1") is None  # the interface is named
-    assert loopback_hostname_problem("vm", "127.0.1.1", "127.0.0.1", "") is None  # one machine: loopback works
-    assert loopback_hostname_problem("n1", "10.77.0.1", "10.77.0.1", "") is None
+    problem = loopback_problem("n1", "127.0.1.1", "")
+    assert "'n1' resolves its own name to 127.0.1.1" in problem and "GLOO_SOCKET_IFNAME" in problem
+    assert loopback_problem("n1", "127.0.1.1", "eth1") is None  # the interface is named
+    assert loopback_problem("n1", "10.77.0.1", "") is None
