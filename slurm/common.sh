@@ -20,13 +20,16 @@ echo "sparselm: job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on 
 # job step reaches every process in it (a compiler or worker a rank started would die of SIGUSR1) and is
 # lost while a rank is still starting. The file lives in the repository, which every node sees.
 STOP_FILE="$REPO/.sparselm-stop-$SLURM_JOB_ID"
-rm -f "$STOP_FILE"
+# A rank that exits 69 leaves this mark: when the lost peer's own tasks died of a signal (killed, OOM), srun
+# reports that signal (137), not 69, and the mark still says the survivors stopped for a lost peer.
+export LOST_FILE="$REPO/.sparselm-lost-$SLURM_JOB_ID"
+rm -f "$STOP_FILE" "$LOST_FILE"
 
 # run_or_requeue CMD...: run the job step CMD (an srun) in the background so that this shell can take
 # signals meanwhile. On SIGUSR1 (sbatch --signal=B:USR1@SECONDS, sent before the time limit) it creates
 # STOP_FILE: the ranks finish their step, save a checkpoint and exit 75; on 75 the job is requeued and
 # resumes from that checkpoint. SIGTERM reaches the ranks from SLURM itself (scancel, the time limit).
-# On 69 (a peer lost or hung: the survivors stopped within parallel.timeout_minutes) the job is requeued too,
+# On 69 (a peer lost or hung: the survivors stopped within parallel.timeout_minutes; `mark_lost` below) the job is requeued too,
 # at most SPARSELM_MAX_RESTARTS times; a node that died outright is requeued by SLURM itself (--requeue,
 # NODE_FAIL), since srun then reports the killed tasks' signal rather than 69.
 # The scripts run srun with --kill-on-bad-exit=0 --wait=60: ranks that stop with 75 leave within moments
@@ -42,6 +45,10 @@ run_or_requeue() {
   wait "$pid" || rc=$?
   trap - USR1 TERM
   rm -f "$STOP_FILE"
+  if [[ -e "$LOST_FILE" && $rc != "$REQUEUE_EXIT" ]]; then
+    rc=$LOST_EXIT
+    rm -f "$LOST_FILE"
+  fi
   if [[ $rc == "$REQUEUE_EXIT" ]]; then
     echo "sparselm: the run saved a checkpoint and stopped early (status $rc): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
@@ -60,3 +67,13 @@ run_or_requeue() {
   echo "sparselm: job step ended with status $rc"
   exit "$rc"
 }
+
+# mark_lost CMD...: run CMD (a rank or a node's launcher, inside the job step) and leave LOST_FILE when it exits 69.
+mark_lost() {
+  local rc=0
+  "$@" || rc=$?
+  [[ $rc != "$LOST_EXIT" ]] || touch "$LOST_FILE"
+  return "$rc"
+}
+export -f mark_lost
+export LOST_EXIT
