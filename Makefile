@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test gpu-check clean
+.PHONY: setup train test test-multinode gpu-check clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,13 @@ train: setup
 	$(PY) -m sparselm.train --config tiny_dense --train.out_dir=runs/tiny_dense
 
 # Two workers (pytest-xdist), each taking whole files so that a module's expensive runs happen once.
+# The multi-node tests (root, namespaces, SLURM) have their own target: .ci/run runs both.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 --ignore=tests/e2e/multinode tests
+
+# Launches and failures across namespace "nodes" (tools/local_cluster.py; root, slurm/install_local_cluster.sh).
+test-multinode: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests/e2e/multinode
 
 # The first thing to run on a GPU machine, with its own torch and no setup (make setup would pin a CPU
 # torch from a registry): GPU-only tests, every block kind under ZeRO-1/3/3-offload in bf16, a save and

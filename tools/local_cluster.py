@@ -43,6 +43,29 @@ from pathlib import Path
 
 STATE = "cluster.json"
 
+SLURM_SETTINGS = """\
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+SchedulerParameters=sched_interval=1
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+ReturnToService=2
+MinJobAge=600
+InactiveLimit=0
+"""
+"""The slurm.conf lines of a throw-away test cluster (here and tests/support/local_slurm.py): root daemons, munge,
+no accounting, cgroup-free process tracking, CPUs as the only resource, a scheduler pass every second."""
+
 
 def missing_requirements() -> str | None:
     """Why this machine cannot make a cluster (None: it can)."""
@@ -301,6 +324,39 @@ class LocalCluster:
         self._save()
         return p
 
+    # ---------------------------------------------------------------------------- ssh between the nodes
+    def start_sshd(self, timeout: float = 30) -> None:
+        """One sshd per node (port 22 of its own address) that lets root in with a key made for this cluster, and an
+        ssh client config that uses it, bind-mounted over /etc/ssh/ssh_config in the nodes only: ``ssh n2`` and
+        pdsh (the deepspeed launcher's default route) work from any node without a password or a known_hosts
+        prompt, and the machine's own ssh setup is never read or changed.  Needs openssh-server (its sshd) and
+        the privilege separation directory /run/sshd (created here, as the package's service would)."""
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not Path(sshd).exists():
+            raise RuntimeError("no sshd: run slurm/install_local_cluster.sh (openssh-server, pdsh)")
+        d = self.root / "ssh"
+        d.mkdir(exist_ok=True)
+        for key in ("host_key", "id_ed25519"):
+            if not (d / key).exists():
+                _sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{self.id}-{key}", "-f", str(d / key)])
+        shutil.copy(d / "id_ed25519.pub", d / "authorized_keys")
+        (d / "sshd_config").write_text(
+            f"Port 22\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "UsePAM no\nStrictModes no\nPrintMotd no\nLogLevel ERROR\n")
+        (d / "ssh_config").write_text(
+            f"Host *\n  IdentityFile {d / 'id_ed25519'}\n  BatchMode yes\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        for node in self.nodes:
+            _sh(["nsenter", "-t", str(self.holders[node]), "-m", "mount", "--bind", str(d / "ssh_config"),
+                 "/etc/ssh/ssh_config"])
+            self.daemon(node, f"sshd-{node}", [sshd, "-D", "-e", "-f", str(d / "sshd_config"),
+                                                "-o", f"PidFile={self.root / 'run' / f'sshd-{node}.pid'}"])
+        for node in self.nodes:
+            self._wait(lambda: self.run(self.nodes[0], ["ssh", node, "true"], timeout=10).returncode == 0,
+                       f"sshd on {node}", timeout)
+
     # ---------------------------------------------------------------------------- SLURM across the nodes
     def start_slurm(self, cpus: int = 2, timeout: float = 60) -> None:
         """One munged and slurmctld in ctl (hostname ``ctl``), one slurmd per node (``-N nN``), every file under
@@ -326,35 +382,17 @@ class LocalCluster:
         addrs = ",".join(self.addr(n) for n in self.nodes)
         log = self.root / "log"
         conf = r / "slurm.conf"
-        conf.write_text(f"""ClusterName=localcluster
+        conf.write_text(SLURM_SETTINGS + f"""ClusterName=localcluster
 SlurmctldHost=ctl({self.addr('ctl')})
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
 AuthInfo=socket={sock},cred_expire=10
-SchedulerParameters=sched_interval=1
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}/%n
 SlurmctldPidFile={r / 'run'}/slurmctld.pid
 SlurmdPidFile={r / 'run'}/slurmd-%n.pid
 SlurmctldLogFile={log}/slurmctld-file.log
 SlurmdLogFile={log}/slurmd-%n-file.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-ReturnToService=2
 SlurmdTimeout=15
 KillWait=5
-MinJobAge=600
-InactiveLimit=0
 NodeName={nodes} NodeHostname={nodes} NodeAddr={addrs} CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)

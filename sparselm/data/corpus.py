@@ -54,6 +54,8 @@ def _build(root: Path, final: Path, tokenizer, valid_fraction: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-{socket.gethostname()}-", dir=final.parent))
     try:
         files = stdlib_files()
+        print(f"sparselm: tokenizing the default corpus ({len(files)} files) into {final} on {socket.gethostname()}, "
+              f"once per cache directory", flush=True)
         split = {name: [f for f in files if is_valid_split(str(f.relative_to(root)), valid_fraction) == (name == "valid")]
                  for name in ("train", "valid")}
         for name, group in split.items():

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from sparselm.training.runtime import free_port
+from tools.local_cluster import SLURM_SETTINGS
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "srun", "sacct")
@@ -77,36 +78,18 @@ class LocalSlurm:
 
     def _slurm_conf(self) -> str:
         r = self.root
-        return f"""ClusterName=sparselm-test
+        return SLURM_SETTINGS + f"""ClusterName=sparselm-test
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
 AuthInfo=socket={self.socket},cred_expire=10
-SchedulerParameters=sched_interval=1
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}
 SlurmctldPidFile={r / 'slurmctld.pid'}
 SlurmdPidFile={r / 'slurmd.pid'}
 SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
 SlurmdLogFile={r / 'log' / 'slurmd.log'}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-ReturnToService=2
 KillWait=20
-MinJobAge=600
-InactiveLimit=0
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """

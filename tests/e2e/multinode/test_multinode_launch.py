@@ -6,55 +6,15 @@ on the cluster's own SLURM), must log the one-process run's losses, one metrics 
 """
 from __future__ import annotations
 
-import subprocess
-import time
-
 import pytest
 
-from sparselm.training.metrics import read_metrics
-from support.run import BIN, PYTHON, REPO, subprocess_env
 from support.local_slurm import missing_binaries
+from support.multinode import COMMON, LAYOUT, PROCS, assert_rank0_on_n1, assert_same_losses, env, run_on_nodes
+from support.run import BIN, REPO
 from tools.local_cluster import LocalCluster, missing_requirements
 
 _why = missing_requirements()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"no local multi-node cluster: {_why}")
-
-STEPS, PROCS = 6, 2
-COMMON = ["--config", "tiny_moe", f"--train.steps={STEPS}", "--train.log_every=1", "--train.eval_every=0",
-          "--train.progress=false", "--train.tensorboard=false"]
-LAYOUT = ["--parallel.tp=2", "--parallel.ep=2"]  # 4 ranks: TP pairs {0,1} {2,3} = one per node
-
-
-def env() -> dict:
-    return {**subprocess_env(), "OMP_NUM_THREADS": "1"}
-
-
-class Reference:
-    """The one-process run on the host, started when the module starts and read when a test needs it."""
-
-    def __init__(self, out):
-        self.out, self.log = out, out.parent / "reference.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([PYTHON, "-m", "sparselm.train", *COMMON, f"--train.out_dir={out}"],
-                                         cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT)
-
-    def rows(self, timeout: float = 400) -> list[dict]:
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the one-process reference took over {timeout} s:\n{self.log.read_text()[-3000:]}")
-        assert self.proc.returncode == 0, self.log.read_text()[-4000:]
-        return read_metrics(self.out)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    ref = Reference(tmp_path_factory.mktemp("reference") / "run")
-    yield ref
-    if ref.proc.poll() is None:
-        ref.proc.kill()
-        ref.proc.wait()
-
 
 NODE_LOCAL = "node-local"
 """A directory of the cluster's root that n2 sees as its own (a bind mount in its mount namespace only)."""
@@ -78,55 +38,6 @@ def cluster(tmp_path_factory, request):
     print(f"local cluster {c.id} up in {c.startup_s} s")
     yield c
     c.down()
-
-
-def run_on_nodes(cluster, tmp_path, cmds: dict[str, list[str]], timeout: float = 300, check: bool = True) -> dict[str, str]:
-    """Start CMD on each node at once, wait for all; on a failure or timeout kill every node's processes and
-    fail with each node's output (``check=False``: only on a timeout; every node's exit status is then in
-    ``text["<node>:exit"]``)."""
-    logs = {node: tmp_path / f"{node}.out" for node in cmds}
-    procs = {}
-    for node, cmd in cmds.items():
-        with open(logs[node], "w") as out:
-            procs[node] = cluster.run(node, cmd, env=env(), cwd=REPO, background=True, stdin=subprocess.DEVNULL,
-                                      stdout=out, stderr=subprocess.STDOUT)
-    end = time.monotonic() + timeout
-    failed = None
-    while any(p.poll() is None for p in procs.values()):
-        bad = [n for n, p in procs.items() if p.poll() not in (None, 0)] if check else []
-        if bad or time.monotonic() > end:
-            failed = f"{', '.join(bad)} failed" if bad else f"timed out after {timeout} s"
-            time.sleep(2 if bad else 0)  # let the other node print its side of it
-            break
-        time.sleep(0.5)
-    if failed is None and check and any(p.returncode != 0 for p in procs.values()):
-        failed = "non-zero exit"
-    if failed:
-        for node in procs:
-            cluster.kill(node)
-        for p in procs.values():
-            p.wait(timeout=30)
-    text = {node: logs[node].read_text(errors="replace") for node in cmds}
-    text.update({f"{node}:exit": str(p.returncode) for node, p in procs.items()})
-    if failed:
-        detail = "\n".join(f"--- {n} (exit {procs[n].returncode})\n{t[-4000:]}" for n, t in text.items())
-        pytest.fail(f"{failed}:\n{detail}")
-    return text
-
-
-def assert_same_losses(out, reference) -> None:
-    run, want = read_metrics(out), reference.rows()
-    assert [r["step"] for r in run] == list(range(1, STEPS + 1)), "one metrics line per step"
-    assert len(want) == STEPS
-    for got, ref in zip(run, want):
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), got["step"]
-
-
-def assert_rank0_on_n1(text: dict[str, str]) -> None:
-    """Global rank 0 prints the start-up summary (train._say): it must be n1's, so that TP pairs stay in a node."""
-    assert "4 process(es)" in text["n1"], text["n1"][-3000:]
-    assert "4 process(es)" not in text["n2"], text["n2"][-3000:]
-    assert "sparselm: hosts: n1 ranks 0-1, n2 ranks 2-3" in text["n1"], text["n1"][-3000:]  # logged once, by rank 0
 
 
 def test_torchrun_c10d_two_nodes(cluster, reference, tmp_path):
@@ -166,6 +77,21 @@ def test_sbatch_two_nodes(cluster, reference, tmp_path):
     assert_same_losses(out, reference)
 
 
+def test_sbatch_deepspeed_launcher_two_nodes(cluster, reference, tmp_path):
+    """slurm/train_deepspeed.sbatch: srun starts one `deepspeed --no_ssh --node_rank $SLURM_NODEID` per node."""
+    if cluster.slurm:
+        pytest.skip(cluster.slurm)
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.sbatch(["--nodes=2", f"--output={log}", "slurm/train_deepspeed.sbatch",
+                          *COMMON, *LAYOUT, f"--train.out_dir={out}"],
+                         env={**env(), "SPARSELM_BIN": str(BIN), "PROCS_PER_NODE": str(PROCS)}, cwd=REPO)
+    info = cluster.wait_job(job, timeout=300)
+    text = log.read_text() if log.exists() else ""
+    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text[-4000:]}"
+    assert text.count("sparselm: hosts: n1 ranks 0-1, n2 ranks 2-3") == 1, text[-3000:]
+    assert_same_losses(out, reference)
+
+
 def _deepspeed_no_ssh(tmp_path, slots: dict[str, int], out, port: int, extra=()) -> dict[str, list[str]]:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{node} slots={n}\n" for node, n in slots.items()))
@@ -195,3 +121,19 @@ def test_an_out_dir_that_is_not_shared_is_refused(cluster, tmp_path):
     assert text["n1:exit"] == "2" and text["n2:exit"] == "2", text
     assert len(errors) == 1 and f"train.out_dir '{out}' is not shared: rank 2 on n2" in errors[0], text["n1"][-3000:]
     assert not out.exists()  # rank 0 removed the directory its run lock created
+
+
+def test_a_node_local_corpus_cache_is_built_once_per_node(cluster, tmp_path):
+    """SPARSELM_CACHE on a path that is n2's own disk: each node's ranks build the default corpus once, under the
+    cache's file lock (local rank 0 of n1 and of n2 write it; the others wait and read), in a temporary directory
+    named by host; before, global rank 0 built it and every rank of n2 tokenized it at once."""
+    cache = cluster.root / NODE_LOCAL / "cache"
+    cmd = ["env", f"SPARSELM_CACHE={cache}", str(BIN / "torchrun"), "--nnodes=2", f"--nproc_per_node={PROCS}",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=n1:29410", "--rdzv_id=mn-cache", "-m", "sparselm.train",
+           *COMMON, *LAYOUT, "--train.steps=1", f"--train.out_dir={tmp_path / 'run'}"]
+    text = run_on_nodes(cluster, tmp_path, {"n1": cmd, "n2": cmd})
+    for node, disk in (("n1", cache), ("n2", cluster.root / "n2-disk" / "cache")):
+        built = [line for line in text[node].splitlines() if "sparselm: tokenizing the default corpus" in line]
+        assert len(built) == 1 and f"into {cache}/" in built[0], text[node][-3000:]  # the same path, two disks
+        assert built[0].endswith(f"on {node}, once per cache directory"), built
+        assert len(list(disk.glob("*/done"))) == 1 and not list(disk.glob("*.tmp-*")), sorted(disk.iterdir())
