@@ -11,9 +11,11 @@ class MoECost(BlockCost):
     shared experts (with their gate), moe.num_experts routed experts of which moe.top_k run per token."""
 
     def slot_params(self, cfg, layer_idx: int) -> tuple[int, int]:
-        """(total, active per token): router + shared + every routed expert, or + top_k of them."""
+        """(total, active per token): router + shared + every routed expert (with its biases under
+        moe.expert_biases), or + top_k of them."""
         e, d, hidden = cfg.moe, cfg.model.d_model, resolved_expert_hidden(cfg)
-        router, shared, expert = self._router(cfg), self._shared(cfg), swiglu_params(d, hidden)
+        router, shared = self._router(cfg), self._shared(cfg)
+        expert = swiglu_params(d, hidden) + ((2 * hidden + d) if e.expert_biases else 0)
         return router + shared + e.num_experts * expert, router + shared + e.top_k * expert
 
     def slot_flops(self, cfg, layer_idx: int) -> dict[str, float]:
@@ -51,7 +53,7 @@ class MoECost(BlockCost):
     @staticmethod
     def _router(cfg) -> int:
         e = cfg.moe
-        return e.num_experts * cfg.model.d_model * (2 if e.noisy_gating else 1)
+        return e.num_experts * cfg.model.d_model * (2 if e.noisy_gating else 1) + (e.num_experts if e.router_bias else 0)
 
     @staticmethod
     def _shared(cfg) -> int:
