@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 SINK_CHANNELS = 8
-"""Channels the sinks' extra key adds to each head's score width at most (``sparselm.model.sinks.CHANNEL_MULTIPLE``;
+"""The sinks' score width per head is padded to a multiple of this (``sparselm.model.sinks.CHANNEL_MULTIPLE``;
 not imported: no torch here)."""
 
 
@@ -59,8 +59,8 @@ def attention_flops(cfg, memory: int, keys: float, seq_len: int, mode: str = "pa
     model FLOPs, ``keys`` context keys visible to a query on average plus the ``memory`` slots;
     ``'executed_dense'``: the masked dense SDPA of the CPU reference path (every query against all
     ``seq_len`` keys and the memory, memory queries doubling the score width: sparse_attention.kernels.
-    append_memory; learned sinks add one key and widen each head's scores by ``sinks.CHANNEL_MULTIPLE``
-    channels at most, counted as that many), ``keys`` unused.  The sinks' one logit per head and the biases'
+    append_memory; learned sinks add one key, on causal SDPA one padding query too, and widen each head's
+    scores to the next multiple of ``sinks.CHANNEL_MULTIPLE`` channels), ``keys`` unused.  The sinks' one logit per head and the biases'
     additions are not matmul FLOPs and are not counted.  Raises ValueError for another mode."""
     m = cfg.model
     dm, d, kv = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
@@ -71,9 +71,11 @@ def attention_flops(cfg, memory: int, keys: float, seq_len: int, mode: str = "pa
         total = seq_len + memory
         sparse_path = memory > 0 or cfg.attention.pattern != "causal"
         core = (2 * d * (2 if memory else 1) + 2 * d) * total if sparse_path else 4 * d * seq_len
-        if m.attention_sinks:  # one more key; scores up to CHANNEL_MULTIPLE channels wider per head
-            width = d * (2 if memory else 1) + m.n_heads * SINK_CHANNELS
-            core = (2 * width + 2 * d) * (total + 1)
+        if m.attention_sinks:  # one more key, each head's scores widened to a multiple of SINK_CHANNELS
+            per_head = m.head_width * (2 if memory else 1)
+            width = m.n_heads * (per_head + -(per_head + 1) % SINK_CHANNELS + 1)
+            # causal SDPA: the sink key in front and one padding query row, (T + 1)^2 scores for T tokens
+            core = (2 * width + 2 * d) * ((total + 1) if sparse_path else (seq_len + 1) ** 2 / seq_len)
     else:
         raise ValueError(f"attention must be 'pattern' or 'executed_dense', got {mode!r}")
     return {"attention_proj": 2 * proj, "attention_core": core}

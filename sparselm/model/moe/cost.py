@@ -21,7 +21,8 @@ class MoECost(BlockCost):
     def slot_flops(self, cfg, layer_idx: int) -> dict[str, float]:
         """Forward FLOPs per token: moe_router, moe_shared, moe_experts (top_k experts)."""
         expert = swiglu_params(cfg.model.d_model, resolved_expert_hidden(cfg))
-        return {"moe_router": 2 * self._router(cfg), "moe_shared": 2 * self._shared(cfg),
+        router = self._router(cfg) - (cfg.moe.num_experts if cfg.moe.router_bias else 0)  # its bias adds: not matmul FLOPs
+        return {"moe_router": 2 * router, "moe_shared": 2 * self._shared(cfg),
                 "moe_experts": 2 * cfg.moe.top_k * expert}
 
     def slot_activations(self, cfg, tp: int, act_bytes: int) -> float:
