@@ -60,7 +60,7 @@ def attention_flops(cfg, memory: int, keys: float, seq_len: int, mode: str = "pa
     ``'executed_dense'``: the masked dense SDPA of the CPU reference path (every query against all
     ``seq_len`` keys and the memory, memory queries doubling the score width: sparse_attention.kernels.
     append_memory; learned sinks add one key, on causal SDPA one padding query too, and widen each head's
-    scores to the next multiple of ``sinks.CHANNEL_MULTIPLE`` channels), ``keys`` unused.  The sinks' one logit per head and the biases'
+    queries, keys and values to the next multiple of ``sinks.CHANNEL_MULTIPLE`` channels), ``keys`` unused.  The sinks' one logit per head and the biases'
     additions are not matmul FLOPs and are not counted.  Raises ValueError for another mode."""
     m = cfg.model
     dm, d, kv = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
@@ -75,7 +75,7 @@ def attention_flops(cfg, memory: int, keys: float, seq_len: int, mode: str = "pa
             per_head = m.head_width * (2 if memory else 1)
             width = m.n_heads * (per_head + -(per_head + 1) % SINK_CHANNELS + 1)
             # causal SDPA: the sink key in front and one padding query row, (T + 1)^2 scores for T tokens
-            core = (2 * width + 2 * d) * ((total + 1) if sparse_path else (seq_len + 1) ** 2 / seq_len)
+            core = 4 * width * ((total + 1) if sparse_path else (seq_len + 1) ** 2 / seq_len)  # values padded alike
     else:
         raise ValueError(f"attention must be 'pattern' or 'executed_dense', got {mode!r}")
     return {"attention_proj": 2 * proj, "attention_core": core}

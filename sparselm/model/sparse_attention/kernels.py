@@ -41,9 +41,16 @@ def sparse_attention(q, k, v, spec: PatternSpec, memory=None, backend: str = "au
         out, lse = flex_attention(q, k, v, spec, gqa, scale, return_lse=True)
         return rescale_by_lse(out, lse, sinks)
     if sinks is not None:  # key S: past the context, so the patterns' memory rule shows it to every query
-        q, k, v = with_sink_key(q, k, v, sinks, scale)
+        d = v.shape[-1]
+        return masked_attention(*with_sink_key(q, k, v, sinks, scale), spec, backend, gqa, scale)[..., :d]
+    return masked_attention(q, k, v, spec, backend, gqa, scale)
+
+
+def masked_attention(q, k, v, spec: PatternSpec, backend: str, gqa: bool, scale: float) -> torch.Tensor:
+    """q over k, v under ``spec`` (keys past q's length: memory, visible to all) on ``backend``: reference,
+    block_sparse or flex."""
     if backend == "reference":
-        mask = dense_mask(spec, t, k.shape[-2], q.device)
+        mask = dense_mask(spec, q.shape[-2], k.shape[-2], q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
     if backend == "block_sparse":
         return block_sparse_attention(q, k, v, spec, gqa, scale)

@@ -79,3 +79,20 @@ def test_dense_attention_with_sinks_equals_explicit(window):
     want = torch.autograd.grad(ref.square().sum(), (q, k, v, attn.sinks))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.gpu(reason="needs a CUDA GPU: compiled FlexAttention's backward through the log-sum-exp")
+@pytest.mark.parametrize("name", ["sliding_window", "bigbird"])
+def test_compiled_flex_with_sinks_on_gpu_equals_explicit(name):
+    t = 512
+    q, k, v, mk, mv = (x.detach().float().cuda().requires_grad_() for x in inputs(N, t=t))
+    sinks = make_sinks().detach().float().cuda().requires_grad_()
+    qm = q.detach().flip(2).requires_grad_()
+    tensors = (q, k, v, mk, mv, qm, sinks)
+    out = sparse_attention(q, k, v, spec(name), (mk, mv), "flex", memory_query=qm, sinks=sinks)
+    ref = explicit_with_sinks(q, k, v, mk, mv, sinks, reference_mask(name, t, N).cuda(), qm)
+    seed = torch.ones_like(ref).cos()
+    got, want = torch.autograd.grad(out, tensors, seed), torch.autograd.grad(ref, tensors, seed)
+    torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
