@@ -1,7 +1,8 @@
 """A tiny gpt-oss-shaped model (every piece: learned attention sinks with grouped-query heads, alternating
 sliding and full layers, q/k/v and output-projection biases, a biased router, biased experts, the clamped
-SwiGLU) trains under tp2, ep2, pp2, tp2 x ep2 (experts cut by width) and ZeRO-3 with ep2 (experts in
-gather chunks) with the same losses and gradient norms as one process (fp32, 3 steps, clipping active).
+SwiGLU) trains under tp2, ep2, pp2, tp2 x ep2 (experts cut by width), ZeRO-3 with ep2 (experts in gather
+chunks) and ZeRO-3 offload with tp2 with the same losses and gradient norms as one process (fp32, 3 steps,
+clipping active).
 
 One spawn of a one-process world trains the reference; one spawn of a 4-rank gloo world trains the layouts."""
 from __future__ import annotations
@@ -28,6 +29,7 @@ LAYOUTS = {
     "pp2": ["--parallel.pp=2", "--train.micro_batch_size=1"],
     "tp2_ep2": ["--parallel.tp=2", "--parallel.ep=2"],
     "ep2_zero3": ["--parallel.ep=2", "--parallel.ds_config=zero3"],
+    "tp2_zero3_offload": ["--parallel.tp=2", "--parallel.ds_config=zero3_offload"],
 }
 KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm")
 
