@@ -94,7 +94,13 @@ class ModelConfig:
     """Width of one attention head; 0 means d_model // n_heads.  Queries are n_heads * head_dim wide and keys and
     values n_kv_heads * head_dim, whatever d_model is (Qwen3: head_dim 128)."""
     qkv_bias: bool = False
-    """Biases in the query, key and value projections (Qwen2, Qwen2-MoE, GLM-4-MoE); the output projection has none."""
+    """Biases in the query, key and value projections (Qwen2, Qwen2-MoE, GLM-4-MoE, gpt-oss); see o_bias for the output
+    projection's."""
+    o_bias: bool = False
+    """A bias in the attention output projection (gpt-oss; transformers' attention_bias biases q, k, v and o)."""
+    attention_sinks: bool = False
+    """A learned logit per query head that joins every attention softmax and carries no value, so a head may attend
+    to nothing (gpt-oss's sinks); exact on every attention path, window, sparse pattern and persistent memory."""
     qk_norm: Literal["none", "per_head", "full"] = "none"
     """RMSNorm of queries and keys before rotary: 'per_head' over each head's head_dim with one weight shared by
     the heads (Qwen3, Qwen3-MoE, GLM-4-MoE), 'full' over all heads together, one weight per channel (OLMoE)."""

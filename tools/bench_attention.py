@@ -6,6 +6,9 @@ On CUDA the sparse side is compiled FlexAttention and the dense side SDPA's flas
 On CPU the sparse side is the exact block-sparse path (only the key blocks a query block can see);
 ``--with-reference`` also times the masked-SDPA reference, which costs as much as dense attention.
 Prints one markdown row per length with the dense/sparse ratio (higher is better for sparse).
+``--sinks`` also times both with learned attention sinks (``model.attention_sinks``: an extra key and query
+channel on SDPA and the block-sparse path, the log-sum-exp rescale on FlexAttention) and prints each one's
+cost relative to the same path without sinks.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparselm.model.sinks import causal_with_sinks
 from sparselm.model.sparse_attention.config import AttentionConfig
 from sparselm.model.sparse_attention.kernels import sparse_attention
 from sparselm.model.sparse_attention.patterns import PatternSpec
@@ -64,6 +68,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--with-reference", action="store_true", help="also time the masked-SDPA reference path")
     ap.add_argument("--reference-max-len", type=int, default=4096, help="skip the reference above this length (its mask is T x T)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 keeps torch's default)")
+    ap.add_argument("--sinks", action="store_true", help="also time both paths with learned attention sinks")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
@@ -77,11 +82,17 @@ def main(argv=None) -> list[dict]:
              f"sliding window ({sparse_backend})": lambda q, k, v: sparse_attention(q, k, v, spec, None, sparse_backend)}
     if args.with_reference:
         paths["sliding window (masked SDPA)"] = lambda q, k, v: sparse_attention(q, k, v, spec, None, "reference")
+    if args.sinks:
+        sinks = torch.zeros(args.heads, device=device, dtype=torch.float32, requires_grad=True)
+        paths["dense causal SDPA + sinks"] = lambda q, k, v: causal_with_sinks(q, k, v, sinks, args.head_dim**-0.5, False)
+        paths[f"sliding window ({sparse_backend}) + sinks"] = (
+            lambda q, k, v: sparse_attention(q, k, v, spec, None, sparse_backend, sinks=sinks))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# fwd+bwd, batch {args.batch}, {args.heads} heads x {args.head_dim}, {dtype}, window {args.window}, {name}")
-    print("| seq | " + " | ".join(f"{p} (ms)" for p in paths) + " | dense / sparse |")
-    print("|---" * (len(paths) + 2) + "|")
+    sink_cols = " | dense sinks / dense | sparse sinks / sparse" if args.sinks else ""
+    print("| seq | " + " | ".join(f"{p} (ms)" for p in paths) + " | dense / sparse" + sink_cols + " |")
+    print("|---" * (len(paths) + 2 + 2 * args.sinks) + "|")
     rows = []
     for t in (int(x) for x in args.lengths.split(",")):
         shape = (args.batch, args.heads, t, args.head_dim)
@@ -92,8 +103,14 @@ def main(argv=None) -> list[dict]:
             row[label] = float("nan") if skip else time_fwd_bwd(fn, q, k, v, args.repeats, args.warmup)
         sparse = row[f"sliding window ({sparse_backend})"]
         row["ratio"] = row["dense causal SDPA"] / sparse
+        extra = ""
+        if args.sinks:
+            row["dense_sinks_cost"] = row["dense causal SDPA + sinks"] / row["dense causal SDPA"]
+            row["sparse_sinks_cost"] = row[f"sliding window ({sparse_backend}) + sinks"] / sparse
+            extra = f" | {row['dense_sinks_cost']:.2f}x | {row['sparse_sinks_cost']:.2f}x"
         rows.append(row)
-        print(f"| {t} | " + " | ".join("-" if row[p] != row[p] else f"{row[p] * 1e3:.1f}" for p in paths) + f" | {row['ratio']:.2f}x |", flush=True)
+        print(f"| {t} | " + " | ".join("-" if row[p] != row[p] else f"{row[p] * 1e3:.1f}" for p in paths)
+              + f" | {row['ratio']:.2f}x{extra} |", flush=True)
     return rows
 
 

@@ -23,7 +23,7 @@ from sparselm.checkpoint.tensors import CanonicalTensors
 from sparselm.convert.experts import PARTS
 from sparselm.convert.hf_export_config import choose_family, generation_config, hf_config
 from sparselm.convert.hf_family import Family
-from sparselm.convert.hf_names import GLOBAL, expert_name, layer_renames, stacked_name
+from sparselm.convert.hf_names import GLOBAL, GPT_OSS_EXPERTS, expert_name, gpt_oss_expert_names, layer_renames, stacked_name
 from sparselm.convert.mapped import MappedTensors, Piece, Recipe
 from sparselm.convert.store import clear_output
 from sparselm.data.tokenizer import eod_token, tokenizer_json
@@ -45,6 +45,12 @@ def hf_tensor_plan(fam: Family, cfg, names, fused: bool) -> dict[str, Recipe]:
             if ours in ours_present:
                 plan[theirs] = Recipe("copy", (Piece(ours),))
         if kind != "moe":
+            continue
+        if fam.expert_layout == "gpt_oss":  # one layout only, whatever ``fused`` says
+            for ours, theirs in gpt_oss_expert_names(i).items():
+                stem = GPT_OSS_EXPERTS[ours.rsplit(".", 1)[1]]
+                plan[theirs] = (Recipe("copy", (Piece(ours),)) if stem is None
+                                else Recipe("transform", (Piece(ours),), f"{stem}_out"))
             continue
         if fused:
             for part in ("gate", "down"):

@@ -35,6 +35,13 @@ def attention_blockers(fam: Family, cfg) -> list[str]:
         out.append(f"model.qk_norm={m.qk_norm}")
     if m.clip_qkv and not fam.clip_qkv:
         out.append(f"model.clip_qkv={m.clip_qkv}")
+    if m.attention_sinks != fam.attention_sinks:
+        out.append(f"model.attention_sinks={str(m.attention_sinks).lower()}")
+    if fam.o_bias_key and m.o_bias != m.qkv_bias:
+        out.append(f"model.o_bias={str(m.o_bias).lower()} with model.qkv_bias={str(m.qkv_bias).lower()} "
+                   f"({fam.o_bias_key} biases q, k, v and o together)")
+    elif m.o_bias and not fam.o_bias_key:
+        out.append("model.o_bias=true")
     return out
 
 
@@ -63,6 +70,16 @@ def moe_blockers(fam: Family, cfg) -> list[str]:
         out.append(f"moe.num_shared_experts=0 ({fam.name} has shared experts)")
     if fam.renormalize_key is None and not e.renormalize:
         out.append("moe.renormalize=false")
+    if e.router_bias != fam.router_bias:
+        out.append(f"moe.router_bias={str(e.router_bias).lower()}")
+    if e.expert_biases != (fam.expert_layout == "gpt_oss"):
+        out.append(f"moe.expert_biases={str(e.expert_biases).lower()}")
+    clamp = (e.swiglu_limit, e.swiglu_alpha, e.swiglu_up_offset)
+    if fam.clamped_swiglu and not (e.swiglu_limit > 0 and e.swiglu_up_offset == 1):
+        out.append(f"moe.swiglu_limit={e.swiglu_limit} / moe.swiglu_up_offset={e.swiglu_up_offset} ({fam.name} clamps "
+                   "at a positive limit with an up offset of 1)")
+    elif not fam.clamped_swiglu and clamp != (0.0, 1.0, 0.0):
+        out.append("a clamped SwiGLU (moe.swiglu_limit / swiglu_alpha / swiglu_up_offset)")
     dense_layers = [i for i, k in enumerate(kinds) if k == "dense"]
     if fam.dense_layers == "none" and dense_layers:
         out.append("dense layers among the MoE layers")
@@ -125,7 +142,7 @@ def attention_config(fam: Family, m) -> dict:
         if fam.window_switch:  # transformers drops the window unless use_sliding_window
             out["use_sliding_window"] = window is not None
     if fam.qkv_bias_key:
-        out[fam.qkv_bias_key] = m.qkv_bias
+        out[fam.qkv_bias_key] = m.qkv_bias  # with o_bias_key the same key: blockers made sure o_bias is equal
     if fam.qk_norm_key:
         out[fam.qk_norm_key] = m.qk_norm == fam.qk_norm
     if fam.clip_qkv:
@@ -149,6 +166,8 @@ def moe_config(fam: Family, cfg) -> dict:
         out[shared.key] = e.num_shared_experts * (hidden if shared.key_is_width else 1)
     if fam.group_routing:
         out.update(n_group=e.n_group, topk_group=e.topk_group, routed_scaling_factor=e.routed_scaling_factor)
+    if fam.clamped_swiglu:
+        out.update(swiglu_limit=e.swiglu_limit, swiglu_alpha=e.swiglu_alpha)
     return out
 
 

@@ -13,6 +13,7 @@ from sparselm.convert.hf_family import (
     Family,
     SharedExperts,
     slides_from_max_window_layers,
+    slides_on_even_layers,
     slides_on_even_layers_below_max_window_layers,
 )
 from sparselm.errors import ConversionError
@@ -41,13 +42,20 @@ GLM4_MOE = replace(LLAMA, name="glm4_moe", architecture="Glm4MoeForCausalLM", mo
                    shared_experts=SharedExperts("n_shared_experts", "shared_experts"),
                    fixed_config=(("num_nextn_predict_layers", 0),))
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE)
+GPT_OSS = replace(LLAMA, name="gpt_oss", architecture="GptOssForCausalLM", moe=True, qkv_bias_key="attention_bias",
+                  o_bias_key="attention_bias", qkv_bias=True, attention_sinks=True, window="per_layer",
+                  legacy_window_layers=slides_on_even_layers, experts_key="num_local_experts",
+                  expert_hidden_key="intermediate_size", expert_hidden_reads=("intermediate_size",),
+                  renormalize_key=None, router_module="router", router_bias=True, expert_layout="gpt_oss",
+                  clamped_swiglu=True, mxfp4=True)
+
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE, GPT_OSS)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 SUPPORTED = ", ".join(BY_NAME)
 # Families left out on purpose, with what sparselm lacks.
 KNOWN_UNSUPPORTED = {
     "deepseek_v2": "multi-head latent attention (MLA)", "deepseek_v3": "multi-head latent attention (MLA)",
-    "gpt_oss": "attention sinks, a clamped SwiGLU and biased experts", "kimi_k2": "multi-head latent attention (MLA)",
+    "kimi_k2": "multi-head latent attention (MLA)",
 }
 
 

@@ -18,6 +18,12 @@ def slides_from_max_window_layers(layer: int, max_window_layers: int) -> bool:
     return layer >= max_window_layers
 
 
+def slides_on_even_layers(layer: int, max_window_layers: int) -> bool:
+    """gpt-oss without ``layer_types``: even layers (0, 2, ...) slide, odd ones attend fully (transformers'
+    ``GptOssConfig``); ``max_window_layers`` is not read."""
+    return bool((layer + 1) % 2)
+
+
 def slides_on_even_layers_below_max_window_layers(layer: int, max_window_layers: int) -> bool:
     """Qwen2-MoE without ``layer_types``: even layers (0, 2, ...) below ``max_window_layers`` slide
     (transformers' ``Qwen2MoeConfig``)."""
@@ -66,6 +72,11 @@ class Family:
     """config.json boolean that switches ``qk_norm`` on (GLM-4-MoE's ``use_qk_norm``); None: always ``qk_norm``."""
     clip_qkv: bool = False
     """Reads and writes ``clip_qkv`` (OLMoE: q, k, v clamped to [-clip_qkv, clip_qkv]; null is off)."""
+    o_bias_key: str | None = None
+    """config.json key that also puts a bias on o_proj (gpt-oss's ``attention_bias``, the same key as
+    ``qkv_bias_key``: q, k, v and o biased together)."""
+    attention_sinks: bool = False
+    """Every attention layer has learned sinks, one logit per query head (``self_attn.sinks``; gpt-oss)."""
     partial_rotary: bool = False
     """Rotary may cover a fraction of each head (``partial_rotary_factor`` < 1, GLM-4-MoE); any family reads it,
     only these express it on export."""
@@ -94,6 +105,20 @@ class Family:
     renormalised (Mixtral)."""
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     """Router scores: softmax over experts, or per-expert sigmoid (GLM-4-MoE)."""
+    router_module: str = "gate"
+    """The router's module in the MoE block (``mlp.gate.weight``; gpt-oss: ``mlp.router.weight``)."""
+    router_bias: bool = False
+    """The router has a learned bias on its logits (``{router_module}.bias``; gpt-oss), moving choice and weights."""
+    expert_layout: Literal["rows", "gpt_oss"] = "rows"
+    """How routed experts are stored: 'rows', per-expert ``nn.Linear`` weights or transformers 5's fused
+    ``gate_up_proj`` [E, 2I, D] (gate rows then up rows) / ``down_proj`` [E, D, I]; 'gpt_oss', fused only,
+    input-major ``gate_up_proj`` [E, D, 2I] with gate and up interleaved, ``down_proj`` [E, I, D], both with
+    biases, optionally as MXFP4 ``*_blocks`` / ``*_scales`` (``gpt_oss_experts``)."""
+    clamped_swiglu: bool = False
+    """Experts use the clamped SwiGLU with ``swiglu_limit`` and ``swiglu_alpha`` and an up offset of 1 (gpt-oss)."""
+    mxfp4: bool = False
+    """Checkpoints may hold routed experts as MXFP4 (``quantization_config.quant_method: mxfp4``); import
+    dequantizes them tensor by tensor."""
     selection_bias: bool = False
     """The router adds a learned per-expert bias (``gate.e_score_correction_bias``) when choosing, not weighting,
     experts (sparselm's ``moe.bias_balancing``)."""

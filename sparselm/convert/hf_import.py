@@ -19,7 +19,7 @@ from sparselm.convert.experts import PARTS, STACKED
 from sparselm.convert.hf_families import BY_NAME
 from sparselm.convert.hf_family import Family
 from sparselm.convert.hf_import_config import sparselm_config
-from sparselm.convert.hf_names import GLOBAL, expert_name, layer_renames, stacked_name
+from sparselm.convert.hf_names import GLOBAL, GPT_OSS_EXPERTS, expert_name, gpt_oss_expert_names, layer_renames, stacked_name
 from sparselm.convert.hf_safetensors import DTYPES, SafetensorsDir
 from sparselm.convert.mapped import MappedTensors, Piece, Recipe
 from sparselm.convert.store import clear_output, write_model_checkpoint
@@ -57,6 +57,18 @@ def expert_recipe(hf_dir: Path, src: SafetensorsDir, fam: Family, ours: str, exp
     return Recipe("merge", tuple(Piece(expert_name(fam, i, e, p), p, e) for e in range(experts) for p in parts))
 
 
+def gpt_oss_expert_recipe(hf_dir: Path, src: SafetensorsDir, ours: str, theirs: str) -> Recipe:
+    """How our ``ours`` is read from gpt-oss's ``theirs`` (``hf_names.gpt_oss_expert_names``): de-interleaved and
+    transposed from the bf16 tensor, or dequantized from MXFP4 ``{theirs}_blocks`` / ``_scales``."""
+    stem = GPT_OSS_EXPERTS[ours.rsplit(".", 1)[1]]
+    if theirs in src:
+        return Recipe("copy", (Piece(theirs),)) if stem is None else Recipe("transform", (Piece(theirs),), f"{stem}_in")
+    blocks, scales = f"{theirs}_blocks", f"{theirs}_scales"
+    if stem in ("gate_up", "down") and blocks in src and scales in src:
+        return Recipe("transform", (Piece(blocks), Piece(scales)), f"{stem}_mxfp4_in")
+    raise ConversionError(f"'{hf_dir}' is missing tensor {theirs} (or its MXFP4 {blocks} and {scales}) for {ours}")
+
+
 def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: list[str]) -> MappedTensors:
     """The lazy reader of ``hf_dir`` (config.json ``hf``) as a sparselm model whose tensors have ``expected``
     shapes and whose layers are ``kinds``; raises ConversionError naming a missing tensor, a wrong shape, a
@@ -64,14 +76,21 @@ def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: lis
     fam = BY_NAME[hf["model_type"]]
     src = SafetensorsDir(hf_dir)
     for name, code in src.dtype_codes.items():
+        if fam.mxfp4 and code == "U8" and name.endswith(("_blocks", "_scales")):
+            continue  # MXFP4 experts, dequantized when read (gpt_oss_experts)
         if code not in DTYPES:
             raise ConversionError(f"tensor {name} has dtype {code} (quantized weights); supported: bf16, fp16, fp32")
     one_to_one = dict(GLOBAL)
     for i, kind in enumerate(kinds):
         one_to_one.update(layer_renames(fam, i, kind, fused=stacked_name(i, "gate", fused_hf=True) in src))
+    for i, kind in enumerate(kinds):
+        if kind == "moe" and fam.expert_layout == "gpt_oss":
+            one_to_one.update(gpt_oss_expert_names(i))
     recipes, used = {}, set()
     for ours, shape in expected.items():
-        if ours in one_to_one:
+        if fam.expert_layout == "gpt_oss" and ".ffn.experts." in ours and ours in one_to_one:
+            recipe = gpt_oss_expert_recipe(hf_dir, src, ours, one_to_one[ours])
+        elif ours in one_to_one:
             theirs = one_to_one[ours]
             if theirs not in src:
                 raise ConversionError(f"'{hf_dir}' is missing tensor {theirs} (for {ours})")

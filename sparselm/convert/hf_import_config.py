@@ -14,8 +14,10 @@ from sparselm.errors import ConversionError
 
 
 def attention_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
-    """sparselm ``model`` overrides for q/k/v biases, q/k norms, clipping and sliding windows of ``fam``."""
-    out = {}
+    """sparselm ``model`` overrides for q/k/v and o biases, sinks, q/k norms, clipping and sliding windows of ``fam``."""
+    out = {"attention_sinks": fam.attention_sinks}
+    if fam.o_bias_key:
+        out["o_bias"] = bool(hf.get(fam.o_bias_key, fam.qkv_bias))
     if fam.qkv_bias_key:
         out["qkv_bias"] = bool(hf.get(fam.qkv_bias_key, fam.qkv_bias))
     elif fam.qkv_bias:
@@ -75,6 +77,15 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
         width = moe["num_shared_experts"] = int(hf.get(shared.key) or 0)
     if shared and shared.gated:
         moe["shared_expert_gate"] = width > 0
+    if fam.router_bias:
+        moe["router_bias"] = True
+    if fam.expert_layout == "gpt_oss":
+        moe["expert_biases"] = True
+    if fam.clamped_swiglu:  # transformers' GptOssConfig defaults
+        moe.update(swiglu_limit=float(hf.get("swiglu_limit", 7.0)), swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+                   swiglu_up_offset=1.0)
+        if not moe["swiglu_limit"] > 0:
+            problems.append(unsupported("swiglu_limit", hf.get("swiglu_limit"), "a positive limit"))
     if fam.group_routing:
         moe.update(n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
                    routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
@@ -90,10 +101,10 @@ def sparselm_config(hf: dict) -> dict:
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
     if act not in (None, "silu", "swish"):
         problems.append(unsupported("hidden_act", act, "silu (SwiGLU)"))
-    if hf.get("quantization_config"):
-        method = (hf["quantization_config"] or {}).get("quant_method", "?")
-        problems.append(unsupported("quantization_config.quant_method", method, "unquantized fp32/bf16/fp16 weights; "
-                                    "dequantize and save_pretrained them first"))
+    method = (hf.get("quantization_config") or {}).get("quant_method", "?")
+    if hf.get("quantization_config") and not (fam.mxfp4 and method == "mxfp4"):
+        problems.append(unsupported("quantization_config.quant_method", method, "unquantized fp32/bf16/fp16 weights, "
+                                    "or gpt_oss's mxfp4 experts; dequantize and save_pretrained them first"))
     if hf.get("mlp_bias"):
         problems.append(unsupported("mlp_bias", True, "false"))
     model = {"d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],

@@ -19,7 +19,8 @@ ATTENTION = {"input_norm.weight": "input_layernorm.weight", "post_attn_norm.weig
              "attn.v_proj.weight": "self_attn.v_proj.weight", "attn.o_proj.weight": "self_attn.o_proj.weight",
              "attn.q_proj.bias": "self_attn.q_proj.bias", "attn.k_proj.bias": "self_attn.k_proj.bias",
              "attn.v_proj.bias": "self_attn.v_proj.bias", "attn.q_norm.weight": "self_attn.q_norm.weight",
-             "attn.k_norm.weight": "self_attn.k_norm.weight"}
+             "attn.k_norm.weight": "self_attn.k_norm.weight", "attn.o_proj.bias": "self_attn.o_proj.bias",
+             "attn.sinks": "self_attn.sinks"}
 """ours -> theirs in a layer (after ``layers.{i}.`` / ``model.layers.{i}.``): norms and attention."""
 SWIGLU = {"gate_proj.weight": "gate_proj.weight", "up_proj.weight": "up_proj.weight", "down_proj.weight": "down_proj.weight"}
 """ours -> theirs in a dense or shared-expert SwiGLU."""
@@ -49,13 +50,26 @@ def layer_renames(fam: Family, i: int, kind: str, fused: bool) -> dict[str, str]
         out.update({f"layers.{i}.ffn.{a}": f"model.layers.{i}.mlp.{b}" for a, b in SWIGLU.items()})
         return out
     p = moe_prefix(fam, i, fused)
-    out[f"layers.{i}.ffn.router.weight"] = f"{p}.gate.weight"
+    out[f"layers.{i}.ffn.router.weight"] = f"{p}.{fam.router_module}.weight"
+    out[f"layers.{i}.ffn.router.bias"] = f"{p}.{fam.router_module}.bias"
     out[f"layers.{i}.ffn.router.expert_bias"] = f"{p}.gate.e_score_correction_bias"
     if fam.shared_experts:
         module = fam.shared_experts.module
         out.update({f"layers.{i}.ffn.shared_experts.{a}": f"{p}.{module}.{b}" for a, b in SWIGLU.items()})
         out[f"layers.{i}.ffn.shared_expert_gate.weight"] = f"{p}.shared_expert_gate.weight"
     return out
+
+
+GPT_OSS_EXPERTS = {"gate_up_proj": "gate_up", "gate_up_proj_bias": "gate_up_bias", "down_proj": "down",
+                   "down_proj_bias": None}
+"""gpt-oss's expert tensors (the same names on both sides, ``layers.{i}.ffn.experts.X`` /
+``model.layers.{i}.mlp.experts.X``) -> the stem of their ``gpt_oss_experts.TRANSFORMS`` (``{stem}_in`` /
+``{stem}_out``); None: copied as is."""
+
+
+def gpt_oss_expert_names(i: int) -> dict[str, str]:
+    """ours -> theirs for layer ``i``'s routed-expert tensors in the 'gpt_oss' layout."""
+    return {f"layers.{i}.ffn.experts.{n}": f"model.layers.{i}.mlp.experts.{n}" for n in GPT_OSS_EXPERTS}
 
 
 def renames(fam: Family, kinds: list[str], fused: bool) -> dict[str, str]:

@@ -11,6 +11,7 @@ import torch
 
 from sparselm.checkpoint.tensors import CanonicalTensors
 from sparselm.convert.experts import expert_slot, merge_experts, part_shape, stacked_shape
+from sparselm.convert.gpt_oss_experts import TRANSFORMS
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,14 @@ class Piece:
 class Recipe:
     """How one mapped tensor is made from the source."""
 
-    kind: Literal["copy", "merge", "split"]
+    kind: Literal["copy", "merge", "split", "transform"]
     """copy: the one piece as is; merge: a stacked tensor from per-expert pieces (every slot once); split: the
-    one piece's slot (``part`` of ``expert``) out of the stacked source tensor."""
+    one piece's slot (``part`` of ``expert``) out of the stacked source tensor; transform: ``transform`` of the
+    pieces (gpt-oss's expert layouts and MXFP4, ``gpt_oss_experts.TRANSFORMS``)."""
     pieces: tuple[Piece, ...]
     """The source tensors, in the order they are read (the first gives shape and dtype)."""
+    transform: str | None = None
+    """kind 'transform': the name of the conversion in ``gpt_oss_experts.TRANSFORMS``."""
 
     def shape(self, source: CanonicalTensors) -> tuple[int, ...]:
         """The mapped tensor's shape, from the source's headers."""
@@ -41,6 +45,8 @@ class Recipe:
         one = tuple(source.shapes[source.stored(first.source)])
         if self.kind == "copy":
             return one
+        if self.kind == "transform":
+            return tuple(TRANSFORMS[self.transform].shape(*(source.shapes[source.stored(p.source)] for p in self.pieces)))
         if self.kind == "split":
             return part_shape(first.part, one)
         return stacked_shape(first.part, one, 1 + max(p.expert for p in self.pieces))
@@ -57,7 +63,14 @@ class MappedTensors(CanonicalTensors):
         self._stacked: dict[str, torch.Tensor] = {}
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.source.dtype(self.recipes[self.stored(name)].pieces[0].source)
+        recipe = self.recipes[self.stored(name)]
+        if recipe.kind == "transform":
+            try:
+                first = self.source.dtype(recipe.pieces[0].source)
+            except KeyError:  # not a float dtype (MXFP4 blocks)
+                first = None
+            return TRANSFORMS[recipe.transform].dtype(first)
+        return self.source.dtype(recipe.pieces[0].source)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         name = self.stored(name)
@@ -65,6 +78,8 @@ class MappedTensors(CanonicalTensors):
         first = recipe.pieces[0]
         if recipe.kind == "copy":
             return self.source[first.source]
+        if recipe.kind == "transform":
+            return TRANSFORMS[recipe.transform].apply(*(self.source[p.source] for p in recipe.pieces))
         if recipe.kind == "merge":
             return merge_experts(self.shapes[name], self.dtype(name),
                                  ((p.part, p.expert, self.source[p.source]) for p in recipe.pieces))

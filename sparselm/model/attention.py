@@ -2,14 +2,16 @@
 
 Head counts are read from the projection outputs, so tensor parallelism can replace the
 projections by sharded ones (fewer local heads) without this module knowing.  Options of the Hugging
-Face families (model config): a head width other than d_model / n_heads, q/k/v biases, q/k RMSNorm per
-head or over the full width, clamping of q/k/v, partial or scaled rotary, a sliding window.
+Face families (model config): a head width other than d_model / n_heads, q/k/v biases, an output-projection
+bias, q/k RMSNorm per head or over the full width, clamping of q/k/v, partial or scaled rotary, a sliding window,
+learned attention sinks (one logit per query head in every softmax, ``sparselm.model.sinks``).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparselm.model.rotary import Rotary
+from sparselm.model.sinks import causal_with_sinks, masked_with_sinks
 
 
 class QKNorm(nn.Module):
@@ -49,14 +51,23 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, q, bias=mcfg.qkv_bias)
         self.k_proj = nn.Linear(d, kv, bias=mcfg.qkv_bias)
         self.v_proj = nn.Linear(d, kv, bias=mcfg.qkv_bias)
-        self.o_proj = nn.Linear(q, d, bias=False)
+        self.o_proj = nn.Linear(q, d, bias=mcfg.o_bias)
         self.o_proj.is_output_proj = True
+        # gpt-oss: a learned logit per query head that joins every softmax (sparselm.model.sinks)
+        self.sinks = nn.Parameter(torch.empty(mcfg.n_heads)) if mcfg.attention_sinks else None
         self.qk_norm = mcfg.qk_norm
         if mcfg.qk_norm != "none":
             full = mcfg.qk_norm == "full"
             self.q_norm = QKNorm(q if full else self.head_dim, mcfg.norm_eps)
             self.k_norm = QKNorm(kv if full else self.head_dim, mcfg.norm_eps)
         self.rotary = Rotary(mcfg)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The sinks start at 0 (a sink as likely as a key of score 0); the projections and norms are
+        initialised as modules of their own."""
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)
 
     def heads(self, x: torch.Tensor):
         """Project to q, k, v of shape [B, heads, T, head_dim], before rotary (``attend`` applies it)."""
@@ -76,12 +87,16 @@ class Attention(nn.Module):
         """Causal attention core over q, k before rotary; subclasses change the pattern or add memory slots."""
         q, k = self.rotary(q), self.rotary(k)
         gqa = q.shape[1] != k.shape[1]
-        t = q.shape[-2]
+        t, scale = q.shape[-2], q.shape[-1] ** -0.5
         if self.window and self.window < t:
             pos = torch.arange(t, device=q.device)
             lag = pos[:, None] - pos[None, :]
             mask = (lag >= 0) & (lag < self.window)
+            if self.sinks is not None:
+                return masked_with_sinks(q, k, v, self.sinks, scale, gqa, mask)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if self.sinks is not None:
+            return causal_with_sinks(q, k, v, self.sinks, scale, gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+SINK_CHANNELS = 8
+"""The sinks' score width per head is padded to a multiple of this (``sparselm.model.sinks.CHANNEL_MULTIPLE``;
+not imported: no torch here)."""
+
 
 def swiglu_params(d: int, hidden: int) -> int:
     """Weights of a bias-free SwiGLU of width ``d`` and ``hidden`` hidden units: gate, up and down (Shazeer 2020)."""
@@ -37,13 +41,15 @@ def swiglu_matmul_outputs(d: int, hidden: int, tp: int) -> float:
 
 def attention_params(cfg, memory: int) -> dict[str, int]:
     """Parameters of one block's attention: ``attention_proj`` (q/k/v/o weights, the qkv bias when
-    model.qkv_bias, the query/key norm weights of model.qk_norm) and ``attention_memory`` (``memory``
-    persistent key and value slots per key/value head, Sukhbaatar et al. 2019)."""
+    model.qkv_bias, the output bias when model.o_bias, the query/key norm weights of model.qk_norm, one sink
+    per query head when model.attention_sinks) and ``attention_memory`` (``memory`` persistent key and value
+    slots per key/value head, Sukhbaatar et al. 2019)."""
     m = cfg.model
     d, kv = m.n_heads * m.head_width, m.kv_heads * m.head_width
     proj = 2 * m.d_model * d + 2 * m.d_model * kv
     norm = {"per_head": 2 * m.head_width, "full": d + kv}.get(m.qk_norm, 0)
-    return {"attention_proj": proj + ((d + 2 * kv) if m.qkv_bias else 0) + norm,
+    extra = ((d + 2 * kv) if m.qkv_bias else 0) + (m.d_model if m.o_bias else 0) + (m.n_heads if m.attention_sinks else 0)
+    return {"attention_proj": proj + extra + norm,
             "attention_memory": 2 * m.kv_heads * memory * m.head_width}
 
 
@@ -53,7 +59,9 @@ def attention_flops(cfg, memory: int, keys: float, seq_len: int, mode: str = "pa
     model FLOPs, ``keys`` context keys visible to a query on average plus the ``memory`` slots;
     ``'executed_dense'``: the masked dense SDPA of the CPU reference path (every query against all
     ``seq_len`` keys and the memory, memory queries doubling the score width: sparse_attention.kernels.
-    append_memory), ``keys`` unused.  Raises ValueError for another mode."""
+    append_memory; learned sinks add one key, on causal SDPA one padding query too, and widen each head's
+    queries, keys and values to the next multiple of ``sinks.CHANNEL_MULTIPLE`` channels), ``keys`` unused.  The sinks' one logit per head and the biases'
+    additions are not matmul FLOPs and are not counted.  Raises ValueError for another mode."""
     m = cfg.model
     dm, d, kv = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
     proj = 2 * dm * d + 2 * dm * kv
@@ -63,6 +71,11 @@ def attention_flops(cfg, memory: int, keys: float, seq_len: int, mode: str = "pa
         total = seq_len + memory
         sparse_path = memory > 0 or cfg.attention.pattern != "causal"
         core = (2 * d * (2 if memory else 1) + 2 * d) * total if sparse_path else 4 * d * seq_len
+        if m.attention_sinks:  # one more key, each head's scores widened to a multiple of SINK_CHANNELS
+            per_head = m.head_width * (2 if memory else 1)
+            width = m.n_heads * (per_head + -(per_head + 1) % SINK_CHANNELS + 1)
+            # causal SDPA: the sink key in front and one padding query row, (T + 1)^2 scores for T tokens
+            core = 4 * width * ((total + 1) if sparse_path else (seq_len + 1) ** 2 / seq_len)  # values padded alike
     else:
         raise ValueError(f"attention must be 'pattern' or 'executed_dense', got {mode!r}")
     return {"attention_proj": 2 * proj, "attention_core": core}

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from sparselm.parallel.pieces import Shard, assemble
 
-_EXPERT_CHUNK = re.compile(r"\.chunks\.\d+\.(gate_up_proj|down_proj)$")
+_EXPERT_CHUNK = re.compile(r"\.chunks\.\d+\.(gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias)$")
 
 
 def unchunked(name: str) -> str:

@@ -337,10 +337,10 @@ class RowSplitExperts(GroupedExperts):
 
     tp_group = None
 
-    def wrap_weights(self, gate_up, down):
+    def wrap_weights(self, *weights):
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-        return tuple(copy_to_tensor_model_parallel_region(w, self.tp_group) for w in (gate_up, down))
+        return tuple(None if w is None else copy_to_tensor_model_parallel_region(w, self.tp_group) for w in weights)
 
 
 def deduplicate_over_tp(model: nn.Module, tp_group) -> nn.Module:
@@ -363,9 +363,19 @@ class TensorParallelExperts(GroupedExperts):
     (activations are replicated over TP), computes its slice of the hidden units, and the partial outputs
     are summed over the group, as a column- then row-parallel MLP (Megatron's expert tensor parallelism).
     The rows enter through copy-to-TP-region (backward all-reduce: each rank's input gradient covers its
-    hidden slice only); weight gradients are complete for each rank's slice."""
+    hidden slice only); weight gradients are complete for each rank's slice.  Biases: ``gate_up_proj_bias``
+    is cut with the gate/up rows; ``down_proj_bias`` is whole on every rank and added by TP rank 0 only (so
+    the sum over the group adds it once), entering through copy-to-TP-region so every rank gets its gradient."""
 
     tp_group = None
+
+    def wrap_weights(self, gate_up, down, gate_up_bias=None, down_bias=None):
+        if down_bias is not None:
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            first = group_rank_size(self.tp_group)[0] == 0
+            down_bias = copy_to_tensor_model_parallel_region(down_bias, self.tp_group) * (1.0 if first else 0.0)
+        return gate_up, down, gate_up_bias, down_bias
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel.mappings import (
@@ -389,6 +399,8 @@ def apply_expert_tensor_parallel(model: nn.Module, tp_group) -> nn.Module:
         if not is_sharded_over(experts.gate_up_proj, "tp"):
             shard_(experts.gate_up_proj, Shard(1, "tp", blocks=2), groups)  # [gate_r | up_r]
             shard_(experts.down_proj, Shard(2, "tp"), groups)
+            if experts.gate_up_proj_bias is not None:
+                shard_(experts.gate_up_proj_bias, Shard(1, "tp", blocks=2), groups)
         experts.__class__ = TensorParallelExperts
         experts.tp_group = tp_group
     return model

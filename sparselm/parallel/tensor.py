@@ -10,8 +10,8 @@ Rules.  ``register_tp_rule(ModuleClass)(fn)`` registers ``fn(module, topo) -> re
 ``apply_tp`` walks the model top-down; for each child it uses the rule of the most specific class in the
 child's MRO.  A rule returns the module to put in place (a new one, or the same one changed in place) and
 the walk does not enter it; ``None`` leaves it and the walk visits its children.  Built-in rules:
-- ``Attention`` -> ``tp_attention``: q/k/v column-parallel, o row-parallel; query and key/value heads are
-  split in contiguous blocks (rank r holds query heads [r*H/tp, (r+1)*H/tp) and the kv heads they use,
+- ``Attention`` -> ``tp_attention``: q/k/v column-parallel, o row-parallel (its bias replicated), the sinks
+  (one per query head) split with the heads; query and key/value heads are split in contiguous blocks (rank r holds query heads [r*H/tp, (r+1)*H/tp) and the kv heads they use,
   so grouped-query attention keeps its grouping).  Subclasses with extra per-head parameters register
   their own rule, call ``tp_attention(module, topo)`` and cut their parameters with
   ``shard_(p, Shard(head_dim_of_p, "tp"), tp_groups(topo))`` (e.g. persistent memory [kv_heads, N, d] ->
@@ -181,6 +181,8 @@ def tp_attention(attn, topo):
     attn.k_proj = column_parallel(attn.k_proj, topo)
     attn.v_proj = column_parallel(attn.v_proj, topo)
     attn.o_proj = row_parallel(attn.o_proj, topo)
+    if getattr(attn, "sinks", None) is not None:  # one logit per query head: split with the heads
+        shard_(attn.sinks, Shard(0, "tp"), tp_groups(topo))
     if getattr(attn, "qk_norm", "none") == "full":  # channels split with the heads; mean of squares summed
         for norm in (attn.q_norm, attn.k_norm):
             shard_(norm.weight, Shard(0, "tp"), tp_groups(topo))

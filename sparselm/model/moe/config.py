@@ -22,6 +22,18 @@ class MoEConfig:
     """Experts that see every token (DeepSeek-MoE); their output is added to the routed experts' output."""
     shared_expert_gate: bool = False
     """Scale the shared experts' output by sigmoid(x . w), w a learned [1, d_model] vector (Qwen2-MoE)."""
+    router_bias: bool = False
+    """A learned per-expert bias on the router logits, used both to choose the experts and in their weights
+    (gpt-oss); unlike bias_balancing's selection-only bias it is trained by the optimizer."""
+    expert_biases: bool = False
+    """Biases on every routed expert's gate/up and down projections (gpt-oss), in every expert path and layout."""
+    swiglu_limit: float = 0.0
+    """Routed experts' clamped SwiGLU (gpt-oss: 7): gate clamped above at the limit, up to [-limit, limit], before
+    (up + swiglu_up_offset) * gate * sigmoid(swiglu_alpha * gate); 0: no clamp."""
+    swiglu_alpha: float = 1.0
+    """Gain in the experts' gate sigmoid: gate * sigmoid(alpha * gate) (1: silu; gpt-oss: 1.702)."""
+    swiglu_up_offset: float = 0.0
+    """Added to the experts' (clamped) up projection before the product (gpt-oss: 1)."""
     routed_scaling_factor: float = 1.0
     """Factor on the routed experts' gate weights, after renormalisation (DeepSeek-V3, GLM-4-MoE: 2.5 / 1.8)."""
     n_group: int = 1
@@ -102,5 +114,7 @@ def validate_moe(cfg) -> None:
         require(m.capacity_factor > 0,
                  f"moe.capacity_factor={m.capacity_factor} must be > 0 with moe.drop_tokens=true "
                  f"(or set moe.drop_tokens=false for dropless routing)")
+    require(m.swiglu_limit >= 0 and m.swiglu_alpha > 0, f"moe.swiglu_limit must be >= 0 (0: no clamp) and "
+            f"moe.swiglu_alpha > 0, got {m.swiglu_limit} and {m.swiglu_alpha}")
     for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
         require(getattr(m, name) >= 0, f"moe.{name} must be >= 0, got {getattr(m, name)}")

@@ -11,15 +11,18 @@ class MoECost(BlockCost):
     shared experts (with their gate), moe.num_experts routed experts of which moe.top_k run per token."""
 
     def slot_params(self, cfg, layer_idx: int) -> tuple[int, int]:
-        """(total, active per token): router + shared + every routed expert, or + top_k of them."""
+        """(total, active per token): router + shared + every routed expert (with its biases under
+        moe.expert_biases), or + top_k of them."""
         e, d, hidden = cfg.moe, cfg.model.d_model, resolved_expert_hidden(cfg)
-        router, shared, expert = self._router(cfg), self._shared(cfg), swiglu_params(d, hidden)
+        router, shared = self._router(cfg), self._shared(cfg)
+        expert = swiglu_params(d, hidden) + ((2 * hidden + d) if e.expert_biases else 0)
         return router + shared + e.num_experts * expert, router + shared + e.top_k * expert
 
     def slot_flops(self, cfg, layer_idx: int) -> dict[str, float]:
         """Forward FLOPs per token: moe_router, moe_shared, moe_experts (top_k experts)."""
         expert = swiglu_params(cfg.model.d_model, resolved_expert_hidden(cfg))
-        return {"moe_router": 2 * self._router(cfg), "moe_shared": 2 * self._shared(cfg),
+        router = self._router(cfg) - (cfg.moe.num_experts if cfg.moe.router_bias else 0)  # its bias adds: not matmul FLOPs
+        return {"moe_router": 2 * router, "moe_shared": 2 * self._shared(cfg),
                 "moe_experts": 2 * cfg.moe.top_k * expert}
 
     def slot_activations(self, cfg, tp: int, act_bytes: int) -> float:
@@ -51,7 +54,7 @@ class MoECost(BlockCost):
     @staticmethod
     def _router(cfg) -> int:
         e = cfg.moe
-        return e.num_experts * cfg.model.d_model * (2 if e.noisy_gating else 1)
+        return e.num_experts * cfg.model.d_model * (2 if e.noisy_gating else 1) + (e.num_experts if e.router_bias else 0)
 
     @staticmethod
     def _shared(cfg) -> int:

@@ -84,7 +84,8 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Linear router (no bias), optional noise projection, optional selection bias buffer.
+    """Linear router (with ``bias``: a learned per-expert bias on the logits, so it moves both the choice and
+    the weights, as gpt-oss's router), optional noise projection, optional selection bias buffer.
 
     Noisy gating (Shazeer 2017) draws its noise from ``keyed_normal`` keyed by (``seed``, optimizer step,
     global token position), so it does not depend on the layout.  The trainer calls ``start_step(step,
@@ -94,13 +95,14 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, score_func: str = "softmax",
                  renormalize: bool = True, noisy: bool = False, bias_balancing: bool = False, init_std: float = 0.02,
-                 seed: int = 0, n_group: int = 1, topk_group: int = 1, scale: float = 1.0):
+                 seed: int = 0, n_group: int = 1, topk_group: int = 1, scale: float = 1.0, bias: bool = False):
         super().__init__()
         self.n_group, self.topk_group, self.scale = n_group, topk_group, scale
         self.seed, self.noise_step, self.next_position = seed, 0, 0
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.renormalize, self.init_std = score_func, renormalize, init_std
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
         self.noise_weight = nn.Parameter(torch.empty(num_experts, d_model)) if noisy else None
         # Selection bias (float32, never cast): part of the model state, updated outside the optimizer.
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32) if bias_balancing else None)
@@ -108,6 +110,8 @@ class Router(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, self.init_std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)  # Shazeer 2017: the noise scale starts at softplus(0)
         if self.expert_bias is not None:
@@ -128,7 +132,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] tokens -> fp32 logits [N, E] (with gating noise in training when noisy)."""
         x32 = x.float()
-        logits = F.linear(x32, self.weight.float())
+        logits = F.linear(x32, self.weight.float(), None if self.bias is None else self.bias.float())
         if self.noise_weight is not None and self.training:
             noise_std = F.softplus(F.linear(x32, self.noise_weight.float()))
             positions = torch.arange(self.next_position, self.next_position + x.shape[0], device=x.device)

@@ -11,28 +11,46 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from sparselm.model.sinks import causal_with_sinks, rescale_by_lse, with_sink_key
 from sparselm.model.sparse_attention.patterns import PatternSpec, dense_mask, full_mask_mod, materialize
 
 FLEX_BLOCK = 128  # FlexAttention's tile; also the query block of the block-sparse CPU path
 
 
-def sparse_attention(q, k, v, spec: PatternSpec, memory=None, backend: str = "auto", memory_query=None) -> torch.Tensor:
+def sparse_attention(q, k, v, spec: PatternSpec, memory=None, backend: str = "auto", memory_query=None,
+                     sinks=None) -> torch.Tensor:
     """Attention of q over k, v (and the memory slots ``(mk, mv)``, each [Hkv, N, D]) under `spec`.
 
     `memory_query` ([B, H, T, D], default q) is what the memory keys are scored against: the query
     before rotary, so that a memory lookup does not depend on the query's position (the paper's
-    position-free persistent vectors).  The memory still shares the context's softmax.
+    position-free persistent vectors).  The memory still shares the context's softmax.  `sinks` ([H] or
+    None): a learned logit per query head in every softmax (``sparselm.model.sinks``): on the flex path the
+    output is rescaled by the log-sum-exp, elsewhere the sink is one more always-visible key after the memory.
     """
     t, scale = q.shape[-2], q.shape[-1] ** -0.5
     if memory is not None and memory[0].shape[-2] > 0:
         q, k, v = append_memory(q, k, v, memory, memory_query)
     gqa = q.shape[1] != k.shape[1]
     if spec.name == "causal" and k.shape[-2] == t:
+        if sinks is not None:
+            return causal_with_sinks(q, k, v, sinks, scale, gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
     if backend == "auto":
         backend = "flex" if q.is_cuda else "reference"
+    if sinks is not None and backend == "flex":
+        out, lse = flex_attention(q, k, v, spec, gqa, scale, return_lse=True)
+        return rescale_by_lse(out, lse, sinks)
+    if sinks is not None:  # key S: past the context, so the patterns' memory rule shows it to every query
+        d = v.shape[-1]
+        return masked_attention(*with_sink_key(q, k, v, sinks, scale), spec, backend, gqa, scale)[..., :d]
+    return masked_attention(q, k, v, spec, backend, gqa, scale)
+
+
+def masked_attention(q, k, v, spec: PatternSpec, backend: str, gqa: bool, scale: float) -> torch.Tensor:
+    """q over k, v under ``spec`` (keys past q's length: memory, visible to all) on ``backend``: reference,
+    block_sparse or flex."""
     if backend == "reference":
-        mask = dense_mask(spec, t, k.shape[-2], q.device)
+        mask = dense_mask(spec, q.shape[-2], k.shape[-2], q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
     if backend == "block_sparse":
         return block_sparse_attention(q, k, v, spec, gqa, scale)
@@ -71,13 +89,14 @@ def block_mask(spec: PatternSpec, q_len: int, kv_len: int, device: torch.device)
     return create_block_mask(mod, None, None, q_len, kv_len, device=device, BLOCK_SIZE=FLEX_BLOCK)
 
 
-def flex_attention(q, k, v, spec: PatternSpec, gqa: bool, scale: float) -> torch.Tensor:
-    """Compiled on CUDA; eager elsewhere (torch 2.13 runs eager FlexAttention on CPU forward-only)."""
+def flex_attention(q, k, v, spec: PatternSpec, gqa: bool, scale: float, return_lse: bool = False):
+    """Compiled on CUDA; eager elsewhere (torch 2.13 runs eager FlexAttention on CPU forward-only).
+    ``return_lse``: (output, log-sum-exp [B, H, T] of each query's scores, natural log)."""
     from torch.nn.attention.flex_attention import flex_attention as eager
 
     fn = _compiled_flex() if q.is_cuda else eager
     bm = block_mask(spec, q.shape[-2], k.shape[-2], q.device)
-    return fn(q, k, v, block_mask=bm, enable_gqa=gqa, scale=scale)
+    return fn(q, k, v, block_mask=bm, enable_gqa=gqa, scale=scale, return_lse=return_lse)
 
 
 @lru_cache(maxsize=8)

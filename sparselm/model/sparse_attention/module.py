@@ -38,7 +38,8 @@ class SparseAttention(Attention):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Only the memory: the model initialises the projections before calling this."""
+        """The memory and the sinks: the model initialises the projections before calling this."""
+        super().reset_parameters()
         if self.memory_k is not None:
             nn.init.normal_(self.memory_k, 0.0, self.head_dim**-0.5)
             nn.init.normal_(self.memory_v, 0.0, self.memory_slots**-0.5)
@@ -53,7 +54,8 @@ class SparseAttention(Attention):
         """Context keys are scored against the rotated query, memory keys against the query before
         rotary: with rotary on the query alone a memory lookup would turn with the query's position."""
         memory = self.memory()
-        return sparse_attention(self.rotary(q), self.rotary(k), v, self.spec, memory, self.backend, memory_query=None if memory is None else q)
+        return sparse_attention(self.rotary(q), self.rotary(k), v, self.spec, memory, self.backend,
+                                memory_query=None if memory is None else q, sinks=self.sinks)
 
     def extra_repr(self) -> str:
         return f"pattern={self.spec.name}, memory_slots={self.memory_slots}, backend={self.backend}"

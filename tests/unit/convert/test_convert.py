@@ -193,7 +193,7 @@ def _edit_config(hf_dir, drop=(), **values):
     ({"attention_bias": True}, "attention_bias=True"),  # Llama's also biases o_proj
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"model_type": "deepseek_v3"}, "model_type='deepseek_v3' is not supported (multi-head latent attention (MLA))"),
-    ({"model_type": "gpt_oss"}, "model_type='gpt_oss' is not supported (attention sinks"),
+    ({"quantization_config": {"quant_method": "mxfp4"}}, "quantization_config.quant_method='mxfp4' (supported: unquantized"),
     ({"model_type": "phi3"}, "model_type='phi3' is not supported; import-hf reads llama, mistral"),
 ])
 def test_import_refuses_settings_it_cannot_compute_naming_field_and_value(tmp_path, edit, named):

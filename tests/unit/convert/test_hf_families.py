@@ -3,7 +3,9 @@
 Every family is a tiny random model built offline with transformers' classes, its distinctive options on
 (Qwen2-MoE's shared-expert gate and q/k/v biases, Qwen3's head_dim != d_model / heads, OLMoE's full-width q/k
 norm and clip_qkv, Llama 3 rope scaling, GLM-4-MoE's group-limited sigmoid routing, partial rotary and
-dense first layer, Mistral / Qwen2 sliding windows shorter than the sequence).  Tolerances: logits within
+dense first layer, Mistral / Qwen2 sliding windows shorter than the sequence, gpt-oss's sinks, q/k/v/o biases,
+alternating windows, yarn without truncation, biased router and experts, interleaved gate/up and a clamped
+SwiGLU whose limit the tiny weights reach, and its MXFP4 experts).  Tolerances: logits within
 1e-5 in fp32 (both sides compute the same operations; only summation order differs).
 """
 import functools
@@ -55,11 +57,17 @@ def family_config(family: str):
         return T.Glm4MoeConfig(**COMMON, **MOE, n_routed_experts=8, n_group=2, topk_group=1, first_k_dense_replace=1,
                                n_shared_experts=1, use_qk_norm=True, attention_bias=True, routed_scaling_factor=1.8,
                                norm_topk_prob=True)
+    if family == "gpt_oss":
+        return T.GptOssConfig(**{**COMMON, "intermediate_size": 32}, head_dim=24, num_local_experts=4,
+                              num_experts_per_tok=2, sliding_window=8, swiglu_limit=0.3, swiglu_alpha=1.702,
+                              rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                               "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                               "original_max_position_embeddings": 32})
     raise ValueError(family)
 
 
 FAMILIES = ["llama", "llama_yarn", "llama_linear", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",
-            "olmoe", "glm4_moe"]
+            "olmoe", "glm4_moe", "gpt_oss"]
 
 
 def tiny_hf_model(family: str, seed: int = 0):
@@ -71,7 +79,7 @@ def tiny_hf_model(family: str, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias") or "router" in name or name.endswith("gate.weight"):
+            elif name.endswith(("bias", "sinks")) or "router" in name or name.endswith("gate.weight"):
                 p.normal_(0, 0.3)
             elif p.dim() >= 2:
                 p.normal_(0, 0.08)
@@ -129,6 +137,10 @@ CARRIED = {  # the distinctive options each family's import must carry (checked 
     "olmoe": {"model.qk_norm": "full", "model.clip_qkv": 0.6},
     "glm4_moe": {"model.pattern": ["dense", "moe"], "moe.n_group": 2, "moe.topk_group": 1, "moe.score_func": "sigmoid",
                  "moe.routed_scaling_factor": 1.8, "model.rotary_fraction": 0.5, "moe.bias_balancing": True},
+    "gpt_oss": {"model.attention_sinks": True, "model.qkv_bias": True, "model.o_bias": True, "moe.router_bias": True,
+                "model.attention_layers": ["sliding", "full"], "model.sliding_window": 8, "moe.expert_biases": True,
+                "moe.swiglu_limit": 0.3, "moe.swiglu_alpha": 1.702, "moe.swiglu_up_offset": 1.0,
+                "model.rope.truncate": False, "model.rope.scaling": "yarn", "moe.renormalize": True},
 }
 
 
@@ -173,6 +185,8 @@ def test_export_loads_in_transformers_with_the_same_logits_and_generation(tmp_pa
     if family in MOE_FAMILIES:
         per_expert = any(".experts.0." in k for k in keys)
         assert per_expert != fused and any(k.endswith("experts.gate_up_proj") for k in keys) == fused
+    if family == "gpt_oss":  # one layout, as transformers writes it: fused, with biases
+        assert {"model.layers.0.mlp.experts.gate_up_proj_bias", "model.layers.1.self_attn.sinks"} <= keys
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True,
                                                                  output_loading_info=True)
     hf.eval()
@@ -212,6 +226,52 @@ def _add_tensors(hf_dir, tensors: dict):
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     index["weight_map"].update(dict.fromkeys(tensors, "extra.safetensors"))
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _drop_tensors(hf_dir, names: set):
+    """Remove ``names`` from a sharded save_pretrained directory (shards and index)."""
+    from safetensors.torch import load_file, save_file
+
+    index_file = hf_dir / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    for shard in {index["weight_map"][n] for n in names}:
+        kept = {k: v for k, v in load_file(str(hf_dir / shard)).items() if k not in names}
+        save_file(kept, str(hf_dir / shard), metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in names}
+    index_file.write_text(json.dumps(index))
+
+
+def test_import_dequantizes_mxfp4_experts_as_transformers_does(tmp_path):
+    """gpt-oss with its routed experts stored as MXFP4 blocks and scales (quantization_config mxfp4), the
+    transformers model holding transformers' own dequantization of them: logits within 1e-5, experts stored bf16."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from sparselm import load_model
+
+    hf = tiny_hf_model("gpt_oss")
+    g, packed = torch.Generator().manual_seed(6), {}
+    with torch.no_grad():
+        for i, layer in enumerate(hf.model.layers):
+            for proj in ("gate_up_proj", "down_proj"):
+                w = getattr(layer.mlp.experts, proj)  # [E, in, out]
+                e, d_in, d_out = w.shape
+                blocks = torch.randint(0, 256, (e, d_out, d_in // 32, 16), generator=g, dtype=torch.uint8)
+                scales = torch.randint(118, 124, (e, d_out, d_in // 32), generator=g, dtype=torch.uint8)
+                w.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16).float())
+                packed.update({f"model.layers.{i}.mlp.experts.{proj}_blocks": blocks,
+                               f"model.layers.{i}.mlp.experts.{proj}_scales": scales})
+    hf_dir = save(hf, tmp_path / "hf")
+    _drop_tensors(hf_dir, {k.rsplit("_", 1)[0] for k in packed})
+    _add_tensors(hf_dir, packed)
+    _edit(hf_dir, quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn", "router"]})
+    convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
+    info = convert(["inspect", "--input", str(tmp_path / "ours"), "--json"])
+    assert info["tensors"]["layers.1.ffn.experts.gate_up_proj"]["dtype"] == "bfloat16"
+    ours, _ = load_model(tmp_path / "ours")
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    diff = max_diff(hf, ours, ids)
+    print(f"gpt_oss mxfp4: import max|diff| {diff:.2e}")
+    assert diff < 1e-5, diff
 
 
 def _break_missing_shard(hf_dir):
@@ -284,14 +344,16 @@ def _train_imported(rank, world, ckpt, out):
     return rank
 
 
-def test_round_trip_import_train_tp2_ep2_export(tmp_path):
+@pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss"])
+def test_round_trip_import_train_tp2_ep2_export(tmp_path, family):
     """GLM-4-MoE (group-limited sigmoid routing with its selection bias, shared experts, per-head q/k norm,
-    partial rotary, a dense first layer) imported, trained 2 steps under tp2 x ep2, exported: transformers'
-    logits equal those of sparselm's consolidated trained model within 1e-5."""
+    partial rotary, a dense first layer) and gpt-oss (sinks split with the heads, biases, experts cut by width
+    with their biases, the clamp) imported, trained 2 steps under tp2 x ep2, exported: transformers' logits
+    equal those of sparselm's consolidated trained model within 1e-5."""
     from sparselm import load_model
     from support.distributed import run_distributed
 
-    save(tiny_hf_model("glm4_moe"), tmp_path / "hf")
+    save(tiny_hf_model(family), tmp_path / "hf")
     convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
     run_distributed(_train_imported, 4, tmp_path / "ours", str(tmp_path / "run"))
     trained, _ = load_model(tmp_path / "run")
@@ -302,7 +364,7 @@ def test_round_trip_import_train_tp2_ep2_export(tmp_path):
     with torch.no_grad():
         assert (imported(ids) - trained(ids)).abs().max().item() > 1e-3  # the steps changed the model
     diff = max_diff(hf, trained, ids)
-    print(f"round trip (glm4_moe, tp2 x ep2): export max|diff| {diff:.2e}")
+    print(f"round trip ({family}, tp2 x ep2): export max|diff| {diff:.2e}")
     assert diff < 1e-5, diff
 
 
@@ -404,7 +466,7 @@ def record_keys(fam) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe",
-                                  "glm4_moe"])
+                                  "glm4_moe", "gpt_oss"])
 def test_each_family_record_round_trips_its_config(name):
     """transformers' config of the family -> import's mapping -> export's writer: the family is chosen again,
     every key its record names comes back with transformers' value, and importing the written config gives

@@ -27,6 +27,11 @@ VARIANTS = {
     "moe_noisy_gqa_allattn": ("tiny_moe", ["--moe.noisy_gating=true", "--moe.num_shared_experts=0",
                                            "--model.n_kv_heads=2", "--model.pattern=moe,allattn",
                                            "--attention.persistent_slots=24"]),
+    # gpt-oss's pieces: sinks on causal SDPA and beside memory, q/k/v/o biases, router and expert biases
+    "moe_gpt_oss_sinks": ("tiny_moe", ["--model.attention_sinks=true", "--model.o_bias=true", "--model.qkv_bias=true",
+                                       "--moe.router_bias=true", "--moe.expert_biases=true", "--moe.swiglu_limit=7",
+                                       "--model.n_kv_heads=2", "--model.pattern=moe,allattn",
+                                       "--attention.persistent_slots=24"]),
 }
 CASES = [(name, []) for name in PRESETS] + list(VARIANTS.values())
 IDS = PRESETS + list(VARIANTS)
