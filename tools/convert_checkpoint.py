@@ -20,6 +20,7 @@ import torch
 
 from sparselm.checkpoint.checkpointing import (open_model_tensors, open_optimizer_tensors, read_config, read_meta,
                                               resolve_checkpoint)
+from sparselm.checkpoint.integrity import Checksums
 from sparselm.convert import hf_export, hf_import
 from sparselm.convert.store import write_model_checkpoint
 from sparselm.convert.upcycle import upcycle as upcycle_tensors
@@ -52,6 +53,7 @@ def _tokenizer_file(ckpt: Path, cfg) -> dict:
     """The tokenizer file a converted checkpoint carries along (none for the byte tokenizer)."""
     own = ckpt / "tokenizer.json"
     if own.is_file():
+        Checksums(ckpt, read_meta(ckpt)).verify("tokenizer.json")  # copied as read: verified first
         return {"tokenizer.json": own}
     tok = cfg.data.tokenizer
     return {"tokenizer.json": Path(tok)} if tok != "byte" and Path(tok).is_file() else {}
