@@ -40,7 +40,9 @@ from sparselm.checkpoint.integrity import (
     checkpoint_problems,
     copy_file,
     earlier_checkpoints,
+    earlier_line,
     manifest,
+    newest_verifying,
     seal,
     unseal,
     write_bytes,
@@ -479,10 +481,22 @@ def open_optimizer_tensors(ckpt: Path, meta: dict, verify: bool = True):
     return moments if len(moments) else None
 
 
+def verify_checkpoint(ckpt: Path) -> None:
+    """Every file of ``ckpt`` against the size and checksum meta.json recorded (hashed here, once per process);
+    raises CheckpointError with the first problem, how many more, and the newest earlier checkpoint that verifies."""
+    problems = checkpoint_problems(ckpt)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointError(f"{problems[0]}{more}{earlier_line(newest_verifying(ckpt))}")
+
+
 def load_model(path):
-    """(model, config) on CPU in fp32 from a checkpoint or run directory."""
+    """(model, config) on CPU in fp32 from a checkpoint or run directory.  The whole checkpoint is verified first
+    (``verify_checkpoint``: the optimizer and RNG files too, though only the model is read), so a damaged file is
+    named here rather than found by a later resume."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    verify_checkpoint(ckpt)
     cfg = read_config(ckpt)
 
     model = build_model(cfg, device="meta")  # filled from the files tensor by tensor: no random init

@@ -255,27 +255,37 @@ class Checksums:
         return data
 
 
+def read_manifest(ckpt: Path) -> dict:
+    """meta.json of ``ckpt`` with its own checksum verified (nothing else); raises CheckpointError."""
+    try:
+        return _unseal(ckpt / "meta.json", (ckpt / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"'{ckpt / 'meta.json'}' is unreadable ({err})") from None
+
+
+def file_problem(ckpt: Path, rel: str, size: int | None, expected: str | None) -> str | None:
+    """Why file ``rel`` of ``ckpt`` does not verify (missing, another size than ``size``, or an xxh3-64 other than
+    ``expected``), or None.  A top-level function of plain arguments, so process pools can run it."""
+    path = Path(ckpt) / rel
+    if not path.is_file():
+        return f"checkpoint file '{path}' is missing"
+    if size is not None and path.stat().st_size != size:
+        return f"checkpoint file '{path}' has {path.stat().st_size} bytes, {size} when written"
+    if expected is None:
+        return None
+    return Checksums(Path(ckpt), {"checksums": {"algorithm": ALGORITHM, "files": {rel: expected}}}).problem(rel)
+
+
 def checkpoint_problems(ckpt: Path, files: list[str] | None = None) -> list[str]:
     """Every reason checkpoint ``ckpt`` does not verify (one line each): meta.json, then each listed file (default:
     all) missing, of another size than written, or failing its checksum.  Empty when it verifies."""
     try:
-        meta = _unseal(ckpt / "meta.json", (ckpt / "meta.json").read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        return [f"'{ckpt / 'meta.json'}' is unreadable ({err})"]
+        meta = read_manifest(ckpt)
     except CheckpointError as err:
         return [str(err)]
-    sums = Checksums(ckpt, meta, notice=False)
-    out = []
-    for rel in (files if files is not None else sorted(meta.get("files", {}))):
-        size = meta.get("files", {}).get(rel)
-        path = ckpt / rel
-        if not path.is_file():
-            out.append(f"checkpoint file '{path}' is missing")
-        elif size is not None and path.stat().st_size != size:
-            out.append(f"checkpoint file '{path}' has {path.stat().st_size} bytes, {size} when written")
-        elif (text := sums.problem(rel)) is not None:
-            out.append(text)
-    return out
+    sizes, sums = meta.get("files", {}), Checksums(ckpt, meta, notice=False)
+    return [p for rel in (files if files is not None else sorted(sizes))
+            if (p := file_problem(ckpt, rel, sizes.get(rel), sums.files.get(rel))) is not None]
 
 
 def step_of(path: Path) -> int | None:

@@ -83,10 +83,10 @@ class Trainer:
     def _construct(self) -> None:
         # from here on, SIGTERM/SIGUSR1/SIGINT stop the run after its next step, with a checkpoint
         cfg = self.cfg
+        self.resume_from = self._verified_resume()
         self.guard = StopGuard(cfg.train.save_every_minutes, cfg.train.max_minutes, stop_file=cfg.train.stop_file,
                                say=print if self.is_rank0 else (lambda line: None))
         self.nonfinite = NonFiniteGuard(cfg.train.max_skipped_steps, fp16=self.ds_config.get("fp16", {}).get("enabled", False))
-        self.resume_from = self._verified_resume()
         self._open_data()
         restored = self._read_resume_checkpoint()
         self._build_module(restored)
@@ -209,6 +209,8 @@ class Trainer:
             hint = ("; or set --train.resume_fallback=true to resume from it"
                     if t.resume == "latest" and good is not None else "")
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            self.topo.teardown()  # as close() does: a caller may start another run in this process
+            forget_solo_world()
             raise CheckpointError(f"not resuming from damaged {path}: {problems[0]}{more}{earlier_line(good)}{hint}")
         if self.is_rank0:
             print(f"sparselm: checkpoint {path} is damaged ({problems[0]}"
