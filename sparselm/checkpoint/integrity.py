@@ -15,8 +15,11 @@ verifies.  Checkpoints written before checksums (no ``checksums`` in meta.json) 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,9 +32,17 @@ from sparselm.errors import CheckpointError
 ALGORITHM = "xxh3_64"
 SEAL_KEY = "meta_xxh3_64"
 _CHUNK = 8 << 20
+_OVERLAP = 1 << 20  # writes at least this large are hashed on a second thread while the first writes them
 _SEAL = re.compile(r',\n "' + SEAL_KEY + r'": "([0-9a-f]*)"\n}\s*$')
+HASH_THREADS = min(8, len(os.sched_getaffinity(0)))
+"""Threads that hash a checkpoint's files on one rank (``checkpoint_problems``)."""
 _verified: set[tuple] = set()  # (path, size, mtime_ns, digest) this process hashed and found as written
 _noticed: set[str] = set()
+
+
+def forget_verified() -> None:
+    """Forget which files this process already verified, so the next read hashes them again (benchmarks)."""
+    _verified.clear()
 
 
 def digest(data) -> str:
@@ -52,13 +63,22 @@ class HashingStream:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self._hash.update(view)
         if self._head is not None:
             self._hash_header(view)
         self.size += len(view)
-        return self.raw.write(data)
+        if len(view) < _OVERLAP:
+            self._hash.update(view)
+            return self.raw.write(data)
+        # xxhash and the file write both release the GIL: the hash costs no time beside a write of this size
+        hashing = threading.Thread(target=self._hash.update, args=(view,), name="sparselm-hash")
+        hashing.start()
+        try:
+            return self.raw.write(data)
+        finally:
+            hashing.join()
 
     def _hash_header(self, view: memoryview) -> None:
+        """Called before ``size`` counts ``view``."""
         if self._head_end is None:
             self._prefix += bytes(view[:8 - len(self._prefix)])
             if len(self._prefix) == 8:
@@ -284,8 +304,11 @@ def checkpoint_problems(ckpt: Path, files: list[str] | None = None) -> list[str]
     except CheckpointError as err:
         return [str(err)]
     sizes, sums = meta.get("files", {}), Checksums(ckpt, meta, notice=False)
-    return [p for rel in (files if files is not None else sorted(sizes))
-            if (p := file_problem(ckpt, rel, sizes.get(rel), sums.files.get(rel))) is not None]
+    names = files if files is not None else sorted(sizes)
+    # reads and xxhash release the GIL: files are hashed on several threads
+    with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(names)))) as pool:
+        found = pool.map(lambda rel: file_problem(ckpt, rel, sizes.get(rel), sums.files.get(rel)), names)
+        return [p for p in found if p is not None]
 
 
 def step_of(path: Path) -> int | None:

@@ -38,3 +38,14 @@ def test_meta_json_is_sealed_by_its_own_checksum(tmp_path):
         unseal(tmp_path / "meta.json", json.dumps(meta))
     old = {"format": "sparselm-checkpoint", "step": 3}  # written before checksums: read as it is
     assert unseal(tmp_path / "meta.json", json.dumps(old)) == old
+
+
+def test_large_writes_are_hashed_beside_the_write(tmp_path):
+    """Writes of 1 MiB or more are hashed on a second thread while the first writes them: same digest."""
+    data = save({"big": torch.arange(700_000, dtype=torch.float32)})
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        stream = HashingStream(f, safetensors=True)
+        stream.write(data[:3])
+        stream.write(data[3:])
+    assert stream.entry() == {"bytes": len(data), "digest": file_digest(path), "header": header_digest(path)}
