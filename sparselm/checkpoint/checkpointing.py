@@ -21,7 +21,6 @@ tensors are safetensors (their chunk offsets JSON in the header), the rest JSON/
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -154,11 +153,6 @@ def read_config(ckpt: Path):
         return config_from_dict(yaml.safe_load(sums.read("config.yaml").decode()))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as err:
         raise CheckpointError(f"'{ckpt / 'config.yaml'}' cannot be read as a sparselm config: {err}") from None
-
-
-def file_sizes(root: Path) -> dict[str, int]:
-    """Relative path -> size in bytes of every ``*.safetensors`` file under ``root`` (meta.json's ``files``)."""
-    return {str(f.relative_to(root)): f.stat().st_size for f in sorted(root.rglob("*.safetensors"))}
 
 
 def rng_state() -> dict[str, torch.Tensor]:

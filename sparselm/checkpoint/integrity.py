@@ -15,6 +15,7 @@ verifies.  Checkpoints written before checksums (no ``checksums`` in meta.json) 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -191,14 +192,14 @@ def mismatch(path: Path, expected: str, found: str, what: str = "") -> str:
 
 
 def file_digest(path: Path) -> str:
-    """xxh3-64 of a whole file, read in 8 MiB chunks."""
-    h = xxhash.xxh3_64()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+    """xxh3-64 of a whole file, hashed straight from its pages (``mmap``: no copy into a buffer, half the CPU time
+    of reading it in chunks on this project's CPU machine; the page cache then serves the read that follows)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_64(b"").hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as pages:
+            pages.madvise(mmap.MADV_SEQUENTIAL)
+            return xxhash.xxh3_64(pages).hexdigest()
 
 
 def header_digest(path: Path) -> str:
@@ -214,7 +215,8 @@ def header_digest(path: Path) -> str:
 
 
 def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 of the world, or of the launch before the process group exists (start-up checks); a plain process."""
+    return dist.get_rank() == 0 if dist.is_initialized() else os.environ.get("RANK", "0") == "0"
 
 
 class Checksums:
