@@ -72,6 +72,7 @@ KINDS = {
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_a_changed_byte_is_named_everywhere_it_is_read(run, tmp_path, kind, capsys, monkeypatch):
     import sparselm
+    from sparselm.checkpoint.checkpointing import open_model_tensors, read_meta
     from sparselm.evaluate import main as evaluate
     from sparselm.train import main as train
 
@@ -83,6 +84,10 @@ def test_a_changed_byte_is_named_everywhere_it_is_read(run, tmp_path, kind, caps
     with pytest.raises(CheckpointError, match=named) as err:
         sparselm.load_model(out)
     assert f"the newest earlier checkpoint that verifies is {good}" in str(err.value)
+    if kind == "DCP metadata":  # a reader opened directly checks every header before trusting DCP's offsets
+        ckpt = out / "checkpoints" / "step_4"
+        with pytest.raises(CheckpointError, match=f"{path.name}' fails its checksum \\(in its header\\)"):
+            open_model_tensors(ckpt, read_meta(ckpt))
 
     with pytest.raises(SystemExit) as exit_:
         evaluate(["--ckpt", str(out), "--batches", "1", "--batch-size", "2"])
