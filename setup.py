@@ -28,6 +28,7 @@ setup(
         "pyyaml",
         "tokenizers",
         "safetensors",
+        "xxhash",
         "tqdm",
         "tensorboard",
         "matplotlib",

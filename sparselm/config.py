@@ -271,6 +271,10 @@ class TrainConfig:
     host memory); ``latest`` moves when the write is complete, and the next save waits for the previous one."""
     resume: str = ""
     """'latest' (newest checkpoint in out_dir, if any) or a checkpoint directory; empty starts fresh."""
+    resume_fallback: bool = False
+    """With resume='latest': when the latest checkpoint fails verification (a file changed since it was written,
+    truncated or missing), resume from the newest earlier checkpoint that verifies and say so, instead of
+    refusing to start (the default).  Nothing is deleted either way."""
     max_skipped_steps: int = 3
     """Stop the run (exit status 65, no checkpoint written) after this many consecutive steps whose loss, an
     aux loss or the gradient norm was not finite; such steps are never applied and are logged with

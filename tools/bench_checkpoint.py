@@ -3,6 +3,9 @@
     python tools/bench_checkpoint.py --config tiny_moe --layouts 1,dp2,tp2,ep2,pp2 \
         --model.d_model=1024 --model.n_layers=8 --moe.num_experts=16 --moe.expert_hidden=640
 
+With ``--checksums``: save and load time with and without checksums and verify throughput per core instead
+(``tools/bench_checksums.py``: one process, ``--repeats`` runs of each).
+
 Each layout is a real multi-process run of the trainer (layouts of 2 processes under the deepspeed launcher,
 gloo, CPU), started twice:
 1. a fresh start and its first training step (``fresh_peak_gb``: their peak RSS), then a save in format 2 (``save_extra_gb``: peak RSS during the save above the RSS before
@@ -164,6 +167,9 @@ def main(argv=None) -> None:
                              "every stage's tensors pickled to rank 0, ~3x the checkpoint there)")
     parser.add_argument("--steps", type=int, default=2,
                         help="steps each start trains before its peak is taken (>= 2: see the docstring)")
+    parser.add_argument("--checksums", action="store_true",
+                        help="measure what checksums cost (save, resume, load_model, verify) instead, in one process")
+    parser.add_argument("--repeats", type=int, default=2, help="with --checksums: runs of each measurement (median)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=("save", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--format1", action="store_true", help=argparse.SUPPRESS)
@@ -172,6 +178,10 @@ def main(argv=None) -> None:
     args, overrides = parser.parse_known_args(argv)
     if args.worker:
         return worker(args, overrides)
+    if args.checksums:
+        from tools.bench_checksums import main as bench_checksums
+
+        return bench_checksums(args.config, overrides, max(1, args.repeats))
     if args.steps < 1:
         sys.exit(f"--steps={args.steps}: give at least 1 (2, the default, measures a run's steady peak)")
     names = args.layouts.split(",")

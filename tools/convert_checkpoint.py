@@ -7,19 +7,25 @@
                                                                  qwen3_moe, olmoe, glm4_moe (streamed)
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
   inspect      --input CKPT_OR_RUN [--json]
+  verify       --input RUN_OR_CKPT [--workers N]         every file against its checksum, one line per checkpoint,
+                                                         exit status 1 when any is damaged or incomplete
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from sparselm.checkpoint.checkpointing import (open_model_tensors, open_optimizer_tensors, read_config, read_meta,
-                                              resolve_checkpoint)
+                                              resolve_checkpoint, verify_checkpoint)
+from sparselm.checkpoint.integrity import Checksums, file_problem, read_manifest, step_of
 from sparselm.convert import hf_export, hf_import
 from sparselm.convert.store import write_model_checkpoint
 from sparselm.convert.upcycle import upcycle as upcycle_tensors
@@ -33,6 +39,7 @@ def _load(path: str):
     """(checkpoint dir, meta, config, model tensors read on demand) of any checkpoint format."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    verify_checkpoint(ckpt)  # every file, the ones a conversion does not read too
     return ckpt, meta, read_config(ckpt), open_model_tensors(ckpt, meta)
 
 
@@ -52,6 +59,7 @@ def _tokenizer_file(ckpt: Path, cfg) -> dict:
     """The tokenizer file a converted checkpoint carries along (none for the byte tokenizer)."""
     own = ckpt / "tokenizer.json"
     if own.is_file():
+        Checksums(ckpt, read_meta(ckpt)).verify("tokenizer.json")  # copied as read: verified first
         return {"tokenizer.json": own}
     tok = cfg.data.tokenizer
     return {"tokenizer.json": Path(tok)} if tok != "byte" and Path(tok).is_file() else {}
@@ -101,16 +109,70 @@ def inspect(args) -> dict:
     return info
 
 
+def checkpoints_under(path: Path) -> list[Path]:
+    """The checkpoints ``verify`` checks: ``path`` itself when it is one (it holds meta.json or is named step_<N>),
+    else every ``step_<N>`` and unfinished ``.tmp_step_<N>`` under ``path/checkpoints`` (a run) or ``path``, by step."""
+    if (path / "meta.json").is_file() or step_of(path) is not None:
+        return [path]
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = [p for p in root.iterdir() if p.is_dir() and (step_of(p) is not None or p.name.startswith(".tmp_step_"))]
+    return sorted(found, key=lambda p: (int(p.name.rsplit("_", 1)[1]), p.name.startswith(".")))
+
+
+def verify(args) -> dict:
+    """Every file of every checkpoint under ``--input`` against the size and xxh3-64 checksum meta.json recorded,
+    hashed by ``--workers`` processes with a progress bar (bytes); prints one line per checkpoint (ok, damaged
+    with each file, incomplete) and returns {checkpoint: "ok" | "ok, not verifiable" | "damaged" | "incomplete"}."""
+    path = Path(args.input)
+    if not path.is_dir():
+        raise CheckpointError(f"'{path}' is not a directory; give a run directory or a checkpoints/step_N directory")
+    ckpts = checkpoints_under(path)
+    if not ckpts:
+        raise CheckpointError(f"'{path}' holds no checkpoints (no step_N directories under it or its checkpoints/)")
+    status, problems, jobs = {}, {}, []
+    for ck in ckpts:
+        problems[ck] = []
+        if not (ck / "meta.json").is_file():
+            status[ck] = "incomplete"
+            continue
+        try:
+            meta = read_manifest(ck)
+        except CheckpointError as err:
+            status[ck], problems[ck] = "damaged", [str(err)]
+            continue
+        sums = Checksums(ck, meta, notice=False)
+        status[ck] = "ok" if sums.recorded else "ok, not verifiable"
+        jobs += [(ck, rel, size, sums.files.get(rel)) for rel, size in sorted(meta.get("files", {}).items())]
+    workers = args.workers or len(os.sched_getaffinity(0))
+    with ProcessPoolExecutor(max(1, min(workers, len(jobs)))) as pool, \
+            tqdm(total=sum(j[2] or 0 for j in jobs), unit="B", unit_scale=True, desc="verify", disable=None) as bar:
+        futures = {pool.submit(file_problem, *job): job for job in jobs}
+        for fut in as_completed(futures):
+            ck, rel, size, _ = futures[fut]
+            bar.update(size or 0)
+            if (text := fut.result()) is not None:
+                problems[ck].append(text)
+    for ck in ckpts:
+        if problems[ck] and status[ck] != "incomplete":
+            status[ck] = "damaged"
+        line = {"incomplete": "incomplete: no meta.json (a save that did not finish)",
+                "damaged": "damaged: " + "; ".join(sorted(p.replace(f"'{ck}/", "'") for p in problems[ck])),
+                "ok, not verifiable": "ok, not verifiable: written without checksums (sizes checked)"}.get(
+            status[ck], f"ok ({sum(1 for j in jobs if j[0] == ck)} files)")
+        print(f"{ck.name}: {line}", flush=True)
+    return {str(ck): s for ck, s in status.items()}
+
+
 def main(argv: list[str] | None = None):
     """The command line; ``argv`` given (tests, tools): errors are raised, not printed with exit status 2."""
     quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in (("consolidate", consolidate), ("export-hf", export_hf), ("import-hf", import_hf),
-                     ("upcycle", upcycle), ("inspect", inspect)):
+                     ("upcycle", upcycle), ("inspect", inspect), ("verify", verify)):
         p = sub.add_parser(name)
         p.add_argument("--input", required=True)
-        if name != "inspect":
+        if name not in ("inspect", "verify"):
             p.add_argument("--output", required=True)
         p.set_defaults(fn=fn)
         if name in ("import-hf", "export-hf"):
@@ -130,9 +192,14 @@ def main(argv: list[str] | None = None):
             p.add_argument("--seed", type=int, default=0)
         if name == "inspect":
             p.add_argument("--json", action="store_true")
+        if name == "verify":
+            p.add_argument("--workers", type=int, default=0, help="processes hashing files (0: one per usable core)")
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        result = args.fn(args)
+        if args.command == "verify" and argv is None and any(not s.startswith("ok") for s in result.values()):
+            sys.exit(1)
+        return result
     except (CheckpointError, ConversionError) as err:
         if argv is not None:
             raise

@@ -7,8 +7,10 @@
 - ``optimizer/``: the Adam moments (``NAME::exp_avg``, ``NAME::exp_avg_sq``) alike, each rank writing its ZeRO
   partition;
 - ``rng_rank<R>.safetensors``: each rank's RNG states, CPU and CUDA (used when resuming on the same layout);
-- ``meta.json``: step, sampler position, layout saved from, versions, optimizer step, every tensor's shape and
-  every file with its size (checked before a load);
+- ``meta.json``: step, sampler position, layout saved from, versions, optimizer step, every tensor's shape,
+  every file with its size (checked before a load) and its checksum (``sparselm.checkpoint.integrity``:
+  computed by the writing rank as it writes, verified by every rank that reads), sealed by a checksum of its
+  own text;
 - ``config.yaml``: the resolved config, and ``tokenizer.json`` for a trained tokenizer.
 
 Any layout reads any checkpoint: each rank reads just the boxes its own pieces need.  A checkpoint is
@@ -19,7 +21,6 @@ tensors are safetensors (their chunk offsets JSON in the header), the rest JSON/
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,19 @@ from safetensors import SafetensorError
 
 import sparselm
 from sparselm.checkpoint.engine_state import optimizer_step_count, state_boxes
-from sparselm.checkpoint.files import write_safetensors
+from sparselm.checkpoint.files import read_tensors, write_safetensors
+from sparselm.checkpoint.integrity import (
+    Checksums,
+    checkpoint_problems,
+    copy_file,
+    earlier_checkpoints,
+    earlier_line,
+    manifest,
+    newest_verifying,
+    seal,
+    unseal,
+    write_bytes,
+)
 from sparselm.checkpoint.shards import ShardReader, save_boxes
 from sparselm.checkpoint.tensors import CanonicalTensors
 from sparselm.config import ConfigError, config_from_dict, to_yaml
@@ -86,9 +99,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(ckpt: Path) -> dict:
+    """meta.json, its own checksum verified (``integrity.unseal``).  Raises CheckpointError naming the file."""
     try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        meta = unseal(ckpt / "meta.json", (ckpt / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"'{ckpt / 'meta.json'}' is unreadable ({err}); the checkpoint is damaged, use an earlier one") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"'{ckpt}' is not a sparselm checkpoint (meta.json format={meta.get('format')!r})")
@@ -133,15 +147,12 @@ class LazyTensors(CanonicalTensors):
 
 
 def read_config(ckpt: Path):
+    """The checkpoint's config.yaml, verified against its checksum as it is read."""
+    sums = Checksums(ckpt, read_meta(ckpt))
     try:
-        return config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    except (OSError, yaml.YAMLError, ConfigError) as err:
+        return config_from_dict(yaml.safe_load(sums.read("config.yaml").decode()))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as err:
         raise CheckpointError(f"'{ckpt / 'config.yaml'}' cannot be read as a sparselm config: {err}") from None
-
-
-def file_sizes(root: Path) -> dict[str, int]:
-    """Relative path -> size in bytes of every ``*.safetensors`` file under ``root`` (meta.json's ``files``)."""
-    return {str(f.relative_to(root)): f.stat().st_size for f in sorted(root.rglob("*.safetensors"))}
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -214,48 +225,54 @@ class CheckpointWriter:
         weights, moments = state_boxes(engine, model, groups)
         needed = _bytes_needed(weights, moments)
         failure = None
+        entries = {}  # relative path -> checksum entry of each file this rank writes, computed as it writes
         if rank == 0:
             try:
                 self.ckdir.mkdir(parents=True, exist_ok=True)
                 clean_stale(self.ckdir)
                 _warn_if_short(self.ckdir, needed, final.name)
                 tmp.mkdir()
-                (tmp / "config.yaml").write_text(to_yaml(cfg))
+                entries["config.yaml"] = write_bytes(tmp / "config.yaml", to_yaml(cfg).encode())
                 if cfg.data.tokenizer != "byte":  # self-contained: the tokenizer travels with the checkpoint
-                    shutil.copyfile(cfg.data.tokenizer, tmp / TOKENIZER_FILE)
+                    entries[TOKENIZER_FILE] = copy_file(Path(cfg.data.tokenizer), tmp / TOKENIZER_FILE)
             except OSError as err:
                 failure = err
         self._check(_agree(failure), tmp, needed)  # also the barrier: tmp exists for every rank from here
         try:
-            write_safetensors(rng_state(), tmp / f"rng_rank{rank}.safetensors")
+            rng_file = f"rng_rank{rank}.safetensors"
+            entries[rng_file] = write_safetensors(rng_state(), tmp / rng_file)
         except OSError as err:
             failure = err
         self._check(_agree(failure), tmp, needed)
         meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": optimizer_step_count(engine),
                 "sampler": sampler_state, "layout": layout, "world_size": dist.get_world_size(), "versions": library_versions()}
         if self._executor is None:
-            self._write(tmp, final, weights, moments, meta, needed)  # every rank returns with it published
+            self._write(tmp, final, weights, moments, meta, needed, entries)  # every rank returns with it published
         else:
             staged = [{n: (shape, [(off, t.detach().to("cpu", copy=True)) for off, t in boxes])
                        for n, (shape, boxes) in part.items()} for part in (weights, moments)]
-            self._pending = self._executor.submit(self._write, tmp, final, *staged, meta, needed)
+            self._pending = self._executor.submit(self._write, tmp, final, *staged, meta, needed, entries)
         return final
 
-    def _write(self, tmp: Path, final: Path, weights, moments, meta: dict, needed: int) -> None:
+    def _write(self, tmp: Path, final: Path, weights, moments, meta: dict, needed: int, entries: dict) -> None:
         from torch.distributed.checkpoint.api import CheckpointException
 
         failure = None
         try:
-            written = save_boxes(weights, tmp / MODEL_DIR, self._group)
-            save_boxes(moments, tmp / OPTIMIZER_DIR, self._group)
+            written, model_files = save_boxes(weights, tmp / MODEL_DIR, self._group)
+            _, optimizer_files = save_boxes(moments, tmp / OPTIMIZER_DIR, self._group)
+            entries.update({f"{MODEL_DIR}/{k}": v for k, v in model_files.items()})
+            entries.update({f"{OPTIMIZER_DIR}/{k}": v for k, v in optimizer_files.items()})
         except CheckpointException as err:  # raised on every rank when any rank failed
             failure = _cause(err)
+        every = _gather(entries, self._group)  # rank 0 records every rank's checksums
         if failure is None and dist.get_rank() == 0:  # DCP's coordinator returns once every rank has written
             try:
                 meta["tensors"] = {n: list(md.size) for n, md in sorted(written.state_dict_metadata.items())}
-                meta["files"] = file_sizes(tmp)
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-                publish(self.ckdir, tmp, final, self.keep_last)
+                failure = _record_files(meta, tmp, every)
+                if failure is None:
+                    (tmp / "meta.json").write_text(seal(meta))
+                    publish(self.ckdir, tmp, final, self.keep_last)
             except OSError as err:
                 failure = err
         self._check(_agree(failure, self._group), tmp, needed)
@@ -323,6 +340,28 @@ def _cause(err: BaseException) -> str:
     return f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
 
 
+def _gather(entries: dict, group=None) -> dict:
+    """Collective over ``group``: every rank's checksum entries in one dict (relative path -> entry)."""
+    if dist.get_world_size(group) == 1:
+        return dict(entries)
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, entries, group=group)
+    return {k: v for part in every for k, v in part.items()}
+
+
+def _record_files(meta: dict, tmp: Path, entries: dict) -> str | None:
+    """meta.json's ``files`` (sizes) and ``checksums`` from the writers' entries; a file under ``tmp`` that no
+    writer recorded (or one recorded but absent) fails the save: a checkpoint is complete only with every
+    checksum recorded."""
+    on_disk = {str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file()}
+    if on_disk != set(entries):
+        return (f"the files written ({sorted(on_disk ^ set(entries))[:3]}...) differ from those whose checksums "
+                "were recorded; this is a bug in sparselm's checkpoint writer")
+    meta["files"] = {k: entries[k]["bytes"] for k in sorted(entries)}
+    meta["checksums"] = manifest(entries)
+    return None
+
+
 def _agree(failure, group=None) -> str | None:
     """Collective over ``group``: the first failure any rank met (a message), or None when none failed."""
     mine = None if failure is None else (failure if isinstance(failure, str) else f"{type(failure).__name__}: {failure}")
@@ -334,6 +373,8 @@ def _agree(failure, group=None) -> str | None:
 
 
 def _prune(ckdir: Path, keep_last: int, newest: Path) -> None:
+    """Remove all but the ``keep_last`` newest step directories.  ``newest`` (just published) is never removed:
+    its checksums are those of the bytes just written, so the newest checkpoint that verifies always stays."""
     if keep_last <= 0:
         return
     steps = sorted((p for p in ckdir.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
@@ -383,6 +424,7 @@ def load_tokenizer(path):
     ckpt = resolve_checkpoint(path)
     data = read_config(ckpt).data
     if (ckpt / TOKENIZER_FILE).is_file():
+        Checksums(ckpt, read_meta(ckpt)).verify(TOKENIZER_FILE)
         return from_spec(str(ckpt / TOKENIZER_FILE), data.eod_token)
     spec = data.tokenizer
     if spec != "byte" and not Path(spec).is_file():
@@ -403,14 +445,16 @@ def verify_files(ckpt: Path, meta: dict) -> None:
                                   "truncated or damaged; use an earlier checkpoint")
 
 
-def open_model_tensors(ckpt: Path, meta: dict):
+def open_model_tensors(ckpt: Path, meta: dict, verify: bool = True):
     """The model tensors of a checkpoint, read on demand: a ``ShardReader`` (format 2) or ``LazyTensors``
-    (format 1).  Checks the files first, and that they hold the tensors and shapes ``meta.json`` recorded."""
+    (format 1).  Checks the files first, and that they hold the tensors and shapes ``meta.json`` recorded;
+    ``verify``: each file's checksum is verified as it is read (False: ``verify_collectively`` already did)."""
+    sums = Checksums(ckpt, meta)
     if meta.get("version", 1) < 2:
         return LazyTensors(ckpt / "model.safetensors")
 
     verify_files(ckpt, meta)
-    reader = ShardReader(ckpt / MODEL_DIR)
+    reader = ShardReader(ckpt / MODEL_DIR, sums=sums if verify else None)
     recorded = {k: tuple(v) for k, v in meta.get("tensors", {}).items()}
     if recorded and recorded != reader.shapes:
         differ = sorted(set(recorded.items()) ^ set(reader.shapes.items()))[:3]
@@ -419,7 +463,7 @@ def open_model_tensors(ckpt: Path, meta: dict):
     return reader
 
 
-def open_optimizer_tensors(ckpt: Path, meta: dict):
+def open_optimizer_tensors(ckpt: Path, meta: dict, verify: bool = True):
     """The Adam moments of a checkpoint, like ``open_model_tensors``; None when it holds none (a converted model)."""
     if meta.get("version", 1) < 2:
         moments = LazyTensors(ckpt / "optimizer.safetensors")
@@ -427,14 +471,26 @@ def open_optimizer_tensors(ckpt: Path, meta: dict):
 
     if not (ckpt / OPTIMIZER_DIR).is_dir():
         return None
-    moments = ShardReader(ckpt / OPTIMIZER_DIR)
+    moments = ShardReader(ckpt / OPTIMIZER_DIR, sums=Checksums(ckpt, meta) if verify else None)
     return moments if len(moments) else None
 
 
+def verify_checkpoint(ckpt: Path) -> None:
+    """Every file of ``ckpt`` against the size and checksum meta.json recorded (hashed here, once per process);
+    raises CheckpointError with the first problem, how many more, and the newest earlier checkpoint that verifies."""
+    problems = checkpoint_problems(ckpt)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointError(f"{problems[0]}{more}{earlier_line(newest_verifying(ckpt))}")
+
+
 def load_model(path):
-    """(model, config) on CPU in fp32 from a checkpoint or run directory."""
+    """(model, config) on CPU in fp32 from a checkpoint or run directory.  The whole checkpoint is verified first
+    (``verify_checkpoint``: the optimizer and RNG files too, though only the model is read), so a damaged file is
+    named here rather than found by a later resume."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    verify_checkpoint(ckpt)
     cfg = read_config(ckpt)
 
     model = build_model(cfg, device="meta")  # filled from the files tensor by tensor: no random init
@@ -444,3 +500,47 @@ def load_model(path):
     materialize_pieces(model, tensors, {}, load_buffers=True)
     model.eval()
     return model, cfg
+
+
+def read_rng(ckpt: Path, meta: dict, rank: int, verify: bool = True) -> dict[str, torch.Tensor] | None:
+    """Rank ``rank``'s RNG states saved in ``ckpt`` (verified as read unless ``verify`` is False); None without a file."""
+    path = ckpt / f"rng_rank{rank}.safetensors"
+    if not path.is_file():
+        return None
+    return read_tensors(path, Checksums(ckpt, meta) if verify else None)
+
+
+def _verifier(name: str, world: int) -> int:
+    """The rank that verifies file ``name`` in ``verify_collectively``: the rank that wrote it in a checkpoint of
+    the same world size (which is the rank that reads it on a resume in the same layout, so its node's page
+    cache then serves the read); the others spread by name."""
+    base = Path(name).name
+    if base.startswith("shard-"):
+        return (int(base.split("-")[1]) - 1) % world
+    if base.startswith("rng_rank"):
+        return int(base[len("rng_rank"):].split(".")[0]) % world
+    return sum(base.encode()) % world
+
+
+def verify_collectively(ckpt: Path, group=None) -> list[str]:
+    """Collective over ``group`` (default: the world): every file of checkpoint ``ckpt`` is hashed by one rank
+    (``_verifier``), in parallel; returns every problem found by any rank (one line each, the same list on every
+    rank), empty when the whole checkpoint verifies."""
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    me = dist.get_rank(group) if dist.is_initialized() else 0
+    try:
+        names = sorted(read_meta(ckpt).get("files", {}))
+        mine = [n for n in names if _verifier(n, world) == me]
+        problems = checkpoint_problems(ckpt, mine)
+    except CheckpointError as err:
+        problems = [str(err)]
+    if world == 1:
+        return problems
+    every = [None] * world
+    dist.all_gather_object(every, problems, group=group)
+    return list(dict.fromkeys(p for part in every for p in part))
+
+
+def resume_candidates(ckpt: Path) -> list[Path]:
+    """``ckpt`` and the complete checkpoints of its run older than it, newest first (a fallback's order)."""
+    return [ckpt, *earlier_checkpoints(ckpt)]

@@ -24,12 +24,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint._hf_utils import _gen_file_name
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from sparselm.checkpoint.files import write_safetensors
+from sparselm.checkpoint.integrity import Checksums, HashingFileSystem, write_bytes
 from sparselm.checkpoint.tensors import CanonicalTensors
 from sparselm.errors import CheckpointError
 
@@ -70,6 +72,7 @@ class _ShardWriter(HuggingFaceStorageWriter):
     def __init__(self, path: str, max_file_bytes: int):
         super().__init__(path, save_distributed=True)
         self.max_file_bytes = max_file_bytes
+        self.fs = HashingFileSystem()  # every file's checksum, from the bytes as they are written
 
     def write_data(self, plan, planner):
         if not plan.items:
@@ -96,11 +99,13 @@ class _ShardWriter(HuggingFaceStorageWriter):
 
 def save_boxes(boxes: Boxes, path: Path, process_group=None, max_file_bytes: int = 256 << 20):
     """Collective over ``process_group`` (default: the world): write every rank's boxes under ``path``, in files
-    of about ``max_file_bytes`` at most; returns DCP's metadata of the whole checkpoint (every tensor's shape and
-    chunks)."""
+    of about ``max_file_bytes`` at most.  Returns DCP's metadata of the whole checkpoint (every tensor's shape and
+    chunks) and the checksum entries of the files this rank wrote (file name -> ``integrity.HashingStream.entry``),
+    computed while writing them."""
     path.mkdir(parents=True, exist_ok=True)
-    return dcp.save(boxes, storage_writer=_ShardWriter(str(path), max_file_bytes), planner=_BoxSavePlanner(),
-                    process_group=process_group)
+    writer = _ShardWriter(str(path), max_file_bytes)
+    metadata = dcp.save(boxes, storage_writer=writer, planner=_BoxSavePlanner(), process_group=process_group)
+    return metadata, writer.fs.written
 
 
 class _BoxLoadPlanner(DefaultLoadPlanner):
@@ -139,12 +144,30 @@ class _BoxLoadPlanner(DefaultLoadPlanner):
 
 
 class _CachedReader(HuggingFaceStorageReader):
-    """DCP's safetensors reader, reading the files' headers once for many loads."""
+    """DCP's safetensors reader, reading the files' headers once for many loads.  With the checkpoint's
+    ``sums``, every file's header (names, shapes, DCP's offsets) is verified before it is trusted, and every
+    file a load reads from is verified whole before the read (once per process)."""
+
+    def __init__(self, path: str, sums: Checksums | None = None):
+        super().__init__(path)
+        self.sums = sums
+
+    def _rel(self, file) -> str:
+        return str(Path(file).relative_to(self.sums.ckpt))
 
     def read_metadata(self):
         if not hasattr(self, "_metadata"):
+            if self.sums is not None:
+                for file in sorted(Path(self.path).glob("*.safetensors")):
+                    self.sums.verify_header(self._rel(file))
             self._metadata = super().read_metadata()
         return self._metadata
+
+    def read_data(self, plan, planner):
+        if self.sums is not None:
+            for file in sorted({self.storage_data[item.storage_index].relative_path for item in plan.items}):
+                self.sums.verify(self._rel(file))
+        return super().read_data(plan, planner)
 
 
 class ShardReader(CanonicalTensors):
@@ -152,15 +175,18 @@ class ShardReader(CanonicalTensors):
 
     A read-only mapping as well: ``reader[name]`` is the whole canonical tensor, ``reader.shapes`` every
     tensor's shape, ``aliases`` other names of a stored tensor (a tied projection) -> the stored name.
-    Raises CheckpointError for a missing directory, unreadable files or chunks that do not tile a tensor."""
+    ``sums``: the checkpoint's checksums, verified as files are read (``_CachedReader``).
+    Raises CheckpointError for a missing directory, unreadable or changed files or chunks that do not tile a tensor."""
 
-    def __init__(self, path: Path, aliases: dict[str, str] | None = None):
+    def __init__(self, path: Path, aliases: dict[str, str] | None = None, sums: Checksums | None = None):
         self.path, self.aliases = Path(path), aliases or {}
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory '{self.path}' is missing; the checkpoint is incomplete, use an earlier one")
-        self._reader = _CachedReader(str(self.path))
+        self._reader = _CachedReader(str(self.path), sums)
         try:
             meta = self._reader.read_metadata()
+        except CheckpointError:
+            raise
         except Exception as err:  # safetensors raises its own errors, OSError or ValueError on damaged files
             raise CheckpointError(f"the safetensors files under '{self.path}' cannot be read ({err}); the checkpoint is "
                                   "damaged, use an earlier one") from None
@@ -182,7 +208,8 @@ class ShardReader(CanonicalTensors):
                 dcp.load(wanted, storage_reader=self._reader, planner=_BoxLoadPlanner(str(self.path)), no_dist=True)
             except CheckpointError:
                 raise
-            except Exception as err:
+            except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+                _reraise_checkpoint_error(err)
                 raise CheckpointError(f"reading {sorted(wanted)[:3]} from '{self.path}' failed ({err}); the checkpoint "
                                       "is damaged, use an earlier one") from None
 
@@ -203,10 +230,19 @@ class ShardReader(CanonicalTensors):
         return out
 
 
-def write_consolidated(names: list[str], nbytes: dict[str, int], get, out: Path, max_shard_bytes: int = 2 << 30) -> list[Path]:
+def _reraise_checkpoint_error(err: BaseException) -> None:
+    """DCP wraps what a reader raised in a CheckpointException per rank: raise our own CheckpointError out of it."""
+    for failure in getattr(err, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, CheckpointError):
+            raise CheckpointError(str(inner)) from None
+
+
+def write_consolidated(names: list[str], nbytes: dict[str, int], get, out: Path, max_shard_bytes: int = 2 << 30) -> dict[str, dict]:
     """Whole canonical tensors into Hugging Face-style shards ``model-0000k-of-0000n.safetensors`` plus
     ``model.safetensors.index.json`` under ``out``, one shard in memory at a time: ``get(name)`` reads a tensor
-    when its shard is written, ``nbytes`` plans the shards beforehand.  ``ShardReader`` reads the result."""
+    when its shard is written, ``nbytes`` plans the shards beforehand.  ``ShardReader`` reads the result.
+    Returns each written file's checksum entry by file name (``integrity.HashingStream.entry``)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:
@@ -216,12 +252,12 @@ def write_consolidated(names: list[str], nbytes: dict[str, int], get, out: Path,
         shards[-1].append(name)
         size += nbytes[name]
     out.mkdir(parents=True, exist_ok=True)
-    files, weight_map = [], {}
+    files, weight_map = {}, {}
     for k, shard in enumerate(shards, start=1):
         file = out / f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors({n: get(n).contiguous() for n in shard}, file, metadata={"format": "pt"})
+        files[file.name] = write_safetensors({n: get(n).contiguous() for n in shard}, file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file.name))
-        files.append(file)
     index = {"metadata": {"total_size": sum(nbytes[n] for n in names)}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    files["model.safetensors.index.json"] = write_bytes(out / "model.safetensors.index.json",
+                                                        json.dumps(index, indent=1).encode())
     return files

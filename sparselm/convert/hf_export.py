@@ -17,6 +17,7 @@ from sparselm.checkpoint.checkpointing import (
     read_config,
     read_meta,
     resolve_checkpoint,
+    verify_checkpoint,
 )
 from sparselm.checkpoint.shards import write_consolidated
 from sparselm.checkpoint.tensors import CanonicalTensors
@@ -90,6 +91,7 @@ def export_hf(path: str | Path, output: str | Path, fused: bool, max_shard_bytes
     non-empty output) and CheckpointError before writing."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
+    verify_checkpoint(ckpt)
     cfg, tensors = read_config(ckpt), open_model_tensors(ckpt, meta)
     fam = choose_family(cfg)
     tokenizer = load_tokenizer(ckpt)

@@ -1,13 +1,13 @@
 """Writing model-only sparselm checkpoints (consolidated, imported or upcycled models)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 from pathlib import Path
 
-from sparselm.checkpoint.checkpointing import FORMAT, MODEL_DIR, VERSION, file_sizes, library_versions
+from sparselm.checkpoint.checkpointing import FORMAT, MODEL_DIR, VERSION, library_versions
+from sparselm.checkpoint.integrity import copy_file, manifest, seal, write_bytes
 from sparselm.checkpoint.shards import write_consolidated
 from sparselm.config import to_yaml
 from sparselm.errors import ConversionError
@@ -38,14 +38,16 @@ def write_model_checkpoint(out_dir: str | Path, tensors, cfg, source: str, step:
         return tensors[name].to(dtype_of(name))
 
     nbytes = {n: math.prod(shapes[n]) * dtype_of(n).itemsize for n in names}
-    write_consolidated(names, nbytes, get, tmp / MODEL_DIR, max_shard_bytes)
+    written = write_consolidated(names, nbytes, get, tmp / MODEL_DIR, max_shard_bytes)
+    entries = {f"{MODEL_DIR}/{k}": v for k, v in written.items()}  # checksums as written
     for name, path in (extra_files or {}).items():
-        shutil.copy(path, tmp / name)
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
+        entries[name] = copy_file(Path(path), tmp / name)
+    entries["config.yaml"] = write_bytes(tmp / "config.yaml", to_yaml(cfg).encode())
     meta = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_step": 0, "sampler": None,
             "layout": None, "world_size": None, "versions": library_versions(), "source": source,
-            "tensors": {n: list(shapes[n]) for n in sorted(names)}, "files": file_sizes(tmp)}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            "tensors": {n: list(shapes[n]) for n in sorted(names)},
+            "files": {k: e["bytes"] for k, e in sorted(entries.items())}, "checksums": manifest(entries)}
+    (tmp / "meta.json").write_text(seal(meta))
     if out.exists():
         out.rmdir()
     os.rename(tmp, out)

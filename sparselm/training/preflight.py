@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sparselm.checkpoint import checkpointing as ckpt
+from sparselm.checkpoint.integrity import checkpoint_problems
 from sparselm.config import validate
 from sparselm.data.blend import is_blend
 from sparselm.data.indexed import document_lengths
@@ -123,11 +124,15 @@ def check_same_model(cfg, saved, path) -> None:
 
 
 def find_resume(cfg) -> Path | None:
-    """The checkpoint to resume from, or None to start fresh.  Raises ConfigError when train.out_dir already
+    """The checkpoint to resume from, or None to start fresh (with train.resume_fallback, the newest whose meta.json
+    and config.yaml verify; the trainer then verifies every file).  Raises ConfigError when train.out_dir already
     holds checkpoints and train.resume is empty (nothing is overwritten), CheckpointError for a bad path."""
     t = cfg.train
     existing = ckpt.latest_checkpoint(t.out_dir)
     if t.resume == "latest":
+        if existing is not None and t.resume_fallback:  # the trainer hashes every file; here meta.json and config
+            return next((c for c in ckpt.resume_candidates(existing)
+                         if not checkpoint_problems(c, ["config.yaml"])), existing)
         return existing
     if t.resume:
         return ckpt.resolve_checkpoint(t.resume)

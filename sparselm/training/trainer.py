@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from sparselm.checkpoint import checkpointing as ckpt
 from sparselm.checkpoint.engine_state import load_full_state, load_state
-from sparselm.checkpoint.files import read_tensors
+from sparselm.checkpoint.integrity import earlier_line
 from sparselm.config import ConfigError, to_dict, to_yaml
 from sparselm.data.blend import is_blend, parse_blend
 from sparselm.data.indexed import DatasetError
@@ -29,7 +29,7 @@ from sparselm.data.prefetch import Prefetcher
 from sparselm.data.sampler import GlobalBatchSampler, check_steps_available
 from sparselm.data.tokenizer import load_tokenizer
 from sparselm.data.vocab import derive_vocab_size
-from sparselm.errors import DivergenceError
+from sparselm.errors import CheckpointError, DivergenceError
 from sparselm.model import build_model
 from sparselm.parallel.materialize import build_sharded
 from sparselm.parallel.topology import Topology
@@ -83,6 +83,7 @@ class Trainer:
     def _construct(self) -> None:
         # from here on, SIGTERM/SIGUSR1/SIGINT stop the run after its next step, with a checkpoint
         cfg = self.cfg
+        self.resume_from = self._verified_resume()
         self.guard = StopGuard(cfg.train.save_every_minutes, cfg.train.max_minutes, stop_file=cfg.train.stop_file,
                                say=print if self.is_rank0 else (lambda line: None))
         self.nonfinite = NonFiniteGuard(cfg.train.max_skipped_steps, fp16=self.ds_config.get("fp16", {}).get("enabled", False))
@@ -187,12 +188,44 @@ class Trainer:
             agree_on_data(data_fingerprint(self.train_data, self.valid_sets), self.hosts)
         self._check_validation_data()
 
+    def _verified_resume(self) -> Path | None:
+        """The checkpoint to resume from, every file verified against its checksum by the ranks together
+        (``checkpointing.verify_collectively``) before anything is read.  A damaged one stops every rank with the
+        first problem and the newest earlier checkpoint that verifies; with ``train.resume=latest`` and
+        ``train.resume_fallback`` that checkpoint is resumed instead, said on rank 0.  Nothing is deleted."""
+        t = self.cfg.train
+        path = self.resume_from
+        if path is None:
+            return None
+        fallback = t.resume == "latest" and t.resume_fallback
+        if fallback:  # start from latest itself: find_resume may have skipped one whose meta.json is damaged
+            path = ckpt.latest_checkpoint(t.out_dir) or path
+        candidates = ckpt.resume_candidates(path)
+        problems = ckpt.verify_collectively(candidates[0])
+        if not problems:
+            return path
+        good = next((c for c in candidates[1:] if not ckpt.verify_collectively(c)), None)
+        if not (fallback and good is not None):
+            hint = ("; or set --train.resume_fallback=true to resume from it"
+                    if t.resume == "latest" and good is not None else "")
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            self.topo.teardown()  # as close() does: a caller may start another run in this process
+            forget_solo_world()
+            raise CheckpointError(f"not resuming from damaged {path}: {problems[0]}{more}{earlier_line(good)}{hint}")
+        if self.is_rank0:
+            print(f"sparselm: checkpoint {path} is damaged ({problems[0]}"
+                  f"{f'; and {len(problems) - 1} more' if len(problems) > 1 else ''}): resuming from {good}, the newest "
+                  "checkpoint that verifies (train.resume_fallback=true); no checkpoint was deleted", flush=True)
+        return good
+
     def _read_resume_checkpoint(self) -> Restored | None:
         if self.resume_from is None:
             return None
         path = self.resume_from
         meta = ckpt.read_meta(path)
-        return Restored(path, meta, ckpt.open_model_tensors(path, meta), ckpt.open_optimizer_tensors(path, meta))
+        # _verified_resume hashed every file already (one rank each): readers need not hash them again
+        return Restored(path, meta, ckpt.open_model_tensors(path, meta, verify=False),
+                        ckpt.open_optimizer_tensors(path, meta, verify=False))
 
     def _build_module(self, restored: Restored | None) -> None:
         """This rank's pieces of the model only (``parallel.materialize.build_sharded``): from the checkpoint when
@@ -238,9 +271,10 @@ class Trainer:
         if meta["sampler"] is not None:  # None: a converted model, trained from the start of the data
             self.sampler.load_state_dict(meta["sampler"])
         self.step = meta["step"]
-        rng_file = restored.path / f"rng_rank{self.rank}.safetensors"
-        if meta["layout"] == self.topo.as_dict() and rng_file.is_file():
-            ckpt.set_rng_state(read_tensors(rng_file))
+        if meta["layout"] == self.topo.as_dict():
+            states = ckpt.read_rng(restored.path, meta, self.rank, verify=False)
+            if states is not None:
+                ckpt.set_rng_state(states)
         if self.is_rank0:
             print(f"sparselm: resumed from {restored.path} at step {self.step}")
             if meta["sampler"] is None or restored.moments is None:

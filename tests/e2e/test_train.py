@@ -120,7 +120,8 @@ def test_generate_reports_a_missing_checkpoint(tmp_path):
 
 
 def test_corrupt_checkpoint_is_named(trained, tmp_path):
-    from sparselm.checkpoint.checkpointing import CheckpointError, load_model
+    from sparselm.checkpoint.checkpointing import CheckpointError, load_model, read_meta
+    from sparselm.checkpoint.integrity import seal
 
     ckpt = tmp_path / "step_30"
     shutil.copytree(trained / "checkpoints" / "step_30", ckpt)
@@ -133,15 +134,17 @@ def test_corrupt_checkpoint_is_named(trained, tmp_path):
     with pytest.raises(CheckpointError, match=f"{shard.name}' is missing"):
         load_model(ckpt)
     shard.write_bytes(b"\xff" * len(data))  # the right size, but no safetensors header
-    with pytest.raises(CheckpointError, match="cannot be read.*damaged"):
+    with pytest.raises(CheckpointError, match=f"{shard.name}' fails its checksum: xxh3_64 "):
         load_model(ckpt)
     shard.write_bytes(data)
-    meta = json.loads((ckpt / "meta.json").read_text())
+    meta = read_meta(ckpt)
+    (ckpt / "meta.json").write_text(json.dumps(meta))  # edited by hand: its own checksum is gone
+    with pytest.raises(CheckpointError, match="meta.json' has lost the checksum of its own text"):
+        load_model(ckpt)
     meta["tensors"]["embed.weight"][0] += 1
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    (ckpt / "meta.json").write_text(seal(meta))  # resealed: the files still disagree with it
     with pytest.raises(CheckpointError, match="do not match its meta.json.*embed.weight"):
         load_model(ckpt)
-    meta = json.loads((ckpt / "meta.json").read_text())
-    (ckpt / "meta.json").write_text(json.dumps({**meta, "format": "other"}))
+    (ckpt / "meta.json").write_text(seal({**meta, "format": "other"}))
     with pytest.raises(CheckpointError, match="not a sparselm checkpoint"):
         load_model(ckpt)
