@@ -85,3 +85,11 @@ def assert_rank0_on_n1(text: dict[str, str]) -> None:
     assert "4 process(es)" in text["n1"], text["n1"][-3000:]
     assert "4 process(es)" not in text["n2"], text["n2"][-3000:]
     assert "sparselm: hosts: n1 ranks 0-1, n2 ranks 2-3" in text["n1"], text["n1"][-3000:]  # logged once, by rank 0
+
+
+def take_down(cluster, request, failed_before: int) -> None:
+    """Take a module's cluster down, printing its daemons' logs (slurmctld, slurmd, sshd, munged) when a test of
+    the module failed."""
+    logs = cluster.down(dump_logs=request.session.testsfailed > failed_before)
+    if logs:
+        print(f"--- logs of local cluster {cluster.id}\n{logs}")

@@ -9,7 +9,16 @@ from __future__ import annotations
 import pytest
 
 from support.local_slurm import missing_binaries
-from support.multinode import COMMON, LAYOUT, PROCS, assert_rank0_on_n1, assert_same_losses, env, run_on_nodes
+from support.multinode import (
+    COMMON,
+    LAYOUT,
+    PROCS,
+    assert_rank0_on_n1,
+    assert_same_losses,
+    env,
+    run_on_nodes,
+    take_down,
+)
 from support.run import BIN, REPO
 from tools.local_cluster import LocalCluster, missing_requirements
 
@@ -36,8 +45,9 @@ def cluster(tmp_path_factory, request):
         print(c.down(dump_logs=True))
         raise
     print(f"local cluster {c.id} up in {c.startup_s} s")
+    failed = request.session.testsfailed
     yield c
-    c.down()
+    take_down(c, request, failed)
 
 
 def test_torchrun_c10d_two_nodes(cluster, reference, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 from sparselm.training.metrics import read_metrics
 from support.local_slurm import missing_binaries
-from support.multinode import COMMON, LAYOUT, assert_same_losses, env
+from support.multinode import COMMON, LAYOUT, assert_same_losses, env, take_down
 from support.run import BIN, REPO
 from tools.local_cluster import LocalCluster, missing_requirements
 
@@ -28,7 +28,7 @@ SAVE = ["--train.save_every=2", "--parallel.timeout_minutes=0.5"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, request):
     c = LocalCluster(tmp_path_factory.mktemp("cluster"), nodes=3)
     try:
         c.up()
@@ -36,8 +36,9 @@ def cluster(tmp_path_factory):
     except BaseException:
         print(c.down(dump_logs=True))
         raise
+    failed = request.session.testsfailed
     yield c
-    c.down()
+    take_down(c, request, failed)
 
 
 def submit(cluster, tmp_path, extra=()) -> tuple[int, Path, Path]:

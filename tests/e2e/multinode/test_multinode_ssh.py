@@ -17,7 +17,16 @@ import pytest
 
 from sparselm.training.metrics import read_metrics
 from support.local_slurm import missing_binaries
-from support.multinode import COMMON, LAYOUT, PROCS, assert_rank0_on_n1, assert_same_losses, env, run_on_nodes
+from support.multinode import (
+    COMMON,
+    LAYOUT,
+    PROCS,
+    assert_rank0_on_n1,
+    assert_same_losses,
+    env,
+    run_on_nodes,
+    take_down,
+)
 from support.run import BIN, REPO
 from tools.local_cluster import LocalCluster, missing_requirements
 
@@ -30,7 +39,7 @@ LOOPBACK = "127.0.1.1"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("cluster")
     c = LocalCluster(root, nodes=2, hosts_extra={n: [f"{LOOPBACK} {n}"] for n in ("n1", "n2")})
     c.slurm = None
@@ -45,8 +54,9 @@ def cluster(tmp_path_factory):
     except BaseException:
         print(c.down(dump_logs=True))
         raise
+    failed = request.session.testsfailed
     yield c
-    c.down()
+    take_down(c, request, failed)
 
 
 def hostfile_route(tmp_path, out, port: int, extra=()) -> list[str]:
