@@ -81,7 +81,7 @@ class ModelConfig:
     pad_vocab_to: int = 64
     """Pad the vocabulary to a multiple of this (fast matmuls, divisible by the tensor-parallel degree)."""
     max_seq_len: int = 256
-    """Longest sequence the model accepts (rotary tables are built to this length)."""
+    """Longest sequence the model accepts (rotary positions are computed per call, so it sizes no table)."""
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm."""
     tie_embeddings: bool = False
@@ -111,6 +111,11 @@ class ModelConfig:
     attention_layers: list[str] = field(default_factory=lambda: ["full"])
     """Attention of each layer, repeated cyclically to n_layers as pattern is: 'full' (causal) or 'sliding'
     (causal within model.sliding_window; Mistral, Qwen2's max_window_layers)."""
+    loss_chunk_tokens: int = 8192
+    """Tokens whose logits the training loss computes at once: longer batches are cut into chunks of this many
+    tokens, each chunk's fp32 logits recomputed in backward instead of kept (the whole batch's fp32 logits,
+    tokens x vocabulary x 4 bytes, are never held; one more output-projection forward of time).  0: the whole
+    batch at once.  The loss and gradients are the same up to fp32 summation order."""
 
     def layer_kinds(self) -> list[str]:
         return [self.pattern[i % len(self.pattern)] for i in range(self.n_layers)]
@@ -527,6 +532,7 @@ def validate(cfg) -> None:
         require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
     require(m.head_dim > 0 or m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick heads that divide the width or set model.head_dim")
     require(m.head_dim >= 0, f"model.head_dim must be >= 0 (0: d_model / n_heads), got {m.head_dim}")
+    require(m.loss_chunk_tokens >= 0, f"model.loss_chunk_tokens must be >= 0 (0: the whole batch at once), got {m.loss_chunk_tokens}")
     require(m.head_width % 2 == 0, f"the head width {m.head_width} (model.head_dim or d_model/n_heads) must be even for rotary positions")
     validate_attention_features(m)
     require(m.n_heads % m.kv_heads == 0, f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.kv_heads}")
