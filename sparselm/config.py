@@ -147,6 +147,18 @@ class ParallelConfig:
     """Pipeline-parallel stages (DeepSpeed pipeline engine)."""
     ep: int = 1
     """Expert-parallel degree (DeepSpeed expert groups); must divide the data-parallel size."""
+    cp: int = 1
+    """Context-parallel degree: each sequence is cut into cp contiguous pieces after its labels are shifted, one
+    per rank of a context-parallel group (those ranks read the same samples and hold the same parameters), and
+    attention exchanges them as parallel.cp_method says.  Losses, gradients and metrics equal cp=1's; every
+    rank holds 1/cp of the activations.  The world is tp * pp * cp * dp ranks; data.seq_len must be a multiple
+    of cp."""
+    cp_method: Literal["ulysses"] = "ulysses"
+    """Context-parallel attention: 'ulysses' (DeepSpeed-Ulysses): an all-to-all turns this rank's tokens of every
+    head into every token of 1/cp of the heads, the attention core (any pattern, backend, window and persistent
+    memory) runs unchanged on the whole sequence, and a second all-to-all turns it back.  Needs the query heads
+    per TP rank (model.n_heads / tp) divisible by cp, and the key/value heads per TP rank divisible by cp or
+    dividing it (they are then replicated)."""
     zero_stage: int = -1
     """ZeRO stage 0-3; -1 keeps the stage of the DeepSpeed JSON named by ds_config."""
     ds_config: str = "zero1"
@@ -547,7 +559,7 @@ def validate(cfg) -> None:
     require(d.prefetch >= 0, f"data.prefetch must be >= 0 (0 reads on the training thread), got {d.prefetch}")
     parse_blend(d.dataset, "data.dataset")  # a malformed blend names its source
     parse_blend(d.valid_dataset, "data.valid_dataset")
-    for name in ("tp", "pp", "ep"):
+    for name in ("tp", "pp", "ep", "cp"):
         require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")
     require(p.recompute_every >= 1, f"parallel.recompute_every must be >= 1 (1 recomputes every block), got {p.recompute_every}")

@@ -27,6 +27,10 @@ def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None, cuda: boo
     ds, found = resolve_ds_json(raw, cfg, dp_size, cfg.parallel.ds_config)
     if notes is not None:
         notes.extend(found)
+    if cfg.parallel.cp > 1:
+        # DeepSpeed's data axis holds the data x context-parallel ranks (the mpu's data group), each of which runs
+        # every micro-batch of its data-parallel rank: its batch bookkeeping counts each sample cp times.
+        ds["train_batch_size"] *= cfg.parallel.cp
     if cfg.parallel.pp > 1:
         # DeepSpeed partitions the activations sent between stages over the TP group whenever tp > 1, which
         # requires later stages' outputs not to need grad; ours carry the aux loss, which does.
