@@ -1,7 +1,7 @@
 """Context parallelism (parallel.cp, Ulysses) against one process, real gloo: for every block kind the loss,
 the logits, every gradient (reduced over the data x context ranks as DeepSpeed reduces them) and the layer
-metrics of cp2 equal the one-process model's; cp2 with tp2 and with dp2, and cp4 with key/value heads fewer
-than cp.  One 2-process world and one 4-process world for the whole module."""
+metrics of cp2 equal the one-process model's (recomputation included); cp2 with tp2 and with dp2, and cp4
+with key/value heads fewer than cp.  One 2-process world and one 4-process world for the whole module."""
 import pytest
 import torch
 
@@ -17,6 +17,9 @@ CASES = {
                                  "--model.sliding_window=6", "--model.qk_norm=per_head"],
     "moe": ["--model.pattern=moe,dense", "--moe.num_experts=4", "--moe.top_k=2", "--moe.num_shared_experts=1",
             "--moe.bias_balancing=true", "--moe.aux_loss_coef=0.1", "--moe.z_loss_coef=0.01"],
+    "moe_recompute_full": ["--model.pattern=moe", "--moe.num_experts=4", "--moe.top_k=2", "--parallel.recompute=full"],
+    "allattn_recompute_selective": ["--model.pattern=allattn,dense", "--attention.persistent_slots=4",
+                                    "--parallel.recompute=selective"],
     "moe_micro_batch_scope": ["--model.pattern=moe", "--moe.num_experts=4", "--moe.top_k=1",
                               "--moe.balance_scope=micro_batch", "--moe.aux_loss_coef=0.1"],
     "pkm": ["--model.pattern=pkm_ffn,pkm", "--pkm.n_keys=256", "--pkm.heads=2", "--pkm.knn=4", "--pkm.k_dim=16"],
