@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from sparselm.model.attention import Attention
@@ -59,6 +58,25 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _AllToAll.exchange(grad, ctx.group), None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the upstream gradients: each rank's input gets the sum of
+    every rank's upstream gradient (``torch.distributed.nn.functional.all_reduce``'s rule, which torch 2.13
+    deprecates)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
 
 
 def sequence_to_heads(x: torch.Tensor, group, cp: int) -> torch.Tensor:
@@ -125,8 +143,8 @@ class ContextParallelLM:
         total, count = self.head.loss_terms(h, local_chunk(labels, 1, self.cp_group))
         count = count.clone()
         dist.all_reduce(count, group=self.cp_group)
-        lm_loss = dist_fn.all_reduce(total, group=self.cp_group) / count
-        aux = dist_fn.all_reduce(aux, group=self.cp_group)
+        lm_loss = _SumOverGroup.apply(total, self.cp_group) / count
+        aux = _SumOverGroup.apply(aux, self.cp_group)
         return LossOutput(loss=lm_loss + aux, lm_loss=lm_loss, aux_loss=aux)
 
 
