@@ -153,12 +153,15 @@ class ParallelConfig:
     attention exchanges them as parallel.cp_method says.  Losses, gradients and metrics equal cp=1's; every
     rank holds 1/cp of the activations.  The world is tp * pp * cp * dp ranks; data.seq_len must be a multiple
     of cp."""
-    cp_method: Literal["ulysses"] = "ulysses"
+    cp_method: Literal["ulysses", "allgather"] = "ulysses"
     """Context-parallel attention: 'ulysses' (DeepSpeed-Ulysses): an all-to-all turns this rank's tokens of every
     head into every token of 1/cp of the heads, the attention core (any pattern, backend, window and persistent
     memory) runs unchanged on the whole sequence, and a second all-to-all turns it back.  Needs the query heads
     per TP rank (model.n_heads / tp) divisible by cp, and the key/value heads per TP rank divisible by cp or
-    dividing it (they are then replicated)."""
+    dividing it (they are then replicated).  'allgather' (Megatron's all_gather): each rank keeps its queries
+    (chunks r and 2cp-1-r of 2cp: causal work balanced) and gathers the whole sequence's keys and values; the
+    pattern's mask and rotary at global positions; no head limit, data.seq_len a multiple of 2 cp; masked
+    SDPA core (O(T/cp x T) scores per rank)."""
     zero_stage: int = -1
     """ZeRO stage 0-3; -1 keeps the stage of the DeepSpeed JSON named by ds_config."""
     ds_config: str = "zero1"

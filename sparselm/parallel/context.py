@@ -128,19 +128,49 @@ class UlyssesAttention:
         return tuple(m[rows] for m in memory)
 
 
+def piece_positions(seq_len: int, cp: int, rank: int, zigzag: bool, device=None) -> torch.Tensor:
+    """Token positions [seq_len / cp] (int64) rank ``rank`` of ``cp`` holds: the contiguous piece ``rank``, or
+    with ``zigzag`` chunks ``rank`` and ``2 cp - 1 - rank`` of 2 cp (causal load balance: every rank then has
+    as many early as late queries, as Megatron's ``get_batch_on_this_cp_rank``)."""
+    if not zigzag:
+        c = seq_len // cp
+        return torch.arange(rank * c, (rank + 1) * c, device=device)
+    c = seq_len // (2 * cp)
+    late = 2 * cp - 1 - rank
+    return torch.cat([torch.arange(rank * c, (rank + 1) * c, device=device),
+                      torch.arange(late * c, (late + 1) * c, device=device)])
+
+
 class ContextParallelLM:
     """Mixin put in front of ``SparseLM``: cuts this rank's piece of the sequences, adds the loss over the group,
     gathers the logits.  Inputs and labels are the whole (already shifted) sequences, as at cp=1."""
 
     cp_group = None
+    cp_size = 1
+    cp_rank = 0
+    cp_zigzag = False
+
+    def _piece(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> this rank's [B, T / cp] (``piece_positions``)."""
+        if not self.cp_zigzag:
+            return local_chunk(x, 1, self.cp_group)
+        return x.index_select(1, piece_positions(x.shape[1], self.cp_size, self.cp_rank, True, x.device))
+
+    def _whole(self, y: torch.Tensor) -> torch.Tensor:
+        """Every rank's [B, T / cp, ...] -> [B, T, ...] in position order."""
+        y = gather_along_dim(y, 1, self.cp_group)
+        if not self.cp_zigzag:
+            return y
+        order = torch.cat([piece_positions(y.shape[1], self.cp_size, r, True, y.device) for r in range(self.cp_size)])
+        return y.index_select(1, torch.argsort(order))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         """input_ids, labels: [B, T] (every rank of the group the same) -> logits [B, T, vocab] without labels;
         a LossOutput of the whole sequences with labels (the same value on every rank of the group)."""
-        h, aux = self.hidden(local_chunk(input_ids, 1, self.cp_group))
+        h, aux = self.hidden(self._piece(input_ids))
         if labels is None:
-            return gather_along_dim(self.head(h), 1, self.cp_group)
-        total, count = self.head.loss_terms(h, local_chunk(labels, 1, self.cp_group))
+            return self._whole(self.head(h))
+        total, count = self.head.loss_terms(h, self._piece(labels))
         count = count.clone()
         dist.all_reduce(count, group=self.cp_group)
         lm_loss = _SumOverGroup.apply(total, self.cp_group) / count
@@ -163,13 +193,18 @@ def apply_context_parallel(model: nn.Module, topo) -> nn.Module:
         return model
     if not isinstance(model, SparseLM):
         raise TypeError(f"context parallelism applies to a SparseLM, got {type(model).__name__}")
+    from sparselm.parallel.context_allgather import AllGatherAttention, check_allgather_attention
+
     group, size, rank = topo.cp_group, topo.cp, topo.cp_rank
+    method = model.config.parallel.cp_method
     swap_class(model, ContextParallelLM)
-    model.cp_group = group
+    model.cp_group, model.cp_size, model.cp_rank, model.cp_zigzag = group, size, rank, method == "allgather"
     reducer = GroupReducer(group)
     for module in model.modules():
         if isinstance(module, Attention):
-            swap_class(module, UlyssesAttention)
+            if method == "allgather":
+                check_allgather_attention(module)
+            swap_class(module, AllGatherAttention if method == "allgather" else UlyssesAttention)
             module.cp_group, module.cp_size, module.cp_rank = group, size, rank
         elif isinstance(module, MoELayer):
             module.sequence_reducer, module.sequence_parts = reducer, size

@@ -118,17 +118,23 @@ def check_layout_fits_model(cfg) -> None:
 
 
 def check_context_parallel(cfg) -> None:
-    """The rules of parallel.cp > 1 (parallel.cp_method=ulysses); ConfigError naming the setting and the fix."""
+    """The rules of parallel.cp > 1 (and its parallel.cp_method); ConfigError naming the setting and the fix."""
     m, p, seq = cfg.model, cfg.parallel, cfg.data.seq_len
     heads, kv = m.n_heads // p.tp, m.kv_heads // p.tp
-    require(heads % p.cp == 0, f"parallel.cp={p.cp} does not divide the {heads} query heads per tensor-parallel rank "
-                               f"(model.n_heads={m.n_heads} / parallel.tp={p.tp}): Ulysses gives each context-parallel "
-                               "rank whole heads; choose cp dividing them (or lower parallel.tp)")
-    require(kv % p.cp == 0 or p.cp % kv == 0,
-            f"parallel.cp={p.cp} and the {kv} key/value heads per tensor-parallel rank (model.n_kv_heads={m.kv_heads} / "
-            f"parallel.tp={p.tp}): one must divide the other (kv heads fewer than cp are replicated); change cp or tp")
-    require(seq % p.cp == 0, f"data.seq_len={seq} is not divisible by parallel.cp={p.cp}: each context-parallel rank "
-                             f"holds seq_len / cp tokens; pick a multiple of {p.cp}")
+    if p.cp_method == "ulysses":
+        require(heads % p.cp == 0, f"parallel.cp={p.cp} does not divide the {heads} query heads per tensor-parallel rank "
+                                   f"(model.n_heads={m.n_heads} / parallel.tp={p.tp}): Ulysses gives each context-parallel "
+                                   "rank whole heads; choose cp dividing them (or lower parallel.tp, or use "
+                                   "parallel.cp_method=allgather)")
+        require(kv % p.cp == 0 or p.cp % kv == 0,
+                f"parallel.cp={p.cp} and the {kv} key/value heads per tensor-parallel rank (model.n_kv_heads={m.kv_heads} / "
+                f"parallel.tp={p.tp}): one must divide the other (kv heads fewer than cp are replicated); change cp or "
+                "tp, or use parallel.cp_method=allgather")
+    pieces = p.cp if p.cp_method == "ulysses" else 2 * p.cp
+    require(seq % pieces == 0, f"data.seq_len={seq} is not divisible by {pieces} (parallel.cp={p.cp}, "
+                               f"parallel.cp_method={p.cp_method}): each context-parallel rank holds "
+                               f"{'seq_len / cp tokens' if pieces == p.cp else 'two chunks of seq_len / (2 cp) tokens'}; "
+                               f"pick a multiple of {pieces}")
     require(p.pp == 1, f"parallel.cp={p.cp} with parallel.pp={p.pp}: context parallelism inside pipeline stages is not "
                        "supported yet; set parallel.pp=1 (or parallel.cp=1)")
     kinds = set(m.layer_kinds())

@@ -22,10 +22,17 @@ def communication_bytes(cfg, layout, stages, zero_stage: int, w: int, a: int, m_
     ('all-reduce tp', 'all-to-all ep', 'all-to-all cp', 'send/recv pp', 'all-reduce dp', 'reduce-scatter dp',
     'all-gather dp', 'all-reduce tied'); ``w``/``a``: bytes of a weight / an activation, ``tokens`` per
     micro-batch on one rank (its context-parallel piece).  Ulysses sends q, k, v and the output of every
-    attention layer through an all-to-all, forward and backward (kv heads fewer than cp replicated first)."""
+    attention layer through an all-to-all, forward and backward (kv heads fewer than cp replicated first);
+    'allgather' gathers every layer's keys and values and all-reduces their gradients (counted under the same
+    'all-to-all cp' key: the context-parallel group's traffic)."""
     kinds = cfg.model.layer_kinds()
     m, d, t, cp = cfg.model, cfg.model.d_model, layout.tp, layout.cp
-    ulysses = tokens * m.head_width * a * (2 * m.n_heads / t + 2 * max(m.kv_heads / t, cp))
+    if cfg.parallel.cp_method == "allgather":  # keys and values gathered; their gradients all-reduced back
+        kv = tokens * cp * 2 * m.kv_heads / t * m.head_width * a
+        per_layer = bus_bytes(kv, cp, "all-gather") + bus_bytes(kv, cp, "all-reduce")
+    else:  # Ulysses: q, k, v and the output through an all-to-all, forward and backward
+        ulysses = tokens * m.head_width * a * (2 * m.n_heads / t + 2 * max(m.kv_heads / t, cp))
+        per_layer = 2 * bus_bytes(ulysses, cp, "all-to-all")
     best = {}
     for s in stages:
         c = {"all-reduce tp": 0.0, "all-to-all ep": 0.0, "all-to-all cp": 0.0, "send/recv pp": 0.0,
@@ -33,7 +40,7 @@ def communication_bytes(cfg, layout, stages, zero_stage: int, w: int, a: int, m_
         act = tokens * d * a
         for i in s.layers:
             cost = block_cost(kinds[i])
-            c["all-to-all cp"] += 2 * bus_bytes(ulysses, cp, "all-to-all")  # forward and backward
+            c["all-to-all cp"] += per_layer
             c["all-reduce tp"] += 2 * cost.tp_all_reduces() * bus_bytes(act, t, "all-reduce")  # forward and backward
             copies = cost.routed_copies(cfg)
             if copies:

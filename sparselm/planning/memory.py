@@ -116,6 +116,8 @@ def rank_memory(cfg, layout, s: StageHold, rank: int, zero_stage: int, offload_o
     if chunk and micro * cfg.data.seq_len / layout.cp > chunk:  # the chunked loss holds one chunk's logits
         logits *= chunk / tokens
     ends = (d if s.first else 0) + ((2 * d + logits) if s.last else 0)
+    if layout.cp > 1 and cfg.parallel.cp_method == "allgather":  # each layer keeps the gathered keys and values
+        ends += len(s.layers) * 2 * cfg.model.kv_heads / t * cfg.model.head_width * layout.cp
     modes = {m: (tokens * a * kept, tokens * a * rebuilt)
              for m, (kept, rebuilt) in stage_activations(cfg, s.layers, t, a, ends).items()}
     mode = cfg.parallel.recompute

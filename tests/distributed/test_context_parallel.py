@@ -29,6 +29,16 @@ CASES = {
     "allattn_window_memory_kv1": ["--model.pattern=allattn", "--model.n_kv_heads=1", "--attention.persistent_slots=5",
                                   "--attention.pattern=sliding_window", "--attention.window=12"],
 }
+ALLGATHER = ["--parallel.cp_method=allgather"]
+ALLGATHER_CASES = {  # every rank keeps its zigzag queries, gathers keys and values: patterns at global positions
+    "allgather_dense_sliding_layers": ["--model.n_kv_heads=1", "--model.attention_layers=sliding,full",
+                                       "--model.sliding_window=6"],
+    "allgather_moe": CASES["moe"],
+    "allgather_bigbird_memory": CASES["allattn_bigbird_memory"],
+    "allgather_window_memory_kv1": CASES["allattn_window_memory_kv1"],
+    "allgather_strided_memory": ["--model.pattern=allattn,dense", "--attention.persistent_slots=3",
+                                 "--attention.pattern=strided", "--attention.stride=5"],
+}
 
 
 def _reduce_like_engine(model, topo, ref):
@@ -53,6 +63,7 @@ def _reduce_like_engine(model, topo, ref):
 def _case(extra, layout):
     from sparselm.config import load_config
     from sparselm.parallel.context import UlyssesAttention
+    from sparselm.parallel.context_allgather import AllGatherAttention
 
     cfg1 = load_config("tiny_dense", BASE + extra)
     cfg2 = load_config("tiny_dense", BASE + extra + layout)
@@ -61,7 +72,8 @@ def _case(extra, layout):
     labels[0, 10:20] = -100  # ignored labels weigh the pieces unequally: the loss is the global token mean
 
     def check(model, topo):
-        assert all(isinstance(block.attn, UlyssesAttention) for block in model.layers)
+        method = AllGatherAttention if "--parallel.cp_method=allgather" in layout else UlyssesAttention
+        assert all(isinstance(block.attn, method) for block in model.layers)
 
     errors = parallel_vs_reference(cfg1, cfg2, ids, labels, check=check, after_backward=_reduce_like_engine)
     if "--model.pattern=moe" in " ".join(extra):
@@ -70,7 +82,8 @@ def _case(extra, layout):
 
 
 def _world2(rank, world):
-    return {name: _case(extra, ["--parallel.cp=2"]) for name, extra in CASES.items()}
+    out = {name: _case(extra, ["--parallel.cp=2"]) for name, extra in CASES.items()}
+    return {**out, **{name: _case(extra, ["--parallel.cp=2", *ALLGATHER]) for name, extra in ALLGATHER_CASES.items()}}
 
 
 def _world4(rank, world):
@@ -79,6 +92,12 @@ def _world4(rank, world):
                          ["--parallel.cp=2", "--parallel.tp=2"]),
         "cp2_dp2_moe": _case(CASES["moe"], ["--parallel.cp=2"]),
         "cp4_kv2": _case([], ["--parallel.cp=4"]),
+        "cp4_allgather_fixed_memory": _case(["--model.pattern=allattn,dense", "--attention.persistent_slots=3",
+                                             "--attention.pattern=fixed", "--attention.stride=8",
+                                             "--attention.summary=2"], ["--parallel.cp=4", *ALLGATHER]),
+        "cp2_allgather_tp2": _case(["--model.pattern=allattn,dense", "--attention.persistent_slots=6",
+                                    "--attention.pattern=block_local", "--attention.block=8"],
+                                   ["--parallel.cp=2", "--parallel.tp=2", *ALLGATHER]),
     }
 
 
@@ -105,7 +124,8 @@ def test_config_errors_name_the_fix():
     cases = [
         (["--parallel.cp=3", "--model.n_heads=6", "--model.n_kv_heads=2", "--model.d_model=48"], "one must divide the other"),
         (["--parallel.cp=8"], "does not divide the 4 query heads"),
-        (["--parallel.cp=2", "--data.seq_len=31"], "not divisible by parallel.cp=2"),
+        (["--parallel.cp=2", "--data.seq_len=31"], "not divisible by 2 \\(parallel.cp=2"),
+        (["--parallel.cp=4", "--parallel.cp_method=allgather", "--data.seq_len=28"], "not divisible by 8"),
         (["--parallel.cp=2", "--parallel.pp=2"], "set parallel.pp=1"),
         (["--parallel.cp=2", "--model.pattern=moe", "--moe.noisy_gating=true"], "moe.noisy_gating"),
     ]
