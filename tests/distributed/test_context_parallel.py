@@ -1,4 +1,5 @@
-"""Context parallelism (parallel.cp, Ulysses) against one process, real gloo: for every block kind the loss,
+"""Context parallelism (parallel.cp: ulysses and allgather) against one process, real gloo: the attention core
+alone in float64 for every pattern (with and without memory slots, MHA and GQA); and for every block kind the loss,
 the logits, every gradient (reduced over the data x context ranks as DeepSpeed reduces them) and the layer
 metrics of cp2 equal the one-process model's (recomputation included); cp2 with tp2 and with dp2, and cp4
 with key/value heads fewer than cp.  One 2-process world and one 4-process world for the whole module."""
@@ -81,7 +82,58 @@ def _case(extra, layout):
     return errors
 
 
+CORE_PATTERNS = {"causal": "reference", "sliding_window": "block_sparse", "strided": "reference",
+                 "fixed": "block_sparse", "block_local": "reference", "bigbird": "block_sparse"}
+
+
+def _core_cases(rank, world):
+    """The attention core alone in float64: each rank's piece of the output and of the q, k, v gradients, and
+    the memory gradients summed over the ranks, equal the whole sequence's (every pattern, both methods,
+    MHA with memory slots and GQA with one kv head without)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from sparselm.config import ModelConfig
+    from sparselm.model.sparse_attention import AttentionConfig, SparseAttention
+    from sparselm.parallel.context import UlyssesAttention, piece_positions, swap_class
+    from sparselm.parallel.context_allgather import AllGatherAttention
+
+    group = dist.new_group(list(range(world)))
+    for pattern, backend in CORE_PATTERNS.items():
+        for method, mixin in (("ulysses", UlyssesAttention), ("allgather", AllGatherAttention)):
+            for kv, slots in ((4, 5), (1, 0)):
+                mcfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=kv, max_seq_len=64)
+                acfg = AttentionConfig(pattern=pattern, window=10, stride=6, summary=2, block=8, random_blocks=1,
+                                       backend=backend)
+                torch.manual_seed(0)  # the same layer, inputs and upstream gradient on every rank
+                full = SparseAttention(mcfg, acfg, slots).double()
+                with torch.no_grad():
+                    qkv = [t.clone().requires_grad_() for t in full.heads(torch.randn(2, 64, 32, dtype=torch.float64))]
+                dy = torch.randn(2, 4, 64, 8, dtype=torch.float64)
+                (full.attend(*qkv) * dy).sum().backward()
+                piece = copy.deepcopy(full)
+                piece.zero_grad()
+                swap_class(piece, mixin)
+                piece.cp_group, piece.cp_size, piece.cp_rank = group, world, rank
+                pos = piece_positions(64, world, rank, method == "allgather")
+                local = [t.detach()[:, :, pos].clone().requires_grad_() for t in qkv]
+                out = piece.attend(*local)
+                (out * dy[:, :, pos]).sum().backward()
+                where = f"{pattern} {method} kv{kv} slots{slots}"
+                with torch.no_grad():
+                    expected = full.attend(*[t.detach() for t in qkv])[:, :, pos]
+                torch.testing.assert_close(out.detach(), expected, rtol=1e-10, atol=1e-12, msg=where)
+                for t_local, t_full in zip(local, qkv):
+                    torch.testing.assert_close(t_local.grad, t_full.grad[:, :, pos], rtol=1e-10, atol=1e-12, msg=where)
+                for name in ("memory_k", "memory_v") if slots else ():
+                    grad = getattr(piece, name).grad.clone()
+                    dist.all_reduce(grad, group=group)
+                    torch.testing.assert_close(grad, getattr(full, name).grad, rtol=1e-10, atol=1e-12, msg=where)
+
+
 def _world2(rank, world):
+    _core_cases(rank, world)
     out = {name: _case(extra, ["--parallel.cp=2"]) for name, extra in CASES.items()}
     return {**out, **{name: _case(extra, ["--parallel.cp=2", *ALLGATHER]) for name, extra in ALLGATHER_CASES.items()}}
 
