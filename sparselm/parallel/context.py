@@ -1,8 +1,9 @@
-"""Context parallelism (``parallel.cp``), method ``ulysses`` (DeepSpeed-Ulysses, Jacobs et al. 2023).
+"""Context parallelism (``parallel.cp``): the pieces, the loss, MoE statistics, and method ``ulysses``
+(DeepSpeed-Ulysses, Jacobs et al. 2023); method ``allgather`` is in ``context_allgather``.
 
 Each rank of a context-parallel group of ``cp`` ranks holds the same parameters and reads the same samples;
-it keeps the contiguous piece ``r`` (of ``T / cp`` tokens) of every sequence, cut from the inputs *and* the
-already shifted labels with the same index set.  Everything in a block is token-wise except attention, which
+it keeps the contiguous piece ``r`` (of ``T / cp`` tokens; with ``allgather`` chunks r and 2 cp - 1 - r of
+2 cp) of every sequence, cut from the inputs *and* the already shifted labels with the same index set.  Everything in a block is token-wise except attention, which
 ``apply_context_parallel(model, topo)`` wraps:
 
 - attention: an all-to-all turns q, k, v [B, H, T/cp, D] (this rank's tokens of its H heads) into
@@ -193,6 +194,7 @@ def apply_context_parallel(model: nn.Module, topo) -> nn.Module:
         return model
     if not isinstance(model, SparseLM):
         raise TypeError(f"context parallelism applies to a SparseLM, got {type(model).__name__}")
+    # delayed on purpose: context_allgather imports this module (piece_positions)
     from sparselm.parallel.context_allgather import AllGatherAttention, check_allgather_attention
 
     group, size, rank = topo.cp_group, topo.cp, topo.cp_rank
