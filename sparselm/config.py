@@ -146,7 +146,8 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel stages (DeepSpeed pipeline engine)."""
     ep: int = 1
-    """Expert-parallel degree (DeepSpeed expert groups); must divide the data-parallel size."""
+    """Expert-parallel degree (DeepSpeed expert groups); must divide the data-parallel size times parallel.cp
+    (experts fold over data and context-parallel ranks alike)."""
     cp: int = 1
     """Context-parallel degree: each sequence is cut into cp contiguous pieces after its labels are shifted, one
     per rank of a context-parallel group (those ranks read the same samples and hold the same parameters), and

@@ -167,10 +167,9 @@ def check_world(cfg, world_size: int) -> int:
     axes = "parallel.tp * parallel.pp" + (" * parallel.cp" if p.cp > 1 else "")
     require(world_size % model_parallel == 0, f"world size {world_size} is not divisible by {axes} = {model_parallel}; launch a multiple of {model_parallel} processes")
     dp = world_size // model_parallel
-    if p.cp > 1:
-        require(p.ep == 1, f"parallel.ep={p.ep} with parallel.cp={p.cp}: experts folded over context-parallel ranks are not "
-                           "supported yet; set parallel.ep=1 or parallel.cp=1")
-    require(dp % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (world {world_size} / tp {p.tp} / pp {p.pp}); choose ep dividing {dp}")
+    require((dp * p.cp) % p.ep == 0, f"parallel.ep={p.ep} does not divide the data-parallel size {dp}"
+            + (f" x parallel.cp={p.cp}" if p.cp > 1 else "") + f" (world {world_size} / tp {p.tp} / pp {p.pp}"
+            + (" / cp" if p.cp > 1 else "") + f"); choose ep dividing {dp * p.cp}")
     require(t.global_batch_size % dp == 0, f"train.global_batch_size={t.global_batch_size} is not divisible by the data-parallel size {dp}; pick a multiple of {dp}")
     per_rank = t.global_batch_size // dp
     micro = t.micro_batch_size or per_rank

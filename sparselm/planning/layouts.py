@@ -48,8 +48,8 @@ def routes_to_experts(cfg) -> bool:
 
 
 def candidate_layouts(cfg, world: int, cp_options=None):
-    """Yield (tp, pp, ep, cp) whose sizes multiply into ``world`` times dp (ep dividing dp; ep > 1 only for a
-    model with routed experts and without context parallelism), before the rules.  ``cp_options``: the
+    """Yield (tp, pp, ep, cp) whose sizes multiply into ``world`` times dp (ep dividing dp x cp: experts fold
+    over data and context ranks; ep > 1 only for a model with routed experts), before the rules.  ``cp_options``: the
     context-parallel degrees to try (default: the config's parallel.cp)."""
     experts = routes_to_experts(cfg)
     for cp in cp_options or (cfg.parallel.cp,):
@@ -60,8 +60,8 @@ def candidate_layouts(cfg, world: int, cp_options=None):
                 if (world // (tp * cp)) % pp:
                     continue
                 dp = world // tp // pp // cp
-                for ep in range(1, dp + 1):
-                    if dp % ep == 0 and (ep == 1 or (experts and cp == 1)):
+                for ep in range(1, dp * cp + 1):
+                    if (dp * cp) % ep == 0 and (ep == 1 or experts):
                         yield tp, pp, ep, cp
 
 
