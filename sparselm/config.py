@@ -153,7 +153,7 @@ class ParallelConfig:
     per rank of a context-parallel group (those ranks read the same samples and hold the same parameters), and
     attention exchanges them as parallel.cp_method says.  Losses, gradients and metrics equal cp=1's; every
     rank holds 1/cp of the activations.  The world is tp * pp * cp * dp ranks; data.seq_len must be a multiple
-    of cp."""
+    of cp (of 2 cp with cp_method=allgather)."""
     cp_method: Literal["ulysses", "allgather"] = "ulysses"
     """Context-parallel attention: 'ulysses' (DeepSpeed-Ulysses): an all-to-all turns this rank's tokens of every
     head into every token of 1/cp of the heads, the attention core (any pattern, backend, window and persistent

@@ -142,6 +142,13 @@ def piece_positions(seq_len: int, cp: int, rank: int, zigzag: bool, device=None)
                       torch.arange(late * c, (late + 1) * c, device=device)])
 
 
+def sequence_piece(x: torch.Tensor, group, size: int, rank: int, zigzag: bool) -> torch.Tensor:
+    """[B, T] -> rank ``rank``'s [B, T / size] of ``group`` (``piece_positions``; no autograd needed: ids, labels)."""
+    if not zigzag:
+        return local_chunk(x, 1, group)
+    return x.index_select(1, piece_positions(x.shape[1], size, rank, True, x.device))
+
+
 class ContextParallelLM:
     """Mixin put in front of ``SparseLM``: cuts this rank's piece of the sequences, adds the loss over the group,
     gathers the logits.  Inputs and labels are the whole (already shifted) sequences, as at cp=1."""
@@ -151,13 +158,11 @@ class ContextParallelLM:
     cp_rank = 0
     cp_zigzag = False
 
-    def _piece(self, x: torch.Tensor) -> torch.Tensor:
+    def sequence_piece(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T] -> this rank's [B, T / cp] (``piece_positions``)."""
-        if not self.cp_zigzag:
-            return local_chunk(x, 1, self.cp_group)
-        return x.index_select(1, piece_positions(x.shape[1], self.cp_size, self.cp_rank, True, x.device))
+        return sequence_piece(x, self.cp_group, self.cp_size, self.cp_rank, self.cp_zigzag)
 
-    def _whole(self, y: torch.Tensor) -> torch.Tensor:
+    def whole_sequence(self, y: torch.Tensor) -> torch.Tensor:
         """Every rank's [B, T / cp, ...] -> [B, T, ...] in position order."""
         y = gather_along_dim(y, 1, self.cp_group)
         if not self.cp_zigzag:
@@ -168,15 +173,19 @@ class ContextParallelLM:
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         """input_ids, labels: [B, T] (every rank of the group the same) -> logits [B, T, vocab] without labels;
         a LossOutput of the whole sequences with labels (the same value on every rank of the group)."""
-        h, aux = self.hidden(self._piece(input_ids))
+        h, aux = self.hidden(self.sequence_piece(input_ids))
         if labels is None:
-            return self._whole(self.head(h))
-        total, count = self.head.loss_terms(h, self._piece(labels))
-        count = count.clone()
-        dist.all_reduce(count, group=self.cp_group)
-        lm_loss = _SumOverGroup.apply(total, self.cp_group) / count
-        aux = _SumOverGroup.apply(aux, self.cp_group)
+            return self.whole_sequence(self.head(h))
+        lm_loss, aux = context_losses(*self.head.loss_terms(h, self.sequence_piece(labels)), aux, self.cp_group)
         return LossOutput(loss=lm_loss + aux, lm_loss=lm_loss, aux_loss=aux)
+
+
+def context_losses(total: torch.Tensor, count: torch.Tensor, aux: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token loss, aux loss) of the whole sequences from this piece's summed token loss, valid-label count and
+    aux losses: sums over the context-parallel ``group`` (differentiable; the count without gradient)."""
+    count = count.clone()
+    dist.all_reduce(count, group=group)
+    return _SumOverGroup.apply(total, group) / count, _SumOverGroup.apply(aux, group)
 
 
 def swap_class(module: nn.Module, mixin: type) -> None:

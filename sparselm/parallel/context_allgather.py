@@ -61,7 +61,7 @@ class AllGatherAttention:
     cp_size = 1
     cp_rank = 0
 
-    def _whole(self, x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def _gathered(self, x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         return _GatherPieces.apply(x, self.cp_group, self.cp_rank).index_select(2, inverse)
 
     def attend(self, q, k, v) -> torch.Tensor:
@@ -72,7 +72,7 @@ class AllGatherAttention:
         order = torch.cat([piece_positions(seq, cp, r, True, device) for r in range(cp)])
         inverse = torch.argsort(order)  # gathered (rank order) -> position order
         q_rot = self.rotary(q, positions)
-        keys, values = self._whole(self.rotary(k, positions), inverse), self._whole(v, inverse)
+        keys, values = self._gathered(self.rotary(k, positions), inverse), self._gathered(v, inverse)
         rows, cols = positions[:, None], torch.arange(seq, device=device)[None, :]
         zero = torch.zeros((), dtype=torch.long, device=device)
         if isinstance(self, SparseAttention):

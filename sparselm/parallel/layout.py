@@ -135,8 +135,6 @@ def check_context_parallel(cfg) -> None:
                                f"parallel.cp_method={p.cp_method}): each context-parallel rank holds "
                                f"{'seq_len / cp tokens' if pieces == p.cp else 'two chunks of seq_len / (2 cp) tokens'}; "
                                f"pick a multiple of {pieces}")
-    require(p.pp == 1, f"parallel.cp={p.cp} with parallel.pp={p.pp}: context parallelism inside pipeline stages is not "
-                       "supported yet; set parallel.pp=1 (or parallel.cp=1)")
     kinds = set(m.layer_kinds())
     if "moe" in kinds:
         require(not cfg.moe.noisy_gating, "moe.noisy_gating=true with parallel.cp > 1 is not supported yet (its noise "

@@ -178,7 +178,6 @@ def test_config_errors_name_the_fix():
         (["--parallel.cp=8"], "does not divide the 4 query heads"),
         (["--parallel.cp=2", "--data.seq_len=31"], "not divisible by 2 \\(parallel.cp=2"),
         (["--parallel.cp=4", "--parallel.cp_method=allgather", "--data.seq_len=28"], "not divisible by 8"),
-        (["--parallel.cp=2", "--parallel.pp=2"], "set parallel.pp=1"),
         (["--parallel.cp=2", "--model.pattern=moe", "--moe.noisy_gating=true"], "moe.noisy_gating"),
     ]
     for extra, message in cases:

@@ -1,7 +1,7 @@
-"""Training under context parallelism end to end: cp2 with the experts folded over the context-parallel pair
-(ep2; torchrun, 2 ranks) against one process on the same batches (losses, grad norms, MoE metrics and bias
-balancing, validation loss), and its checkpoint resumed by one process giving its next step.  (The reverse,
-cp1 resumed at cp2 with ZeRO-2, was checked by hand.)"""
+"""Training under context parallelism end to end: two pipeline stages of cp2 with the experts folded over the
+context-parallel pair (pp2 x cp2 x ep2; torchrun, 4 ranks) against one process on the same batches (losses,
+grad norms, MoE metrics and bias balancing, validation loss), and its checkpoint resumed by one process giving
+its next step.  (The reverse, cp1 resumed at cp2 with ZeRO-2, was checked by hand.)"""
 import pytest
 
 from support.run import torchrun, train
@@ -18,7 +18,8 @@ TIMING = {"tokens_per_s", "tflops", "mfu"}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp_train")
-    train(ARGS + [f"--train.out_dir={root / 'cp2'}", "--parallel.cp=2", "--parallel.ep=2"], launcher=torchrun(2))
+    train(ARGS + [f"--train.out_dir={root / 'cp2'}", "--parallel.cp=2", "--parallel.ep=2", "--parallel.pp=2"],
+          launcher=torchrun(4))
     train(ARGS + [f"--train.out_dir={root / 'one'}"])
     train(ARGS + [f"--train.out_dir={root / 'resumed'}", f"--train.resume={root / 'cp2' / 'checkpoints' / 'step_2'}"])
     return root
