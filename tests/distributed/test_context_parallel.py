@@ -100,9 +100,12 @@ def _core_cases(rank, world):
     from sparselm.parallel.context_allgather import AllGatherAttention
 
     group = dist.new_group(list(range(world)))
-    for pattern, backend in CORE_PATTERNS.items():
-        for method, mixin in (("ulysses", UlyssesAttention), ("allgather", AllGatherAttention)):
-            for kv, slots in ((4, 5), (1, 0)):
+    for i, (pattern, backend) in enumerate(CORE_PATTERNS.items()):
+        for j, (method, mixin) in enumerate((("ulysses", UlyssesAttention), ("allgather", AllGatherAttention))):
+            # (kv heads, memory slots): MHA with memory and GQA with one kv head; causal and sliding_window take
+            # both with each method, the other patterns one per method (both over the two methods)
+            combos = ((4, 5), (1, 0)) if i < 2 else (((4, 5), (1, 0))[(i + j) % 2],)
+            for kv, slots in combos:
                 mcfg = ModelConfig(d_model=32, n_heads=4, n_kv_heads=kv, max_seq_len=64)
                 acfg = AttentionConfig(pattern=pattern, window=10, stride=6, summary=2, block=8, random_blocks=1,
                                        backend=backend)
