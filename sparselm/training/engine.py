@@ -118,7 +118,7 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None, nonfinite=No
 def place_buffers(module: torch.nn.Module, device) -> list[str]:
     """Move every buffer of ``module`` to ``device`` (the engine's) and return the names moved.  Under ZeRO
     stage 3 the parameters are partitioned onto the device as they are built and ``deepspeed.initialize``
-    then leaves the module where it is (``is_zero_init_model``), so buffers (rotary tables, MoE load
+    then leaves the module where it is (``is_zero_init_model``), so buffers (rotary frequencies, MoE load
     counters and biases, PKM usage statistics) would stay on the CPU while the forward runs on the GPU."""
     device = torch.device(device)
     moved = []
