@@ -81,7 +81,7 @@ class ModelConfig:
     pad_vocab_to: int = 64
     """Pad the vocabulary to a multiple of this (fast matmuls, divisible by the tensor-parallel degree)."""
     max_seq_len: int = 256
-    """Longest sequence the model accepts (rotary tables are built to this length)."""
+    """Longest sequence the model accepts (rotary positions are computed per call, so it sizes no table)."""
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm."""
     tie_embeddings: bool = False
@@ -117,6 +117,11 @@ class ModelConfig:
     attention_layers: list[str] = field(default_factory=lambda: ["full"])
     """Attention of each layer, repeated cyclically to n_layers as pattern is: 'full' (causal) or 'sliding'
     (causal within model.sliding_window; Mistral, Qwen2's max_window_layers)."""
+    loss_chunk_tokens: int = 8192
+    """Tokens whose logits the training loss computes at once: longer batches are cut into chunks of this many
+    tokens, each chunk's fp32 logits recomputed in backward instead of kept (the whole batch's fp32 logits,
+    tokens x vocabulary x 4 bytes, are never held; one more output-projection forward of time).  0: the whole
+    batch at once.  The loss and gradients are the same up to fp32 summation order."""
 
     def layer_kinds(self) -> list[str]:
         return [self.pattern[i % len(self.pattern)] for i in range(self.n_layers)]
@@ -147,7 +152,23 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel stages (DeepSpeed pipeline engine)."""
     ep: int = 1
-    """Expert-parallel degree (DeepSpeed expert groups); must divide the data-parallel size."""
+    """Expert-parallel degree (DeepSpeed expert groups); must divide the data-parallel size times parallel.cp
+    (experts fold over data and context-parallel ranks alike)."""
+    cp: int = 1
+    """Context-parallel degree: each sequence is cut into cp contiguous pieces after its labels are shifted, one
+    per rank of a context-parallel group (those ranks read the same samples and hold the same parameters), and
+    attention exchanges them as parallel.cp_method says.  Losses, gradients and metrics equal cp=1's; every
+    rank holds 1/cp of the activations.  The world is tp * pp * cp * dp ranks; data.seq_len must be a multiple
+    of cp (of 2 cp with cp_method=allgather)."""
+    cp_method: Literal["ulysses", "allgather"] = "ulysses"
+    """Context-parallel attention: 'ulysses' (DeepSpeed-Ulysses): an all-to-all turns this rank's tokens of every
+    head into every token of 1/cp of the heads, the attention core (any pattern, backend, window and persistent
+    memory) runs unchanged on the whole sequence, and a second all-to-all turns it back.  Needs the query heads
+    per TP rank (model.n_heads / tp) divisible by cp, and the key/value heads per TP rank divisible by cp or
+    dividing it (they are then replicated).  'allgather' (Megatron's all_gather): each rank keeps its queries
+    (chunks r and 2cp-1-r of 2cp: causal work balanced) and gathers the whole sequence's keys and values; the
+    pattern's mask and rotary at global positions; no head limit, data.seq_len a multiple of 2 cp; masked
+    SDPA core (O(T/cp x T) scores per rank)."""
     zero_stage: int = -1
     """ZeRO stage 0-3; -1 keeps the stage of the DeepSpeed JSON named by ds_config."""
     ds_config: str = "zero1"
@@ -537,6 +558,7 @@ def validate(cfg) -> None:
         require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
     require(m.head_dim > 0 or m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick heads that divide the width or set model.head_dim")
     require(m.head_dim >= 0, f"model.head_dim must be >= 0 (0: d_model / n_heads), got {m.head_dim}")
+    require(m.loss_chunk_tokens >= 0, f"model.loss_chunk_tokens must be >= 0 (0: the whole batch at once), got {m.loss_chunk_tokens}")
     require(m.head_width % 2 == 0, f"the head width {m.head_width} (model.head_dim or d_model/n_heads) must be even for rotary positions")
     validate_attention_features(m)
     require(m.n_heads % m.kv_heads == 0, f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.kv_heads}")
@@ -551,7 +573,7 @@ def validate(cfg) -> None:
     require(d.prefetch >= 0, f"data.prefetch must be >= 0 (0 reads on the training thread), got {d.prefetch}")
     parse_blend(d.dataset, "data.dataset")  # a malformed blend names its source
     parse_blend(d.valid_dataset, "data.valid_dataset")
-    for name in ("tp", "pp", "ep"):
+    for name in ("tp", "pp", "ep", "cp"):
         require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     require(p.zero_stage in (-1, 0, 1, 2, 3), f"parallel.zero_stage must be -1 (from the JSON) or 0..3, got {p.zero_stage}")
     require(p.recompute_every >= 1, f"parallel.recompute_every must be >= 1 (1 recomputes every block), got {p.recompute_every}")

@@ -1,7 +1,7 @@
 """Deferred construction and layout-free initialisation.
 
 Construction allocates no parameter memory: inside ``deferred_init()`` every parameter a module creates
-lives on the meta device (shape, dtype and attributes only), while buffers (rotary tables, usage
+lives on the meta device (shape, dtype and attributes only), while buffers (rotary frequencies, usage
 statistics, the MoE selection bias) are built for real: they are small and some are computed, not drawn.
 This is accelerate's ``init_empty_weights(include_buffers=False)`` and what torchtitan does with
 ``torch.device("meta")``; a rank then materialises only its own pieces (``sparselm.parallel.materialize``).

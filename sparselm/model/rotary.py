@@ -53,19 +53,42 @@ def rope_frequencies(mcfg) -> tuple[torch.Tensor, float]:
 
 
 class Rotary(nn.Module):
+    """Applies rotary positions to [B, H, T, head_dim] queries or keys.
+
+    Holds only the inverse frequencies (fp32, [rot_dim / 2]); the cos/sin table of the positions a call needs
+    is computed in that call, in fp32 as transformers computes it, then cast to the input's dtype.  A
+    per-layer table sized to ``model.max_seq_len`` would cost 2 x 4 x max_seq_len x rot_dim bytes per layer
+    (about 2 GB at 128k tokens x 16 layers of width 128); the per-call table is [T, rot_dim], freed after the
+    call, and equals the rows the full table had bit for bit (the same fp32 operations per element).
+    """
+
     def __init__(self, mcfg):
         super().__init__()
         inv_freq, scale = rope_frequencies(mcfg)
-        self.rot_dim = 2 * inv_freq.numel()
-        angles = torch.arange(mcfg.max_seq_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-        emb = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", emb.cos() * scale, persistent=False)
-        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        self.rot_dim, self.scale = 2 * inv_freq.numel(), scale
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, head_dim] -> same shape with positions 0..T-1 applied (to the first rot_dim channels)."""
-        t = x.shape[-2]
-        cos, sin = self.cos[:t].to(x.dtype), self.sin[:t].to(x.dtype)
+    def _apply(self, fn, recurse=True):
+        # Keep the fp32 frequencies when the model is cast to bf16/fp16 (angles at long positions need every
+        # bit); only the device follows ``fn``.
+        kept = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = kept.to(self.inv_freq.device)
+        return self
+
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [len(positions), rot_dim] in ``dtype``, for int64 token ``positions``."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([angles, angles], dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, H, T, head_dim] -> same shape with rotary applied to the first rot_dim channels, at
+        ``positions`` ([T] int64, default 0..T-1)."""
+        if positions is None:
+            positions = torch.arange(x.shape[-2], dtype=torch.int64, device=x.device)
+        cos, sin = self.table(positions, x.dtype)
         if self.rot_dim < x.shape[-1]:
             rot, rest = x[..., :self.rot_dim], x[..., self.rot_dim:]
             return torch.cat([self._rotate(rot, cos, sin), rest], dim=-1)

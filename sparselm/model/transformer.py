@@ -16,6 +16,7 @@ from sparselm.model.init import (
     materialize,
     owned_parameters,
 )
+from sparselm.model.loss import chunked_loss_sum
 from sparselm.model.norm import RMSNorm
 from sparselm.model.pkm.blocks import bind_shared_values
 from sparselm.model.registry import BLOCKS
@@ -71,13 +72,24 @@ class LMHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(mcfg.d_model, eps=mcfg.norm_eps)
         self.proj = nn.Linear(mcfg.d_model, mcfg.vocab_size, bias=False)
+        self.chunk_tokens = mcfg.loss_chunk_tokens
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(h))
 
+    def token_loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed fp32 cross-entropy of tokens h [N, D] with labels [N] (-100 ignored)."""
+        return F.cross_entropy(self(h).float(), labels, ignore_index=-100, reduction="sum")
+
+    def loss_terms(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy over labels != -100, their count), logits model.loss_chunk_tokens at a time
+        (``sparselm.model.loss``); context parallelism adds both over the sequence's pieces."""
+        return chunked_loss_sum(self.token_loss_sum, h, labels, self.chunk_tokens), (labels != -100).sum()
+
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self(h).float()
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        """Mean next-token cross-entropy over labels != -100."""
+        total, count = self.loss_terms(h, labels)
+        return total / count
 
 
 class SparseLM(nn.Module):

@@ -35,18 +35,20 @@ class ParallelStateMPU:
     get_model_parallel_world_size = get_tensor_model_parallel_world_size
     get_model_parallel_group = get_tensor_model_parallel_group
 
-    # data parallel
+    # data parallel: with context parallelism, the data x context-parallel ranks (they hold the same parameters,
+    # each has the gradient of its piece of the sequences; DeepSpeed reduces gradients and partitions ZeRO state
+    # over them, as megatron's get_data_parallel_group(with_context_parallel=True))
     def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
+        return ps.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
+        return ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_group(self):
-        return ps.get_data_parallel_group()
+        return ps.get_data_parallel_group(with_context_parallel=True)
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(ps.get_data_parallel_group())
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
 
     # pipeline (a single stage)
     def get_pipeline_model_parallel_rank(self) -> int:

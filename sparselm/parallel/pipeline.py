@@ -12,6 +12,7 @@ stages' layers never get memory on this rank and are dropped from the module aft
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 
 import torch
@@ -20,15 +21,22 @@ from torch import nn
 
 from sparselm.errors import ConfigError
 from sparselm.model.transformer import layer_metrics
+from sparselm.parallel.context import context_losses, sequence_piece
 
 
 class EmbeddingStage(nn.Module):
-    def __init__(self, embed: nn.Module):
+    """The token embedding; under context parallelism (``piece``: the model's ``sequence_piece``) it first cuts
+    this rank's piece of the inputs and of the labels that travel with the activations."""
+
+    def __init__(self, embed: nn.Module, piece=None):
         super().__init__()
         self.embed = embed
+        self.piece = piece
 
     def forward(self, inputs):
         input_ids, labels = inputs
+        if self.piece is not None:
+            input_ids, labels = self.piece(input_ids), self.piece(labels)
         h = self.embed(input_ids)
         # A zero that is part of the graph: DeepSpeed back-propagates through every float output.
         aux = h.reshape(-1)[:1].float() * 0.0
@@ -71,14 +79,18 @@ class BlockStage(nn.Module):
 class HeadStage(nn.Module):
     """Final norm, projection and token loss; keeps the detached loss parts of each micro-batch."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head: nn.Module, cp_group=None):
         super().__init__()
         self.head = head
+        self.cp_group = cp_group  # context parallelism: the losses are summed over the sequence's pieces
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, inputs):
         h, aux, labels = inputs
-        lm_loss = self.head.loss(h, labels)
+        if self.cp_group is not None:
+            lm_loss, aux = context_losses(*self.head.loss_terms(h, labels), aux.reshape(()), self.cp_group)
+        else:
+            lm_loss = self.head.loss(h, labels)
         self.parts.append((lm_loss.detach(), aux.detach().reshape(())))
         return (lm_loss + aux.reshape(())).reshape(1)
 
@@ -175,9 +187,14 @@ def build_pipeline(model, topology, partition_method: str = "parameters", materi
 def pipeline_stages(model) -> tuple[list[nn.Module], bool]:
     """A ``SparseLM``'s pipeline stages in order (embedding, one per block, head) and whether the embedding is
     tied to the output projection."""
-    stages: list[nn.Module] = [EmbeddingStage(model.embed)]
+    cp_group = getattr(model, "cp_group", None)  # a context-parallel model (sparselm.parallel.context)
+    piece = None
+    if cp_group is not None:  # a plain function: a bound method would keep the whole model (every stage) alive
+        piece = functools.partial(sequence_piece, group=cp_group, size=model.cp_size, rank=model.cp_rank,
+                                  zigzag=model.cp_zigzag)
+    stages: list[nn.Module] = [EmbeddingStage(model.embed, piece)]
     stages += [BlockStage(block, i) for i, block in enumerate(model.layers)]
-    stages.append(HeadStage(model.head))
+    stages.append(HeadStage(model.head, cp_group))
     return stages, model.head.proj.weight is model.embed.weight
 
 

@@ -2,8 +2,9 @@
 
 ``Topology(cfg)`` (after torch.distributed is initialised, e.g. by ``sparselm.training.runtime.init_distributed``)
 - validates the layout against the world size and the model (``layout.validate_layout``);
-- creates megatron-core ``parallel_state`` groups (TP, DP, PP) for tensor parallelism;
-- builds DeepSpeed's ``PipeModelDataParallelTopology`` (what a ``PipelineModule`` is given);
+- creates megatron-core ``parallel_state`` groups (TP, CP, DP, PP) for tensor parallelism;
+- builds DeepSpeed's ``PipeModelDataParallelTopology`` (what a ``PipelineModule`` is given), whose data axis
+  holds the data x context-parallel ranks (``layout``);
 - creates DeepSpeed's expert-parallel groups under its own name ``ep_size_<ep>``, so
   ``deepspeed.moe.layer.MoE(ep_size=ep)`` finds and uses them (it creates none of its own);
 - checks on every rank that megatron-core, DeepSpeed and ``Layout`` agree on every coordinate and group,
@@ -38,18 +39,19 @@ class Topology:
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.layout: Layout = validate_layout(cfg, self.world_size)
         self.tp, self.pp, self.dp, self.ep = self.layout.tp, self.layout.pp, self.layout.dp, self.layout.ep
+        self.cp = self.layout.cp
         self.coord: Coord = self.layout.coord(self.rank)
         ensure_deepspeed_comm()
 
         # gloo is already every group's backend on CPU; megatron's extra gloo copies would only add start-up time.
         ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                                     create_gloo_process_groups=False,
+                                     context_parallel_size=self.cp, create_gloo_process_groups=False,
                                      # typed int, used only as timedelta(minutes=...): fractions hold
                                      distributed_timeout_minutes=cfg.parallel.timeout_minutes)
         from sparselm.parallel.mpu import ParallelStateMPU
 
         self._ps_mpu = ParallelStateMPU()
-        self.ds_topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+        self.ds_topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp * self.cp)
         self.ep_group_name = f"ep_size_{self.ep}"
         self._create_expert_groups()
         self._check_agreement()
@@ -66,6 +68,15 @@ class Topology:
     @property
     def dp_size(self) -> int:
         return self.dp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coord.cp
+
+    @property
+    def dp_cp_size(self) -> int:
+        """Ranks that reduce gradients and metrics together: data x context parallel (DeepSpeed's data axis)."""
+        return self.dp * self.cp
 
     @property
     def is_first_stage(self) -> bool:
@@ -86,6 +97,19 @@ class Topology:
         from megatron.core import parallel_state as ps
 
         return ps.get_data_parallel_group()
+
+    @property
+    def cp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_context_parallel_group()
+
+    @property
+    def dp_cp_group(self):
+        """The data x context-parallel group (``dp_cp_size`` ranks): gradients, statistics and metrics."""
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group(with_context_parallel=True)
 
     @property
     def pp_group(self):
@@ -140,18 +164,19 @@ class Topology:
         from sparselm.parallel.deepspeed_private import expert_group_ranks
 
         mine = torch.tensor([ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
-                             ps.get_tensor_model_parallel_rank()], dtype=torch.long)
+                             ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()], dtype=torch.long)
         every = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine)
         problems = []
         for r, coords in enumerate(every):
             megatron = Coord(*coords.tolist())
-            c = self.ds_topology.get_coord(r)
-            deepspeed = Coord(pp=c.pipe, dp=c.data, tp=c.model)
+            c = self.ds_topology.get_coord(r)  # DeepSpeed's data coordinate is cp + CP * dp
+            deepspeed = Coord(pp=c.pipe, dp=c.data // self.cp, tp=c.model, cp=c.data % self.cp)
             if not megatron == deepspeed == self.layout.coord(r):
                 problems.append(f"rank {r}: megatron {megatron}, deepspeed {deepspeed}, layout {self.layout.coord(r)}")
-        ds_axis = {"tp": "model", "dp": "data", "pp": "pipe"}
+        ds_axis = {"tp": "model", "dpcp": "data", "pp": "pipe"}
         live = {"tp": ps.get_tensor_model_parallel_group(), "dp": ps.get_data_parallel_group(),
+                "cp": ps.get_context_parallel_group(), "dpcp": ps.get_data_parallel_group(with_context_parallel=True),
                 "pp": ps.get_pipeline_model_parallel_group(), "mp": ps.get_model_parallel_group(),
                 "ep": self.ep_group, "edp": self.expert_dp_group}
         for axis, group in live.items():
@@ -202,9 +227,9 @@ class VirtualTopology:
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
         self.layout, self.rank, self.world_size = layout, rank, layout.world_size
-        self.tp, self.pp, self.dp, self.ep = layout.tp, layout.pp, layout.dp, layout.ep
+        self.tp, self.pp, self.dp, self.ep, self.cp = layout.tp, layout.pp, layout.dp, layout.ep, layout.cp
         self.coord: Coord = layout.coord(rank)
-        self.ds_topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+        self.ds_topology = PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp * self.cp)
 
     @classmethod
     def for_config(cls, cfg, world_size: int, rank: int) -> "VirtualTopology":
@@ -218,6 +243,10 @@ class VirtualTopology:
 
     tp_group = property(lambda self: self.group("tp"))
     dp_group = property(lambda self: self.group("dp"))
+    cp_group = property(lambda self: self.group("cp"))
+    dp_cp_group = property(lambda self: self.group("dpcp"))
+    dp_cp_size = property(lambda self: self.dp * self.cp)
+    cp_rank = property(lambda self: self.coord.cp)
     pp_group = property(lambda self: self.group("pp"))
     ep_group = property(lambda self: self.group("ep"))
     expert_dp_group = property(lambda self: self.group("edp"))

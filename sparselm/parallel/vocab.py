@@ -7,6 +7,7 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel
 from torch import nn
 
 from sparselm.model.init import deferred_init
+from sparselm.model.loss import chunked_loss_sum
 from sparselm.model.transformer import LMHead
 from sparselm.parallel.comm import gather_along_dim
 from sparselm.parallel.pieces import Shard
@@ -30,6 +31,7 @@ class VocabParallelLMHead(nn.Module):
         super().__init__()
         self.norm = head.norm
         self.proj = column_parallel(head.proj, topo)
+        self.chunk_tokens = head.chunk_tokens
 
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
         """This rank's vocabulary slice of the logits."""
@@ -39,12 +41,22 @@ class VocabParallelLMHead(nn.Module):
         """Full logits [..., vocab] on every rank (generation, evaluation)."""
         return gather_along_dim(self.local_logits(h), -1, self.proj.tp_group)
 
-    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over labels != -100, without materialising full logits."""
+    def token_loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed fp32 cross-entropy of tokens h [N, D] with labels [N] (-100 ignored), from this rank's
+        vocabulary slice of the logits (megatron's vocab-parallel loss; full logits are never formed)."""
         valid = labels != -100
         # megatron's loss has no ignore_index: feed a harmless id and zero those positions.
         per_token = vocab_parallel_cross_entropy(self.local_logits(h).float(), labels.masked_fill(~valid, 0))
-        return (per_token * valid).sum() / valid.sum()
+        return (per_token * valid).sum()
+
+    def loss_terms(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``LMHead.loss_terms``: (summed loss, valid label count), model.loss_chunk_tokens at a time."""
+        return chunked_loss_sum(self.token_loss_sum, h, labels, self.chunk_tokens), (labels != -100).sum()
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over labels != -100, without materialising full logits."""
+        total, count = self.loss_terms(h, labels)
+        return total / count
 
 
 @register_tp_rule(LMHead)

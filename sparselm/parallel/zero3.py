@@ -41,7 +41,7 @@ class Zero3Partitioner:
         self.dtype = working_dtype(ds_config)
         self.experts_per_gather = experts_per_gather
         self.expert_dp_group = topo.expert_dp_group if topo.ep > 1 else None
-        self.convert = zero3_converter(ds_config, topo.dp_group, mpu=topo.mpu, dtype=self.dtype)
+        self.convert = zero3_converter(ds_config, topo.dp_cp_group, mpu=topo.mpu, dtype=self.dtype)
 
     def prepare(self, model: torch.nn.Module) -> None:
         from sparselm.parallel.expert import moe_layers, tag_experts_for_zero3

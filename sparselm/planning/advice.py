@@ -19,17 +19,19 @@ GPU_FACTORS = (2, 4, 8, 16)
 
 
 def search(cfg, world: int, gpu_mem_gb: float, host_mem_gb=None, device="gpu", assume=None,
-           recompute_options=("none", "full")):
-    """(fitting plans ranked by estimated step time, refused layouts as ((tp, pp, ep, recompute), reason), plans
-    that do not fit).  Each layout of ``world`` is tried with each of ``recompute_options`` (parallel.recompute)."""
+           recompute_options=("none", "full"), cp_options=None):
+    """(fitting plans ranked by estimated step time, refused layouts as ((tp, pp, ep, cp, recompute), reason),
+    plans that do not fit).  Each layout of ``world`` is tried with each of ``recompute_options``
+    (parallel.recompute) and context-parallel degree of ``cp_options`` (default: the config's parallel.cp)."""
     fitting, refused, too_big = [], [], []
-    for tp, pp, ep in sorted(candidate_layouts(cfg, world), key=lambda c: (c[0], c[2], c[1])):  # one model per (tp, ep)
+    layouts = sorted(candidate_layouts(cfg, world, cp_options), key=lambda c: (c[3], c[0], c[2], c[1]))  # one model per (cp, tp, ep)
+    for tp, pp, ep, cp in layouts:
         for ac in recompute_options:
-            variant = configure(cfg, tp=tp, pp=pp, ep=ep, recompute=ac)
+            variant = configure(cfg, tp=tp, pp=pp, ep=ep, recompute=ac, cp=cp)
             try:
                 plan = plan_layout(variant, world, gpu_mem_gb, host_mem_gb, device, assume)
             except ConfigError as err:
-                refused.append(((tp, pp, ep, ac), str(err)))
+                refused.append(((tp, pp, ep, cp, ac), str(err)))
                 continue
             (fitting if plan.fits else too_big).append(plan)
     fitting.sort(key=lambda p: (p.time["step_s"], max(r.gpu_bytes for r in p.ranks)))
@@ -86,7 +88,7 @@ def smallest_fix(cfg, world: int, gpu_mem_gb, host_mem_gb=None, device="gpu", as
         if not best:
             return None
         lay = best[0].layout
-        return f" (best there: tp={lay.tp} pp={lay.pp} ep={lay.ep}{', recompute ' + best[0].cfg.parallel.recompute if best[0].cfg.parallel.recompute != 'none' else ''})"
+        return f" (best there: tp={lay.tp} pp={lay.pp} ep={lay.ep}{f' cp={lay.cp}' if lay.cp > 1 else ''}{', recompute ' + best[0].cfg.parallel.recompute if best[0].cfg.parallel.recompute != 'none' else ''})"
 
     for fix in fixes(cfg, world):
         if searched and fix.searched:

@@ -1,7 +1,8 @@
 """Bytes one rank sends per optimizer step, by collective and group, under ring algorithms: tensor-parallel
 all-reduces (per block from its kind's cost model, plus expert outputs under expert TP and the
-vocabulary-parallel ends), expert-parallel all-to-alls, pipeline send/recv, the data-parallel gradient
-collectives of each ZeRO stage and the tied embedding's all-reduce."""
+vocabulary-parallel ends), expert-parallel all-to-alls, context-parallel (Ulysses) all-to-alls, pipeline
+send/recv, the data-parallel gradient collectives of each ZeRO stage (over data x context-parallel ranks)
+and the tied embedding's all-reduce."""
 from __future__ import annotations
 
 from sparselm.model.registry import block_cost
@@ -18,17 +19,28 @@ def bus_bytes(size: float, n: int, kind: str) -> float:
 
 def communication_bytes(cfg, layout, stages, zero_stage: int, w: int, a: int, m_batches: int, tokens: int) -> dict:
     """Bytes one rank of the busiest stage of ``stages`` sends per optimizer step, by collective and group
-    ('all-reduce tp', 'all-to-all ep', 'send/recv pp', 'all-reduce dp', 'reduce-scatter dp', 'all-gather dp',
-    'all-reduce tied'); ``w``/``a``: bytes of a weight / an activation, ``tokens`` per micro-batch."""
+    ('all-reduce tp', 'all-to-all ep', 'all-to-all cp', 'send/recv pp', 'all-reduce dp', 'reduce-scatter dp',
+    'all-gather dp', 'all-reduce tied'); ``w``/``a``: bytes of a weight / an activation, ``tokens`` per
+    micro-batch on one rank (its context-parallel piece).  Ulysses sends q, k, v and the output of every
+    attention layer through an all-to-all, forward and backward (kv heads fewer than cp replicated first);
+    'allgather' gathers every layer's keys and values and all-reduces their gradients (counted under the same
+    'all-to-all cp' key: the context-parallel group's traffic)."""
     kinds = cfg.model.layer_kinds()
-    d, t = cfg.model.d_model, layout.tp
+    m, d, t, cp = cfg.model, cfg.model.d_model, layout.tp, layout.cp
+    if cfg.parallel.cp_method == "allgather":  # keys and values gathered; their gradients all-reduced back
+        kv = tokens * cp * 2 * m.kv_heads / t * m.head_width * a
+        per_layer = bus_bytes(kv, cp, "all-gather") + bus_bytes(kv, cp, "all-reduce")
+    else:  # Ulysses: q, k, v and the output through an all-to-all, forward and backward
+        ulysses = tokens * m.head_width * a * (2 * m.n_heads / t + 2 * max(m.kv_heads / t, cp))
+        per_layer = 2 * bus_bytes(ulysses, cp, "all-to-all")
     best = {}
     for s in stages:
-        c = {"all-reduce tp": 0.0, "all-to-all ep": 0.0, "send/recv pp": 0.0, "all-reduce dp": 0.0,
-             "reduce-scatter dp": 0.0, "all-gather dp": 0.0, "all-reduce tied": 0.0}
+        c = {"all-reduce tp": 0.0, "all-to-all ep": 0.0, "all-to-all cp": 0.0, "send/recv pp": 0.0,
+             "all-reduce dp": 0.0, "reduce-scatter dp": 0.0, "all-gather dp": 0.0, "all-reduce tied": 0.0}
         act = tokens * d * a
         for i in s.layers:
             cost = block_cost(kinds[i])
+            c["all-to-all cp"] += per_layer
             c["all-reduce tp"] += 2 * cost.tp_all_reduces() * bus_bytes(act, t, "all-reduce")  # forward and backward
             copies = cost.routed_copies(cfg)
             if copies:
@@ -44,8 +56,9 @@ def communication_bytes(cfg, layout, stages, zero_stage: int, w: int, a: int, m_
             if s.first or s.last:
                 tied = cfg.model.tie_embeddings and s.by_kind["embedding"]
                 c["all-reduce tied"] = bus_bytes(w * cfg.model.vocab_size / t * d, 2, "all-reduce") if tied else 0.0
-        dense, expert, edp = (s.params - s.expert) * w, s.expert * w, layout.dp // layout.ep
-        for size, n in ((dense, layout.dp), (expert, edp)):
+        dpcp = layout.dp * layout.cp
+        dense, expert, edp = (s.params - s.expert) * w, s.expert * w, dpcp // layout.ep
+        for size, n in ((dense, dpcp), (expert, edp)):
             if zero_stage == 0:
                 c["all-reduce dp"] += bus_bytes(size, n, "all-reduce")
             elif zero_stage in (1, 2):

@@ -86,9 +86,9 @@ def one_thread():
 
 
 def short_tables(cfg):
-    """A copy of ``cfg`` with a short rotary table: ``model.max_seq_len`` sizes only that buffer (real even on
-    the meta device: 2 GiB for 120 layers at 16k), never a parameter; the tests compare against full-length
-    builds."""
+    """A copy of ``cfg`` with a short ``model.max_seq_len``, which sizes no parameter (it sized the per-layer rotary
+    tables, real even on the meta device, before they were computed per call; kept as a guard); the tests compare
+    against full-length builds."""
     cfg = copy.deepcopy(cfg)
     cfg.model.max_seq_len = min(cfg.model.max_seq_len, 16)
     return cfg

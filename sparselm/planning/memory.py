@@ -1,8 +1,8 @@
 """Per-rank memory of a layout, GPU and host, in bytes: model states by DeepSpeed's ZeRO rules, activations
 from the block kinds' cost models, the optimizer step's workspace and runtime overheads.
 
-Model states per rank (P: its parameters; d: ZeRO's partition degree, dp for dense parameters and dp / ep
-for experts; w: bytes of a weight, 2 under bf16/fp16, 4 in fp32; L: its largest module), as DeepSpeed's
+Model states per rank (P: its parameters; d: ZeRO's partition degree, dp x cp for dense parameters and
+dp x cp / ep for experts (context-parallel ranks are DeepSpeed data-parallel ranks); w: bytes of a weight, 2 under bf16/fp16, 4 in fp32; L: its largest module), as DeepSpeed's
 ``estimate_zero2/3_model_states_mem_needs`` (tests/unit/planning/test_plan.py checks them against those):
 - ZeRO-0: weights wP, gradients wP, fp32 master 4P (when w < 4), Adam 8P, fp32 gradients 4P (when w < 4);
 - ZeRO-1: weights wP, gradients wP, master + Adam + fp32 gradients 16P/d (DeepSpeed keeps the fp32
@@ -88,9 +88,10 @@ def rank_memory(cfg, layout, s: StageHold, rank: int, zero_stage: int, offload_o
     optimizer / the parameters to host when set), ``w``-byte weights and activations, ``micro`` sequences per
     micro-batch and ``m_batches`` micro-batches per step; ``device='cpu'`` puts everything in host memory."""
     stage = layout.coord(rank).pp
-    edp, t, a = layout.dp // layout.ep, layout.tp, w  # activations in the weights' precision
+    dpcp = layout.dp * layout.cp  # DeepSpeed's data axis: ZeRO partitions over the context-parallel ranks too
+    edp, t, a = dpcp // layout.ep, layout.tp, w  # activations in the weights' precision
     dense, expert = s.params - s.expert, s.expert
-    part = dense / layout.dp + expert / edp if zero_stage >= 1 else dense + expert  # ZeRO's partition of P
+    part = dense / dpcp + expert / edp if zero_stage >= 1 else dense + expert  # ZeRO's partition of P
     states = {"weights": w * (part if zero_stage == 3 else s.params)}
     if zero_stage <= 1:
         states["gradients"] = w * s.params
@@ -107,16 +108,23 @@ def rank_memory(cfg, layout, s: StageHold, rank: int, zero_stage: int, offload_o
         to_host = (offload_opt and key.startswith("fp32")) or (offload_param and key == "weights")
         (host if to_host else gpu)[key] = value
     # activations of one micro-batch under each recomputation mode: kept ones for every micro-batch in
-    # flight, plus one recomputed block rebuilt at a time in backward
-    d, tokens = cfg.model.d_model, micro * cfg.data.seq_len
-    ends = (d if s.first else 0) + ((2 * d + cfg.model.vocab_size / t * (a + 8) / a) if s.last else 0)
+    # flight, plus one recomputed block rebuilt at a time in backward; a context-parallel rank holds 1/cp of
+    # the tokens (Ulysses: the attention core's whole sequence for 1/cp of the heads, the same elements)
+    d, tokens = cfg.model.d_model, micro * cfg.data.seq_len / layout.cp
+    logits = cfg.model.vocab_size / t * (a + 8) / a
+    chunk = cfg.model.loss_chunk_tokens
+    if chunk and micro * cfg.data.seq_len / layout.cp > chunk:  # the chunked loss holds one chunk's logits
+        logits *= chunk / tokens
+    ends = (d if s.first else 0) + ((2 * d + logits) if s.last else 0)
+    if layout.cp > 1 and cfg.parallel.cp_method == "allgather":  # each layer keeps the gathered keys and values
+        ends += len(s.layers) * 2 * cfg.model.kv_heads / t * cfg.model.head_width * layout.cp
     modes = {m: (tokens * a * kept, tokens * a * rebuilt)
              for m, (kept, rebuilt) in stage_activations(cfg, s.layers, t, a, ends).items()}
     mode = cfg.parallel.recompute
     in_flight = min(layout.pp - stage, m_batches) if layout.pp > 1 else 1
     act = modes[mode][0] * in_flight + modes[mode][1]
     if zero_stage >= 1:
-        workspace = 4 * max((n / (edp if moe else layout.dp) for n, moe in s.groups.values()), default=0)
+        workspace = 4 * max((n / (edp if moe else dpcp) for n, moe in s.groups.values()), default=0)
     else:
         workspace = 4 * s.largest_tensor
     if offload_opt:  # DeepSpeedCPUAdam updates in place, on the host
@@ -132,4 +140,4 @@ def rank_memory(cfg, layout, s: StageHold, rank: int, zero_stage: int, offload_o
                     activations={"per_micro_batch": modes["none"][0], "per_micro_batch_full": modes["full"][0],
                                  "per_micro_batch_selective": modes["selective"][0], "recompute": mode,
                                  "in_flight": in_flight, "peak": act, "step_workspace": workspace},
-                    checkpoint_bytes=int(12 * (dense / layout.dp + expert / edp)))
+                    checkpoint_bytes=int(12 * (dense / dpcp + expert / edp)))

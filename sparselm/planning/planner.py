@@ -92,7 +92,8 @@ def plan_layout(cfg, world: int, gpu_mem_gb: float, host_mem_gb: float | None = 
     m_batches = per_rank // micro
     ranks = [rank_memory(cfg, layout, stages[layout.coord(r).pp], r, stage_no, offload_opt, offload_param, w, micro,
                          m_batches, device, assume) for r in range(layout.world_size)]
-    comm = communication_bytes(cfg, layout, stages, stage_no, w, w, m_batches, micro * cfg.data.seq_len)
+    # a context-parallel rank holds micro * seq_len / cp tokens of each micro-batch
+    comm = communication_bytes(cfg, layout, stages, stage_no, w, w, m_batches, micro * cfg.data.seq_len // layout.cp)
     time = step_time(cfg, layout, stages, comm, assume, m_batches, offload_opt, w)
     plan = Plan(cfg=cfg, layout=layout, ds=ds, device=device, stages=stages, ranks=ranks, micro_batch=micro,
                 micro_batches=m_batches, zero_stage=stage_no, notes=notes, comm=comm, time=time)

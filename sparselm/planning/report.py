@@ -43,7 +43,7 @@ def format_plan(plan: Plan) -> str:
     (parameters by kind, every memory component on GPU or host, activations), communication, the step time,
     notes and whether it fits."""
     lay, lines = plan.layout, []
-    lines.append(f"layout tp={lay.tp} pp={lay.pp} ep={lay.ep} dp={lay.dp} ({lay.world_size} {plan.device.upper()}s), "
+    lines.append(f"layout tp={lay.tp} pp={lay.pp} ep={lay.ep}{f' cp={lay.cp}' if lay.cp > 1 else ''} dp={lay.dp} ({lay.world_size} {plan.device.upper()}s), "
                  f"ds_config={plan.cfg.parallel.ds_config} (ZeRO-{plan.zero_stage}, {precision_bytes(plan.ds) * 8}-bit weights), "
                  f"micro-batch {plan.micro_batch} x {plan.micro_batches}, recomputation {plan.cfg.parallel.recompute}"
                  f"{' every ' + str(plan.cfg.parallel.recompute_every) + ' block(s)' if plan.cfg.parallel.recompute != 'none' else ''}")
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tp", type=int, default=None)
     parser.add_argument("--pp", type=int, default=None)
     parser.add_argument("--ep", type=int, default=None)
+    parser.add_argument("--cp", type=int, default=None, help="context-parallel degree (parallel.cp)")
+    parser.add_argument("--search-cp", default=None,
+                        help="with --search: context-parallel degrees to try, comma-separated (default: --cp or the config's)")
     parser.add_argument("--ds-config", default=None, help="DeepSpeed JSON name or path (parallel.ds_config)")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (train.micro_batch_size)")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
@@ -137,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.exit(2, "sparselm.plan: error: --gpus must be >= 1 and --gpu-mem > 0\n")
     try:
         cfg = load_config(args.config, overrides, check=False)
-        cfg = configure(cfg, args.tp, args.pp, args.ep, args.ds_config, args.micro_batch)
-        result = _run(cfg, args, assume)
+        cfg = configure(cfg, args.tp, args.pp, args.ep, args.ds_config, args.micro_batch, cp=args.cp)
+        cp_options = tuple(int(c) for c in args.search_cp.split(",")) if args.search_cp else None
+        result = _run(cfg, args, assume, cp_options)
     except USER_ERRORS as err:
         parser.exit(2, f"sparselm.plan: error: {err}\n")
     if args.json:
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _run(cfg, args, assume) -> dict:
+def _run(cfg, args, assume, cp_options=None) -> dict:
     """Plan or search for the parsed ``args``; raises ConfigError when no layout can run."""
     world, out = args.gpus, print
     out(format_assumptions(assume))
@@ -165,7 +169,7 @@ def _run(cfg, args, assume) -> dict:
             out(f"smallest change that fits: {fix}" if fix else
                 "no single change tried fits (ep, tp, pp, recomputation, micro-batch, offload, up to 16x the GPUs)")
         return result
-    fitting, refused, too_big = search(cfg, world, args.gpu_mem, args.host_mem, args.device, assume)
+    fitting, refused, too_big = search(cfg, world, args.gpu_mem, args.host_mem, args.device, assume, cp_options=cp_options)
     if not fitting and not too_big:
         near = nearest_valid_worlds(cfg, world)
         reasons = sorted({reason for _, reason in refused})[:3]
@@ -173,16 +177,16 @@ def _run(cfg, args, assume) -> dict:
                           + (f"; GPU counts with a valid layout nearby: {', '.join(map(str, near))}" if near else ""))
     out(f"{len(fitting)} of {len(fitting) + len(too_big)} valid layouts of {world} GPUs fit "
         f"({len(refused)} refused by the start-up checks); ranked by estimated step time:")
-    out("  rank  tp  pp  ep   dp  recompute  ZeRO  GPU GiB  host GiB  step s  bubble  why not")
+    out("  rank  tp  pp  ep  cp   dp  recompute  ZeRO  GPU GiB  host GiB  step s  bubble  why not")
     for i, p in enumerate(fitting[:args.top] + sorted(too_big, key=lambda p: max(r.gpu_bytes for r in p.ranks))[:3]):
         lay = p.layout
-        out(f"  {str(i + 1) if p.fits else '-':>4}  {lay.tp:>2}  {lay.pp:>2}  {lay.ep:>2}  {lay.dp:>3}  "
+        out(f"  {str(i + 1) if p.fits else '-':>4}  {lay.tp:>2}  {lay.pp:>2}  {lay.ep:>2}  {lay.cp:>2}  {lay.dp:>3}  "
             f"{p.cfg.parallel.recompute:>9}  {p.zero_stage:>4}  "
             f"{max(r.gpu_bytes for r in p.ranks) / GiB:>7.1f}  {max(r.host_bytes for r in p.ranks) / GiB:>8.1f}  "
             f"{p.time['step_s']:>6.2f}  {p.time['bubble_fraction']:>6.2f}  {p.why}")
     result = {"fits": bool(fitting), "gpus": world, "layouts": [p.as_dict() for p in fitting],
-              "refused": [{"tp": tp, "pp": pp, "ep": ep, "recompute": ac, "why": why}
-                          for (tp, pp, ep, ac), why in refused]}
+              "refused": [{"tp": tp, "pp": pp, "ep": ep, "cp": cp, "recompute": ac, "why": why}
+                          for (tp, pp, ep, cp, ac), why in refused]}
     if fitting:
         out("best layout:")
         out(format_plan(fitting[0]))

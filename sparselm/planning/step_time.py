@@ -32,13 +32,15 @@ def step_time(cfg, layout, stages, comm: dict, assume: Assumptions, m_batches: i
         return (assume.nvlink_gbs if intra_node(layout, axis, assume.gpus_per_node) else assume.network_gbs) * 1e9
 
     comm_s = {"tp": comm["all-reduce tp"] / bandwidth("tp"), "ep": comm["all-to-all ep"] / bandwidth("ep"),
+              "cp": comm["all-to-all cp"] / bandwidth("cp"),
               "pp": (comm["send/recv pp"] + comm["all-reduce tied"]) / bandwidth("pp"),
-              "dp": (comm["all-reduce dp"] + comm["reduce-scatter dp"] + comm["all-gather dp"]) / bandwidth("dp")
+              "dp": (comm["all-reduce dp"] + comm["reduce-scatter dp"] + comm["all-gather dp"]) / bandwidth("dpcp")
               * (1 - assume.overlap_dp)}
     offload = 0.0
     if offload_opt:
         s = max(stages, key=lambda s: s.params)
-        part = (s.params - s.expert) / layout.dp + s.expert / (layout.dp // layout.ep)
+        dpcp = layout.dp * layout.cp
+        part = (s.params - s.expert) / dpcp + s.expert / (dpcp // layout.ep)
         offload = part / (assume.cpu_adam_gparams_s * 1e9) + (4 + w) * part / (assume.pcie_gbs * 1e9)
     step = compute * (1 + bubble) + sum(comm_s.values()) + offload
     return {"step_s": step, "compute_s": compute, "bubble_fraction": bubble, "comm_s": comm_s, "offload_s": offload,

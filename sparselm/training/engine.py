@@ -27,6 +27,10 @@ def build_ds_config(cfg, dp_size: int, notes: list[str] | None = None, cuda: boo
     ds, found = resolve_ds_json(raw, cfg, dp_size, cfg.parallel.ds_config)
     if notes is not None:
         notes.extend(found)
+    if cfg.parallel.cp > 1:
+        # DeepSpeed's data axis holds the data x context-parallel ranks (the mpu's data group), each of which runs
+        # every micro-batch of its data-parallel rank: its batch bookkeeping counts each sample cp times.
+        ds["train_batch_size"] *= cfg.parallel.cp
     if cfg.parallel.pp > 1:
         # DeepSpeed partitions the activations sent between stages over the TP group whenever tp > 1, which
         # requires later stages' outputs not to need grad; ours carry the aux loss, which does.
@@ -114,7 +118,7 @@ def build_engine(model, cfg, dp_size: int, mpu=None, norm_mpu=None, nonfinite=No
 def place_buffers(module: torch.nn.Module, device) -> list[str]:
     """Move every buffer of ``module`` to ``device`` (the engine's) and return the names moved.  Under ZeRO
     stage 3 the parameters are partitioned onto the device as they are built and ``deepspeed.initialize``
-    then leaves the module where it is (``is_zero_init_model``), so buffers (rotary tables, MoE load
+    then leaves the module where it is (``is_zero_init_model``), so buffers (rotary frequencies, MoE load
     counters and biases, PKM usage statistics) would stay on the CPU while the forward runs on the GPU."""
     device = torch.device(device)
     moved = []

@@ -326,15 +326,16 @@ class Trainer:
         return batch[self.topo.dp_rank * per_rank:(self.topo.dp_rank + 1) * per_rank]
 
     def _dp_mean(self, values: dict[str, torch.Tensor]) -> dict[str, float | list]:
-        """Average named scalars/vectors over data-parallel ranks in one all-reduce."""
+        """Average named scalars/vectors over data-parallel ranks in one all-reduce (and context-parallel ranks:
+        their losses are already the whole sequences', their per-forward metrics are pieces' that average to it)."""
         names = sorted(values)
         flat = [values[n].detach().float().reshape(-1).cpu() for n in names]
         if not flat:
             return {}
         buf = torch.cat(flat)
-        if self.topo.dp_size > 1:
-            dist.all_reduce(buf, group=self.topo.dp_group)
-            buf /= self.topo.dp_size
+        if self.topo.dp_cp_size > 1:
+            dist.all_reduce(buf, group=self.topo.dp_cp_group)
+            buf /= self.topo.dp_cp_size
         out, i = {}, 0
         for n, f in zip(names, flat):
             chunk = buf[i:i + f.numel()]

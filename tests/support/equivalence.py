@@ -7,12 +7,13 @@ import torch
 from support.run import rel_error
 
 
-def parallel_vs_reference(cfg1, cfg2, ids, labels, check=None) -> dict:
+def parallel_vs_reference(cfg1, cfg2, ids, labels, check=None, after_backward=None) -> dict:
     """Build the one-process model from ``cfg1`` and the model parallelised under ``cfg2`` (the trainer's
     path: ``parallelize``), run forward and backward on (ids, labels) in both, and return relative errors:
     ``loss``, ``logits``, ``value:NAME`` and ``grad:NAME`` for every parameter gathered to its full shape.
-    ``check(model, topo)`` may assert on the parallel model before the forward and return more entries.
-    Call on every rank of a world that fits ``cfg2``."""
+    ``check(model, topo)`` may assert on the parallel model before the forward and return more entries;
+    ``after_backward(model, topo, ref)`` runs after both backwards (e.g. to reduce gradients as the engine
+    would) and may return more entries.  Call on every rank of a world that fits ``cfg2``."""
     from sparselm.model import build_model
     from sparselm.parallel import parallelize
     from sparselm.parallel.pieces import assemble, placements
@@ -30,6 +31,7 @@ def parallel_vs_reference(cfg1, cfg2, ids, labels, check=None) -> dict:
         logits = model(ids)
         out = model(ids, labels)
         out.loss.backward()
+        late = after_backward(model, topo, ref) if after_backward is not None else None
         params = dict(model.named_parameters())
         assert params.keys() == ref_params.keys()
         groups = {"tp": topo.tp_group, "ep": topo.ep_group}
@@ -42,7 +44,7 @@ def parallel_vs_reference(cfg1, cfg2, ids, labels, check=None) -> dict:
             assert full_tensor(p.detach(), p, topo).shape == ref_params[name].shape, name
             errors[f"value:{name}"] = rel_error(full_tensor(p.detach(), p, topo), ref_params[name].detach())
             errors[f"grad:{name}"] = rel_error(full_tensor(p.grad, p, topo), ref_params[name].grad)
-        return {**errors, **(extra or {})}
+        return {**errors, **(extra or {}), **(late or {})}
     finally:
         topo.teardown()
 

@@ -48,6 +48,9 @@ class MoELayer(nn.Module):
         self.dispatcher = LocalDispatcher()
         # Set by sparselm.parallel: sums a tensor over the data-parallel ranks (the step's load counts).
         self.stats_reducer = None
+        # Set by context parallelism (sparselm.parallel.context): this forward sees one of ``sequence_parts``
+        # equal pieces of each sequence; ``sequence_reducer`` sums a tensor over the pieces (no gradient).
+        self.sequence_reducer, self.sequence_parts = None, 1
         self.register_buffer("load_since_update", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.metrics: dict[str, torch.Tensor] = {}
         self.step_metrics: dict[str, torch.Tensor] = {}
@@ -92,9 +95,12 @@ class MoELayer(nn.Module):
 
         group_of = torch.arange(n * k, device=x.device) // max(1, n * k // groups)
         group_counts = count_ids(group_of * self.num_experts + routing.experts.reshape(-1), groups * self.num_experts)
+        if self.sequence_reducer is not None:  # f_i of the whole sequences; P_i and z stay this piece's means
+            group_counts = self.sequence_reducer(group_counts)
         lb = balance_loss(routing.scores.view(groups, n // groups, -1), group_counts.view(groups, -1))
         z = z_loss(routing.logits)
-        aux = self.aux_loss_coef * lb + self.z_loss_coef * z
+        # a piece's share: the pieces' aux losses add up to the whole sequences' (their metrics average to it)
+        aux = (self.aux_loss_coef * lb + self.z_loss_coef * z) / self.sequence_parts
         if not recomputing():  # a recomputed forward (activation checkpointing) repeats these: count once
             if self.training:
                 self.load_since_update += plan.routed

@@ -103,13 +103,20 @@ def flex_attention(q, k, v, spec: PatternSpec, gqa: bool, scale: float, return_l
 def block_plan(spec: PatternSpec, q_len: int, kv_len: int, device: torch.device, block: int = FLEX_BLOCK):
     """Keys each query block needs, padded to the same count: (indices [n_blocks * width], mask
     [n_blocks, 1, block, width]).  Padding keys point at key 0 and are masked off; padding query rows
-    (past q_len) see key 0 only, so no softmax row is empty (their outputs are dropped)."""
+    (past q_len) see key 0 only, so no softmax row is empty (their outputs are dropped).  The pattern is
+    evaluated one query block at a time ([block, kv_len] at once, never [q_len, kv_len])."""
     mod = full_mask_mod(spec, q_len, kv_len, device)
     n_blocks = -(-q_len // block)
-    rows = F.pad(materialize(mod, q_len, kv_len, device), (0, -kv_len % block, 0, n_blocks * block - q_len))
-    rows[q_len:, 0] = True
-    rows = rows.view(n_blocks, block, -1)
-    seen = rows.view(n_blocks, block, -1, block).any(dim=(1, 3))  # [query block, key block]
+
+    def block_rows(i: int) -> torch.Tensor:
+        """[block, kv_len padded to a multiple of block] visibility of query block i's rows."""
+        start = i * block
+        n = min(block, q_len - start)
+        rows = F.pad(materialize(mod, n, kv_len, device, q_start=start), (0, -kv_len % block, 0, block - n))
+        rows[n:, 0] = True
+        return rows
+
+    seen = torch.stack([block_rows(i).view(block, -1, block).any(dim=(0, 2)) for i in range(n_blocks)])  # [query block, key block]
     width = int(seen.sum(1).max()) * block
     idx = torch.zeros(n_blocks, width, dtype=torch.long, device=device)
     mask = torch.zeros(n_blocks, block, width, dtype=torch.bool, device=device)
@@ -118,7 +125,7 @@ def block_plan(spec: PatternSpec, q_len: int, kv_len: int, device: torch.device,
         keys = (seen[i].nonzero()[:, None] * block + offsets).flatten()
         keys = keys[keys < kv_len]
         idx[i, : len(keys)] = keys
-        mask[i, :, : len(keys)] = rows[i][:, keys]
+        mask[i, :, : len(keys)] = block_rows(i)[:, keys]
     return idx.flatten(), mask.unsqueeze(1)
 
 

@@ -155,18 +155,19 @@ def test_the_search_returns_only_layouts_the_trainer_accepts():
 
     cfg = load_config("tiny_mixed", ["--model.vocab_size=256", "--train.micro_batch_size=1"], check=False)
     world = 8
-    fitting, refused, too_big = search(cfg, world, GPU_MEM, device="cpu", recompute_options=("none",))
+    fitting, refused, too_big = search(cfg, world, GPU_MEM, device="cpu", recompute_options=("none",), cp_options=(1, 2))
     assert fitting and refused  # tp=8 breaks the heads rule, for one
-    accepted = {(p.layout.tp, p.layout.pp, p.layout.ep) for p in fitting + too_big}
-    for tp, pp, ep in candidate_layouts(cfg, world):
-        variant = configure(cfg, tp=tp, pp=pp, ep=ep)
+    accepted = {(p.layout.tp, p.layout.pp, p.layout.ep, p.layout.cp) for p in fitting + too_big}
+    assert any(layout[3] == 2 for layout in accepted)
+    for tp, pp, ep, cp in candidate_layouts(cfg, world, cp_options=(1, 2)):
+        variant = configure(cfg, tp=tp, pp=pp, ep=ep, cp=cp)
         try:
             preflight(variant, world)  # the trainer's start-up checks
-            build_ds_config(variant, world // (tp * pp))
+            build_ds_config(variant, world // (tp * pp * cp))
             ok = True
         except ConfigError:
             ok = False
-        assert ok == ((tp, pp, ep) in accepted), (tp, pp, ep)
+        assert ok == ((tp, pp, ep, cp) in accepted), (tp, pp, ep, cp)
     times = [p.time["step_s"] for p in fitting]
     assert times == sorted(times)
 
