@@ -83,20 +83,26 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
+    def head_sinks(self) -> torch.Tensor | None:
+        """The sink logits of the heads ``attend`` sees ([H] or None); context parallelism narrows them to a rank's
+        heads as it does the memory rows."""
+        return self.sinks
+
     def attend(self, q, k, v) -> torch.Tensor:
         """Causal attention core over q, k before rotary; subclasses change the pattern or add memory slots."""
         q, k = self.rotary(q), self.rotary(k)
         gqa = q.shape[1] != k.shape[1]
+        sinks = self.head_sinks()
         t, scale = q.shape[-2], q.shape[-1] ** -0.5
         if self.window and self.window < t:
             pos = torch.arange(t, device=q.device)
             lag = pos[:, None] - pos[None, :]
             mask = (lag >= 0) & (lag < self.window)
-            if self.sinks is not None:
-                return masked_with_sinks(q, k, v, self.sinks, scale, gqa, mask)
+            if sinks is not None:
+                return masked_with_sinks(q, k, v, sinks, scale, gqa, mask)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        if self.sinks is not None:
-            return causal_with_sinks(q, k, v, self.sinks, scale, gqa)
+        if sinks is not None:
+            return causal_with_sinks(q, k, v, sinks, scale, gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

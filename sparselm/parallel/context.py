@@ -114,6 +114,14 @@ class UlyssesAttention:
                    for x in (q, self._kv_for_ranks(k), self._kv_for_ranks(v)))
         return heads_to_sequence(super().attend(q, k, v), self.cp_group, self.cp_size)
 
+    def head_sinks(self):
+        """The sink logits of this rank's query heads (whole on every rank, like the memory below)."""
+        sinks = super().head_sinks()
+        if sinks is None:
+            return None
+        heads = sinks.shape[0] // self.cp_size
+        return sinks[self.cp_rank * heads:(self.cp_rank + 1) * heads]
+
     def memory(self):
         """The persistent memory of this rank's kv heads (the parameters stay whole on every rank; the other
         rows' gradients come from the other ranks)."""

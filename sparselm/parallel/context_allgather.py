@@ -47,10 +47,13 @@ class _GatherPieces(torch.autograd.Function):
 
 
 def check_allgather_attention(module) -> None:
-    """ConfigError unless ``module`` is exactly an ``Attention`` or a ``SparseAttention``."""
+    """ConfigError unless ``module`` is exactly an ``Attention`` or a ``SparseAttention``, without sinks."""
     if type(module) not in (Attention, SparseAttention):
         raise ConfigError(f"parallel.cp_method=allgather reimplements the attention core and does not know "
                           f"{type(module).__name__}; use parallel.cp_method=ulysses")
+    if getattr(module, "sinks", None) is not None:
+        raise ConfigError("parallel.cp_method=allgather does not add model.attention_sinks to its softmax; use "
+                          "parallel.cp_method=ulysses (each rank keeps its heads' sinks)")
 
 
 class AllGatherAttention:

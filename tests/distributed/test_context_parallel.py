@@ -14,6 +14,8 @@ BASE = ["--model.vocab_size=64", "--model.d_model=32", "--model.n_layers=2",
         "--train.global_batch_size=2", "--model.loss_chunk_tokens=24"]  # chunks cross the pieces' boundary
 CASES = {
     "dense": [],
+    "dense_sinks_sliding_layers": ["--model.attention_sinks=true", "--model.o_bias=true", "--model.n_kv_heads=2",
+                                   "--model.attention_layers=sliding,full", "--model.sliding_window=6"],
     "dense_kv1_sliding_layers": ["--model.n_kv_heads=1", "--model.attention_layers=sliding,full",
                                  "--model.sliding_window=6", "--model.qk_norm=per_head"],
     "moe": ["--model.pattern=moe,dense", "--moe.num_experts=4", "--moe.top_k=2", "--moe.num_shared_experts=1",

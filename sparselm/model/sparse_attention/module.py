@@ -55,7 +55,7 @@ class SparseAttention(Attention):
         rotary: with rotary on the query alone a memory lookup would turn with the query's position."""
         memory = self.memory()
         return sparse_attention(self.rotary(q), self.rotary(k), v, self.spec, memory, self.backend,
-                                memory_query=None if memory is None else q, sinks=self.sinks)
+                                memory_query=None if memory is None else q, sinks=self.head_sinks())
 
     def extra_repr(self) -> str:
         return f"pattern={self.spec.name}, memory_slots={self.memory_slots}, backend={self.backend}"
