@@ -11,7 +11,7 @@ from sparselm.convert.hf_families import FAMILIES
 from sparselm.convert.hf_family import Family
 from sparselm.convert.hf_rope import rope_parameters
 from sparselm.errors import ConversionError
-from sparselm.model.moe.config import resolved_expert_hidden
+from sparselm.model.moe.config import resolved_expert_hidden, resolved_shared_hidden
 
 
 def attention_blockers(fam: Family, cfg) -> list[str]:
@@ -61,6 +61,9 @@ def moe_blockers(fam: Family, cfg) -> list[str]:
         out.append(f"moe.num_shared_experts={e.num_shared_experts}")
     if shared and not shared.gated and not e.num_shared_experts:
         out.append(f"moe.num_shared_experts=0 ({fam.name} has shared experts)")
+    if shared and not shared.key_is_width and resolved_shared_hidden(cfg) % resolved_expert_hidden(cfg):
+        out.append(f"moe.shared_expert_hidden={e.shared_expert_hidden} ({fam.name}'s shared experts are "
+                   f"{shared.key} x {fam.expert_hidden_key} wide)")
     if fam.renormalize_key is None and not e.renormalize:
         out.append("moe.renormalize=false")
     dense_layers = [i for i, k in enumerate(kinds) if k == "dense"]
@@ -146,7 +149,8 @@ def moe_config(fam: Family, cfg) -> dict:
         out["first_k_dense_replace"] = kinds.count("dense")
     shared = fam.shared_experts
     if shared:
-        out[shared.key] = e.num_shared_experts * (hidden if shared.key_is_width else 1)
+        width = resolved_shared_hidden(cfg)
+        out[shared.key] = width if shared.key_is_width else width // hidden
     if fam.group_routing:
         out.update(n_group=e.n_group, topk_group=e.topk_group, routed_scaling_factor=e.routed_scaling_factor)
     return out

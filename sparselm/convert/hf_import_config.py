@@ -66,11 +66,12 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
            "num_shared_experts": 0, "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
            "renormalize": renormalize, "expert_hidden": hidden}
     shared = fam.shared_experts
-    if shared and shared.key_is_width:  # their total width, in routed experts' widths
+    if shared and shared.key_is_width:  # their total width: in routed experts' widths, else one of that width
         width, unit = hf.get(shared.key) or 0, hf[fam.expert_hidden_key]
         if width % unit:
-            problems.append(unsupported(shared.key, width, f"a multiple of {fam.expert_hidden_key}={unit}"))
-        moe["num_shared_experts"] = width // unit
+            moe.update(num_shared_experts=1, shared_expert_hidden=int(width))
+        else:
+            moe["num_shared_experts"] = width // unit
     elif shared:
         width = moe["num_shared_experts"] = int(hf.get(shared.key) or 0)
     if shared and shared.gated:
