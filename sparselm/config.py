@@ -142,6 +142,15 @@ class ModelConfig:
     """Rotary pairs are interleaved channels (x0, x1), (x2, x3), ... (DeepSeek's rope_interleave, GPT-J
     style) instead of the two halves of the rotated channels (Llama's rotate_half)."""
 
+    mtp_layers: int = 0
+    """Multi-token prediction depths (DeepSeek-V3): depth k predicts the token k + 1 ahead with one more block
+    of the last layer's kind, the shared embedding and output head; its loss is added to the training loss
+    (model.mtp_loss_weight) and logged as mtpK_loss.  Generation and evaluation use the main head only;
+    0: off."""
+    mtp_loss_weight: float = 0.3
+    """Weight of the multi-token-prediction loss: loss = lm_loss + aux + weight x mean over depths of their
+    token losses (DeepSeek-V3's lambda: 0.3, later 0.1)."""
+
     def layer_kinds(self) -> list[str]:
         return [self.pattern[i % len(self.pattern)] for i in range(self.n_layers)]
 
@@ -583,6 +592,10 @@ def validate(cfg) -> None:
     validate_attention_features(m)
     require(m.n_heads % m.kv_heads == 0, f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.kv_heads}")
     require(len(m.pattern) > 0, "model.pattern is empty; give at least one block kind, e.g. [dense]")
+    require(m.mtp_layers >= 0 and m.mtp_loss_weight >= 0, "model.mtp_layers and model.mtp_loss_weight must be "
+            f">= 0 (0 layers: no multi-token prediction), got {m.mtp_layers} and {m.mtp_loss_weight}")
+    require(m.mtp_layers < d.seq_len, f"model.mtp_layers={m.mtp_layers} leaves no position to predict in "
+            f"data.seq_len={d.seq_len} tokens; use fewer depths")
     require(m.attention == "mha" or (cfg.attention.pattern == "causal" and not cfg.attention.persistent_slots),
             f"model.attention=mla with attention.pattern={cfg.attention.pattern} / persistent memory slots: sparse "
             "patterns and memory are built for model.attention=mha only; use attention.pattern=causal (sliding "

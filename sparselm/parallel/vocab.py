@@ -31,19 +31,20 @@ class VocabParallelLMHead(nn.Module):
         self.norm = head.norm
         self.proj = column_parallel(head.proj, topo)
 
-    def local_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """This rank's vocabulary slice of the logits."""
-        return self.proj(self.norm(h))
+    def local_logits(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits (``norm``: instead of the final norm)."""
+        return self.proj((norm or self.norm)(h))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Full logits [..., vocab] on every rank (generation, evaluation)."""
         return gather_along_dim(self.local_logits(h), -1, self.proj.tp_group)
 
-    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over labels != -100, without materialising full logits."""
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """Mean cross-entropy over labels != -100, without materialising full logits (``norm``: instead of
+        the final norm, as ``LMHead.loss``)."""
         valid = labels != -100
         # megatron's loss has no ignore_index: feed a harmless id and zero those positions.
-        per_token = vocab_parallel_cross_entropy(self.local_logits(h).float(), labels.masked_fill(~valid, 0))
+        per_token = vocab_parallel_cross_entropy(self.local_logits(h, norm).float(), labels.masked_fill(~valid, 0))
         return (per_token * valid).sum() / valid.sum()
 
 

@@ -1,8 +1,10 @@
-"""Multi-head latent attention under every layout: the same losses, auxiliary losses and gradient norms as one
-process (fp32, 4 steps, clipping active).
+"""Multi-head latent attention and multi-token prediction under every layout: the same losses, auxiliary losses,
+gradient norms (and each prediction depth's loss) as one process (fp32, 4 steps, clipping active).
 
-The model: two MLA blocks (a query latent, interleaved rope, yarn's softmax-scale fold, v_head_dim != qk
-width), a dense one and an MoE one with a shared expert.  One spawn of a one-process world trains the
+The model (one case: MLA alone is also checked against one process, gradient by gradient, in
+test_tensor_parallel.py): two MLA blocks (a query latent, interleaved rope, yarn's softmax-scale fold, v_head_dim != qk
+width), a dense one and an MoE one with a shared expert, and two multi-token-prediction depths (MoE blocks;
+under pp2 on the last stage, with its copy of the embedding).  One spawn of a one-process world trains the
 reference under ZeRO-1; one spawn of a 4-rank gloo world trains, with the real Trainer, tp2 x dp2 (heads split,
 latent down-projections whole on each rank), pp2 x dp2, ep2 x dp4, and ZeRO-3 over dp4.
 """
@@ -25,7 +27,8 @@ BASE = ["--model.d_model=32", "--model.n_heads=2", "--model.n_layers=2", "--mode
         "--train.global_batch_size=4", "--train.steps=4", "--train.progress=false", "--train.tensorboard=false",
         "--train.eval_every=0", "--train.log_every=1", "--train.save_every=0", "--model.vocab_size=0",
         "--optim.grad_clip=0.05"]
-CASES = {"mla": []}
+CASES = {"mla_mtp": ["--model.mtp_layers=2", "--model.mtp_loss_weight=0.5"]}
+KEYS = {"mla_mtp": ("loss", "lm_loss", "aux_loss", "grad_norm", "mtp_loss", "mtp1_loss", "mtp2_loss")}
 SETTINGS = {
     "one": ["--parallel.ds_config=zero1"],
     "tp2": ["--parallel.ds_config=zero1", "--parallel.tp=2"],
@@ -75,7 +78,7 @@ def test_layout_trains_as_one_process(runs, case, layout):
     ref, rows = runs[(case, "one")], runs[(case, layout)]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for got, want in zip(rows, ref):
-        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+        for key in KEYS[case]:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), (case, layout, got["step"], key)
     print(f"{case} {layout}: max rel |diff| over steps "
           f"{max(abs(g['loss'] / w['loss'] - 1) for g, w in zip(rows, ref)):.1e} (loss)")
