@@ -35,6 +35,13 @@ def attention_blockers(fam: Family, cfg) -> list[str]:
         out.append(f"model.qk_norm={m.qk_norm}")
     if m.clip_qkv and not fam.clip_qkv:
         out.append(f"model.clip_qkv={m.clip_qkv}")
+    if (m.attention == "mla") != fam.mla:
+        out.append("model.attention=mla" if m.attention == "mla" else f"model.attention={m.attention} ({fam.name}'s "
+                   "attention is multi-head latent attention)")
+    if m.rope_interleave and not fam.mla:
+        out.append("model.rope_interleave=true")
+    if fam.mla and m.latent_norm_eps != 1e-6:
+        out.append(f"model.latent_norm_eps={m.latent_norm_eps} (transformers fixes the latent norms' at 1e-6)")
     return out
 
 
@@ -89,6 +96,8 @@ def blockers(fam: Family, cfg) -> list[str]:
         out.append("MoE layers" if moe else "no MoE layers")
         return out
     out += attention_blockers(fam, cfg)
+    if cfg.model.mtp_layers and not fam.mtp_key:
+        out.append(f"model.mtp_layers={cfg.model.mtp_layers} ({fam.name} stores no multi-token-prediction layers)")
     if moe:
         out += moe_blockers(fam, cfg)
     return out
@@ -167,6 +176,14 @@ def hf_config(fam: Family, cfg, eod_id: int) -> dict:
            "hidden_act": "silu", "tie_word_embeddings": m.tie_embeddings, "rope_parameters": rope_parameters(m),
            "intermediate_size": m.ffn_hidden, "attention_bias": False, "dtype": "float32"}
     out.update(attention_config(fam, m))
+    if fam.mla:  # transformers' DeepSeek configs carry head_dim = qk_rope_head_dim
+        out.update(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+                   qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, rope_interleave=m.rope_interleave,
+                   head_dim=m.qk_rope_head_dim, num_key_value_heads=m.n_heads)
+        if m.rope.scaling != "none" and m.rope.mscale_all_dim:
+            out["rope_parameters"]["mscale_all_dim"] = m.rope.mscale_all_dim
+    if fam.mtp_key:
+        out[fam.mtp_key] = m.mtp_layers
     if fam.moe:
         out.update(moe_config(fam, cfg))
     return out

@@ -41,13 +41,22 @@ GLM4_MOE = replace(LLAMA, name="glm4_moe", architecture="Glm4MoeForCausalLM", mo
                    shared_experts=SharedExperts("n_shared_experts", "shared_experts"),
                    fixed_config=(("num_nextn_predict_layers", 0),))
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE)
+# DeepSeek-V3 (V3, V3.1, R1; Kimi K2 and Moonlight share it): GLM-4-MoE's router and experts with multi-head
+# latent attention, and its multi-token-prediction layers stored after the decoder layers
+DEEPSEEK_V3 = replace(GLM4_MOE, name="deepseek_v3", architecture="DeepseekV3ForCausalLM", qkv_bias_key=None,
+                      qk_norm="none", qk_norm_key=None, partial_rotary=False, mla=True,
+                      mtp_key="num_nextn_predict_layers", fixed_config=())
+
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE,
+                                DEEPSEEK_V3)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
-SUPPORTED = ", ".join(BY_NAME)
+ALIASES: dict[str, Family] = {"kimi_k2": DEEPSEEK_V3}
+"""model_type values read as another family's (Kimi K2's config.json says kimi_k2; export writes deepseek_v3)."""
+SUPPORTED = ", ".join([*BY_NAME, *ALIASES])
 # Families left out on purpose, with what sparselm lacks.
 KNOWN_UNSUPPORTED = {
-    "deepseek_v2": "multi-head latent attention (MLA)", "deepseek_v3": "multi-head latent attention (MLA)",
-    "gpt_oss": "attention sinks, a clamped SwiGLU and biased experts", "kimi_k2": "multi-head latent attention (MLA)",
+    "deepseek_v2": "softmax routing by the best expert of a group without renormalisation, complex-pair rope",
+    "gpt_oss": "attention sinks, a clamped SwiGLU and biased experts",
 }
 
 
@@ -57,6 +66,8 @@ def family(model_type) -> Family:
     if model_type in KNOWN_UNSUPPORTED:
         raise ConversionError(f"model_type={model_type!r} is not supported ({KNOWN_UNSUPPORTED[model_type]}); "
                               f"import-hf reads {SUPPORTED}")
+    if model_type in ALIASES:
+        return ALIASES[model_type]
     if model_type not in BY_NAME:
         raise ConversionError(f"model_type={model_type!r} is not supported; import-hf reads {SUPPORTED}")
     return BY_NAME[model_type]

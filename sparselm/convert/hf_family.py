@@ -70,6 +70,17 @@ class Family:
     """Rotary may cover a fraction of each head (``partial_rotary_factor`` < 1, GLM-4-MoE); any family reads it,
     only these express it on export."""
 
+    mla: bool = False
+    """Its attention is multi-head latent attention (DeepSeek-V2/V3: ``q_lora_rank`` (null: one q_proj),
+    ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``, ``rope_interleave``; latent
+    norms at eps 1e-6; tensors ``self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj}, kv_a_proj_with_mqa,
+    kv_a_layernorm, kv_b_proj, o_proj``), sparselm's ``model.attention=mla``."""
+    mtp_key: str | None = None
+    """config.json key counting the multi-token-prediction layers the checkpoint stores after the decoder
+    layers, as ``model.layers.{n_layers + k}`` (DeepSeek-V3's ``num_nextn_predict_layers``: ``enorm``,
+    ``hnorm``, ``eh_proj``, ``shared_head.norm``, a decoder layer, and copies of the embedding and head);
+    None: the family has no place for them (export refuses model.mtp_layers)."""
+
     # ---------------------------------------------------------------- sliding windows
     window: Literal["none", "all", "per_layer"] = "none"
     """Which layers slide within ``sliding_window`` tokens: none (the key is ignored), all or none of them

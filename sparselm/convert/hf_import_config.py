@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sparselm.convert.hf_families import family as family_of
 from sparselm.convert.hf_family import Family
-from sparselm.convert.hf_rope import rope_overrides
+from sparselm.convert.hf_rope import hf_rope, rope_overrides
 from sparselm.convert.refusal import unsupported
 from sparselm.errors import ConversionError
 
@@ -41,6 +41,28 @@ def attention_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
             out.update(sliding_window=int(window), attention_layers=layers)
     elif fam.window == "all" and window:
         out.update(sliding_window=int(window), attention_layers=["sliding"])
+    return out
+
+
+def mla_overrides(hf: dict, problems: list[str]) -> dict:
+    """sparselm ``model`` overrides of an MLA family's attention (``Family.mla``): the latent widths, interleaved
+    rope, yarn's ``mscale_all_dim`` (folded into the softmax scale) and the multi-token-prediction layers the
+    config names (``import_hf`` keeps them only when the checkpoint holds them)."""
+    rope = hf_rope(hf)
+    missing = [k for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if hf.get(k) is None]
+    if missing:
+        problems.append(unsupported(missing[0], None, "the latent widths of multi-head latent attention; this "
+                                    "config.json lacks " + ", ".join(missing)))
+        return {}
+    out = {"attention": "mla", "q_lora_rank": int(hf.get("q_lora_rank") or 0), "kv_lora_rank": int(hf["kv_lora_rank"]),
+           "qk_nope_head_dim": int(hf["qk_nope_head_dim"]), "qk_rope_head_dim": int(hf["qk_rope_head_dim"]),
+           "v_head_dim": int(hf["v_head_dim"]), "rope_interleave": bool(hf.get("rope_interleave", True)),
+           "n_kv_heads": 0, "head_dim": 0, "latent_norm_eps": 1e-6}
+    if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
+        out["mscale_all_dim"] = float(rope["mscale_all_dim"])
+    if rope["partial_rotary_factor"] != 1:
+        problems.append(unsupported("partial_rotary_factor", rope["partial_rotary_factor"], "1.0 (MLA rotates "
+                                    "qk_rope_head_dim channels)"))
     return out
 
 
@@ -82,6 +104,14 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     return moe
 
 
+def is_block_fp8(quant: dict) -> bool:
+    """``quantization_config`` is block-scaled fp8 e4m3 (DeepSeek-V3's: ``weight_scale_inv`` per block of
+    ``weight_block_size``), which import dequantizes tensor by tensor."""
+    block = quant.get("weight_block_size")
+    return (quant.get("quant_method") == "fp8" and quant.get("fmt", "e4m3") == "e4m3"
+            and isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block))
+
+
 def sparselm_config(hf: dict) -> dict:
     """config.json of a supported family -> sparselm config overrides {'model': ..., 'moe': ...}; raises
     ConversionError with one line naming every field sparselm cannot compute as transformers does (or the
@@ -91,10 +121,12 @@ def sparselm_config(hf: dict) -> dict:
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
     if act not in (None, "silu", "swish"):
         problems.append(unsupported("hidden_act", act, "silu (SwiGLU)"))
-    if hf.get("quantization_config"):
-        method = (hf["quantization_config"] or {}).get("quant_method", "?")
-        problems.append(unsupported("quantization_config.quant_method", method, "unquantized fp32/bf16/fp16 weights; "
-                                    "dequantize and save_pretrained them first"))
+    quant = hf.get("quantization_config") or {}
+    if quant and not is_block_fp8(quant):
+        problems.append(unsupported("quantization_config.quant_method", quant.get("quant_method", "?"),
+                                    "unquantized fp32/bf16/fp16 weights, or fp8 (e4m3, weight_block_size: "
+                                    "DeepSeek-V3's, dequantized while streaming); dequantize and save_pretrained "
+                                    "others first"))
     if hf.get("mlp_bias"):
         problems.append(unsupported("mlp_bias", True, "false"))
     model = {"d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
@@ -106,6 +138,15 @@ def sparselm_config(hf: dict) -> dict:
         model["head_dim"] = int(hf["head_dim"])
     model.update(rope_overrides(hf, problems))
     model.update(attention_overrides(hf, fam, problems))
+    if fam.mla:
+        mla = mla_overrides(hf, problems)
+        mscale = mla.pop("mscale_all_dim", None)
+        model.update(mla)
+        model.pop("rotary_fraction", None)
+        if mscale is not None:
+            model["rope"]["mscale_all_dim"] = mscale
+    if fam.mtp_key:
+        model["mtp_layers"] = int(hf.get(fam.mtp_key, hf.get("num_mtp_layers", 0)) or 0)
     out = {"model": model}
     if fam.moe:
         out["moe"], model["pattern"] = moe_overrides(hf, fam, problems), layer_kinds(hf, fam)

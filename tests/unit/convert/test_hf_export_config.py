@@ -13,7 +13,7 @@ import torch
 from sparselm.config import load_config
 from sparselm.convert.hf_export_config import choose_family, hf_config
 from sparselm.model.moe.config import resolved_expert_hidden, resolved_shared_hidden
-from sparselm.model.rotary import rope_frequencies
+from sparselm.model.rotary import latent_softmax_scale, rope_frequencies
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
 
@@ -23,6 +23,8 @@ MOE = {"num_experts": 8, "top_k": 2, "expert_hidden": 32, "aux_loss_coef": 0.0, 
 GLM = {"model": {"pattern": ["dense", "moe", "moe"], "qk_norm": "per_head", "qkv_bias": True},
        "moe": {**MOE, "score_func": "sigmoid", "bias_balancing": True, "num_shared_experts": 1, "n_group": 2,
                "topk_group": 1, "routed_scaling_factor": 1.8}}
+MLA = {"pattern": ["dense", "moe", "moe"], "attention": "mla", "kv_lora_rank": 16, "qk_nope_head_dim": 16,
+       "qk_rope_head_dim": 8, "v_head_dim": 24, "n_kv_heads": 0}
 CASES = {  # name -> (overrides on BASE, the family export must choose)
     "llama": ({}, "llama"),
     "llama yarn": ({"model": {"rope": {"scaling": "yarn", "factor": 4.0, "original_max_seq_len": 32,
@@ -46,13 +48,18 @@ CASES = {  # name -> (overrides on BASE, the family export must choose)
     "glm4_moe partial rotary": ({**GLM, "model": {**GLM["model"], "rotary_fraction": 0.5}}, "glm4_moe"),
     "glm4_moe no qk norm, no bias": ({**GLM, "model": {**GLM["model"], "qk_norm": "none", "qkv_bias": False}},
                                      "glm4_moe"),
+    "deepseek_v3 latent q, interleaved, yarn, mtp": ({**GLM, "model": {**MLA, "q_lora_rank": 24, "mtp_layers": 1,
+                                                                      "rope_interleave": True, "rope": {
+        "scaling": "yarn", "factor": 4.0, "original_max_seq_len": 32, "mscale_all_dim": 0.8}}}, "deepseek_v3"),
+    "deepseek_v3 one q, half-split": ({**GLM, "moe": {**GLM["moe"], "renormalize": False},
+                                       "model": {**MLA, "tie_embeddings": True}}, "deepseek_v3"),
 }
 # transformers config keys that do not change what a loaded model computes (bookkeeping, labels, outputs,
 # training-only dropout that sparselm does not have), or an alias of a key export writes
 NOT_COMPUTATION = {"_name_or_path", "attention_dropout", "chunk_size_feed_forward", "id2label", "label2id",
                    "initializer_range", "is_encoder_decoder", "output_attentions", "output_hidden_states",
                    "pad_token_id", "problem_type", "return_dict", "transformers_version", "use_cache",
-                   "num_local_experts"}
+                   "num_local_experts", "qk_head_dim"}  # qk_head_dim: DeepSeek's derived nope + rope width
 
 
 def merged(base: dict, extra: dict) -> dict:
@@ -73,12 +80,17 @@ def model_computes(cfg) -> dict:
     """What the sparselm model computes with, by setting."""
     m, e = cfg.model, cfg.moe
     kinds = m.layer_kinds()
-    inv_freq, attention_factor = rope_frequencies(m)
+    inv_freq, attention_factor = rope_frequencies(m, m.qk_rope_head_dim if m.attention == "mla" else 0)
     out = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "kv_heads": m.kv_heads,
            "head_width": m.head_width, "vocab": m.vocab_size, "norm_eps": m.norm_eps,
            "tie": m.tie_embeddings, "act": "silu", "inv_freq": inv_freq.tolist(), "rope_scale": attention_factor,
            "windows": [m.layer_window(i) for i in range(m.n_layers)], "qkv_bias": m.qkv_bias, "o_bias": False,
            "mlp_bias": False, "qk_norm": m.qk_norm, "clip_qkv": m.clip_qkv or None, "moe_layers": [k == "moe" for k in kinds]}
+    if m.attention == "mla":
+        out.update(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope=m.qk_nope_head_dim,
+                   qk_rope=m.qk_rope_head_dim, v_head=m.v_head_dim, interleave=m.rope_interleave,
+                   softmax_scale=latent_softmax_scale(m, m.qk_nope_head_dim + m.qk_rope_head_dim), mtp=m.mtp_layers)
+        out["head_width"] = m.qk_rope_head_dim  # transformers' DeepSeek head_dim: the rotary width
     if "dense" in kinds:  # the dense layers' width (an all-MoE model has none)
         out["d_ff"] = m.ffn_hidden
     if "moe" in kinds:
@@ -115,24 +127,34 @@ def transformers_computes(c, family: str) -> dict:
            "windows": [window if t == "sliding_attention" else 0 for t in types], "qkv_bias": bias, "o_bias": o_bias,
            "mlp_bias": bool(getattr(c, "mlp_bias", False)), "qk_norm": qk, "clip_qkv": getattr(c, "clip_qkv", None),
            "moe_layers": [False] * n}
-    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe"):
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3"):
         if family in ("qwen2_moe", "qwen3_moe"):
             dense = set(c.mlp_only_layers or [])
             moe = [i not in dense and (i + 1) % c.decoder_sparse_step == 0 for i in range(n)]
-        elif family == "glm4_moe":
+        elif family in ("glm4_moe", "deepseek_v3"):
             moe = [i >= c.first_k_dense_replace for i in range(n)]
         else:
             moe = [True] * n
         hidden = c.intermediate_size if family in ("mixtral", "olmoe") else c.moe_intermediate_size
         shared = {"qwen2_moe": getattr(c, "shared_expert_intermediate_size", 0),
-                  "glm4_moe": getattr(c, "n_shared_experts", 0) * hidden}.get(family, 0)
+                  "glm4_moe": getattr(c, "n_shared_experts", 0) * hidden,
+                  "deepseek_v3": getattr(c, "n_shared_experts", 0) * hidden}.get(family, 0)
         out.update(moe_layers=moe, experts=getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
                    or c.n_routed_experts, top_k=c.num_experts_per_tok,
                    renormalize=True if family == "mixtral" else c.norm_topk_prob, expert_hidden=hidden,
                    shared_hidden=shared, shared_gate=family == "qwen2_moe" and shared > 0,
-                   score_func="sigmoid" if family == "glm4_moe" else "softmax", selection_bias=family == "glm4_moe",
+                   score_func="sigmoid" if family in ("glm4_moe", "deepseek_v3") else "softmax",
+                   selection_bias=family in ("glm4_moe", "deepseek_v3"),
                    n_group=getattr(c, "n_group", 1), topk_group=getattr(c, "topk_group", 1),
                    scaling=getattr(c, "routed_scaling_factor", 1.0))
+    if family == "deepseek_v3":
+        from transformers.modeling_rope_utils import yarn_apply_mscale
+
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        out.update(q_lora_rank=c.q_lora_rank or 0, kv_lora_rank=c.kv_lora_rank, qk_nope=c.qk_nope_head_dim,
+                   qk_rope=c.qk_rope_head_dim, v_head=c.v_head_dim, interleave=c.rope_interleave,
+                   softmax_scale=pytest.approx(yarn_apply_mscale(c.rope_parameters, qk ** -0.5), rel=1e-12),
+                   mtp=c.num_nextn_predict_layers, qk_norm="none", qkv_bias=False, o_bias=c.attention_bias)
     if not all(out["moe_layers"]):
         out["d_ff"] = c.intermediate_size
     return out
