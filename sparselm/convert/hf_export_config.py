@@ -40,6 +40,8 @@ def attention_blockers(fam: Family, cfg) -> list[str]:
                    "attention is multi-head latent attention)")
     if m.rope_interleave and not fam.mla:
         out.append("model.rope_interleave=true")
+    if fam.mla and not fam.rope_interleave_key and not m.rope_interleave:
+        out.append(f"model.rope_interleave=false ({fam.name}'s rope pairs are always interleaved)")
     if fam.mla and m.latent_norm_eps != 1e-6:
         out.append(f"model.latent_norm_eps={m.latent_norm_eps} (transformers fixes the latent norms' at 1e-6)")
     return out
@@ -58,6 +60,10 @@ def moe_blockers(fam: Family, cfg) -> list[str]:
         out.append(f"moe.bias_balancing={str(e.bias_balancing).lower()}")
     if not fam.group_routing and (e.n_group > 1 or e.routed_scaling_factor != 1):
         out.append("group-limited routing / moe.routed_scaling_factor")
+    if fam.group_routing and e.n_group > 1 and e.group_score != fam.group_score:
+        out.append(f"moe.group_score={e.group_score} ({fam.name} scores a group by {fam.group_score})")
+    if fam.never_renormalize and e.renormalize:
+        out.append(f"moe.renormalize=true ({fam.name} never renormalises the top-k weights)")
     shared = fam.shared_experts
     if shared and shared.gated:
         if not (e.num_shared_experts and e.shared_expert_gate):
@@ -162,6 +168,8 @@ def moe_config(fam: Family, cfg) -> dict:
         out[shared.key] = width if shared.key_is_width else width // hidden
     if fam.group_routing:
         out.update(n_group=e.n_group, topk_group=e.topk_group, routed_scaling_factor=e.routed_scaling_factor)
+    if fam.group_score == "max":
+        out["topk_method"] = "group_limited_greedy" if e.n_group > 1 else "greedy"
     return out
 
 
@@ -178,8 +186,10 @@ def hf_config(fam: Family, cfg, eod_id: int) -> dict:
     out.update(attention_config(fam, m))
     if fam.mla:  # transformers' DeepSeek configs carry head_dim = qk_rope_head_dim
         out.update(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
-                   qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, rope_interleave=m.rope_interleave,
-                   head_dim=m.qk_rope_head_dim, num_key_value_heads=m.n_heads)
+                   qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, head_dim=m.qk_rope_head_dim,
+                   num_key_value_heads=m.n_heads)
+        if fam.rope_interleave_key:
+            out[fam.rope_interleave_key] = m.rope_interleave
         if m.rope.scaling != "none" and m.rope.mscale_all_dim:
             out["rope_parameters"]["mscale_all_dim"] = m.rope.mscale_all_dim
     if fam.mtp_key:

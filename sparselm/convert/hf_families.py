@@ -46,16 +46,20 @@ GLM4_MOE = replace(LLAMA, name="glm4_moe", architecture="Glm4MoeForCausalLM", mo
 DEEPSEEK_V3 = replace(GLM4_MOE, name="deepseek_v3", architecture="DeepseekV3ForCausalLM", qkv_bias_key=None,
                       qk_norm="none", qk_norm_key=None, partial_rotary=False, mla=True,
                       mtp_key="num_nextn_predict_layers", fixed_config=())
+# DeepSeek-V2 (V2, V2-Lite): the same attention with complex-pair (interleaved) rope always, softmax scores without
+# renormalisation, groups scored by their best expert (topk_method), no selection bias, no MTP layers
+DEEPSEEK_V2 = replace(DEEPSEEK_V3, name="deepseek_v2", architecture="DeepseekV2ForCausalLM", score_func="softmax",
+                      selection_bias=False, never_renormalize=True, group_score="max", rope_interleave_key=None,
+                      mtp_key=None)
 
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE,
-                                DEEPSEEK_V3)
+                                DEEPSEEK_V3, DEEPSEEK_V2)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 ALIASES: dict[str, Family] = {"kimi_k2": DEEPSEEK_V3}
 """model_type values read as another family's (Kimi K2's config.json says kimi_k2; export writes deepseek_v3)."""
 SUPPORTED = ", ".join([*BY_NAME, *ALIASES])
 # Families left out on purpose, with what sparselm lacks.
 KNOWN_UNSUPPORTED = {
-    "deepseek_v2": "softmax routing by the best expert of a group without renormalisation, complex-pair rope",
     "gpt_oss": "attention sinks, a clamped SwiGLU and biased experts",
 }
 

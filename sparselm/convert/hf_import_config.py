@@ -44,7 +44,7 @@ def attention_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     return out
 
 
-def mla_overrides(hf: dict, problems: list[str]) -> dict:
+def mla_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     """sparselm ``model`` overrides of an MLA family's attention (``Family.mla``): the latent widths, interleaved
     rope, yarn's ``mscale_all_dim`` (folded into the softmax scale) and the multi-token-prediction layers the
     config names (``import_hf`` keeps them only when the checkpoint holds them)."""
@@ -56,7 +56,8 @@ def mla_overrides(hf: dict, problems: list[str]) -> dict:
         return {}
     out = {"attention": "mla", "q_lora_rank": int(hf.get("q_lora_rank") or 0), "kv_lora_rank": int(hf["kv_lora_rank"]),
            "qk_nope_head_dim": int(hf["qk_nope_head_dim"]), "qk_rope_head_dim": int(hf["qk_rope_head_dim"]),
-           "v_head_dim": int(hf["v_head_dim"]), "rope_interleave": bool(hf.get("rope_interleave", True)),
+           "v_head_dim": int(hf["v_head_dim"]),
+           "rope_interleave": bool(hf.get(fam.rope_interleave_key, True)) if fam.rope_interleave_key else True,
            "n_kv_heads": 0, "head_dim": 0, "latent_norm_eps": 1e-6}
     if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
         out["mscale_all_dim"] = float(rope["mscale_all_dim"])
@@ -83,6 +84,7 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     *optional, required = fam.expert_hidden_reads
     hidden = next((hf[k] for k in optional if hf.get(k)), None) or hf[required]
     renormalize = True if fam.renormalize_key is None else bool(hf.get(fam.renormalize_key, False))
+    renormalize = renormalize and not fam.never_renormalize
     moe = {"num_experts": int(experts), "top_k": int(hf["num_experts_per_tok"]), "drop_tokens": False,
            "noisy_gating": False, "z_loss_coef": 0.0, "score_func": fam.score_func, "bias_balancing": fam.selection_bias,
            "num_shared_experts": 0, "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
@@ -100,7 +102,13 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
         moe["shared_expert_gate"] = width > 0
     if fam.group_routing:
         moe.update(n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
-                   routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
+                   routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)), group_score=fam.group_score)
+    if fam.group_score == "max":  # DeepSeek-V2: groups only with topk_method group_limited_greedy
+        method = hf.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            problems.append(unsupported("topk_method", method, "greedy, group_limited_greedy"))
+        if method != "group_limited_greedy":
+            moe.update(n_group=1, topk_group=1)
     return moe
 
 
@@ -139,7 +147,7 @@ def sparselm_config(hf: dict) -> dict:
     model.update(rope_overrides(hf, problems))
     model.update(attention_overrides(hf, fam, problems))
     if fam.mla:
-        mla = mla_overrides(hf, problems)
+        mla = mla_overrides(hf, fam, problems)
         mscale = mla.pop("mscale_all_dim", None)
         model.update(mla)
         model.pop("rotary_fraction", None)

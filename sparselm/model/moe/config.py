@@ -33,6 +33,9 @@ class MoEConfig:
     topk_group groups whose two best selection scores sum highest, then its top_k experts within them; 1: off."""
     topk_group: int = 1
     """Groups a token may route to when n_group > 1."""
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    """How n_group > 1 scores a group: the sum of its two best selection scores ('top2_sum', DeepSeek-V3,
+    GLM-4-MoE) or its best one ('max', DeepSeek-V2's group_limited_greedy)."""
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     """Router scores: 'softmax' over experts, or 'sigmoid' per expert (DeepSeek-V3)."""
     renormalize: bool = True

@@ -30,7 +30,7 @@ class MoELayer(nn.Module):
                  drop_policy: str = "position", balance_scope: str = "sequence", expert_impl: str = "auto",
                  init_std: float = 0.02, out_std: float = 0.02, seed: int = 0, shared_expert_gate: bool = False,
                  routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1,
-                 shared_hidden: int = 0):
+                 shared_hidden: int = 0, group_score: str = "top2_sum"):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
@@ -38,7 +38,7 @@ class MoELayer(nn.Module):
         self.drop_policy, self.per_sequence = drop_policy, balance_scope == "sequence"
         self.bias_update_rate = bias_update_rate
         self.router = Router(d_model, num_experts, top_k, score_func, renormalize, noisy_gating, bias_balancing, init_std,
-                             seed, n_group, topk_group, routed_scaling_factor)
+                             seed, n_group, topk_group, routed_scaling_factor, group_score)
         self.experts = GroupedExperts(num_experts, d_model, expert_hidden, init_std, out_std, expert_impl)
         # one SwiGLU of the shared experts' joint width (shared_hidden; 0: num_shared_experts x expert_hidden)
         shared_width = shared_hidden or num_shared_experts * expert_hidden
@@ -63,7 +63,8 @@ class MoELayer(nn.Module):
                    expert_impl=m.expert_impl, init_std=mm.init_std,
                    out_std=mm.init_std / math.sqrt(2 * mm.n_layers), seed=cfg.train.seed,
                    shared_expert_gate=m.shared_expert_gate, routed_scaling_factor=m.routed_scaling_factor,
-                   n_group=m.n_group, topk_group=m.topk_group, shared_hidden=resolved_shared_hidden(cfg))
+                   n_group=m.n_group, topk_group=m.topk_group, shared_hidden=resolved_shared_hidden(cfg),
+                   group_score=m.group_score)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, D] (or [N, D]: one group) -> (y like x, aux_loss scalar fp32)."""

@@ -194,7 +194,6 @@ def _edit_config(hf_dir, drop=(), **values):
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"model_type": "deepseek_v3", "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
      "kv_lora_rank=None (supported: the latent widths of multi-head latent attention"),
-    ({"model_type": "deepseek_v2"}, "model_type='deepseek_v2' is not supported (softmax routing"),
     ({"model_type": "gpt_oss"}, "model_type='gpt_oss' is not supported (attention sinks"),
     ({"model_type": "phi3"}, "model_type='phi3' is not supported; import-hf reads llama, mistral"),
 ])

@@ -1,4 +1,5 @@
-"""DeepSeek-V3 (and Kimi K2's model_type) through import-hf and export-hf, against transformers' DeepseekV3.
+"""DeepSeek-V3 (and Kimi K2's model_type) and DeepSeek-V2 through import-hf and export-hf, against transformers'
+DeepseekV3 and DeepseekV2.
 
 Tiny random models built offline.  Both values of every switch of the family that changes the computation
 appear: a query latent or one q_proj, interleaved or half-split rope, yarn with mscale_all_dim (softmax-scale
@@ -33,10 +34,24 @@ CONFIGS = {
 }
 
 
+V2 = {  # DeepSeek-V2: softmax scores, no renormalisation, groups by their best expert or none, complex-pair rope
+    "v2_group_max_one_q": dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "v2_greedy_latent_q_yarn": dict(q_lora_rank=24, topk_method="greedy", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "mscale": 0.707, "mscale_all_dim": 0.707}),
+}
+
+
 def tiny_hf_model(name: str, layers: int = 2, seed: int = 0):
-    """A random DeepseekV3 model whose weights are all far from their init (norms, selection bias included)."""
+    """A random DeepseekV3 (or, for a name of ``V2``, DeepseekV2) model whose weights are all far from their
+    init (norms, selection bias included)."""
     torch.manual_seed(seed)
-    config = transformers.DeepseekV3Config(**{**COMMON, "num_hidden_layers": layers}, **CONFIGS[name])
+    if name in V2:
+        v2 = {k: v for k, v in COMMON.items() if k not in ("n_group", "topk_group")}
+        config = transformers.DeepseekV2Config(**{**v2, "num_hidden_layers": layers}, **V2[name])
+    else:
+        config = transformers.DeepseekV3Config(**{**COMMON, "num_hidden_layers": layers}, **CONFIGS[name])
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -124,6 +139,32 @@ def test_import_and_export_match_transformers(tmp_path, capsys, name, fused, mod
     prompt = ids[:1, :5]
     mine = generate(ours, prompt, 20, temperature=0, eod_id=config["eos_token_id"])[0].tolist()
     assert back.generate(prompt, max_new_tokens=20, do_sample=False)[0].tolist() == mine
+
+
+@pytest.mark.parametrize("name, fused", [("v2_group_max_one_q", False), ("v2_greedy_latent_q_yarn", True)])
+def test_deepseek_v2_imports_and_exports_with_the_same_logits(tmp_path, name, fused):
+    from sparselm import load_model
+
+    hf = tiny_hf_model(name)
+    save(hf, tmp_path / "hf", fused=fused)
+    convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
+    ours, cfg = load_model(tmp_path / "ours")
+    assert (cfg.moe.score_func, cfg.moe.renormalize, cfg.model.rope_interleave) == ("softmax", False, True)
+    assert (cfg.moe.n_group, cfg.moe.group_score) == ((4, "max") if V2[name]["topk_method"] != "greedy" else (1, "max"))
+    ids = ids_of(5)
+    diff = max_diff(hf, ours, ids)
+    print(f"deepseek_v2 {name}: import max|diff| {diff:.2e}")
+    assert diff < 1e-5, diff
+    convert(["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")]
+            + (["--fused-experts"] if fused else []))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v2" and config["topk_method"] == V2[name]["topk_method"]
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True,
+                                                                   output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    diff = max_diff(back.eval(), ours, ids)
+    print(f"deepseek_v2 {name}: export max|diff| {diff:.2e}")
+    assert diff < 1e-5, diff
 
 
 def hf_with_mtp_layer(path):

@@ -53,6 +53,11 @@ CASES = {  # name -> (overrides on BASE, the family export must choose)
         "scaling": "yarn", "factor": 4.0, "original_max_seq_len": 32, "mscale_all_dim": 0.8}}}, "deepseek_v3"),
     "deepseek_v3 one q, half-split": ({**GLM, "moe": {**GLM["moe"], "renormalize": False},
                                        "model": {**MLA, "tie_embeddings": True}}, "deepseek_v3"),
+    "deepseek_v2 groups by their best expert": ({"model": {**MLA, "rope_interleave": True}, "moe": {
+        **MOE, "renormalize": False, "num_shared_experts": 2, "n_group": 4, "topk_group": 2, "group_score": "max",
+        "routed_scaling_factor": 16.0}}, "deepseek_v2"),
+    "deepseek_v2 greedy": ({"model": {**MLA, "rope_interleave": True, "q_lora_rank": 24}, "moe": {
+        **MOE, "renormalize": False, "num_shared_experts": 1}}, "deepseek_v2"),
 }
 # transformers config keys that do not change what a loaded model computes (bookkeeping, labels, outputs,
 # training-only dropout that sparselm does not have), or an alias of a key export writes
@@ -98,6 +103,8 @@ def model_computes(cfg) -> dict:
                    expert_hidden=resolved_expert_hidden(cfg), shared_hidden=resolved_shared_hidden(cfg),
                    shared_gate=e.shared_expert_gate, score_func=e.score_func, selection_bias=e.bias_balancing,
                    n_group=e.n_group, topk_group=e.topk_group, scaling=e.routed_scaling_factor)
+        if e.n_group > 1 and e.group_score != "top2_sum":
+            out["group_score"] = e.group_score
     return out
 
 
@@ -127,18 +134,19 @@ def transformers_computes(c, family: str) -> dict:
            "windows": [window if t == "sliding_attention" else 0 for t in types], "qkv_bias": bias, "o_bias": o_bias,
            "mlp_bias": bool(getattr(c, "mlp_bias", False)), "qk_norm": qk, "clip_qkv": getattr(c, "clip_qkv", None),
            "moe_layers": [False] * n}
-    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3"):
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2"):
         if family in ("qwen2_moe", "qwen3_moe"):
             dense = set(c.mlp_only_layers or [])
             moe = [i not in dense and (i + 1) % c.decoder_sparse_step == 0 for i in range(n)]
-        elif family in ("glm4_moe", "deepseek_v3"):
+        elif family in ("glm4_moe", "deepseek_v3", "deepseek_v2"):
             moe = [i >= c.first_k_dense_replace for i in range(n)]
         else:
             moe = [True] * n
         hidden = c.intermediate_size if family in ("mixtral", "olmoe") else c.moe_intermediate_size
         shared = {"qwen2_moe": getattr(c, "shared_expert_intermediate_size", 0),
                   "glm4_moe": getattr(c, "n_shared_experts", 0) * hidden,
-                  "deepseek_v3": getattr(c, "n_shared_experts", 0) * hidden}.get(family, 0)
+                  "deepseek_v3": getattr(c, "n_shared_experts", 0) * hidden,
+                  "deepseek_v2": getattr(c, "n_shared_experts", 0) * hidden}.get(family, 0)
         out.update(moe_layers=moe, experts=getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
                    or c.n_routed_experts, top_k=c.num_experts_per_tok,
                    renormalize=True if family == "mixtral" else c.norm_topk_prob, expert_hidden=hidden,
@@ -147,14 +155,22 @@ def transformers_computes(c, family: str) -> dict:
                    selection_bias=family in ("glm4_moe", "deepseek_v3"),
                    n_group=getattr(c, "n_group", 1), topk_group=getattr(c, "topk_group", 1),
                    scaling=getattr(c, "routed_scaling_factor", 1.0))
-    if family == "deepseek_v3":
+        if family == "deepseek_v2":  # no renormalisation; groups (by their best expert) only when group-limited
+            grouped = c.topk_method == "group_limited_greedy"
+            out.update(renormalize=False, n_group=c.n_group if grouped else 1,
+                       topk_group=c.topk_group if grouped else 1)
+            if grouped:
+                out["group_score"] = "max"
+    if family in ("deepseek_v3", "deepseek_v2"):
         from transformers.modeling_rope_utils import yarn_apply_mscale
 
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         out.update(q_lora_rank=c.q_lora_rank or 0, kv_lora_rank=c.kv_lora_rank, qk_nope=c.qk_nope_head_dim,
-                   qk_rope=c.qk_rope_head_dim, v_head=c.v_head_dim, interleave=c.rope_interleave,
+                   qk_rope=c.qk_rope_head_dim, v_head=c.v_head_dim,
+                   interleave=c.rope_interleave if family == "deepseek_v3" else True,
                    softmax_scale=pytest.approx(yarn_apply_mscale(c.rope_parameters, qk ** -0.5), rel=1e-12),
-                   mtp=c.num_nextn_predict_layers, qk_norm="none", qkv_bias=False, o_bias=c.attention_bias)
+                   mtp=getattr(c, "num_nextn_predict_layers", 0), qk_norm="none", qkv_bias=False,
+                   o_bias=c.attention_bias)
     if not all(out["moe_layers"]):
         out["d_ff"] = c.intermediate_size
     return out

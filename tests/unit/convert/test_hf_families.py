@@ -235,7 +235,7 @@ REFUSALS = {
     "quantized": (lambda d: _add_tensors(d, {"model.layers.0.mlp.experts.0.qweight": torch.zeros(4, dtype=torch.int8)}),
                   "model.layers.0.mlp.experts.0.qweight has dtype I8 .quantized weights.; supported: bf16, fp16, fp32"),
     "activation": (lambda d: _edit(d, hidden_act="gelu"), "hidden_act='gelu' .supported: silu"),
-    "deepseek_v2": (lambda d: _edit(d, model_type="deepseek_v2"), "model_type='deepseek_v2' is not supported .softmax"),
+    "gpt_oss": (lambda d: _edit(d, model_type="gpt_oss"), "model_type='gpt_oss' is not supported .attention sinks"),
 }
 
 
