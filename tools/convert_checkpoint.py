@@ -4,8 +4,8 @@
   consolidate  --input CKPT_OR_RUN --output DIR [--dtype bf16] [--max-shard-gb G]   whole tensors in HF-style shards
   export-hf    --input CKPT_OR_RUN --output DIR [--fused-experts] [--force]   the family computing the model
   import-hf    --input HF_DIR      --output DIR [--force] [--drop-mtp]   llama, mistral, mixtral, qwen2, qwen3,
-                                    qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3 / kimi_k2, deepseek_v2
-                                    (streamed; fp8 block-scaled weights read)
+                                    qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3 / kimi_k2, deepseek_v2,
+                                    glm4_moe_lite (streamed; fp8 block-scaled weights read)
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
   inspect      --input CKPT_OR_RUN [--json]
 """

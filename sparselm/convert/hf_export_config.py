@@ -162,6 +162,8 @@ def moe_config(fam: Family, cfg) -> dict:
         out.update(decoder_sparse_step=1, mlp_only_layers=[i for i, k in enumerate(kinds) if k == "dense"])
     elif fam.dense_layers == "first":
         out["first_k_dense_replace"] = kinds.count("dense")
+    elif fam.dense_layers == "types":
+        out["mlp_layer_types"] = ["dense" if k == "dense" else "sparse" for k in kinds]
     shared = fam.shared_experts
     if shared:
         width = resolved_shared_hidden(cfg)

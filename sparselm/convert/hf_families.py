@@ -51,9 +51,13 @@ DEEPSEEK_V3 = replace(GLM4_MOE, name="deepseek_v3", architecture="DeepseekV3ForC
 DEEPSEEK_V2 = replace(DEEPSEEK_V3, name="deepseek_v2", architecture="DeepseekV2ForCausalLM", score_func="softmax",
                       selection_bias=False, never_renormalize=True, group_score="max", rope_interleave_key=None,
                       mtp_key=None)
+# GLM-4.x-Lite (GLM-4.7-Flash): DeepSeek-V3's attention and router, its dense layers listed by mlp_layer_types;
+# its multi-token-prediction layer (model.layers.47) is not in its config.json: left out on import, said
+GLM4_MOE_LITE = replace(DEEPSEEK_V3, name="glm4_moe_lite", architecture="Glm4MoeLiteForCausalLM", dense_layers="types",
+                        mtp_key=None)
 
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE,
-                                DEEPSEEK_V3, DEEPSEEK_V2)
+                                DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 ALIASES: dict[str, Family] = {"kimi_k2": DEEPSEEK_V3}
 """model_type values read as another family's (Kimi K2's config.json says kimi_k2; export writes deepseek_v3)."""

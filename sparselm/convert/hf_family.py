@@ -122,9 +122,10 @@ class Family:
     group limit)."""
     shared_experts: SharedExperts | None = None
     """Always-on experts, if the family has them (see ``SharedExperts``)."""
-    dense_layers: Literal["none", "listed", "first"] = "none"
+    dense_layers: Literal["none", "listed", "first", "types"] = "none"
     """Which layers keep a dense SwiGLU: none, those in ``mlp_only_layers`` or off ``decoder_sparse_step``
-    (Qwen-MoE), or the first ``first_k_dense_replace`` (GLM-4-MoE)."""
+    (Qwen-MoE), the first ``first_k_dense_replace`` (GLM-4-MoE), or those ``mlp_layer_types`` says 'dense'
+    (GLM-4.x-Lite; absent: the first layer only)."""
     moe_module: str = "mlp"
     """The MoE block's module in the per-expert layout published checkpoints hold (Mixtral:
     ``block_sparse_moe``); transformers 5's fused layout always says ``mlp``."""

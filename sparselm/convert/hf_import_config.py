@@ -75,6 +75,8 @@ def layer_kinds(hf: dict, fam: Family) -> list[str]:
         return ["moe" if i not in dense_only and (i + 1) % step == 0 else "dense" for i in range(n)]
     if fam.dense_layers == "first":
         return ["dense" if i < hf.get("first_k_dense_replace", 0) else "moe" for i in range(n)]
+    if fam.dense_layers == "types":  # transformers' default: the first layer dense
+        return ["moe" if t == "sparse" else "dense" for t in hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)]
     return ["moe"] * n
 
 
