@@ -62,6 +62,10 @@ class RopeConfig:
     """yarn: factor on cos and sin (scales the attention logits by its square); 0 means 0.1 * ln(factor) + 1."""
     truncate: bool = True
     """yarn: round the correction range to whole dimensions (transformers' truncate)."""
+    mscale_all_dim: float = 0.0
+    """Multi-head latent attention (model.attention=mla) with a rope scaling: when > 0, the softmax scale is
+    multiplied by (0.1 * mscale_all_dim * ln(factor) + 1)^2 (factor > 1), as DeepSeek-V2/V3 and transformers'
+    yarn_apply_mscale do; 0: unchanged."""
 
 
 @dataclass
@@ -122,6 +126,41 @@ class ModelConfig:
     tokens, each chunk's fp32 logits recomputed in backward instead of kept (the whole batch's fp32 logits,
     tokens x vocabulary x 4 bytes, are never held; one more output-projection forward of time).  0: the whole
     batch at once.  The loss and gradients are the same up to fp32 summation order."""
+
+    attention: Literal["mha", "mla"] = "mha"
+    """Attention of every block: 'mha' multi-head attention with optional grouped-query heads (n_kv_heads,
+    head_dim, qk_norm, qkv_bias, clip_qkv apply); 'mla' multi-head latent attention (DeepSeek-V2/V3): queries
+    optionally through a q_lora_rank latent, keys and values up-projected per head from one kv_lora_rank
+    latent, a decoupled rotary key of qk_rope_head_dim shared by all heads (model.q_lora_rank,
+    kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, latent_norm_eps)."""
+    q_lora_rank: int = 0
+    """model.attention=mla: width of the query latent (a down-projection, its RMSNorm, an up-projection);
+    0: one query projection from d_model (DeepSeek-V2-Lite)."""
+    kv_lora_rank: int = 0
+    """model.attention=mla: width of the key/value latent every head's keys (their unrotated part) and values
+    are up-projected from; required (> 0) with mla."""
+    qk_nope_head_dim: int = 0
+    """model.attention=mla: channels of each head's query and key without rotary positions (may be 0)."""
+    qk_rope_head_dim: int = 0
+    """model.attention=mla: rotary channels of each head's query; the rotary key of this width is one, shared
+    by all heads (even, > 0 with mla).  A query/key head is qk_nope_head_dim + qk_rope_head_dim wide."""
+    v_head_dim: int = 0
+    """model.attention=mla: width of each head's value (and of the output projection's input per head)."""
+    latent_norm_eps: float = 1e-6
+    """model.attention=mla: epsilon of the query and key/value latents' RMSNorms (DeepSeek fixes it at 1e-6,
+    whatever norm_eps is)."""
+    rope_interleave: bool = False
+    """Rotary pairs are interleaved channels (x0, x1), (x2, x3), ... (DeepSeek's rope_interleave, GPT-J
+    style) instead of the two halves of the rotated channels (Llama's rotate_half)."""
+
+    mtp_layers: int = 0
+    """Multi-token prediction depths (DeepSeek-V3): depth k predicts the token k + 1 ahead with one more block
+    of the last layer's kind, the shared embedding and output head; its loss is added to the training loss
+    (model.mtp_loss_weight) and logged as mtpK_loss.  Generation and evaluation use the main head only;
+    0: off."""
+    mtp_loss_weight: float = 0.3
+    """Weight of the multi-token-prediction loss: loss = lm_loss + aux + weight x mean over depths of their
+    token losses (DeepSeek-V3's lambda: 0.3, later 0.1)."""
 
     def layer_kinds(self) -> list[str]:
         return [self.pattern[i % len(self.pattern)] for i in range(self.n_layers)]
@@ -533,7 +572,7 @@ def _describe_section(section, where: str) -> list[str]:
 def validate_attention_features(m) -> None:
     """The model section's attention options (head width, q/k norm, rotary scaling, sliding windows)."""
     rot = m.head_width * m.rotary_fraction
-    require(0 < m.rotary_fraction <= 1 and rot == int(rot) and int(rot) % 2 == 0,
+    require(m.attention == "mla" or (0 < m.rotary_fraction <= 1 and rot == int(rot) and int(rot) % 2 == 0),
             f"model.rotary_fraction={m.rotary_fraction} must be in (0, 1] and rotate an even number of the "
             f"{m.head_width} channels of a head")
     require(m.clip_qkv >= 0, f"model.clip_qkv must be >= 0 (0 disables it), got {m.clip_qkv}")
@@ -545,6 +584,8 @@ def validate_attention_features(m) -> None:
     if m.rope.scaling == "llama3":
         require(m.rope.high_freq_factor > m.rope.low_freq_factor > 0, "model.rope.high_freq_factor must exceed "
                 f"model.rope.low_freq_factor > 0, got {m.rope.high_freq_factor} and {m.rope.low_freq_factor}")
+    if m.attention == "mla":
+        validate_latent_attention(m)
     require(len(m.attention_layers) > 0, "model.attention_layers is empty; give at least one of full, sliding")
     for kind in m.attention_layers:
         require(kind in ("full", "sliding"), f"model.attention_layers names '{kind}'; known: full, sliding")
@@ -552,17 +593,47 @@ def validate_attention_features(m) -> None:
         require(m.sliding_window > 0, "model.attention_layers has 'sliding' layers; set model.sliding_window > 0")
 
 
+def block_cost_memory(cfg, kind: str) -> int:
+    """Persistent memory slots of block kind ``kind``'s attention (its cost model's ``memory_slots``)."""
+    return BLOCKS[kind].cost.memory_slots(cfg)
+
+
+def validate_latent_attention(m) -> None:
+    """model.attention=mla's widths, and the multi-head attention options it has no place for."""
+    require(m.kv_lora_rank > 0 and m.v_head_dim > 0 and m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
+            f"model.attention=mla needs model.kv_lora_rank > 0, model.v_head_dim > 0 and an even "
+            f"model.qk_rope_head_dim > 0 (got {m.kv_lora_rank}, {m.v_head_dim}, {m.qk_rope_head_dim})")
+    require(m.q_lora_rank >= 0 and m.qk_nope_head_dim >= 0 and m.latent_norm_eps > 0,
+            "model.q_lora_rank and model.qk_nope_head_dim must be >= 0 and model.latent_norm_eps > 0 with "
+            "model.attention=mla")
+    require(m.n_kv_heads in (0, m.n_heads), f"model.n_kv_heads={m.n_kv_heads} with model.attention=mla: every head "
+            "has its own key and value there; leave model.n_kv_heads at 0 (or n_heads)")
+    for name, off in (("qk_norm", "none"), ("qkv_bias", False), ("clip_qkv", 0.0), ("rotary_fraction", 1.0)):
+        require(getattr(m, name) == off, f"model.{name}={getattr(m, name)!r} does not apply to model.attention=mla "
+                f"(its rotary part is model.qk_rope_head_dim); set model.{name}={off!r} or model.attention=mha")
+
+
 def validate(cfg) -> None:
     m, p, t, d, o = cfg.model, cfg.parallel, cfg.train, cfg.data, cfg.optim
     for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "pad_vocab_to"):
         require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    require(m.head_dim > 0 or m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick heads that divide the width or set model.head_dim")
+    require(m.head_dim > 0 or m.d_model % m.n_heads == 0 or m.attention == "mla", f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; pick heads that divide the width or set model.head_dim")
     require(m.head_dim >= 0, f"model.head_dim must be >= 0 (0: d_model / n_heads), got {m.head_dim}")
     require(m.loss_chunk_tokens >= 0, f"model.loss_chunk_tokens must be >= 0 (0: the whole batch at once), got {m.loss_chunk_tokens}")
-    require(m.head_width % 2 == 0, f"the head width {m.head_width} (model.head_dim or d_model/n_heads) must be even for rotary positions")
+    require(m.head_width % 2 == 0 or m.attention == "mla", f"the head width {m.head_width} (model.head_dim or d_model/n_heads) must be even for rotary positions")
     validate_attention_features(m)
     require(m.n_heads % m.kv_heads == 0, f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.kv_heads}")
     require(len(m.pattern) > 0, "model.pattern is empty; give at least one block kind, e.g. [dense]")
+    require(m.mtp_layers >= 0 and m.mtp_loss_weight >= 0, "model.mtp_layers and model.mtp_loss_weight must be "
+            f">= 0 (0 layers: no multi-token prediction), got {m.mtp_layers} and {m.mtp_loss_weight}")
+    require(m.mtp_layers < d.seq_len, f"model.mtp_layers={m.mtp_layers} leaves no position to predict in "
+            f"data.seq_len={d.seq_len} tokens; use fewer depths")
+    require(m.attention == "mha" or (cfg.attention.pattern == "causal" and not cfg.attention.persistent_slots),
+            f"model.attention=mla with attention.pattern={cfg.attention.pattern} / persistent memory slots: sparse "
+            "patterns and memory are built for model.attention=mha only; use attention.pattern=causal (sliding "
+            "windows: model.attention_layers)")
+    require(m.attention == "mha" or all(block_cost_memory(cfg, k) == 0 for k in set(m.layer_kinds()) if k in BLOCKS),
+            "model.attention=mla with a block kind that has persistent memory slots (allattn); use other kinds")
     require("sliding" not in m.attention_layers or cfg.attention.pattern == "causal", "model.attention_layers has "
             f"'sliding' layers and attention.pattern={cfg.attention.pattern}; use one or the other")
     for kind in m.pattern:

@@ -2,11 +2,14 @@
 """Peak host memory of a streaming ``import-hf`` (issue 28): a synthetic sharded Mixtral-layout checkpoint
 (per-expert tensors, bf16, ``model.safetensors.index.json``) of about ``--gb`` GB is written, then imported
 in a fresh process that reports its RSS after imports (the baseline) and its peak (VmHWM) during the import.
-``--layout gpt_oss_mxfp4`` (issue 36) writes a gpt-oss-20b-shaped checkpoint instead (d_model 2880, 32 experts
+``--family gpt_oss_mxfp4`` (issue 36) writes a gpt-oss-20b-shaped checkpoint instead (d_model 2880, 32 experts
 of width 2880, vocabulary cut to 32000) whose routed experts are MXFP4 ``*_blocks`` / ``*_scales``, as published:
-the import dequantizes them to bf16 (four times their stored size) tensor by tensor.
+the import dequantizes them to bf16 (four times their stored size) tensor by tensor.  ``--family deepseek_v3_fp8``
+writes a DeepSeek-V3-layout checkpoint (multi-head latent attention, a dense first layer, routed and shared
+experts), its layer weights block-scaled fp8 e4m3 with ``weight_scale_inv`` in 128 x 128 blocks and widths that
+are no multiple of 128 (issue 35): the import dequantizes them to bf16 tensor by tensor.
 
-  python tools/bench_import.py --gb 2 [--dir /tmp/bench_import] [--max-shard-gb 0.5] [--layout gpt_oss_mxfp4]
+  python tools/bench_import.py --gb 2 [--family mixtral|gpt_oss_mxfp4|deepseek_v3_fp8] [--dir /tmp/bench_import] [--max-shard-gb 0.5]
 
 Target: peak - baseline <= 1.5 GB for a 2 GB checkpoint (memory about one tensor or shard, not the model).
 """
@@ -156,19 +159,104 @@ def write_gpt_oss_mxfp4(path: Path, gb: float, shard_gb: float = 0.25) -> dict:
     return {"layers": layers, "bytes": total, "files": len(shards), "largest_tensor": experts * 2 * inter * d * 2}
 
 
+def deepseek_v3_fp8_shapes(gb: float) -> tuple[dict, dict, set, int]:
+    """(config.json, name -> shape, the names stored in fp8, largest output tensor bytes) of a DeepSeek-V3-layout
+    model of about ``gb`` GB of fp8 layer weights: d_model 2048, 16 heads (query latent 768, key/value latent
+    512, 128 + 64 query/key channels, values of 128), a dense first layer of width 5000, then 32 routed experts
+    of width 1000 and a shared one."""
+    d, heads, qr, kr, nope, rope, v, experts, hidden, dense, vocab = 2048, 16, 768, 512, 128, 64, 128, 32, 1000, 5000, 32000
+    attn = {"self_attn.q_a_proj.weight": (qr, d), "self_attn.q_b_proj.weight": (heads * (nope + rope), qr),
+            "self_attn.kv_a_proj_with_mqa.weight": (kr + rope, d), "self_attn.kv_b_proj.weight": (heads * (nope + v), kr),
+            "self_attn.o_proj.weight": (d, heads * v)}
+    norms = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+             "self_attn.q_a_layernorm.weight": (qr,), "self_attn.kv_a_layernorm.weight": (kr,)}
+    per_moe_layer = sum(math.prod(s) for s in attn.values()) + (experts + 1) * 3 * d * hidden
+    layers = 1 + max(1, round((gb * 1e9 - 3 * d * dense) / per_moe_layer))
+    config = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": vocab,
+              "hidden_size": d, "intermediate_size": dense, "moe_intermediate_size": hidden, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": heads, "q_lora_rank": qr, "kv_lora_rank": kr,
+              "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "v_head_dim": v, "n_routed_experts": experts,
+              "n_shared_experts": 1, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+              "routed_scaling_factor": 2.5, "norm_topk_prob": True, "first_k_dense_replace": 1,
+              "num_nextn_predict_layers": 0, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+              "hidden_act": "silu", "tie_word_embeddings": False, "rope_interleave": True,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "torch_dtype": "bfloat16",
+              "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}}
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
+    fp8 = set()
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        mlp = {f"mlp.{n}.weight": s for n, s in (("gate_proj", (dense, d)), ("up_proj", (dense, d)),
+                                                 ("down_proj", (d, dense)))} if i == 0 else {}
+        if i:
+            for e in [*range(experts), "shared"]:
+                q = "mlp.shared_experts" if e == "shared" else f"mlp.experts.{e}"
+                mlp.update({f"{q}.gate_proj.weight": (hidden, d), f"{q}.up_proj.weight": (hidden, d),
+                            f"{q}.down_proj.weight": (d, hidden)})
+        for name, shape in {**attn, **mlp}.items():
+            shapes[f"{p}.{name}"] = shape
+            fp8.add(f"{p}.{name}")
+        shapes.update({f"{p}.{n}": s for n, s in norms.items()})
+        if i:
+            shapes.update({f"{p}.mlp.gate.weight": (experts, d), f"{p}.mlp.gate.e_score_correction_bias": (experts,)})
+    return config, shapes, fp8, experts * 2 * hidden * d * 2
+
+
+def write_fp8_checkpoint(path: Path, gb: float, shard_gb: float = 0.25) -> dict:
+    """``deepseek_v3_fp8_shapes`` written as sharded safetensors: fp8 weights with fp32 ``weight_scale_inv``,
+    the rest bf16."""
+    import torch
+    from safetensors.torch import save_file
+
+    config, shapes, fp8, largest = deepseek_v3_fp8_shapes(gb)
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total, shard, size, files = {}, 0, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, files
+        if shard:
+            files += 1
+            file = f"model-{files:05d}.safetensors"
+            save_file(shard, str(path / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        shard, size = {}, 0
+
+    for name, shape in shapes.items():
+        if name in fp8:
+            shard[name] = torch.randn(shape, generator=gen).to(torch.float8_e4m3fn)
+            blocks = tuple(math.ceil(n / 128) for n in shape)
+            shard[name + "_scale_inv"] = torch.rand(blocks, generator=gen) * 0.01 + 0.001
+        else:
+            shard[name] = (torch.randn(shape, generator=gen) * 0.02).bfloat16()
+        nbytes = sum(t.numel() * t.element_size() for k, t in shard.items() if k.startswith(name))
+        size, total = size + nbytes, total + nbytes
+        if size > shard_gb * 1e9:
+            flush()
+    flush()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                    "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(config))
+    return {"layers": config["num_hidden_layers"], "bytes": total, "files": files, "largest_tensor": largest}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, default=2.0)
     parser.add_argument("--dir", default="/tmp/bench_import")
     parser.add_argument("--max-shard-gb", type=float, default=0.5)
-    parser.add_argument("--layout", choices=["mixtral", "gpt_oss_mxfp4"], default="mixtral",
-                        help="mixtral: per-expert bf16 tensors; gpt_oss_mxfp4: gpt-oss with MXFP4 experts")
+    parser.add_argument("--family", "--layout", dest="family", choices=["mixtral", "gpt_oss_mxfp4", "deepseek_v3_fp8"],
+                        default="mixtral", help="mixtral: per-expert bf16 tensors; gpt_oss_mxfp4: gpt-oss with MXFP4 "
+                        "experts; deepseek_v3_fp8: DeepSeek-V3 with block-scaled fp8 weights")
     args = parser.parse_args(argv)
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     t = time.perf_counter()
-    info = (write_gpt_oss_mxfp4 if args.layout == "gpt_oss_mxfp4" else write_checkpoint)(root / "hf", args.gb)
-    stored = "MXFP4 experts + bf16" if args.layout == "gpt_oss_mxfp4" else "bf16"
+    writer = {"gpt_oss_mxfp4": write_gpt_oss_mxfp4, "deepseek_v3_fp8": write_fp8_checkpoint}.get(args.family,
+                                                                                                write_checkpoint)
+    info = writer(root / "hf", args.gb)
+    stored = {"gpt_oss_mxfp4": "MXFP4 experts + bf16", "deepseek_v3_fp8": "fp8 + bf16"}.get(args.family, "bf16")
     print(f"wrote {root / 'hf'}: {info['bytes'] / 1e9:.2f} GB {stored} in {info['files']} files, {info['layers']} layers, "
           f"largest output tensor {info['largest_tensor'] / 1e9:.2f} GB ({time.perf_counter() - t:.0f} s)")
     repo = Path(__file__).resolve().parents[1]
@@ -179,7 +267,7 @@ def main(argv=None):
     _, base, peak, seconds = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT")).split()
     base, peak = int(base), int(peak)
     out_bytes = sum(f.stat().st_size for f in (root / "ours").rglob("*.safetensors"))
-    target = ("target <= 1.5 GB" if args.layout == "mixtral" else
+    target = ("target <= 1.5 GB" if args.family == "mixtral" else
               f"largest output tensor {info['largest_tensor'] / 2**30:.2f} GiB, written {out_bytes / 2**30:.2f} GiB")
     print(f"import: {float(seconds):.1f} s, baseline RSS {base / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB, "
           f"peak above baseline {(peak - base) / 2**30:.2f} GiB ({target}) for a "

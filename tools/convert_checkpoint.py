@@ -3,8 +3,9 @@
 
   consolidate  --input CKPT_OR_RUN --output DIR [--dtype bf16] [--max-shard-gb G]   whole tensors in HF-style shards
   export-hf    --input CKPT_OR_RUN --output DIR [--fused-experts] [--force]   the family computing the model
-  import-hf    --input HF_DIR      --output DIR [--force]        llama, mistral, mixtral, qwen2, qwen3, qwen2_moe,
-                                                                 qwen3_moe, olmoe, glm4_moe (streamed)
+  import-hf    --input HF_DIR      --output DIR [--force] [--drop-mtp]   llama, mistral, mixtral, qwen2, qwen3,
+                                    qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3 / kimi_k2, deepseek_v2,
+                                    glm4_moe_lite (streamed; fp8 block-scaled weights read)
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
   inspect      --input CKPT_OR_RUN [--json]
   verify       --input RUN_OR_CKPT [--workers N]         every file against its checksum, one line per checkpoint,
@@ -72,7 +73,7 @@ def export_hf(args) -> Path:
 
 def import_hf(args) -> Path:
     """A Hugging Face model directory of a supported family, streamed tensor by tensor (``sparselm.convert.hf_import``)."""
-    return hf_import.import_hf(args.input, args.output, int(args.max_shard_gb * 2**30), args.force)
+    return hf_import.import_hf(args.input, args.output, int(args.max_shard_gb * 2**30), args.force, args.drop_mtp)
 
 
 def upcycle(args) -> Path:
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None):
         p.set_defaults(fn=fn)
         if name in ("import-hf", "export-hf"):
             p.add_argument("--force", action="store_true", help="replace an existing output directory")
+        if name == "import-hf":
+            p.add_argument("--drop-mtp", action="store_true",
+                           help="leave the checkpoint's multi-token-prediction layers out (kept by default)")
         if name == "export-hf":
             p.add_argument("--fused-experts", action="store_true",
                            help="transformers 5's in-memory expert names (mlp.experts.gate_up_proj) instead of one per expert")

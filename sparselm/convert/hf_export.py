@@ -24,7 +24,17 @@ from sparselm.checkpoint.tensors import CanonicalTensors
 from sparselm.convert.experts import PARTS
 from sparselm.convert.hf_export_config import choose_family, generation_config, hf_config
 from sparselm.convert.hf_family import Family
-from sparselm.convert.hf_names import GLOBAL, GPT_OSS_EXPERTS, expert_name, gpt_oss_expert_names, layer_renames, stacked_name
+from sparselm.convert.hf_names import (
+    GLOBAL,
+    GPT_OSS_EXPERTS,
+    MTP_COPIES,
+    expert_name,
+    gpt_oss_expert_names,
+    layer_renames,
+    mtp_renames,
+    mtp_stacked_name,
+    stacked_name,
+)
 from sparselm.convert.mapped import MappedTensors, Piece, Recipe
 from sparselm.convert.store import clear_output
 from sparselm.data.tokenizer import eod_token, tokenizer_json
@@ -60,6 +70,30 @@ def hf_tensor_plan(fam: Family, cfg, names, fused: bool) -> dict[str, Recipe]:
         for e in range(cfg.moe.num_experts):
             for part in PARTS:
                 plan[expert_name(fam, i, e, part)] = Recipe("split", (Piece(stacked_name(i, part), part, e),))
+    plan.update(mtp_plan(fam, cfg, ours_present, fused))
+    return plan
+
+
+def mtp_plan(fam: Family, cfg, ours_present: set, fused: bool) -> dict[str, Recipe]:
+    """The multi-token-prediction depths as the layers after the decoder layers (``hf_names.mtp_renames``), with
+    the copies of the embedding and output head DeepSeek-V3's checkpoints carry in each."""
+    m, plan = cfg.model, {}
+    n, kind = m.n_layers, m.layer_kinds()[-1]
+    for k in range(m.mtp_layers):
+        for ours, theirs in mtp_renames(fam, n, k, kind, fused).items():
+            if ours in ours_present:
+                plan[theirs] = Recipe("copy", (Piece(ours),))
+        head = "embed.weight" if m.tie_embeddings else "head.proj.weight"
+        for ours, theirs in (("embed.weight", MTP_COPIES["embed.weight"]), (head, MTP_COPIES["head.proj.weight"])):
+            plan[f"model.layers.{n + k}.{theirs}"] = Recipe("copy", (Piece(ours),))
+        if kind != "moe":
+            continue
+        for part in (("gate", "down") if fused else PARTS):
+            if fused:
+                plan[stacked_name(n + k, part, fused_hf=True)] = Recipe("copy", (Piece(mtp_stacked_name(k, part)),))
+                continue
+            for e in range(cfg.moe.num_experts):
+                plan[expert_name(fam, n + k, e, part)] = Recipe("split", (Piece(mtp_stacked_name(k, part), part, e),))
     return plan
 
 

@@ -11,7 +11,7 @@ from sparselm.convert.hf_families import FAMILIES
 from sparselm.convert.hf_family import Family
 from sparselm.convert.hf_rope import rope_parameters
 from sparselm.errors import ConversionError
-from sparselm.model.moe.config import resolved_expert_hidden
+from sparselm.model.moe.config import resolved_expert_hidden, resolved_shared_hidden
 
 
 def attention_blockers(fam: Family, cfg) -> list[str]:
@@ -42,6 +42,15 @@ def attention_blockers(fam: Family, cfg) -> list[str]:
                    f"({fam.o_bias_key} biases q, k, v and o together)")
     elif m.o_bias and not fam.o_bias_key:
         out.append("model.o_bias=true")
+    if (m.attention == "mla") != fam.mla:
+        out.append("model.attention=mla" if m.attention == "mla" else f"model.attention={m.attention} ({fam.name}'s "
+                   "attention is multi-head latent attention)")
+    if m.rope_interleave and not fam.mla:
+        out.append("model.rope_interleave=true")
+    if fam.mla and not fam.rope_interleave_key and not m.rope_interleave:
+        out.append(f"model.rope_interleave=false ({fam.name}'s rope pairs are always interleaved)")
+    if fam.mla and m.latent_norm_eps != 1e-6:
+        out.append(f"model.latent_norm_eps={m.latent_norm_eps} (transformers fixes the latent norms' at 1e-6)")
     return out
 
 
@@ -58,6 +67,10 @@ def moe_blockers(fam: Family, cfg) -> list[str]:
         out.append(f"moe.bias_balancing={str(e.bias_balancing).lower()}")
     if not fam.group_routing and (e.n_group > 1 or e.routed_scaling_factor != 1):
         out.append("group-limited routing / moe.routed_scaling_factor")
+    if fam.group_routing and e.n_group > 1 and e.group_score != fam.group_score:
+        out.append(f"moe.group_score={e.group_score} ({fam.name} scores a group by {fam.group_score})")
+    if fam.never_renormalize and e.renormalize:
+        out.append(f"moe.renormalize=true ({fam.name} never renormalises the top-k weights)")
     shared = fam.shared_experts
     if shared and shared.gated:
         if not (e.num_shared_experts and e.shared_expert_gate):
@@ -68,6 +81,9 @@ def moe_blockers(fam: Family, cfg) -> list[str]:
         out.append(f"moe.num_shared_experts={e.num_shared_experts}")
     if shared and not shared.gated and not e.num_shared_experts:
         out.append(f"moe.num_shared_experts=0 ({fam.name} has shared experts)")
+    if shared and not shared.key_is_width and resolved_shared_hidden(cfg) % resolved_expert_hidden(cfg):
+        out.append(f"moe.shared_expert_hidden={e.shared_expert_hidden} ({fam.name}'s shared experts are "
+                   f"{shared.key} x {fam.expert_hidden_key} wide)")
     if fam.renormalize_key is None and not e.renormalize:
         out.append("moe.renormalize=false")
     if e.router_bias != fam.router_bias:
@@ -103,6 +119,8 @@ def blockers(fam: Family, cfg) -> list[str]:
         out.append("MoE layers" if moe else "no MoE layers")
         return out
     out += attention_blockers(fam, cfg)
+    if cfg.model.mtp_layers and not fam.mtp_key:
+        out.append(f"model.mtp_layers={cfg.model.mtp_layers} ({fam.name} stores no multi-token-prediction layers)")
     if moe:
         out += moe_blockers(fam, cfg)
     return out
@@ -161,13 +179,18 @@ def moe_config(fam: Family, cfg) -> dict:
         out.update(decoder_sparse_step=1, mlp_only_layers=[i for i, k in enumerate(kinds) if k == "dense"])
     elif fam.dense_layers == "first":
         out["first_k_dense_replace"] = kinds.count("dense")
+    elif fam.dense_layers == "types":
+        out["mlp_layer_types"] = ["dense" if k == "dense" else "sparse" for k in kinds]
     shared = fam.shared_experts
     if shared:
-        out[shared.key] = e.num_shared_experts * (hidden if shared.key_is_width else 1)
+        width = resolved_shared_hidden(cfg)
+        out[shared.key] = width if shared.key_is_width else width // hidden
     if fam.group_routing:
         out.update(n_group=e.n_group, topk_group=e.topk_group, routed_scaling_factor=e.routed_scaling_factor)
     if fam.clamped_swiglu:
         out.update(swiglu_limit=e.swiglu_limit, swiglu_alpha=e.swiglu_alpha)
+    if fam.group_score == "max":
+        out["topk_method"] = "group_limited_greedy" if e.n_group > 1 else "greedy"
     return out
 
 
@@ -182,6 +205,16 @@ def hf_config(fam: Family, cfg, eod_id: int) -> dict:
            "hidden_act": "silu", "tie_word_embeddings": m.tie_embeddings, "rope_parameters": rope_parameters(m),
            "intermediate_size": m.ffn_hidden, "attention_bias": False, "dtype": "float32"}
     out.update(attention_config(fam, m))
+    if fam.mla:  # transformers' DeepSeek configs carry head_dim = qk_rope_head_dim
+        out.update(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+                   qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, head_dim=m.qk_rope_head_dim,
+                   num_key_value_heads=m.n_heads)
+        if fam.rope_interleave_key:
+            out[fam.rope_interleave_key] = m.rope_interleave
+        if m.rope.scaling != "none" and m.rope.mscale_all_dim:
+            out["rope_parameters"]["mscale_all_dim"] = m.rope.mscale_all_dim
+    if fam.mtp_key:
+        out[fam.mtp_key] = m.mtp_layers
     if fam.moe:
         out.update(moe_config(fam, cfg))
     return out

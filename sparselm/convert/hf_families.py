@@ -48,14 +48,29 @@ GPT_OSS = replace(LLAMA, name="gpt_oss", architecture="GptOssForCausalLM", moe=T
                   expert_hidden_key="intermediate_size", expert_hidden_reads=("intermediate_size",),
                   renormalize_key=None, router_module="router", router_bias=True, expert_layout="gpt_oss",
                   clamped_swiglu=True, mxfp4=True)
+# DeepSeek-V3 (V3, V3.1, R1; Kimi K2 and Moonlight share it): GLM-4-MoE's router and experts with multi-head
+# latent attention, and its multi-token-prediction layers stored after the decoder layers
+DEEPSEEK_V3 = replace(GLM4_MOE, name="deepseek_v3", architecture="DeepseekV3ForCausalLM", qkv_bias_key=None,
+                      qk_norm="none", qk_norm_key=None, partial_rotary=False, mla=True,
+                      mtp_key="num_nextn_predict_layers", fixed_config=())
+# DeepSeek-V2 (V2, V2-Lite): the same attention with complex-pair (interleaved) rope always, softmax scores without
+# renormalisation, groups scored by their best expert (topk_method), no selection bias, no MTP layers
+DEEPSEEK_V2 = replace(DEEPSEEK_V3, name="deepseek_v2", architecture="DeepseekV2ForCausalLM", score_func="softmax",
+                      selection_bias=False, never_renormalize=True, group_score="max", rope_interleave_key=None,
+                      mtp_key=None)
+# GLM-4.x-Lite (GLM-4.7-Flash): DeepSeek-V3's attention and router, its dense layers listed by mlp_layer_types;
+# its multi-token-prediction layer (model.layers.47) is not in its config.json: left out on import, said
+GLM4_MOE_LITE = replace(DEEPSEEK_V3, name="glm4_moe_lite", architecture="Glm4MoeLiteForCausalLM", dense_layers="types",
+                        mtp_key=None)
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE, GPT_OSS)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE, GPT_OSS,
+                                DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
-SUPPORTED = ", ".join(BY_NAME)
+ALIASES: dict[str, Family] = {"kimi_k2": DEEPSEEK_V3}
+"""model_type values read as another family's (Kimi K2's config.json says kimi_k2; export writes deepseek_v3)."""
+SUPPORTED = ", ".join([*BY_NAME, *ALIASES])
 # Families left out on purpose, with what sparselm lacks.
 KNOWN_UNSUPPORTED = {
-    "deepseek_v2": "multi-head latent attention (MLA)", "deepseek_v3": "multi-head latent attention (MLA)",
-    "kimi_k2": "multi-head latent attention (MLA)",
 }
 
 
@@ -65,6 +80,8 @@ def family(model_type) -> Family:
     if model_type in KNOWN_UNSUPPORTED:
         raise ConversionError(f"model_type={model_type!r} is not supported ({KNOWN_UNSUPPORTED[model_type]}); "
                               f"import-hf reads {SUPPORTED}")
+    if model_type in ALIASES:
+        return ALIASES[model_type]
     if model_type not in BY_NAME:
         raise ConversionError(f"model_type={model_type!r} is not supported; import-hf reads {SUPPORTED}")
     return BY_NAME[model_type]

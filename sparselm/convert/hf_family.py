@@ -81,6 +81,20 @@ class Family:
     """Rotary may cover a fraction of each head (``partial_rotary_factor`` < 1, GLM-4-MoE); any family reads it,
     only these express it on export."""
 
+    mla: bool = False
+    """Its attention is multi-head latent attention (DeepSeek-V2/V3: ``q_lora_rank`` (null: one q_proj),
+    ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``, ``rope_interleave``; latent
+    norms at eps 1e-6; tensors ``self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj}, kv_a_proj_with_mqa,
+    kv_a_layernorm, kv_b_proj, o_proj``), sparselm's ``model.attention=mla``."""
+    rope_interleave_key: str | None = "rope_interleave"
+    """An MLA family's config.json boolean for interleaved rope pairs (absent: true); None: always interleaved
+    (DeepSeek-V2's complex-pair rope)."""
+    mtp_key: str | None = None
+    """config.json key counting the multi-token-prediction layers the checkpoint stores after the decoder
+    layers, as ``model.layers.{n_layers + k}`` (DeepSeek-V3's ``num_nextn_predict_layers``: ``enorm``,
+    ``hnorm``, ``eh_proj``, ``shared_head.norm``, a decoder layer, and copies of the embedding and head);
+    None: the family has no place for them (export refuses model.mtp_layers)."""
+
     # ---------------------------------------------------------------- sliding windows
     window: Literal["none", "all", "per_layer"] = "none"
     """Which layers slide within ``sliding_window`` tokens: none (the key is ignored), all or none of them
@@ -103,6 +117,9 @@ class Family:
     renormalize_key: str | None = "norm_topk_prob"
     """config.json boolean: the top-k weights are renormalised to sum to 1 (absent: false); None: always
     renormalised (Mixtral)."""
+    never_renormalize: bool = False
+    """The top-k weights are never renormalised, whatever ``renormalize_key`` says (DeepSeek-V2 ignores
+    norm_topk_prob)."""
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     """Router scores: softmax over experts, or per-expert sigmoid (GLM-4-MoE)."""
     router_module: str = "gate"
@@ -124,11 +141,16 @@ class Family:
     experts (sparselm's ``moe.bias_balancing``)."""
     group_routing: bool = False
     """Group-limited routing (``n_group`` / ``topk_group``) and a ``routed_scaling_factor`` on the weights."""
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    """How a group is scored (sparselm's ``moe.group_score``): its two best experts summed (DeepSeek-V3,
+    GLM-4-MoE) or its best one (DeepSeek-V2, only with ``topk_method: group_limited_greedy``; ``greedy`` is no
+    group limit)."""
     shared_experts: SharedExperts | None = None
     """Always-on experts, if the family has them (see ``SharedExperts``)."""
-    dense_layers: Literal["none", "listed", "first"] = "none"
+    dense_layers: Literal["none", "listed", "first", "types"] = "none"
     """Which layers keep a dense SwiGLU: none, those in ``mlp_only_layers`` or off ``decoder_sparse_step``
-    (Qwen-MoE), or the first ``first_k_dense_replace`` (GLM-4-MoE)."""
+    (Qwen-MoE), the first ``first_k_dense_replace`` (GLM-4-MoE), or those ``mlp_layer_types`` says 'dense'
+    (GLM-4.x-Lite; absent: the first layer only)."""
     moe_module: str = "mlp"
     """The MoE block's module in the per-expert layout published checkpoints hold (Mixtral:
     ``block_sparse_moe``); transformers 5's fused layout always says ``mlp``."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sparselm.convert.hf_families import family as family_of
 from sparselm.convert.hf_family import Family
-from sparselm.convert.hf_rope import rope_overrides
+from sparselm.convert.hf_rope import hf_rope, rope_overrides
 from sparselm.convert.refusal import unsupported
 from sparselm.errors import ConversionError
 
@@ -46,6 +46,29 @@ def attention_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     return out
 
 
+def mla_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
+    """sparselm ``model`` overrides of an MLA family's attention (``Family.mla``): the latent widths, interleaved
+    rope, yarn's ``mscale_all_dim`` (folded into the softmax scale) and the multi-token-prediction layers the
+    config names (``import_hf`` keeps them only when the checkpoint holds them)."""
+    rope = hf_rope(hf)
+    missing = [k for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if hf.get(k) is None]
+    if missing:
+        problems.append(unsupported(missing[0], None, "the latent widths of multi-head latent attention; this "
+                                    "config.json lacks " + ", ".join(missing)))
+        return {}
+    out = {"attention": "mla", "q_lora_rank": int(hf.get("q_lora_rank") or 0), "kv_lora_rank": int(hf["kv_lora_rank"]),
+           "qk_nope_head_dim": int(hf["qk_nope_head_dim"]), "qk_rope_head_dim": int(hf["qk_rope_head_dim"]),
+           "v_head_dim": int(hf["v_head_dim"]),
+           "rope_interleave": bool(hf.get(fam.rope_interleave_key, True)) if fam.rope_interleave_key else True,
+           "n_kv_heads": 0, "head_dim": 0, "latent_norm_eps": 1e-6}
+    if rope["rope_type"] != "default" and rope.get("mscale_all_dim"):
+        out["mscale_all_dim"] = float(rope["mscale_all_dim"])
+    if rope["partial_rotary_factor"] != 1:
+        problems.append(unsupported("partial_rotary_factor", rope["partial_rotary_factor"], "1.0 (MLA rotates "
+                                    "qk_rope_head_dim channels)"))
+    return out
+
+
 def layer_kinds(hf: dict, fam: Family) -> list[str]:
     """'dense' or 'moe', per layer, of an MoE family's config.json (``Family.dense_layers``)."""
     n = hf["num_hidden_layers"]
@@ -54,6 +77,8 @@ def layer_kinds(hf: dict, fam: Family) -> list[str]:
         return ["moe" if i not in dense_only and (i + 1) % step == 0 else "dense" for i in range(n)]
     if fam.dense_layers == "first":
         return ["dense" if i < hf.get("first_k_dense_replace", 0) else "moe" for i in range(n)]
+    if fam.dense_layers == "types":  # transformers' default: the first layer dense
+        return ["moe" if t == "sparse" else "dense" for t in hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)]
     return ["moe"] * n
 
 
@@ -63,16 +88,18 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     *optional, required = fam.expert_hidden_reads
     hidden = next((hf[k] for k in optional if hf.get(k)), None) or hf[required]
     renormalize = True if fam.renormalize_key is None else bool(hf.get(fam.renormalize_key, False))
+    renormalize = renormalize and not fam.never_renormalize
     moe = {"num_experts": int(experts), "top_k": int(hf["num_experts_per_tok"]), "drop_tokens": False,
            "noisy_gating": False, "z_loss_coef": 0.0, "score_func": fam.score_func, "bias_balancing": fam.selection_bias,
            "num_shared_experts": 0, "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
            "renormalize": renormalize, "expert_hidden": hidden}
     shared = fam.shared_experts
-    if shared and shared.key_is_width:  # their total width, in routed experts' widths
+    if shared and shared.key_is_width:  # their total width: in routed experts' widths, else one of that width
         width, unit = hf.get(shared.key) or 0, hf[fam.expert_hidden_key]
         if width % unit:
-            problems.append(unsupported(shared.key, width, f"a multiple of {fam.expert_hidden_key}={unit}"))
-        moe["num_shared_experts"] = width // unit
+            moe.update(num_shared_experts=1, shared_expert_hidden=int(width))
+        else:
+            moe["num_shared_experts"] = width // unit
     elif shared:
         width = moe["num_shared_experts"] = int(hf.get(shared.key) or 0)
     if shared and shared.gated:
@@ -88,8 +115,22 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
             problems.append(unsupported("swiglu_limit", hf.get("swiglu_limit"), "a positive limit"))
     if fam.group_routing:
         moe.update(n_group=int(hf.get("n_group") or 1), topk_group=int(hf.get("topk_group") or 1),
-                   routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
+                   routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)), group_score=fam.group_score)
+    if fam.group_score == "max":  # DeepSeek-V2: groups only with topk_method group_limited_greedy
+        method = hf.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            problems.append(unsupported("topk_method", method, "greedy, group_limited_greedy"))
+        if method != "group_limited_greedy":
+            moe.update(n_group=1, topk_group=1)
     return moe
+
+
+def is_block_fp8(quant: dict) -> bool:
+    """``quantization_config`` is block-scaled fp8 e4m3 (DeepSeek-V3's: ``weight_scale_inv`` per block of
+    ``weight_block_size``), which import dequantizes tensor by tensor."""
+    block = quant.get("weight_block_size")
+    return (quant.get("quant_method") == "fp8" and quant.get("fmt", "e4m3") == "e4m3"
+            and isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block))
 
 
 def sparselm_config(hf: dict) -> dict:
@@ -101,10 +142,13 @@ def sparselm_config(hf: dict) -> dict:
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
     if act not in (None, "silu", "swish"):
         problems.append(unsupported("hidden_act", act, "silu (SwiGLU)"))
-    method = (hf.get("quantization_config") or {}).get("quant_method", "?")
-    if hf.get("quantization_config") and not (fam.mxfp4 and method == "mxfp4"):
-        problems.append(unsupported("quantization_config.quant_method", method, "unquantized fp32/bf16/fp16 weights, "
-                                    "or gpt_oss's mxfp4 experts; dequantize and save_pretrained them first"))
+    quant = hf.get("quantization_config") or {}
+    method = quant.get("quant_method", "?")
+    if quant and not is_block_fp8(quant) and not (fam.mxfp4 and method == "mxfp4"):
+        problems.append(unsupported("quantization_config.quant_method", method,
+                                    "unquantized fp32/bf16/fp16 weights, fp8 (e4m3, weight_block_size: "
+                                    "DeepSeek-V3's, dequantized while streaming) or gpt_oss's mxfp4 experts; "
+                                    "dequantize and save_pretrained others first"))
     if hf.get("mlp_bias"):
         problems.append(unsupported("mlp_bias", True, "false"))
     model = {"d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
@@ -116,6 +160,15 @@ def sparselm_config(hf: dict) -> dict:
         model["head_dim"] = int(hf["head_dim"])
     model.update(rope_overrides(hf, problems))
     model.update(attention_overrides(hf, fam, problems))
+    if fam.mla:
+        mla = mla_overrides(hf, fam, problems)
+        mscale = mla.pop("mscale_all_dim", None)
+        model.update(mla)
+        model.pop("rotary_fraction", None)
+        if mscale is not None:
+            model["rope"]["mscale_all_dim"] = mscale
+    if fam.mtp_key:
+        model["mtp_layers"] = int(hf.get(fam.mtp_key, hf.get("num_mtp_layers", 0)) or 0)
     out = {"model": model}
     if fam.moe:
         out["moe"], model["pattern"] = moe_overrides(hf, fam, problems), layer_kinds(hf, fam)

@@ -22,6 +22,23 @@ ATTENTION = {"input_norm.weight": "input_layernorm.weight", "post_attn_norm.weig
              "attn.k_norm.weight": "self_attn.k_norm.weight", "attn.o_proj.bias": "self_attn.o_proj.bias",
              "attn.sinks": "self_attn.sinks"}
 """ours -> theirs in a layer (after ``layers.{i}.`` / ``model.layers.{i}.``): norms and attention."""
+LATENT_ATTENTION = {"input_norm.weight": "input_layernorm.weight",
+                    "post_attn_norm.weight": "post_attention_layernorm.weight",
+                    "attn.q_proj.weight": "self_attn.q_proj.weight", "attn.q_a_proj.weight": "self_attn.q_a_proj.weight",
+                    "attn.q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+                    "attn.q_b_proj.weight": "self_attn.q_b_proj.weight",
+                    "attn.kv_a_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+                    "attn.kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+                    "attn.kv_b_proj.weight": "self_attn.kv_b_proj.weight", "attn.o_proj.weight": "self_attn.o_proj.weight"}
+"""ours -> theirs in a layer of an MLA family (``Family.mla``): norms and multi-head latent attention."""
+MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+       "norm.weight": "shared_head.norm.weight"}
+"""ours (after ``mtp.{k}.``) -> theirs (after ``model.layers.{n_layers + k}.``): a multi-token-prediction layer's own
+tensors; its block is named as a decoder layer, and it also stores copies of the embedding and output head
+(``MTP_COPIES``)."""
+MTP_COPIES = {"embed.weight": "embed_tokens.weight", "head.proj.weight": "shared_head.head.weight"}
+"""ours (the shared tensors) -> theirs (after ``model.layers.{n_layers + k}.``): the copies DeepSeek-V3's
+multi-token-prediction layers carry; export writes them, import reads the shared ones instead."""
 SWIGLU = {"gate_proj.weight": "gate_proj.weight", "up_proj.weight": "up_proj.weight", "down_proj.weight": "down_proj.weight"}
 """ours -> theirs in a dense or shared-expert SwiGLU."""
 
@@ -45,7 +62,7 @@ def stacked_name(i: int, part: str, fused_hf: bool = False) -> str:
 def layer_renames(fam: Family, i: int, kind: str, fused: bool) -> dict[str, str]:
     """ours -> theirs for the one-to-one tensors of layer ``i`` ('dense' or 'moe'): attention, norms, dense MLP,
     router, shared experts; the routed experts are named by ``expert_name`` / ``stacked_name``."""
-    out = {f"layers.{i}.{a}": f"model.layers.{i}.{b}" for a, b in ATTENTION.items()}
+    out = {f"layers.{i}.{a}": f"model.layers.{i}.{b}" for a, b in (LATENT_ATTENTION if fam.mla else ATTENTION).items()}
     if kind == "dense":
         out.update({f"layers.{i}.ffn.{a}": f"model.layers.{i}.mlp.{b}" for a, b in SWIGLU.items()})
         return out
@@ -70,6 +87,22 @@ GPT_OSS_EXPERTS = {"gate_up_proj": "gate_up", "gate_up_proj_bias": "gate_up_bias
 def gpt_oss_expert_names(i: int) -> dict[str, str]:
     """ours -> theirs for layer ``i``'s routed-expert tensors in the 'gpt_oss' layout."""
     return {f"layers.{i}.ffn.experts.{n}": f"model.layers.{i}.mlp.experts.{n}" for n in GPT_OSS_EXPERTS}
+
+
+def mtp_renames(fam: Family, n_layers: int, k: int, kind: str, fused: bool) -> dict[str, str]:
+    """ours -> theirs for multi-token-prediction depth ``k`` (its block of ``kind``), stored as decoder layer
+    ``n_layers + k``: ``mtp.{k}.block.attn...`` -> ``model.layers.{n_layers + k}.self_attn...``.  Its routed
+    experts: ``mtp_stacked_name`` / ``expert_name`` of layer ``n_layers + k``."""
+    i = n_layers + k
+    out = {f"mtp.{k}.{a}": f"model.layers.{i}.{b}" for a, b in MTP.items()}
+    for ours, theirs in layer_renames(fam, i, kind, fused).items():
+        out[f"mtp.{k}.block." + ours.removeprefix(f"layers.{i}.")] = theirs
+    return out
+
+
+def mtp_stacked_name(k: int, part: str) -> str:
+    """Our stacked tensor holding ``part`` of multi-token-prediction depth ``k``'s routed experts."""
+    return f"mtp.{k}.block.ffn.experts.{STACKED[part]}"
 
 
 def renames(fam: Family, kinds: list[str], fused: bool) -> dict[str, str]:

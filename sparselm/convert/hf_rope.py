@@ -81,6 +81,6 @@ def rope_parameters(m) -> dict:
     if m.rope.scaling == "yarn":
         rope.update(beta_fast=m.rope.beta_fast, beta_slow=m.rope.beta_slow, truncate=m.rope.truncate,
                     attention_factor=m.rope.attention_factor or None)
-    if m.rotary_fraction != 1:
-        rope["partial_rotary_factor"] = m.rotary_fraction
+    # always written: a family's default may differ from 1 (GLM-4-MoE's is 0.5)
+    rope["partial_rotary_factor"] = m.rotary_fraction
     return rope

@@ -17,6 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sparselm.model.mla_cost import (
+    latent_activations,
+    latent_core_flops,
+    latent_matmul_outputs,
+    latent_params,
+    latent_weights,
+)
+
 SINK_CHANNELS = 8
 """The sinks' score width per head is padded to a multiple of this (``sparselm.model.sinks.CHANNEL_MULTIPLE``;
 not imported: no torch here)."""
@@ -45,6 +53,8 @@ def attention_params(cfg, memory: int) -> dict[str, int]:
     per query head when model.attention_sinks) and ``attention_memory`` (``memory`` persistent key and value
     slots per key/value head, Sukhbaatar et al. 2019)."""
     m = cfg.model
+    if m.attention == "mla":  # no persistent memory (config validation)
+        return {"attention_proj": latent_params(m), "attention_memory": 0}
     d, kv = m.n_heads * m.head_width, m.kv_heads * m.head_width
     proj = 2 * m.d_model * d + 2 * m.d_model * kv
     norm = {"per_head": 2 * m.head_width, "full": d + kv}.get(m.qk_norm, 0)
@@ -63,6 +73,11 @@ def attention_flops(cfg, memory: int, keys: float, seq_len: int, mode: str = "pa
     queries, keys and values to the next multiple of ``sinks.CHANNEL_MULTIPLE`` channels), ``keys`` unused.  The sinks' one logit per head and the biases'
     additions are not matmul FLOPs and are not counted.  Raises ValueError for another mode."""
     m = cfg.model
+    if mode not in ("pattern", "executed_dense"):
+        raise ValueError(f"attention must be 'pattern' or 'executed_dense', got {mode!r}")
+    if m.attention == "mla":  # causal or sliding, no memory: the executed dense SDPA sees all seq_len keys
+        return {"attention_proj": 2 * latent_weights(m),
+                "attention_core": latent_core_flops(m, keys if mode == "pattern" else seq_len)}
     dm, d, kv = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
     proj = 2 * dm * d + 2 * dm * kv
     if mode == "pattern":
@@ -144,7 +159,10 @@ class BlockCost:
         norm input and output and ``slot_activations``."""
         m = cfg.model
         d, qd, kvd = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
-        attn = 2 * d + (3 * qd + 3 * kvd) / tp + 2 * kvd * self.memory_slots(cfg) / cfg.data.seq_len / tp
+        if m.attention == "mla":
+            attn = 2 * d + latent_activations(m, tp)
+        else:
+            attn = 2 * d + (3 * qd + 3 * kvd) / tp + 2 * kvd * self.memory_slots(cfg) / cfg.data.seq_len / tp
         if not self.has_slot:
             return attn
         return attn + (2 * d + self.slot_activations(cfg, tp, act_bytes))
@@ -154,7 +172,7 @@ class BlockCost:
         ``slot_matmul_outputs``) plus its input: what a selectively recomputed block keeps."""
         m = cfg.model
         d, qd, kvd = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
-        keep = d + (qd + 2 * kvd) / tp + d
+        keep = d + (latent_matmul_outputs(m, tp) if m.attention == "mla" else (qd + 2 * kvd) / tp + d)
         return keep + self.slot_matmul_outputs(cfg, tp, act_bytes) if self.has_slot else keep
 
     def tp_all_reduces(self) -> int:

@@ -1,4 +1,4 @@
-"""Rotary position embedding (Su et al. 2021), half-split ("rotate_half") form as in Llama.
+"""Rotary position embedding (Su et al. 2021), half-split ("rotate_half") form as in Llama, or interleaved pairs.
 
 Frequencies are computed as transformers 5 computes them (``modeling_rope_utils``), in fp32, including its
 long-context scalings: ``linear`` (positions / factor), ``llama3`` (Llama 3.1: low frequencies / factor, a
@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 
-def rope_frequencies(mcfg) -> tuple[torch.Tensor, float]:
-    """(inverse frequencies [rot_dim / 2] fp32, attention factor on cos/sin) of model config ``mcfg``."""
-    dim = int(mcfg.head_width * mcfg.rotary_fraction)
+def rope_frequencies(mcfg, dim: int = 0) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [rot_dim / 2] fp32, attention factor on cos/sin) of model config ``mcfg``, for
+    ``dim`` rotated channels (0: ``head_width * rotary_fraction``; multi-head latent attention passes its
+    ``qk_rope_head_dim``)."""
+    dim = dim or int(mcfg.head_width * mcfg.rotary_fraction)
     base, kind, factor = mcfg.rope.theta, mcfg.rope.scaling, mcfg.rope.factor
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if kind in ("none", "default"):
@@ -52,8 +54,22 @@ def rope_frequencies(mcfg) -> tuple[torch.Tensor, float]:
     raise ValueError(f"model.rope.scaling={kind!r} is not one of none, linear, llama3, yarn")
 
 
+def latent_softmax_scale(mcfg, qk_head_dim: int) -> float:
+    """Softmax scale of multi-head latent attention: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2
+    when a rope scaling is on and model.rope.mscale_all_dim is set (transformers' ``yarn_apply_mscale``,
+    DeepSeek-V2/V3: mscale = 0.1 * mscale_all_dim * ln(factor) + 1 for factor > 1, else 1)."""
+    scale, rope = qk_head_dim ** -0.5, mcfg.rope
+    if rope.scaling != "none" and rope.mscale_all_dim:
+        mscale = 1.0 if rope.factor <= 1 else 0.1 * rope.mscale_all_dim * math.log(rope.factor) + 1.0
+        scale = scale * mscale * mscale
+    return scale
+
+
 class Rotary(nn.Module):
-    """Applies rotary positions to [B, H, T, head_dim] queries or keys.
+    """Applies rotary positions to [B, H, T, head_dim] queries or keys; ``dim`` rotated channels (0: the model's
+    head_width * rotary_fraction).  With model.rope_interleave the rotated channels are read as interleaved
+    pairs and written de-interleaved (evens then odds, as transformers' DeepSeek-V3 does): queries and keys
+    get the same channel order, so their dot products are those of the interleaved rotation.
 
     Holds only the inverse frequencies (fp32, [rot_dim / 2]); the cos/sin table of the positions a call needs
     is computed in that call, in fp32 as transformers computes it, then cast to the input's dtype.  A
@@ -62,9 +78,10 @@ class Rotary(nn.Module):
     call, and equals the rows the full table had bit for bit (the same fp32 operations per element).
     """
 
-    def __init__(self, mcfg):
+    def __init__(self, mcfg, dim: int = 0):
         super().__init__()
-        inv_freq, scale = rope_frequencies(mcfg)
+        self.interleave = mcfg.rope_interleave
+        inv_freq, scale = rope_frequencies(mcfg, dim)
         self.rot_dim, self.scale = 2 * inv_freq.numel(), scale
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -94,7 +111,8 @@ class Rotary(nn.Module):
             return torch.cat([self._rotate(rot, cos, sin), rest], dim=-1)
         return self._rotate(x, cos, sin)
 
-    @staticmethod
-    def _rotate(x, cos, sin):
+    def _rotate(self, x, cos, sin):
+        if self.interleave:
+            x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -17,6 +17,7 @@ from sparselm.model.init import (
     owned_parameters,
 )
 from sparselm.model.loss import chunked_loss_sum
+from sparselm.model.mtp import MTPLayer, mtp_losses
 from sparselm.model.norm import RMSNorm
 from sparselm.model.pkm.blocks import bind_shared_values
 from sparselm.model.registry import BLOCKS
@@ -31,6 +32,9 @@ class LossOutput(NamedTuple):
     """Mean next-token cross-entropy."""
     aux_loss: torch.Tensor
     """Sum of the (coefficient-weighted) auxiliary losses of all layers."""
+    mtp_loss: torch.Tensor | None = None
+    """model.mtp_loss_weight x the mean of the multi-token-prediction depths' token losses (included in loss);
+    None without model.mtp_layers."""
 
 
 class Block(nn.Module):
@@ -77,18 +81,22 @@ class LMHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(h))
 
-    def token_loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed fp32 cross-entropy of tokens h [N, D] with labels [N] (-100 ignored)."""
-        return F.cross_entropy(self(h).float(), labels, ignore_index=-100, reduction="sum")
+    def token_loss_sum(self, h: torch.Tensor, labels: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """Summed fp32 cross-entropy of tokens h [N, D] with labels [N] (-100 ignored); ``norm`` replaces the final
+        norm (a multi-token-prediction depth's own)."""
+        logits = self.proj((norm or self.norm)(h)).float()
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
-    def loss_terms(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_terms(self, h: torch.Tensor, labels: torch.Tensor,
+                   norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed cross-entropy over labels != -100, their count), logits model.loss_chunk_tokens at a time
         (``sparselm.model.loss``); context parallelism adds both over the sequence's pieces."""
-        return chunked_loss_sum(self.token_loss_sum, h, labels, self.chunk_tokens), (labels != -100).sum()
+        total = chunked_loss_sum(lambda x, y: self.token_loss_sum(x, y, norm), h, labels, self.chunk_tokens)
+        return total, (labels != -100).sum()
 
-    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over labels != -100."""
-        total, count = self.loss_terms(h, labels)
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over labels != -100 (``norm``: as ``token_loss_sum``)."""
+        total, count = self.loss_terms(h, labels, norm)
         return total / count
 
 
@@ -107,6 +115,9 @@ class SparseLM(nn.Module):
 
         bind_shared_values(self.layers)  # a layer of pkm.share_values reads its owner's table
         self.head = LMHead(mcfg)
+        # multi-token prediction depths (DeepSeek-V3), each with a block of the last layer's kind
+        self.mtp = nn.ModuleList(MTPLayer(mcfg, Block(mcfg, *BLOCKS[kind].build(cfg, mcfg.n_layers + k), kind))
+                                 for k, kind in enumerate([mcfg.layer_kinds()[-1]] * mcfg.mtp_layers)) or None
         self.reset_parameters()
         # No weight decay on the embedding matrix, wherever a layout puts it (tied, sharded, staged).
         self.embed.weight.optim_group = "no_decay"
@@ -140,13 +151,28 @@ class SparseLM(nn.Module):
         if labels is None:
             return self.head(h)
         lm_loss = self.head.loss(h, labels)
-        return LossOutput(loss=lm_loss + aux, lm_loss=lm_loss, aux_loss=aux)
+        if self.mtp is None:
+            return LossOutput(loss=lm_loss + aux, lm_loss=lm_loss, aux_loss=aux)
+        losses, mtp_aux = mtp_losses(self.mtp, h, labels, self.embed, self.head)
+        self.mtp_metrics = {f"mtp{k}_loss": loss.detach() for k, loss in enumerate(losses, start=1)}
+        mtp = self.config.model.mtp_loss_weight * torch.stack(losses).mean()
+        aux = aux + mtp_aux
+        return LossOutput(loss=lm_loss + aux + mtp, lm_loss=lm_loss, aux_loss=aux, mtp_loss=mtp)
+
+    def all_blocks(self) -> list[tuple[int, nn.Module]]:
+        """(layer index, block) of every block: the layers, then the multi-token-prediction depths' blocks
+        (indices n_layers, n_layers + 1, ...)."""
+        out = list(enumerate(self.layers))
+        return out + [(len(self.layers) + k, layer.block) for k, layer in enumerate(self.mtp or [])]
 
     def metrics(self) -> dict[str, torch.Tensor]:
-        """Detached per-layer metrics of the last forward, named ``layer{i}/{name}``."""
+        """Detached per-layer metrics of the last forward, named ``layer{i}/{name}``, and each
+        multi-token-prediction depth's token loss (``mtp{k}_loss``)."""
         out = {}
-        for i, block in enumerate(self.layers):
+        for i, block in self.all_blocks():
             out.update(layer_metrics(i, block))
+        if self.mtp is not None:
+            out.update(getattr(self, "mtp_metrics", {}))
         return out
 
     def num_params(self, active: bool = False) -> int:

@@ -135,6 +135,10 @@ def check_context_parallel(cfg) -> None:
                                f"parallel.cp_method={p.cp_method}): each context-parallel rank holds "
                                f"{'seq_len / cp tokens' if pieces == p.cp else 'two chunks of seq_len / (2 cp) tokens'}; "
                                f"pick a multiple of {pieces}")
+    require(m.mtp_layers == 0, f"model.mtp_layers={m.mtp_layers} with parallel.cp > 1 is not supported yet (a depth reads "
+                               "the tokens ahead, across the pieces' borders); set model.mtp_layers=0 or parallel.cp=1")
+    require(m.attention != "mla", "model.attention=mla with parallel.cp > 1 is not supported yet (its shared rotary key "
+                                  "is not exchanged by the context-parallel attention); set parallel.cp=1")
     kinds = set(m.layer_kinds())
     if "moe" in kinds:
         require(not cfg.moe.noisy_gating, "moe.noisy_gating=true with parallel.cp > 1 is not supported yet (its noise "

@@ -20,6 +20,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 
 from sparselm.errors import ConfigError
+from sparselm.model.mtp import mtp_losses
 from sparselm.model.transformer import layer_metrics
 from sparselm.parallel.context import context_losses, sequence_piece
 
@@ -77,25 +78,65 @@ class BlockStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """Final norm, projection and token loss; keeps the detached loss parts of each micro-batch."""
+    """Final norm, projection and token loss; keeps the detached loss parts of each micro-batch.  With
+    multi-token prediction (``mtp``: the model's depths, ``first_mtp_index`` their first block's layer index)
+    it also runs every depth, reading the token embedding (``mtp_embed``, a copy of the first stage's whose
+    gradient is summed with it, as a tied output projection's is) and the labels."""
 
-    def __init__(self, head: nn.Module, cp_group=None):
+    def __init__(self, head: nn.Module, mtp: nn.Module | None = None, embed: nn.Module | None = None,
+                 mtp_weight: float = 0.0, first_mtp_index: int = 0, cp_group=None):
         super().__init__()
         self.head = head
         self.cp_group = cp_group  # context parallelism: the losses are summed over the sequence's pieces
-        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.parts: list[tuple] = []
+        self.mtp, self.mtp_weight, self.first_mtp_index = mtp, mtp_weight, first_mtp_index
+        if mtp is not None:
+            self.mtp_embed = embed
+        self._sums: dict[str, torch.Tensor] = {}
 
     def forward(self, inputs):
         h, aux, labels = inputs
-        if self.cp_group is not None:
-            lm_loss, aux = context_losses(*self.head.loss_terms(h, labels), aux.reshape(()), self.cp_group)
+        aux = aux.reshape(())
+        if self.cp_group is not None:  # (config refuses multi-token prediction with context parallelism)
+            lm_loss, aux = context_losses(*self.head.loss_terms(h, labels), aux, self.cp_group)
         else:
             lm_loss = self.head.loss(h, labels)
-        self.parts.append((lm_loss.detach(), aux.detach().reshape(())))
-        return (lm_loss + aux.reshape(())).reshape(1)
+        if self.mtp is None:
+            self.parts.append((lm_loss.detach(), aux.detach()))
+            return (lm_loss + aux).reshape(1)
+        losses, mtp_aux = mtp_losses(self.mtp, h, labels, self.mtp_embed, self.head)
+        mtp = self.mtp_weight * torch.stack(losses).mean()
+        aux = aux + mtp_aux
+        self.parts.append((lm_loss.detach(), aux.detach(), mtp.detach(), [x.detach() for x in losses]))
+        for index, block in self.mtp_blocks():
+            for name, value in layer_metrics(index, block).items():
+                self._sums[name] = self._sums.get(name, 0) + value.cpu()
+        return (lm_loss + aux + mtp).reshape(1)
+
+    def mtp_blocks(self) -> list[tuple[int, nn.Module]]:
+        """(layer index, block) of the multi-token-prediction depths."""
+        return [(self.first_mtp_index + k, layer.block) for k, layer in enumerate(self.mtp or [])]
+
+    def pop_losses(self) -> dict[str, torch.Tensor]:
+        """Means over the micro-batches since the last call: loss, lm_loss, aux_loss (and mtp_loss, mtpK_loss
+        and the depths' blocks' metrics); empty when none ran."""
+        if not self.parts:
+            return {}
+        mean = lambda i: torch.stack([p[i] for p in self.parts]).mean().cpu()  # noqa: E731
+        lm, aux = mean(0), mean(1)
+        out = {"loss": lm + aux, "lm_loss": lm, "aux_loss": aux}
+        if self.mtp is not None:
+            out.update(mtp_loss=mean(2), loss=lm + aux + mean(2))
+            for k in range(len(self.mtp)):
+                out[f"mtp{k + 1}_loss"] = torch.stack([p[3][k] for p in self.parts]).mean().cpu()
+            out.update({name: value / len(self.parts) for name, value in self._sums.items()})
+        self.parts.clear()
+        self._sums = {}
+        return out
 
     def canonical(self, name: str) -> str:
-        return name
+        """The embedding copy is the first stage's ``embed.weight``; the rest keep the model's names."""
+        return "embed." + name.removeprefix("mtp_embed.") if name.startswith("mtp_embed.") else name
 
 
 class StageSpec(LayerSpec):
@@ -129,7 +170,9 @@ class SparseLMPipe(PipelineModule):
         super()._partition_layers(method)
         for stage in range(self.num_stages):
             specs = self._layer_specs[self.parts[stage]:self.parts[stage + 1]]
-            if not any(spec.typename is BlockStage for spec in specs):
+            # a head with multi-token-prediction depths holds transformer blocks too
+            if not any(spec.typename is BlockStage or (spec.typename is HeadStage and spec.module.mtp is not None)
+                       for spec in specs):
                 raise ConfigError(f"parallel.pp_partition={method!r} leaves pipeline stage {stage} of {self.num_stages} "
                                   f"without a transformer layer (it gets {[s.typename.__name__ for s in specs]}); "
                                   "use parallel.pp_partition=uniform or parameters, or fewer stages")
@@ -194,8 +237,9 @@ def pipeline_stages(model) -> tuple[list[nn.Module], bool]:
                                   zigzag=model.cp_zigzag)
     stages: list[nn.Module] = [EmbeddingStage(model.embed, piece)]
     stages += [BlockStage(block, i) for i, block in enumerate(model.layers)]
-    stages.append(HeadStage(model.head, cp_group))
-    return stages, model.head.proj.weight is model.embed.weight
+    m = model.config.model
+    stages.append(HeadStage(model.head, model.mtp, model.embed, m.mtp_loss_weight, len(model.layers), cp_group))
+    return stages, model.head.proj.weight is model.embed.weight or model.mtp is not None
 
 
 def stage_bounds(stages: list[nn.Module], topology, rank: int, partition_method: str = "parameters") -> tuple[int, int]:
@@ -222,8 +266,8 @@ def _tie_first_and_last_stage(pipe: SparseLMPipe, topology) -> None:
     for stage in pipe.forward_funcs:
         if isinstance(stage, EmbeddingStage):
             weight = stage.embed.weight
-        elif isinstance(stage, HeadStage):
-            weight = stage.head.proj.weight
+        elif isinstance(stage, HeadStage):  # the multi-token-prediction copy of the embedding, or the tied head
+            weight = stage.mtp_embed.weight if stage.mtp is not None else stage.head.proj.weight
     me = dist.get_rank()
     for lane in topology.get_axis_comm_lists("pipe"):  # every rank creates every group, in one order
         group = dist.new_group([lane[0], lane[-1]])
@@ -231,4 +275,7 @@ def _tie_first_and_last_stage(pipe: SparseLMPipe, topology) -> None:
             pipe.tied = (weight, group)
         if me == lane[-1]:
             weight.ds_pipe_replicated = True  # DeepSpeed then counts it once in the gradient norm
-    pipe.canonical_aliases = {"head.proj.weight": "embed.weight"}
+    tied_head = any(isinstance(stage, HeadStage) and stage.head.proj.weight is weight for stage in pipe.forward_funcs)
+    pipe.canonical_aliases = {"mtp_embed.weight": "embed.weight"}
+    if tied_head or not any(isinstance(stage, HeadStage) for stage in pipe.forward_funcs):
+        pipe.canonical_aliases["head.proj.weight"] = "embed.weight"

@@ -52,7 +52,8 @@ from sparselm.parallel.pieces import Shard, shard_
 _RULES: dict[type, Callable] = {}
 
 # Modules that register rules on import; add yours here (no model code imports sparselm.parallel).
-TP_RULE_MODULES = ["sparselm.parallel.vocab", "sparselm.parallel.pkm", "sparselm.parallel.sparse_attention"]
+TP_RULE_MODULES = ["sparselm.parallel.vocab", "sparselm.parallel.pkm", "sparselm.parallel.sparse_attention",
+                   "sparselm.parallel.mla"]
 
 
 def register_tp_rule(module_class: type):

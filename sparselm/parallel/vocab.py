@@ -33,29 +33,32 @@ class VocabParallelLMHead(nn.Module):
         self.proj = column_parallel(head.proj, topo)
         self.chunk_tokens = head.chunk_tokens
 
-    def local_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """This rank's vocabulary slice of the logits."""
-        return self.proj(self.norm(h))
+    def local_logits(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits (``norm``: instead of the final norm)."""
+        return self.proj((norm or self.norm)(h))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Full logits [..., vocab] on every rank (generation, evaluation)."""
         return gather_along_dim(self.local_logits(h), -1, self.proj.tp_group)
 
-    def token_loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def token_loss_sum(self, h: torch.Tensor, labels: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """Summed fp32 cross-entropy of tokens h [N, D] with labels [N] (-100 ignored), from this rank's
-        vocabulary slice of the logits (megatron's vocab-parallel loss; full logits are never formed)."""
+        vocabulary slice of the logits (megatron's vocab-parallel loss; full logits are never formed); ``norm``:
+        instead of the final norm, as ``LMHead.loss``."""
         valid = labels != -100
         # megatron's loss has no ignore_index: feed a harmless id and zero those positions.
-        per_token = vocab_parallel_cross_entropy(self.local_logits(h).float(), labels.masked_fill(~valid, 0))
+        per_token = vocab_parallel_cross_entropy(self.local_logits(h, norm).float(), labels.masked_fill(~valid, 0))
         return (per_token * valid).sum()
 
-    def loss_terms(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_terms(self, h: torch.Tensor, labels: torch.Tensor,
+                   norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``LMHead.loss_terms``: (summed loss, valid label count), model.loss_chunk_tokens at a time."""
-        return chunked_loss_sum(self.token_loss_sum, h, labels, self.chunk_tokens), (labels != -100).sum()
+        total = chunked_loss_sum(lambda x, y: self.token_loss_sum(x, y, norm), h, labels, self.chunk_tokens)
+        return total, (labels != -100).sum()
 
-    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """Mean cross-entropy over labels != -100, without materialising full logits."""
-        total, count = self.loss_terms(h, labels)
+        total, count = self.loss_terms(h, labels, norm)
         return total / count
 
 

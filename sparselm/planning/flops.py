@@ -22,8 +22,9 @@ token, Kaplan's C = 6N).  By layer kind:
   Memory+ gate/output projections;
 - every kind's formulas are its cost model, registered with it (``sparselm.model.cost``,
   ``sparselm.model.registry.block_cost``); a kind without one is refused by name;
-- output projection (logits).  The embedding lookup, norms, rotary, activations, softmaxes and the loss
-  are elementwise and not counted (as Kaplan, Megatron and PaLM's MFU do not).
+- output projection (logits); each multi-token-prediction depth: its block, eh_proj and the output
+  projection.  The embedding lookup, norms, rotary, activations, softmaxes and the loss are elementwise
+  and not counted (as Kaplan, Megatron and PaLM's MFU do not).
 
 Recomputation (activation checkpointing, ``parallel.recompute``) is not in ``per_token``: ``mfu`` is model-FLOPs
 utilisation.  ``recompute_per_token`` reports it apart: the forward FLOPs of the recomputed blocks (full), or of
@@ -76,7 +77,8 @@ class FlopCounts:
     """Forward FLOPs per token."""
     by_component: dict[str, float] = field(default_factory=dict)
     """Training FLOPs per token by component, summed over layers (attention_proj, attention_core, ffn,
-    moe_router, moe_shared, moe_experts, pkm_query, pkm_subkeys, pkm_topk, pkm_values, pkm_proj, lm_head)."""
+    moe_router, moe_shared, moe_experts, pkm_query, pkm_subkeys, pkm_topk, pkm_values, pkm_proj, lm_head;
+    mtp: the multi-token-prediction depths)."""
     by_kind: dict[str, float] = field(default_factory=dict)
     """Training FLOPs per token of the blocks of each kind (the lm_head under 'head')."""
     seq_len: int = 0
@@ -129,6 +131,21 @@ def _blocks(cfg, seq_len: int, mode: str):
         yield kind, total, active, cost.forward_flops(cfg, i, _visible_context_keys(cfg, i, seq_len, mode), seq_len, mode)
 
 
+def _mtp_depths(cfg, seq_len: int, mode: str):
+    """Per multi-token-prediction depth (model.mtp_layers): (total params, active params, forward FLOPs) of its
+    block (the last layer's kind), its two input norms, ``eh_proj`` [d, 2d] and final norm, the FLOPs of the
+    shared output projection it runs included."""
+    m = cfg.model
+    kind = m.layer_kinds()[-1]
+    cost = block_cost(kind)
+    for k in range(m.mtp_layers):
+        i = m.n_layers + k
+        total, active = cost.params(cfg, i)
+        own = 2 * m.d_model * m.d_model + 3 * m.d_model
+        flops = sum(cost.forward_flops(cfg, i, _visible_context_keys(cfg, i, seq_len, mode), seq_len, mode).values())
+        yield total + own, active + own, flops + 2 * 2 * m.d_model * m.d_model + 2 * m.vocab_size * m.d_model
+
+
 def param_counts(cfg) -> ParamCounts:
     """Parameter counts of the model ``cfg`` describes (model.vocab_size resolved)."""
     _check_resolved(cfg)
@@ -138,6 +155,13 @@ def param_counts(cfg) -> ParamCounts:
     by_kind: dict[str, dict[str, int]] = {}
     for kind, t, a, _ in _blocks(cfg, cfg.data.seq_len, "pattern"):
         entry = by_kind.setdefault(kind, {"layers": 0, "total": 0, "active": 0})
+        entry["layers"] += 1
+        entry["total"] += t
+        entry["active"] += a
+        total += t
+        active += a
+    for t, a, _ in _mtp_depths(cfg, cfg.data.seq_len, "pattern"):
+        entry = by_kind.setdefault("mtp", {"layers": 0, "total": 0, "active": 0})
         entry["layers"] += 1
         entry["total"] += t
         entry["active"] += a
@@ -163,6 +187,8 @@ def flop_counts(cfg, seq_len: int | None = None, attention: str = "pattern") -> 
             by_kind[kind] = by_kind.get(kind, 0.0) + train
     head = TRAIN_MULTIPLIER * 2 * cfg.model.vocab_size * cfg.model.d_model
     by_component["lm_head"] = by_kind["head"] = float(head)
+    for _, _, fwd in _mtp_depths(cfg, t, attention):  # multi-token prediction: block, projection, shared head
+        by_component["mtp"] = by_kind["mtp"] = by_component.get("mtp", 0.0) + TRAIN_MULTIPLIER * fwd
     fwd = sum(v / (1 if k == "pkm_topk" else TRAIN_MULTIPLIER) for k, v in by_component.items())
     return FlopCounts(per_token=sum(by_component.values()), forward_per_token=fwd, by_component=by_component,
                       by_kind=by_kind, seq_len=t, recompute_per_token=recompute)

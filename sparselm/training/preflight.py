@@ -104,7 +104,7 @@ def check_layout(cfg, world: int) -> None:
 SHAPE_SETTINGS = {
     "model": ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "pattern", "tie_embeddings",
               "head_dim", "qkv_bias", "qk_norm"),
-    "moe": ("num_experts", "expert_hidden", "num_shared_experts", "noisy_gating", "bias_balancing", "shared_expert_gate"),
+    "moe": ("num_experts", "expert_hidden", "num_shared_experts", "shared_expert_hidden", "noisy_gating", "bias_balancing", "shared_expert_gate"),
     "pkm": ("n_keys", "heads", "k_dim", "v_dim", "gated", "query_norm"),
     "attention": ("persistent_slots",),
 }

@@ -40,7 +40,7 @@ def start_step(blocks, step: int, first_sample: int, tokens: np.ndarray) -> None
 class EngineSteps:
     def __init__(self, engine, model, device, micro: int):
         self.engine, self.model, self.device, self.micro = engine, model, device, micro
-        self.blocks = list(model.layers)
+        self.blocks = model.all_blocks()  # (index, block): the layers and the multi-token-prediction blocks
 
     def _chunks(self, tokens: np.ndarray):
         for start in range(0, len(tokens), self.micro):
@@ -52,17 +52,19 @@ class EngineSteps:
         sums: dict[str, torch.Tensor] = {}
         n = 0
         self.engine.train()
-        start_step(self.blocks, step, first_sample, tokens)
+        start_step([block for _, block in self.blocks], step, first_sample, tokens)
         for chunk in self._chunks(tokens):
             out = self.engine(chunk[:, :-1], chunk[:, 1:])
             self.engine.backward(out.loss)
             self.engine.step()
             values = {"loss": out.loss, "lm_loss": out.lm_loss, "aux_loss": out.aux_loss, **self.model.metrics()}
+            if out.mtp_loss is not None:
+                values["mtp_loss"] = out.mtp_loss
             for k, v in values.items():
                 sums[k] = sums.get(k, 0) + v.detach().float().cpu()
             n += 1
         means = {k: v / n for k, v in sums.items()}
-        return {**means, **{k: v.cpu() for k, v in after_optimizer_step(enumerate(self.blocks)).items()}}
+        return {**means, **{k: v.cpu() for k, v in after_optimizer_step(self.blocks).items()}}
 
     @torch.no_grad()
     def evaluate(self, tokens: np.ndarray) -> torch.Tensor:
@@ -102,18 +104,17 @@ class PipelineSteps:
         local = {}
         for stage in self.stages:
             local.update(stage.pop_metrics())
-        if self.head is not None and self.head.parts:
-            lm = torch.stack([p[0] for p in self.head.parts]).mean().cpu()
-            aux = torch.stack([p[1] for p in self.head.parts]).mean().cpu()
-            self.head.parts.clear()
-            local.update(loss=lm + aux, lm_loss=lm, aux_loss=aux)
+        if self.head is not None:
+            local.update(self.head.pop_losses())
         return local
 
     def train(self, tokens: np.ndarray, step: int = 0, first_sample: int = 0) -> dict[str, torch.Tensor]:
         self._pop_local()  # drop anything left from a validation pass
-        start_step([stage.block for stage in self.stages], step, first_sample, tokens)
+        blocks = [(stage.layer_index, stage.block) for stage in self.stages]
+        blocks += self.head.mtp_blocks() if self.head is not None else []  # multi-token prediction's
+        start_step([block for _, block in blocks], step, first_sample, tokens)
         self.engine.train_batch(data_iter=iter(list(self._batches(tokens))))
-        step = after_optimizer_step((stage.layer_index, stage.block) for stage in self.stages)
+        step = after_optimizer_step(blocks)
         return self._stage_values({**self._pop_local(), **{k: v.cpu() for k, v in step.items()}})
 
     @torch.no_grad()

@@ -28,8 +28,17 @@ CASES = {
     # full-width q/k norm (channels split with the heads, mean of squares summed over ranks), llama3 rotary
     "hf_full_norm": ["--model.n_kv_heads=2", "--model.qk_norm=full", "--model.rope.scaling=llama3",
                      "--model.rope.factor=8", "--model.rope.original_max_seq_len=8"],
+    # multi-head latent attention: heads split in the up-projections, latents and the shared rotary key whole
+    "mla_q_lora": ["--model.attention=mla", "--model.q_lora_rank=12", "--model.kv_lora_rank=8",
+                   "--model.qk_nope_head_dim=8", "--model.qk_rope_head_dim=4", "--model.v_head_dim=6",
+                   "--model.rope_interleave=true", "--model.rope.scaling=yarn", "--model.rope.factor=4",
+                   "--model.rope.original_max_seq_len=8", "--model.rope.mscale_all_dim=1.0",
+                   "--model.sliding_window=5", "--model.attention_layers=full,sliding"],
+    "mla": ["--model.attention=mla", "--model.kv_lora_rank=8", "--model.qk_nope_head_dim=4",
+            "--model.qk_rope_head_dim=4", "--model.v_head_dim=8"],
 }
-EXTRA_SHARDED = {"hf_per_head": 2 * 3, "hf_full_norm": 2 * 2}  # q/k/v biases; q/k norm weights (per layer)
+# q/k/v biases; q/k norm weights (per layer); MLA: q (or q_b), kv_b, o instead of q, k, v, o (per layer)
+EXTRA_SHARDED = {"hf_per_head": 2 * 3, "hf_full_norm": 2 * 2, "mla_q_lora": -2, "mla": -2}
 
 
 
@@ -51,6 +60,13 @@ def _compare_case(overrides: list[str]) -> dict:
 
     def check(model, topo):
         attn, ffn = model.layers[0].attn, model.layers[0].ffn
+        if cfg1.model.attention == "mla":
+            up = attn.q_b_proj if attn.q_lora else attn.q_proj
+            assert isinstance(up, ColumnLinear) and isinstance(attn.kv_b_proj, ColumnLinear)
+            assert isinstance(attn.o_proj, RowLinear) and not is_sharded_over(attn.kv_a_proj.weight, "tp")
+            assert attn.kv_b_proj.weight.shape[0] == cfg1.model.n_heads // 2 * (
+                cfg1.model.qk_nope_head_dim + cfg1.model.v_head_dim)
+            return {"sharded_count": sum(is_sharded_over(p, "tp") for p in model.parameters())}
         # really sharded: this rank holds half of every split dimension
         assert isinstance(attn.q_proj, ColumnLinear) and isinstance(attn.o_proj, RowLinear)
         assert isinstance(ffn.up_proj, ColumnLinear) and isinstance(ffn.down_proj, RowLinear)

@@ -20,6 +20,10 @@ class MoEConfig:
     active feed-forward parameters equal those of the dense block."""
     num_shared_experts: int = 0
     """Experts that see every token (DeepSeek-MoE); their output is added to the routed experts' output."""
+    shared_expert_hidden: int = 0
+    """Joint hidden width of the shared experts (they are one SwiGLU of this width); 0 means
+    num_shared_experts x the routed experts' width.  Any width is allowed (Qwen2-MoE's
+    shared_expert_intermediate_size, GraniteMoE-Shared's shared_intermediate_size); needs num_shared_experts >= 1."""
     shared_expert_gate: bool = False
     """Scale the shared experts' output by sigmoid(x . w), w a learned [1, d_model] vector (Qwen2-MoE)."""
     router_bias: bool = False
@@ -41,6 +45,9 @@ class MoEConfig:
     topk_group groups whose two best selection scores sum highest, then its top_k experts within them; 1: off."""
     topk_group: int = 1
     """Groups a token may route to when n_group > 1."""
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    """How n_group > 1 scores a group: the sum of its two best selection scores ('top2_sum', DeepSeek-V3,
+    GLM-4-MoE) or its best one ('max', DeepSeek-V2's group_limited_greedy)."""
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     """Router scores: 'softmax' over experts, or 'sigmoid' per expert (DeepSeek-V3)."""
     renormalize: bool = True
@@ -88,6 +95,15 @@ def resolved_expert_hidden(cfg) -> int:
     return m.expert_hidden or max(1, cfg.model.ffn_hidden // (m.top_k + m.num_shared_experts))
 
 
+def resolved_shared_hidden(cfg) -> int:
+    """Joint hidden width of the shared experts (0: none): moe.shared_expert_hidden, else moe.num_shared_experts
+    times the routed experts' width."""
+    m = cfg.moe
+    if not m.num_shared_experts:
+        return 0
+    return m.shared_expert_hidden or m.num_shared_experts * resolved_expert_hidden(cfg)
+
+
 def validate_moe(cfg) -> None:
     m = cfg.moe
     if "moe" not in cfg.model.pattern:
@@ -110,6 +126,9 @@ def validate_moe(cfg) -> None:
         require(1 <= m.topk_group <= m.n_group and m.topk_group * per >= m.top_k, f"moe.topk_group={m.topk_group} "
                 f"must be in [1, moe.n_group={m.n_group}] with at least moe.top_k={m.top_k} experts in the chosen groups")
     require(m.num_shared_experts >= 0, f"moe.num_shared_experts must be >= 0, got {m.num_shared_experts}")
+    require(m.shared_expert_hidden >= 0 and (not m.shared_expert_hidden or m.num_shared_experts),
+            f"moe.shared_expert_hidden={m.shared_expert_hidden} needs moe.num_shared_experts >= 1 (and must be >= 0; "
+            "0 derives it)")
     if m.drop_tokens:
         require(m.capacity_factor > 0,
                  f"moe.capacity_factor={m.capacity_factor} must be > 0 with moe.drop_tokens=true "

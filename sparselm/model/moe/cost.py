@@ -3,7 +3,7 @@ Switch-style dropless routing; drop_tokens=true makes the FLOPs an upper bound).
 from __future__ import annotations
 
 from sparselm.model.cost import BlockCost, swiglu_activations, swiglu_matmul_outputs, swiglu_params
-from sparselm.model.moe.config import resolved_expert_hidden
+from sparselm.model.moe.config import resolved_expert_hidden, resolved_shared_hidden
 
 
 class MoECost(BlockCost):
@@ -30,12 +30,13 @@ class MoECost(BlockCost):
         experts) and their SwiGLU hidden units, the shared experts' hidden units."""
         e, k, h = cfg.moe.num_experts, cfg.moe.top_k, resolved_expert_hidden(cfg)
         return (2 * e * 4 / act_bytes + 2 * k * cfg.model.d_model + k * swiglu_activations(h, tp)
-                + cfg.moe.num_shared_experts * swiglu_activations(h, tp))
+                + swiglu_activations(resolved_shared_hidden(cfg), tp))
 
     def slot_matmul_outputs(self, cfg, tp: int, act_bytes: int) -> float:
         """Router logits (fp32) and the routed and shared experts' projections."""
         e, k, h, d = cfg.moe.num_experts, cfg.moe.top_k, resolved_expert_hidden(cfg), cfg.model.d_model
-        return e * 4 / act_bytes + k * swiglu_matmul_outputs(d, h, tp) + cfg.moe.num_shared_experts * swiglu_matmul_outputs(d, h, tp)
+        shared = swiglu_matmul_outputs(d, resolved_shared_hidden(cfg), tp) if cfg.moe.num_shared_experts else 0
+        return e * 4 / act_bytes + k * swiglu_matmul_outputs(d, h, tp) + shared
 
     def tp_widths(self, cfg) -> list[tuple[int, str]]:
         """Routed experts' hidden width (unless parallel.moe_tp_mode='rows' keeps them whole) and the shared
@@ -44,7 +45,8 @@ class MoECost(BlockCost):
         if cfg.parallel.moe_tp_mode == "weights":
             widths.append((hidden, "moe.expert_hidden (routed experts; or parallel.moe_tp_mode=rows)"))
         if cfg.moe.num_shared_experts:
-            widths.append((cfg.moe.num_shared_experts * hidden, "moe.expert_hidden x moe.num_shared_experts (shared experts)"))
+            widths.append((resolved_shared_hidden(cfg), "moe.shared_expert_hidden (or moe.expert_hidden x "
+                           "moe.num_shared_experts: the shared experts)"))
         return widths
 
     def routed_copies(self, cfg) -> int:
@@ -59,4 +61,4 @@ class MoECost(BlockCost):
     @staticmethod
     def _shared(cfg) -> int:
         e, d = cfg.moe, cfg.model.d_model
-        return swiglu_params(d, e.num_shared_experts * resolved_expert_hidden(cfg)) + (d if e.shared_expert_gate else 0)
+        return swiglu_params(d, resolved_shared_hidden(cfg)) + (d if e.shared_expert_gate else 0)

@@ -16,7 +16,7 @@ from torch import nn
 
 from sparselm.model.feedforward import SwiGLU
 from sparselm.model.moe.activation import GLUClamp
-from sparselm.model.moe.config import resolved_expert_hidden
+from sparselm.model.moe.config import resolved_expert_hidden, resolved_shared_hidden
 from sparselm.model.moe.dispatch import LocalDispatcher, combine_choices, count_ids, expert_capacity, plan_dispatch
 from sparselm.model.moe.experts import GroupedExperts
 from sparselm.model.moe.router import Router, balance_loss, z_loss
@@ -31,7 +31,8 @@ class MoELayer(nn.Module):
                  drop_policy: str = "position", balance_scope: str = "sequence", expert_impl: str = "auto",
                  init_std: float = 0.02, out_std: float = 0.02, seed: int = 0, shared_expert_gate: bool = False,
                  routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1, router_bias: bool = False,
-                 expert_bias: bool = False, clamp: GLUClamp | None = None):
+                 expert_bias: bool = False, clamp: GLUClamp | None = None, shared_hidden: int = 0,
+                 group_score: str = "top2_sum"):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
@@ -39,10 +40,12 @@ class MoELayer(nn.Module):
         self.drop_policy, self.per_sequence = drop_policy, balance_scope == "sequence"
         self.bias_update_rate = bias_update_rate
         self.router = Router(d_model, num_experts, top_k, score_func, renormalize, noisy_gating, bias_balancing, init_std,
-                             seed, n_group, topk_group, routed_scaling_factor, router_bias)
+                             seed, n_group, topk_group, routed_scaling_factor, router_bias, group_score)
         self.experts = GroupedExperts(num_experts, d_model, expert_hidden, init_std, out_std, expert_impl, expert_bias,
                                       clamp)
-        self.shared_experts = SwiGLU(d_model, num_shared_experts * expert_hidden) if num_shared_experts else None
+        # one SwiGLU of the shared experts' joint width (shared_hidden; 0: num_shared_experts x expert_hidden)
+        shared_width = shared_hidden or num_shared_experts * expert_hidden
+        self.shared_experts = SwiGLU(d_model, shared_width) if num_shared_experts else None
         # Qwen2-MoE: the shared experts' output times sigmoid(x . w)
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if shared_expert_gate else None
         self.dispatcher = LocalDispatcher()
@@ -67,7 +70,8 @@ class MoELayer(nn.Module):
                    out_std=mm.init_std / math.sqrt(2 * mm.n_layers), seed=cfg.train.seed,
                    shared_expert_gate=m.shared_expert_gate, routed_scaling_factor=m.routed_scaling_factor,
                    n_group=m.n_group, topk_group=m.topk_group, router_bias=m.router_bias,
-                   expert_bias=m.expert_biases, clamp=GLUClamp(m.swiglu_limit, m.swiglu_alpha, m.swiglu_up_offset))
+                   expert_bias=m.expert_biases, clamp=GLUClamp(m.swiglu_limit, m.swiglu_alpha, m.swiglu_up_offset),
+                   shared_hidden=resolved_shared_hidden(cfg), group_score=m.group_score)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, D] (or [N, D]: one group) -> (y like x, aux_loss scalar fp32)."""

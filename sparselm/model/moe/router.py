@@ -31,15 +31,16 @@ class Routing:
 
 
 def route(logits: torch.Tensor, k: int, score_func: str = "softmax", renormalize: bool = True,
-          bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1, scale: float = 1.0) -> Routing:
+          bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1, scale: float = 1.0,
+          group_score: str = "top2_sum") -> Routing:
     """Scores from fp32 logits, top-k selection (on scores + bias), gate weights from the unbiased scores
     (renormalised if asked, then times ``scale``, the routed scaling factor).  ``n_group`` > 1: selection only
-    among the ``topk_group`` groups of experts whose two best selection scores sum highest (DeepSeek-V3)."""
+    among the ``topk_group`` groups of experts scoring highest by ``group_score`` (``limit_to_groups``)."""
     logits = logits.float()
     scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
     select = scores if bias is None else scores.detach() + bias
     if n_group > 1:
-        select = limit_to_groups(select, n_group, topk_group)
+        select = limit_to_groups(select, n_group, topk_group, group_score)
     experts = torch.topk(select, k, dim=-1).indices
     probs = scores.gather(1, experts)
     gates = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny) if renormalize else probs
@@ -48,12 +49,14 @@ def route(logits: torch.Tensor, k: int, score_func: str = "softmax", renormalize
     return Routing(experts=experts, gates=gates, probs=probs, scores=scores, logits=logits)
 
 
-def limit_to_groups(select: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+def limit_to_groups(select: torch.Tensor, n_group: int, topk_group: int,
+                    group_score: str = "top2_sum") -> torch.Tensor:
     """select [N, E] with the experts outside each token's ``topk_group`` best groups set to -inf; a group's
-    score is the sum of its two best selection scores (DeepSeek-V3, transformers' Glm4MoeTopkRouter)."""
+    score is the sum of its two best selection scores (``top2_sum``: DeepSeek-V3, transformers'
+    Glm4MoeTopkRouter) or its best one (``max``: DeepSeek-V2's group_limited_greedy)."""
     n, e = select.shape
     grouped = select.detach().view(n, n_group, e // n_group)
-    group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+    group_scores = grouped.amax(-1) if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
     keep = torch.zeros_like(group_scores, dtype=torch.bool)
     keep.scatter_(1, torch.topk(group_scores, topk_group, dim=-1, sorted=False).indices, True)
     keep = keep.unsqueeze(-1).expand(n, n_group, e // n_group).reshape(n, e)
@@ -95,8 +98,10 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, score_func: str = "softmax",
                  renormalize: bool = True, noisy: bool = False, bias_balancing: bool = False, init_std: float = 0.02,
-                 seed: int = 0, n_group: int = 1, topk_group: int = 1, scale: float = 1.0, bias: bool = False):
+                 seed: int = 0, n_group: int = 1, topk_group: int = 1, scale: float = 1.0, bias: bool = False,
+                 group_score: str = "top2_sum"):
         super().__init__()
+        self.group_score = group_score
         self.n_group, self.topk_group, self.scale = n_group, topk_group, scale
         self.seed, self.noise_step, self.next_position = seed, 0, 0
         self.num_experts, self.top_k = num_experts, top_k
@@ -144,4 +149,4 @@ class Router(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         """x: [N, D] tokens -> Routing (``forward`` then ``route``; call it where no ZeRO hook is needed)."""
         return route(self(x), self.top_k, self.score_func, self.renormalize, self.expert_bias, self.n_group,
-                     self.topk_group, self.scale)
+                     self.topk_group, self.scale, self.group_score)

@@ -192,7 +192,8 @@ def _edit_config(hf_dir, drop=(), **values):
     ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config.quant_method='bitsandbytes'"),
     ({"attention_bias": True}, "attention_bias=True"),  # Llama's also biases o_proj
     ({"mlp_bias": True}, "mlp_bias=True"),
-    ({"model_type": "deepseek_v3"}, "model_type='deepseek_v3' is not supported (multi-head latent attention (MLA))"),
+    ({"model_type": "deepseek_v3", "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+     "kv_lora_rank=None (supported: the latent widths of multi-head latent attention"),
     ({"quantization_config": {"quant_method": "mxfp4"}}, "quantization_config.quant_method='mxfp4' (supported: unquantized"),
     ({"model_type": "phi3"}, "model_type='phi3' is not supported; import-hf reads llama, mistral"),
 ])

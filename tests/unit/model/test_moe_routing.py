@@ -184,3 +184,14 @@ def test_bad_settings_are_named(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config("tiny_dense", ["--model.pattern=moe", "--moe.num_experts=8", *override])
     load_config("tiny_dense", ["--model.pattern=moe", "--moe.num_experts=8", "--parallel.ep=4"])  # valid
+
+
+def test_groups_scored_by_their_best_expert_or_their_two_best():
+    """DeepSeek-V2's group_limited_greedy (a group's best score) and DeepSeek-V3's (its two best summed) pick
+    different groups for the same scores."""
+    from sparselm.model.moe.router import limit_to_groups
+
+    # groups {0,1} and {2,3}: best of group 0 is 0.5, of group 1 is 0.4; sums 0.5 + 0.0 vs 0.4 + 0.4
+    select = torch.tensor([[0.5, 0.0, 0.4, 0.4]])
+    assert torch.isinf(limit_to_groups(select, 2, 1, "max")[0, 2:]).all()
+    assert torch.isinf(limit_to_groups(select, 2, 1, "top2_sum")[0, :2]).all()

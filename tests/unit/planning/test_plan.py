@@ -43,8 +43,13 @@ def _one_process(preset, vocab):
         return dict(build_model(cfg, device="meta").named_parameters(remove_duplicate=False))
 
 
+# deepseek_v3_671b has tiny_deepseek's structure (MLA, MTP, dense-first MoE) at scale: its 61 x 256-expert meta
+# model costs ~40 s here, so the holdings of that structure are checked on tiny_deepseek
+HOLDINGS_PRESETS = [p for p in list_presets() if p != "deepseek_v3_671b"]
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("preset", list_presets())
+@pytest.mark.parametrize("preset", HOLDINGS_PRESETS)
 def test_each_rank_holds_its_cut_of_every_tensor_once_per_replica(preset, layout):
     from sparselm.parallel.materialize import held_pieces
     from sparselm.parallel.pieces import piece, placements
