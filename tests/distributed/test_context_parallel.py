@@ -185,8 +185,9 @@ def test_config_errors_name_the_fix():
         (["--parallel.cp=4", "--parallel.cp_method=allgather", "--data.seq_len=28"], "not divisible by 8"),
         (["--parallel.cp=2", "--model.pattern=moe", "--moe.noisy_gating=true"], "moe.noisy_gating"),
         (["--parallel.cp=2", "--model.mtp_layers=1"], "model.mtp_layers=1 with parallel.cp > 1"),
-        (["--parallel.cp=2", "--model.attention=mla", "--model.kv_lora_rank=16", "--model.qk_rope_head_dim=8",
-          "--model.qk_nope_head_dim=8", "--model.v_head_dim=16"], "model.attention=mla with parallel.cp > 1"),
+        (["--parallel.cp=2", "--model.attention=mla", "--model.n_kv_heads=0", "--model.kv_lora_rank=16",
+          "--model.qk_rope_head_dim=8", "--model.qk_nope_head_dim=8", "--model.v_head_dim=16"],
+         "model.attention=mla with parallel.cp > 1"),
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError, match=message):

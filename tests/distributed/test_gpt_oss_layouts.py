@@ -1,6 +1,6 @@
 """A tiny gpt-oss-shaped model (every piece: learned attention sinks with grouped-query heads, alternating
 sliding and full layers, q/k/v and output-projection biases, a biased router, biased experts, the clamped
-SwiGLU) trains under tp2, ep2, pp2, tp2 x ep2 (experts cut by width), ZeRO-3 with ep2 (experts in gather
+SwiGLU) trains under tp2 (experts cut by width), ep2, pp2, ZeRO-3 with ep2 (experts in gather
 chunks) and ZeRO-3 offload with tp2 with the same losses and gradient norms as one process (fp32, 3 steps,
 clipping active).
 
@@ -27,7 +27,6 @@ LAYOUTS = {
     "tp2": ["--parallel.tp=2"],
     "ep2": ["--parallel.ep=2"],
     "pp2": ["--parallel.pp=2", "--train.micro_batch_size=1"],
-    "tp2_ep2": ["--parallel.tp=2", "--parallel.ep=2"],
     "ep2_zero3": ["--parallel.ep=2", "--parallel.ds_config=zero3"],
     "tp2_zero3_offload": ["--parallel.tp=2", "--parallel.ds_config=zero3_offload"],
 }

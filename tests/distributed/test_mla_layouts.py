@@ -35,9 +35,8 @@ SETTINGS = {
     "pp2": ["--parallel.ds_config=zero1", "--parallel.pp=2", "--train.micro_batch_size=1"],
     "ep2": ["--parallel.ds_config=zero1", "--parallel.ep=2"],
     "zero3": ["--parallel.ds_config=zero3"],
-    "tp2_ep2": ["--parallel.ds_config=zero1", "--parallel.tp=2", "--parallel.ep=2"],
 }
-LAYOUTS = ["tp2", "pp2", "ep2", "zero3", "tp2_ep2"]
+LAYOUTS = ["tp2", "pp2", "ep2", "zero3"]
 
 
 def _rows(run_dir: Path) -> list[dict]:

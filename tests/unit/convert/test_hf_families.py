@@ -295,7 +295,7 @@ REFUSALS = {
     "quantized": (lambda d: _add_tensors(d, {"model.layers.0.mlp.experts.0.qweight": torch.zeros(4, dtype=torch.int8)}),
                   "model.layers.0.mlp.experts.0.qweight has dtype I8 .quantized weights.; supported: bf16, fp16, fp32"),
     "activation": (lambda d: _edit(d, hidden_act="gelu"), "hidden_act='gelu' .supported: silu"),
-    "gpt_oss": (lambda d: _edit(d, model_type="gpt_oss"), "model_type='gpt_oss' is not supported .attention sinks"),
+    "family": (lambda d: _edit(d, model_type="dots1"), "model_type='dots1' is not supported; import-hf reads llama, "),
 }
 
 
