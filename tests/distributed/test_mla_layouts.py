@@ -6,7 +6,7 @@ test_tensor_parallel.py): two MLA blocks (a query latent, interleaved rope, yarn
 width), a dense one and an MoE one with a shared expert, and two multi-token-prediction depths (MoE blocks;
 under pp2 on the last stage, with its copy of the embedding).  One spawn of a one-process world trains the
 reference under ZeRO-1; one spawn of a 4-rank gloo world trains, with the real Trainer, tp2 x dp2 (heads split,
-latent down-projections whole on each rank), pp2 x dp2, ep2 x dp4, ZeRO-3 over dp4 and tp2 x ep2.
+latent down-projections whole on each rank), pp2 x dp2, ep2 x dp4, ZeRO-3 over dp4.
 """
 from __future__ import annotations
 
