@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from sparselm.training.metrics import read_metrics
-from support.run import PYTHON, REPO, subprocess_env
+from support.local_slurm import missing_binaries
+from support.run import BIN, PYTHON, REPO, subprocess_env
 
 STEPS, PROCS = 6, 2
 COMMON = ["--config", "tiny_moe", f"--train.steps={STEPS}", "--train.log_every=1", "--train.eval_every=0",
@@ -38,7 +40,8 @@ class Reference:
         return read_metrics(self.out)
 
 
-def run_on_nodes(cluster, tmp_path, cmds: dict[str, list[str]], timeout: float = 300, check: bool = True) -> dict[str, str]:
+def run_on_nodes(cluster, tmp_path, cmds: dict[str, list[str]], timeout: float = 300,
+                 check: bool = True) -> dict[str, str]:
     """Start CMD on each node at once, wait for all; on a failure or timeout kill every node's processes and
     fail with each node's output (``check=False``: only on a timeout; every node's exit status is then in
     ``text["<node>:exit"]``)."""
@@ -93,3 +96,47 @@ def take_down(cluster, request, failed_before: int) -> None:
     logs = cluster.down(dump_logs=request.session.testsfailed > failed_before)
     if logs:
         print(f"--- logs of local cluster {cluster.id}\n{logs}")
+
+
+def bring_up(cluster, sshd: bool = False, slurm: bool = True):
+    """Start CLUSTER's nodes (and an sshd per node, and SLURM when installed); ``cluster.slurm`` then says why SLURM
+    is not running (None: it is).  On a failure the daemons' logs are printed and the cluster taken down."""
+    cluster.slurm = "not asked for"
+    try:
+        cluster.up()
+        if sshd:
+            cluster.start_sshd()
+        if slurm:
+            missing = missing_binaries()
+            cluster.slurm = (f"SLURM is not installed here (missing {', '.join(missing)}): run "
+                             "slurm/install_local_cluster.sh") if missing else None
+            if not missing:
+                cluster.start_slurm()
+    except BaseException:
+        print(cluster.down(dump_logs=True))
+        raise
+    return cluster
+
+
+def submit_training(cluster, tmp_path, script: str, sbatch_args=(), train_args=(),
+                    env_extra=None) -> tuple[int, Path, Path]:
+    """sbatch slurm/SCRIPT from ctl, 2 nodes, the TP2 x EP2 run into tmp_path/run: (job id, run dir, job output)."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = cluster.sbatch(["--nodes=2", f"--output={log}", *sbatch_args, f"slurm/{script}", *COMMON, *LAYOUT,
+                          *train_args, f"--train.out_dir={out}"],
+                         env={**env(), "SPARSELM_BIN": str(BIN), **(env_extra or {})}, cwd=REPO)
+    return job, out, log
+
+
+def completed(cluster, job: int, log: Path, timeout: float = 400) -> str:
+    """Wait for JOB; fail unless it COMPLETED.  Returns its output (every attempt's, appended)."""
+    info = cluster.wait_job(job, timeout=timeout)
+    text = log.read_text(errors="replace") if log.exists() else ""
+    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text[-5000:]}"
+    return text
+
+
+def rank_pids(cluster, nodes) -> list[int]:
+    """The sparselm.train processes running in NODES (not slurmd, sshd or a launcher)."""
+    return [pid for n in nodes for pid in cluster._ns_pids(n) if pid != cluster.holders[n]
+            and "sparselm.train" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")]

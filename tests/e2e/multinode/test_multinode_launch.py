@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import pytest
 
-from support.local_slurm import missing_binaries
 from support.multinode import (
     COMMON,
     LAYOUT,
     PROCS,
     assert_rank0_on_n1,
     assert_same_losses,
-    env,
+    bring_up,
+    completed,
     run_on_nodes,
+    submit_training,
     take_down,
 )
-from support.run import BIN, REPO
+from support.run import BIN
 from tools.local_cluster import LocalCluster, missing_requirements
 
 _why = missing_requirements()
@@ -32,18 +33,7 @@ NODE_LOCAL = "node-local"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("cluster")
-    c = LocalCluster(root, nodes=2, binds={"n2": [(root / "n2-disk", root / NODE_LOCAL)]})
-    c.slurm = None  # why SLURM is not running, else None
-    try:
-        c.up()
-        missing = missing_binaries()
-        if missing:
-            c.slurm = f"SLURM is not installed here (missing {', '.join(missing)}): run slurm/install_local_cluster.sh"
-        else:
-            c.start_slurm()
-    except BaseException:
-        print(c.down(dump_logs=True))
-        raise
+    c = bring_up(LocalCluster(root, nodes=2, binds={"n2": [(root / "n2-disk", root / NODE_LOCAL)]}))
     print(f"local cluster {c.id} up in {c.startup_s} s")
     failed = request.session.testsfailed
     yield c
@@ -75,13 +65,8 @@ def test_sbatch_two_nodes(cluster, reference, tmp_path):
     """slurm/train.sbatch submitted from ctl: slurmd on n1 runs the script, srun starts 2 ranks on each node."""
     if cluster.slurm:
         pytest.skip(cluster.slurm)
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    job = cluster.sbatch(["--nodes=2", "--ntasks-per-node=2", f"--output={log}", "slurm/train.sbatch",
-                          *COMMON, *LAYOUT, f"--train.out_dir={out}"],
-                         env={**env(), "SPARSELM_BIN": str(BIN)}, cwd=REPO)
-    info = cluster.wait_job(job, timeout=300)
-    text = log.read_text() if log.exists() else ""
-    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text[-4000:]}\n{cluster.logs()}"
+    job, out, log = submit_training(cluster, tmp_path, "train.sbatch", ["--ntasks-per-node=2"])
+    text = completed(cluster, job, log, timeout=300)
     assert "on n[1-2]" in text and "4 process(es)" in text, text[-3000:]
     assert text.count("sparselm: hosts: n1 ranks 0-1, n2 ranks 2-3") == 1, text[-3000:]
     assert_same_losses(out, reference)
@@ -91,13 +76,9 @@ def test_sbatch_deepspeed_launcher_two_nodes(cluster, reference, tmp_path):
     """slurm/train_deepspeed.sbatch: srun starts one `deepspeed --no_ssh --node_rank $SLURM_NODEID` per node."""
     if cluster.slurm:
         pytest.skip(cluster.slurm)
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    job = cluster.sbatch(["--nodes=2", f"--output={log}", "slurm/train_deepspeed.sbatch",
-                          *COMMON, *LAYOUT, f"--train.out_dir={out}"],
-                         env={**env(), "SPARSELM_BIN": str(BIN), "PROCS_PER_NODE": str(PROCS)}, cwd=REPO)
-    info = cluster.wait_job(job, timeout=300)
-    text = log.read_text() if log.exists() else ""
-    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text[-4000:]}"
+    job, out, log = submit_training(cluster, tmp_path, "train_deepspeed.sbatch",
+                                    env_extra={"PROCS_PER_NODE": str(PROCS)})
+    text = completed(cluster, job, log, timeout=300)
     assert text.count("sparselm: hosts: n1 ranks 0-1, n2 ranks 2-3") == 1, text[-3000:]
     assert_same_losses(out, reference)
 

@@ -16,8 +16,7 @@ import pytest
 
 from sparselm.training.metrics import read_metrics
 from support.local_slurm import missing_binaries
-from support.multinode import COMMON, LAYOUT, assert_same_losses, env, take_down
-from support.run import BIN, REPO
+from support.multinode import assert_same_losses, bring_up, completed, rank_pids, submit_training, take_down
 from tools.local_cluster import LocalCluster, missing_requirements
 
 _why = missing_requirements() or (f"SLURM is not installed here (missing {', '.join(missing_binaries())})"
@@ -29,24 +28,14 @@ SAVE = ["--train.save_every=2", "--parallel.timeout_minutes=0.5"]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), nodes=3)
-    try:
-        c.up()
-        c.start_slurm()
-    except BaseException:
-        print(c.down(dump_logs=True))
-        raise
+    c = bring_up(LocalCluster(tmp_path_factory.mktemp("cluster"), nodes=3))
     failed = request.session.testsfailed
     yield c
     take_down(c, request, failed)
 
 
 def submit(cluster, tmp_path, extra=()) -> tuple[int, Path, Path]:
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    job = cluster.sbatch(["--nodes=2", "--ntasks-per-node=2", f"--output={log}", *extra, "slurm/train.sbatch",
-                          *COMMON, *LAYOUT, *SAVE, f"--train.out_dir={out}"],
-                         env={**env(), "SPARSELM_BIN": str(BIN)}, cwd=REPO)
-    return job, out, log
+    return submit_training(cluster, tmp_path, "train.sbatch", ["--ntasks-per-node=2", *extra], SAVE)
 
 
 def wait_for_step(out: Path, step: int, cluster, job: int, timeout: float = 300) -> None:
@@ -58,18 +47,6 @@ def wait_for_step(out: Path, step: int, cluster, job: int, timeout: float = 300)
         time.sleep(0.3)
 
 
-def finished(cluster, job: int, log: Path, timeout: float = 400) -> str:
-    info = cluster.wait_job(job, timeout=timeout)
-    text = log.read_text(errors="replace") if log.exists() else ""
-    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text[-5000:]}"
-    return text
-
-
-def ranks_on(cluster, node: str) -> list[int]:
-    return [pid for pid in cluster._ns_pids(node) if pid != cluster.holders[node]
-            and "sparselm.train" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")]
-
-
 def requeued_at(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("sparselm: job ") and " attempt " in line]
 
@@ -79,7 +56,7 @@ def test_a_peer_killed_makes_the_survivors_exit_69_and_the_job_resumes_exactly(c
     checkpoint of step 2: the survivors exit 69 with one line, the script requeues (restart 1 of 3)."""
     job, out, log = submit(cluster, tmp_path)
     wait_for_step(out, 3, cluster, job)
-    killed = ranks_on(cluster, "n2")
+    killed = rank_pids(cluster, ["n2"])
     for pid in killed:  # the ranks only: slurmd and the step's own processes stay
         os.kill(pid, signal.SIGKILL)
     fault = time.monotonic()
@@ -87,7 +64,7 @@ def test_a_peer_killed_makes_the_survivors_exit_69_and_the_job_resumes_exactly(c
     while "requeueing" not in (log.read_text(errors="replace") if log.exists() else "") and time.monotonic() < end:
         time.sleep(0.3)
     to_requeue = time.monotonic() - fault
-    text = finished(cluster, job, log)
+    text = completed(cluster, job, log)
     print(f"peer killed: requeued {to_requeue:.1f} s after the kill; {len(requeued_at(text))} attempts")
     assert killed and "a peer rank was lost (status 69): requeueing" in text, text[-4000:]
     assert any("sparselm: error:" in line and "lost" in line for line in text.splitlines()), text[-4000:]
@@ -106,7 +83,7 @@ def test_a_node_lost_is_requeued_on_the_nodes_left(cluster, reference, tmp_path)
     cluster.kill("n2")
     fault = time.monotonic()
     try:
-        text = finished(cluster, job, log, timeout=500)
+        text = completed(cluster, job, log, timeout=500)
     finally:
         cluster.link_up("n2")
     print(f"node lost: job done {time.monotonic() - fault:.1f} s after the fault; attempts: {requeued_at(text)}")
@@ -129,7 +106,7 @@ def test_preemption_across_nodes_stops_every_rank_after_one_step_and_resumes(clu
     while "requeueing" not in (log.read_text(errors="replace") if log.exists() else "") and time.monotonic() < end:
         time.sleep(0.3)
     stopped = time.monotonic() - signalled
-    text = finished(cluster, job, log)
+    text = completed(cluster, job, log)
     print(f"preemption: requeued {stopped:.1f} s after SIGUSR1; attempts {requeued_at(text)}")
     assert text.count("got SIGUSR1") == 1 and "stopped early (status 75): requeueing" in text, text[-4000:]
     assert len(requeued_at(text)) == 2

@@ -11,23 +11,25 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from sparselm.training.metrics import read_metrics
-from support.local_slurm import missing_binaries
 from support.multinode import (
     COMMON,
     LAYOUT,
     PROCS,
     assert_rank0_on_n1,
     assert_same_losses,
+    bring_up,
+    completed,
     env,
+    rank_pids,
     run_on_nodes,
+    submit_training,
     take_down,
 )
-from support.run import BIN, REPO
+from support.run import BIN
 from tools.local_cluster import LocalCluster, missing_requirements
 
 _why = missing_requirements() or next((f"no `{b}` (openssh-server, pdsh: slurm/install_local_cluster.sh)"
@@ -41,19 +43,7 @@ LOOPBACK = "127.0.1.1"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("cluster")
-    c = LocalCluster(root, nodes=2, hosts_extra={n: [f"{LOOPBACK} {n}"] for n in ("n1", "n2")})
-    c.slurm = None
-    try:
-        c.up()
-        c.start_sshd()
-        missing = missing_binaries()
-        if missing:
-            c.slurm = f"SLURM is not installed here (missing {', '.join(missing)}): run slurm/install_local_cluster.sh"
-        else:
-            c.start_slurm()
-    except BaseException:
-        print(c.down(dump_logs=True))
-        raise
+    c = bring_up(LocalCluster(root, nodes=2, hosts_extra={n: [f"{LOOPBACK} {n}"] for n in ("n1", "n2")}), sshd=True)
     failed = request.session.testsfailed
     yield c
     take_down(c, request, failed)
@@ -108,14 +98,9 @@ def test_the_hostfile_route_over_pdsh_takes_deepspeed_env_to_every_node(cluster,
 def test_sbatch_takes_gloo_socket_ifname_from_the_submitting_shell(cluster, reference, tmp_path):
     if cluster.slurm:
         pytest.skip(cluster.slurm)
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    job = cluster.sbatch(["--nodes=2", "--ntasks-per-node=2", f"--output={log}", "slurm/train.sbatch",
-                          *COMMON, *LAYOUT, f"--train.out_dir={out}"],
-                         env={**env(), "SPARSELM_BIN": str(BIN), "GLOO_SOCKET_IFNAME": "eth1"}, cwd=REPO)
-    info = cluster.wait_job(job, timeout=300)
-    text = log.read_text() if log.exists() else ""
-    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')} {info.get('ExitCode')}\n{text[-4000:]}"
-    assert_rank0_on_n1({"n1": text, "n2": ""})
+    job, out, log = submit_training(cluster, tmp_path, "train.sbatch", ["--ntasks-per-node=2"],
+                                    env_extra={"GLOO_SOCKET_IFNAME": "eth1"})
+    assert_rank0_on_n1({"n1": completed(cluster, job, log, timeout=300), "n2": ""})
     assert_same_losses(out, reference)
 
 
@@ -131,11 +116,6 @@ def _start_hostfile_route(cluster, tmp_path, out, port: int, extra=()) -> subpro
     return p
 
 
-def _ranks_left(cluster) -> list[int]:
-    return [pid for n in cluster.nodes for pid in cluster._ns_pids(n)
-            if "sparselm.train" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")]
-
-
 def test_sigterm_to_the_pdsh_runner_ends_the_ranks_without_a_checkpoint(cluster, tmp_path):
     """What docs/launching.md says of this route: a SIGTERM (or Ctrl-C) to `deepspeed --hostfile` makes the runner
     kill pdsh and pkill every node's launcher; the ranks, their output pipes gone, end without saving: the run
@@ -147,11 +127,12 @@ def test_sigterm_to_the_pdsh_runner_ends_the_ranks_without_a_checkpoint(cluster,
     sent = time.monotonic()
     p.wait(timeout=120)
     end = sent + 60
-    while _ranks_left(cluster) and time.monotonic() < end:
+    while rank_pids(cluster, cluster.nodes) and time.monotonic() < end:
         time.sleep(0.5)
     gone = time.monotonic() - sent
-    print(f"SIGTERM to the pdsh runner after step {step}: runner exit {p.returncode}, every rank gone after {gone:.1f} s")
-    assert p.returncode != 0 and not _ranks_left(cluster)
+    print(f"SIGTERM to the pdsh runner after step {step}: runner exit {p.returncode}, every rank gone after "
+          f"{gone:.1f} s")
+    assert p.returncode != 0 and not rank_pids(cluster, cluster.nodes)
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step_*"))
 
 
@@ -168,4 +149,4 @@ def test_the_stop_file_stops_every_node_of_the_pdsh_route_with_one_checkpoint(cl
     print(f"stop file on the pdsh route: runner exit {p.returncode} {time.monotonic() - sent:.1f} s after the file "
           f"appeared; checkpoints {ckpts}")
     assert p.returncode == 75, (tmp_path / "runner.out").read_text()[-3000:]
-    assert ckpts == [f"step_{steps[-1]}"] and not _ranks_left(cluster)
+    assert ckpts == [f"step_{steps[-1]}"] and not rank_pids(cluster, cluster.nodes)
