@@ -29,9 +29,10 @@ rm -f "$STOP_FILE" "$LOST_FILE"
 # signals meanwhile. On SIGUSR1 (sbatch --signal=B:USR1@SECONDS, sent before the time limit) it creates
 # STOP_FILE: the ranks finish their step, save a checkpoint and exit 75; on 75 the job is requeued and
 # resumes from that checkpoint. SIGTERM reaches the ranks from SLURM itself (scancel, the time limit).
-# On 69 (a peer lost or hung: the survivors stopped within parallel.timeout_minutes; `mark_lost` below) the job is requeued too,
-# at most SPARSELM_MAX_RESTARTS times; a node that died outright is requeued by SLURM itself (--requeue,
-# NODE_FAIL), since srun then reports the killed tasks' signal rather than 69.
+# On 69 (a peer lost or hung: the survivors stopped within parallel.timeout_minutes) the job is requeued too,
+# at most SPARSELM_MAX_RESTARTS times; srun's own status may name the killed peers' signal instead, so a rank
+# that exits 69 also leaves LOST_FILE (`mark_lost` below). A node that died outright (its slurmd too) is
+# requeued by SLURM itself (--requeue, NODE_FAIL).
 # The scripts run srun with --kill-on-bad-exit=0 --wait=60: ranks that stop with 75 leave within moments
 # of each other and must not be killed on the way out (srun would then report 143, not 75), while a rank
 # that crashed takes the others down after 60 s instead of a collective timeout.
