@@ -42,10 +42,40 @@ print('RESULT', base, rss('VmHWM:'), time.perf_counter() - t)
 """
 
 
+def save_sharded(path: Path, tensors, config: dict, shard_gb: float) -> tuple[int, int]:
+    """Write (name, tensor) pairs, produced one at a time, as safetensors shards of about ``shard_gb`` GB with
+    an index and ``config`` as config.json, as transformers' ``save_pretrained`` lays them out.  Returns
+    (bytes written, files)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    weight_map, shard, size, total, files = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal shard, size, files
+        if shard:
+            files += 1
+            file = f"model-{files:05d}.safetensors"
+            save_file(shard, str(path / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        shard, size = {}, 0
+
+    for name, tensor in tensors:
+        shard[name] = tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        size, total = size + nbytes, total + nbytes
+        if size > shard_gb * 1e9:
+            flush()
+    flush()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                    "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(config))
+    return total, files
+
+
 def write_checkpoint(path: Path, gb: float, shard_gb: float = 0.25) -> dict:
     """A Mixtral-layout model of about ``gb`` GB in bf16 with d_model 2048, 8 experts of width 5632."""
     import torch
-    from safetensors.torch import save_file
 
     d, hidden, experts, vocab = 2048, 5632, 8, 32000
     per_layer = (4 * d * d // 2 + experts * 3 * d * hidden + experts * d + 2 * d) * 2
@@ -65,34 +95,15 @@ def write_checkpoint(path: Path, gb: float, shard_gb: float = 0.25) -> dict:
         for e in range(experts):
             q = f"{p}.block_sparse_moe.experts.{e}"
             shapes.update({f"{q}.w1.weight": (hidden, d), f"{q}.w3.weight": (hidden, d), f"{q}.w2.weight": (d, hidden)})
-    path.mkdir(parents=True)
-    shards, size = [[]], 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 2
-        if shards[-1] and size + nbytes > shard_gb * 1e9:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    weight_map, total = {}, 0
     gen = torch.Generator().manual_seed(0)
-    for k, names in enumerate(shards, 1):
-        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: (torch.randn(shapes[n], generator=gen) * 0.02).bfloat16() for n in names}
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in tensors.values())
-        weight_map.update(dict.fromkeys(names, file))
-        del tensors
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                    "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(config))
-    return {"layers": layers, "bytes": total, "files": len(shards), "largest_tensor": experts * 2 * hidden * d * 2}
+    total, files = save_sharded(path, ((n, (torch.randn(shape, generator=gen) * 0.02).bfloat16())
+                                       for n, shape in shapes.items()), config, shard_gb)
+    return {"layers": layers, "bytes": total, "files": files, "largest_tensor": experts * 2 * hidden * d * 2}
 
 
 def write_gpt_oss_mxfp4(path: Path, gb: float, shard_gb: float = 0.25) -> dict:
     """A gpt-oss-20b-shaped model of at least ``gb`` GB as stored (experts MXFP4, the rest bf16), vocabulary 32000."""
     import torch
-    from safetensors.torch import save_file
 
     d, inter, experts, vocab, heads, kv, hd = 2880, 2880, 32, 32000, 64, 8, 64
     groups_in, groups_down = d // 32, inter // 32
@@ -126,17 +137,6 @@ def write_gpt_oss_mxfp4(path: Path, gb: float, shard_gb: float = 0.25) -> dict:
         specs[f"{p}.mlp.experts.gate_up_proj_scales"] = ((experts, 2 * inter, groups_in), "scale")
         specs[f"{p}.mlp.experts.down_proj_blocks"] = ((experts, d, groups_down, 16), "u8")
         specs[f"{p}.mlp.experts.down_proj_scales"] = ((experts, d, groups_down), "scale")
-    path.mkdir(parents=True)
-    size_of = {"bf16": 2, "u8": 1, "scale": 1}
-    shards, size = [[]], 0
-    for name, (shape, kind) in specs.items():
-        nbytes = math.prod(shape) * size_of[kind]
-        if shards[-1] and size + nbytes > shard_gb * 1e9:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    weight_map, total = {}, 0
     gen = torch.Generator().manual_seed(0)
 
     def make(shape, kind):
@@ -146,17 +146,8 @@ def write_gpt_oss_mxfp4(path: Path, gb: float, shard_gb: float = 0.25) -> dict:
             return torch.randint(118, 124, shape, generator=gen, dtype=torch.uint8)
         return (torch.randn(shape, generator=gen) * 0.02).bfloat16()
 
-    for k, names in enumerate(shards, 1):
-        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: make(*specs[n]) for n in names}
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update(dict.fromkeys(names, file))
-        del tensors
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                    "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(config))
-    return {"layers": layers, "bytes": total, "files": len(shards), "largest_tensor": experts * 2 * inter * d * 2}
+    total, files = save_sharded(path, ((n, make(*spec)) for n, spec in specs.items()), config, shard_gb)
+    return {"layers": layers, "bytes": total, "files": files, "largest_tensor": experts * 2 * inter * d * 2}
 
 
 def deepseek_v3_fp8_shapes(gb: float) -> tuple[dict, dict, set, int]:
@@ -207,37 +198,20 @@ def write_fp8_checkpoint(path: Path, gb: float, shard_gb: float = 0.25) -> dict:
     """``deepseek_v3_fp8_shapes`` written as sharded safetensors: fp8 weights with fp32 ``weight_scale_inv``,
     the rest bf16."""
     import torch
-    from safetensors.torch import save_file
 
     config, shapes, fp8, largest = deepseek_v3_fp8_shapes(gb)
-    path.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)
-    weight_map, total, shard, size, files = {}, 0, {}, 0, 0
 
-    def flush():
-        nonlocal shard, size, files
-        if shard:
-            files += 1
-            file = f"model-{files:05d}.safetensors"
-            save_file(shard, str(path / file), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
-        shard, size = {}, 0
+    def tensors():
+        for name, shape in shapes.items():
+            if name in fp8:
+                yield name, torch.randn(shape, generator=gen).to(torch.float8_e4m3fn)
+                blocks = tuple(math.ceil(n / 128) for n in shape)
+                yield name + "_scale_inv", torch.rand(blocks, generator=gen) * 0.01 + 0.001
+            else:
+                yield name, (torch.randn(shape, generator=gen) * 0.02).bfloat16()
 
-    for name, shape in shapes.items():
-        if name in fp8:
-            shard[name] = torch.randn(shape, generator=gen).to(torch.float8_e4m3fn)
-            blocks = tuple(math.ceil(n / 128) for n in shape)
-            shard[name + "_scale_inv"] = torch.rand(blocks, generator=gen) * 0.01 + 0.001
-        else:
-            shard[name] = (torch.randn(shape, generator=gen) * 0.02).bfloat16()
-        nbytes = sum(t.numel() * t.element_size() for k, t in shard.items() if k.startswith(name))
-        size, total = size + nbytes, total + nbytes
-        if size > shard_gb * 1e9:
-            flush()
-    flush()
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                    "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(config))
+    total, files = save_sharded(path, tensors(), config, shard_gb)
     return {"layers": config["num_hidden_layers"], "bytes": total, "files": files, "largest_tensor": largest}
 
 

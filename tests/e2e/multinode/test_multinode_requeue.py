@@ -47,6 +47,16 @@ def wait_for_step(out: Path, step: int, cluster, job: int, timeout: float = 300)
         time.sleep(0.3)
 
 
+def seconds_until_requeued(log: Path, timeout: float = 120) -> float:
+    """Seconds from now until the batch script says it requeues the job (at most ``timeout``)."""
+    start = time.monotonic()
+    while "requeueing" not in (log.read_text(errors="replace") if log.exists() else ""):
+        if time.monotonic() - start > timeout:
+            break
+        time.sleep(0.3)
+    return time.monotonic() - start
+
+
 def requeued_at(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("sparselm: job ") and " attempt " in line]
 
@@ -59,11 +69,7 @@ def test_a_peer_killed_makes_the_survivors_exit_69_and_the_job_resumes_exactly(c
     killed = rank_pids(cluster, ["n2"])
     for pid in killed:  # the ranks only: slurmd and the step's own processes stay
         os.kill(pid, signal.SIGKILL)
-    fault = time.monotonic()
-    end = fault + 120
-    while "requeueing" not in (log.read_text(errors="replace") if log.exists() else "") and time.monotonic() < end:
-        time.sleep(0.3)
-    to_requeue = time.monotonic() - fault
+    to_requeue = seconds_until_requeued(log)
     text = completed(cluster, job, log)
     print(f"peer killed: requeued {to_requeue:.1f} s after the kill; {len(requeued_at(text))} attempts")
     assert killed and "a peer rank was lost (status 69): requeueing" in text, text[-4000:]
@@ -99,13 +105,9 @@ def test_preemption_across_nodes_stops_every_rank_after_one_step_and_resumes(clu
     uninterrupted losses."""
     job, out, log = submit(cluster, tmp_path, extra=["--job-name=preempt"])
     wait_for_step(out, 1, cluster, job)
-    signalled = time.monotonic()
     r = cluster.run("ctl", ["scancel", "--signal=USR1", "--batch", str(job)], env=cluster.slurm_env)
     assert r.returncode == 0, r.stderr
-    end = signalled + 120
-    while "requeueing" not in (log.read_text(errors="replace") if log.exists() else "") and time.monotonic() < end:
-        time.sleep(0.3)
-    stopped = time.monotonic() - signalled
+    stopped = seconds_until_requeued(log)
     text = completed(cluster, job, log)
     print(f"preemption: requeued {stopped:.1f} s after SIGUSR1; attempts {requeued_at(text)}")
     assert text.count("got SIGUSR1") == 1 and "stopped early (status 75): requeueing" in text, text[-4000:]
