@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from support.run import PYTHON, TINY, run_cmd, torchrun
 from sparselm.errors import CheckpointError
 from sparselm.training.metrics import read_metrics
+from support.bpe import bpe_dataset
+from support.run import PYTHON, TINY, run_cmd, torchrun
 from tools.convert_checkpoint import main as convert
 
 SHARD = "shard-00001-model-00001-of-00001.safetensors"
@@ -20,15 +21,8 @@ SHARD = "shard-00001-model-00001-of-00001.safetensors"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(root, train args): checkpoints at steps 2 and 4 of a 4-step run on a BPE tokenizer."""
-    from sparselm.data.tokenizer import train_bpe
-    from tools.preprocess_data import main as preprocess
-
     root = tmp_path_factory.mktemp("integrity")
-    text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n" * 60
-    (root / "corpus.txt").write_text(text)
-    train_bpe([text], 300, root / "tok" / "tokenizer.json")
-    prefix = preprocess(["--input", str(root / "corpus.txt"), "--output-prefix", str(root / "data" / "c"),
-                         "--tokenizer", str(root / "tok" / "tokenizer.json"), "--append-eod"])[0]
+    prefix = bpe_dataset(root)
     args = [*TINY, "--train.steps=4", "--train.save_every=2", "--train.global_batch_size=2",
             f"--data.tokenizer={root / 'tok' / 'tokenizer.json'}", f"--data.dataset={prefix}",
             f"--data.valid_dataset={prefix}", "--data.seq_len=16", "--model.max_seq_len=16"]

@@ -6,8 +6,9 @@ import stat
 
 import pytest
 
-from support.run import PYTHON, TINY, run_cmd, torchrun, train
 from sparselm.training.metrics import read_metrics
+from support.bpe import bpe_dataset
+from support.run import PYTHON, TINY, run_cmd, torchrun, train
 
 PROBE = """
 import sys
@@ -123,15 +124,8 @@ def test_a_folder_named_like_the_package_does_not_shadow_it(tmp_path):
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory):
     """A run on a locally trained BPE tokenizer given by a relative path, as a user would type it."""
-    from sparselm.data.tokenizer import train_bpe
-    from tools.preprocess_data import main as preprocess
-
     root = tmp_path_factory.mktemp("bpe")
-    text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 0\n" * 60
-    (root / "corpus.txt").write_text(text)
-    train_bpe([text], 300, root / "tok" / "tokenizer.json")
-    prefix = preprocess(["--input", str(root / "corpus.txt"), "--output-prefix", str(root / "data" / "c"),
-                         "--tokenizer", str(root / "tok" / "tokenizer.json"), "--append-eod"])[0]
+    prefix = bpe_dataset(root)
     run_cmd([PYTHON, "-m", "sparselm.train", *TINY, "--train.steps=2", "--train.global_batch_size=2",
              "--data.tokenizer=tok/tokenizer.json", f"--data.dataset={prefix}", f"--data.valid_dataset={prefix}",
              "--data.seq_len=16", "--model.max_seq_len=16", f"--train.out_dir={root / 'run'}"], cwd=root)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sparselm.errors import ConversionError
+from support.hf_models import max_diff, move_from_init, save_hf
 from tools.convert_checkpoint import main as convert
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
@@ -52,31 +53,11 @@ def tiny_hf_model(name: str, layers: int = 2, seed: int = 0):
         config = transformers.DeepseekV2Config(**{**v2, "num_hidden_layers": layers}, **V2[name])
     else:
         config = transformers.DeepseekV3Config(**{**COMMON, "num_hidden_layers": layers}, **CONFIGS[name])
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight") or pname.endswith("layernorm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif pname.endswith("gate.weight"):
-                p.normal_(0, 0.3)
-            elif p.dim() >= 2:
-                p.normal_(0, 0.08)
-        for bname, b in model.named_buffers():
-            if bname.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.05)
-    return model
+    return move_from_init(transformers.AutoModelForCausalLM.from_config(config).eval())
 
 
 def save(model, path, fused: bool = False, model_type: str | None = None):
-    model.save_pretrained(str(path), max_shard_size="200KB")
-    if fused:  # transformers 5's in-memory names instead
-        from safetensors.torch import save_file
-
-        for f in list(path.glob("*.safetensors")) + list(path.glob("*.index.json")):
-            f.unlink()
-        state = {k: v.contiguous() for k, v in model.state_dict().items()
-                 if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_hf(model, path, fused)
     if model_type:
         edit_config(path, model_type=model_type)
     return path
@@ -95,11 +76,6 @@ def add_tensors(hf_dir, tensors: dict):
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     index["weight_map"].update(dict.fromkeys(tensors, "extra.safetensors"))
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
-def max_diff(hf, ours, ids):
-    with torch.no_grad():
-        return (hf(ids).logits - ours(ids)).abs().max().item()
 
 
 def ids_of(seed):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sparselm.errors import ConversionError
+from support.hf_models import max_diff, move_from_init, save_hf
 from tools.convert_checkpoint import main as convert
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
@@ -77,38 +78,7 @@ def tiny_hf_model(family: str, seed: int = 0):
     """A random model of ``family`` whose weights are all far from their init (norm weights, biases and GLM's
     selection bias included), so every tensor's mapping matters."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(family_config(family)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith(("bias", "sinks")) or "router" in name or name.endswith("gate.weight"):
-                p.normal_(0, 0.3)
-            elif p.dim() >= 2:
-                p.normal_(0, 0.08)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.05)
-    return model
-
-
-def save(model, path, fused: bool = False):
-    """save_pretrained (per-expert names, as published) or the transformers-5 in-memory (fused) names."""
-    model.save_pretrained(str(path), max_shard_size="200KB")
-    if fused:
-        from safetensors.torch import save_file
-
-        for f in list(path.glob("*.safetensors")) + list(path.glob("*.index.json")):
-            f.unlink()
-        state = {k: v.contiguous() for k, v in model.state_dict().items()
-                 if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
-def max_diff(hf, ours, ids):
-    with torch.no_grad():
-        return (hf(ids).logits - ours(ids)).abs().max().item()
+    return move_from_init(transformers.AutoModelForCausalLM.from_config(family_config(family)).eval())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -116,7 +86,7 @@ def test_import_matches_transformers(tmp_path, family):
     from sparselm import load_model
 
     hf = tiny_hf_model(family)
-    save(hf, tmp_path / "hf")
+    save_hf(hf, tmp_path / "hf")
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1  # sharded, with an index
     convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
     ours, cfg = load_model(tmp_path / "ours")
@@ -152,8 +122,8 @@ CARRIED = {  # the distinctive options each family's import must carry (checked 
 def test_imported_config_carries_the_family_options_and_flops_counts_them(family):
     from sparselm.config import load_config
     from sparselm.convert.hf_import_config import sparselm_config
-    from sparselm.planning.flops import flop_counts, param_counts
     from sparselm.model import build_model
+    from sparselm.planning.flops import flop_counts, param_counts
 
     hf = json.loads(family_config(family).to_json_string())
     cfg = load_config(None, {**sparselm_config(hf), "data": {"seq_len": 32}})
@@ -176,7 +146,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_generation(tmp_pa
     from sparselm import load_model
     from sparselm.generate import generate
 
-    save(tiny_hf_model(family), tmp_path / "hf", fused=fused)  # the import reads either naming too
+    save_hf(tiny_hf_model(family), tmp_path / "hf", fused=fused)  # the import reads either naming too
     convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
     args = ["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out"), "--max-shard-gb",
             str(150_000 / 2**30)] + (["--fused-experts"] if fused else [])
@@ -211,7 +181,7 @@ def test_import_keeps_half_precision_weights(tmp_path, dtype):
     from sparselm import load_model
 
     hf = tiny_hf_model("qwen3_moe").to(dtype)
-    save(hf, tmp_path / "hf")
+    save_hf(hf, tmp_path / "hf")
     info = convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")]) and \
         convert(["inspect", "--input", str(tmp_path / "ours"), "--json"])
     assert {t["dtype"] for t in info["tensors"].values()} == {str(dtype).replace("torch.", "")}
@@ -264,7 +234,7 @@ def test_import_dequantizes_mxfp4_experts_as_transformers_does(tmp_path):
                 w.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16).float())
                 packed.update({f"model.layers.{i}.mlp.experts.{proj}_blocks": blocks,
                                f"model.layers.{i}.mlp.experts.{proj}_scales": scales})
-    hf_dir = save(hf, tmp_path / "hf")
+    hf_dir = save_hf(hf, tmp_path / "hf")
     _drop_tensors(hf_dir, {k.rsplit("_", 1)[0] for k in packed})
     _add_tensors(hf_dir, packed)
     _edit(hf_dir, quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": ["self_attn", "router"]})
@@ -307,7 +277,7 @@ def _edit(hf_dir, **values):
 
 @pytest.fixture(scope="module")
 def saved_qwen2_moe(tmp_path_factory):
-    return save(tiny_hf_model("qwen2_moe"), tmp_path_factory.mktemp("qwen2_moe") / "hf")
+    return save_hf(tiny_hf_model("qwen2_moe"), tmp_path_factory.mktemp("qwen2_moe") / "hf")
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -355,7 +325,7 @@ def test_round_trip_import_train_tp2_ep2_export(tmp_path, family):
     from sparselm import load_model
     from support.distributed import run_distributed
 
-    save(tiny_hf_model(family), tmp_path / "hf")
+    save_hf(tiny_hf_model(family), tmp_path / "hf")
     convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
     run_distributed(_train_imported, 4, tmp_path / "ours", str(tmp_path / "run"))
     trained, _ = load_model(tmp_path / "run")
@@ -436,7 +406,7 @@ def test_import_reads_sliding_windows_as_transformers_does(tmp_path, family, edi
     and exported back so that transformers makes the same of them."""
     from sparselm import load_model
 
-    save(tiny_hf_model(family), tmp_path / "hf")
+    save_hf(tiny_hf_model(family), tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config.update({k: v for k, v in edit.items() if v is not None})
     config = {k: v for k, v in config.items() if not (k in edit and edit[k] is None)}

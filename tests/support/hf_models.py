@@ -1,0 +1,43 @@
+"""Tiny Hugging Face models for the conversion tests (built locally with transformers, nothing downloaded):
+weights moved far from their init, saved as transformers publishes them or with its in-memory (fused) names,
+and compared by their logits."""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+
+
+@torch.no_grad()
+def move_from_init(model):
+    """Give every weight of MODEL a value far from its init (norm weights, biases, sinks, router weights and the
+    selection bias included), so that every tensor's mapping matters.  Returns MODEL."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            p.copy_(1 + 0.2 * torch.randn_like(p))
+        elif name.endswith(("bias", "sinks")) or "router" in name or name.endswith("gate.weight"):
+            p.normal_(0, 0.3)
+        elif p.dim() >= 2:
+            p.normal_(0, 0.08)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.normal_(0, 0.05)
+    return model
+
+
+def save_hf(model, path, fused: bool = False):
+    """save_pretrained in small shards (per-expert names, as published), or one file of the transformers-5
+    in-memory (fused) names.  Returns PATH."""
+    model.save_pretrained(str(path), max_shard_size="200KB")
+    if fused:
+        for f in list(path.glob("*.safetensors")) + list(path.glob("*.index.json")):
+            f.unlink()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def max_diff(hf, ours, ids) -> float:
+    """Largest |logit difference| of the two models on token ids IDS."""
+    with torch.no_grad():
+        return (hf(ids).logits - ours(ids)).abs().max().item()
