@@ -9,7 +9,6 @@ trainer's own (``engine.optimizer_groups``).
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -85,15 +84,6 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def short_tables(cfg):
-    """A copy of ``cfg`` with a short ``model.max_seq_len``, which sizes no parameter (it sized the per-layer rotary
-    tables, real even on the meta device, before they were computed per call; kept as a guard); the tests compare
-    against full-length builds."""
-    cfg = copy.deepcopy(cfg)
-    cfg.model.max_seq_len = min(cfg.model.max_seq_len, 16)
-    return cfg
-
-
 def model_key(cfg) -> str:
     """The settings a model's construction reads (not the layout's, training's or data's), as YAML text: equal
     keys build equal models."""
@@ -111,7 +101,7 @@ def _parallel_model(cfg, topo):
     if key not in _MODELS:
         _MODELS.clear()
         with one_thread():
-            _MODELS[key] = parallelize(build_model(short_tables(cfg), device="meta"), cfg, topo)
+            _MODELS[key] = parallelize(build_model(cfg, device="meta"), cfg, topo)
     return _MODELS[key]
 
 
