@@ -49,3 +49,28 @@ def test_large_writes_are_hashed_beside_the_write(tmp_path):
         stream.write(data[:3])
         stream.write(data[3:])
     assert stream.entry() == {"bytes": len(data), "digest": file_digest(path), "header": header_digest(path)}
+
+
+def test_safetensors_are_written_from_tensor_memory_as_safetensors_would(tmp_path):
+    """write_safetensors streams the header and each tensor's bytes (no whole-file buffer): the file is the one
+    safetensors' own save() builds, for every dtype sparselm writes, 0-d and empty tensors and metadata, and
+    its entry is the digest of those bytes."""
+    from sparselm.checkpoint.files import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w.bf16": torch.randn(3, 5, generator=g).bfloat16(), "a.f32": torch.randn(7, generator=g),
+               "scalar": torch.tensor(3.5, dtype=torch.float64), "empty": torch.empty(0, 4),
+               "mask": torch.tensor([True, False, True]), "fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+               "ids": torch.arange(5), "half": torch.randn(2, generator=g).half(), "i8": torch.arange(3, dtype=torch.int8)}
+    path = tmp_path / "model.safetensors"
+    entry = write_safetensors(tensors, path, metadata={"format": "pt"})
+    expected = save(tensors, metadata={"format": "pt"})
+    assert path.read_bytes() == expected
+    assert entry == {"bytes": len(expected), "digest": file_digest(path), "header": header_digest(path)}
+
+
+def test_safetensors_writer_refuses_views_it_cannot_stream(tmp_path):
+    from sparselm.checkpoint.files import write_safetensors
+
+    with pytest.raises(CheckpointError, match="not contiguous.*contiguous"):
+        write_safetensors({"t": torch.randn(4, 3).t()}, tmp_path / "x.safetensors")
