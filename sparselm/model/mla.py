@@ -74,10 +74,16 @@ class LatentAttention(nn.Module):
         k_nope, v, k_rot = self.keys_values(x)
         q = torch.cat([q_nope, self.rotary(q_rot)], dim=-1)
         k = torch.cat([k_nope, self.rotary(k_rot).expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
+        # Flash kernels (CUDA's and the CPU one) take one head width for queries, keys and values; with
+        # qk_head_dim != v_head_dim SDPA would fall back to the math kernel, which keeps the [T, T] scores of
+        # every head for backward.  Zero channels change neither the scores nor the first v_head_dim output
+        # channels (transformers pads values so for flash attention too).
+        width = max(q.shape[-1], self.v_dim)
+        q, k, v = (F.pad(z, (0, width - z.shape[-1])) if z.shape[-1] < width else z for z in (q, k, v))
         if self.window and self.window < t:
             pos = torch.arange(t, device=x.device)
             lag = pos[:, None] - pos[None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=(lag >= 0) & (lag < self.window), scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out[..., :self.v_dim].transpose(1, 2).reshape(b, t, -1))

@@ -24,19 +24,29 @@ def latent_params(m) -> int:
     return latent_weights(m) + m.q_lora_rank + m.kv_lora_rank
 
 
-def latent_core_flops(m, keys: float) -> float:
-    """Scores (qk channels) and weighted values (v_head_dim channels) of every head against ``keys`` keys."""
+def latent_core_flops(m, keys: float, padded: bool = False) -> float:
+    """Scores (qk channels) and weighted values (v_head_dim channels) of every head against ``keys`` keys;
+    ``padded``: as executed, queries, keys and values padded to one head width max(qk, v_head_dim)
+    (``LatentAttention``'s flash-kernel padding)."""
     h, qk, v, *_ = latent_widths(m)
+    if padded:
+        qk = v = max(qk, v)
     return 2 * h * (qk + v) * keys
 
 
 def latent_activations(m, tp: int) -> float:
-    """Elements per token kept for backward besides the block's norm: the latents before and after their norms
-    and the rotary key (whole on every rank); per rank's heads, queries before and after rotary, the up-projected
-    keys/values, keys after rotary, the attention output."""
+    """Elements per token kept for backward besides the block's norm, as measured with autograd's saved-tensor
+    hooks (tests/unit/model/test_mla.py).  Whole on every rank: the query latent before and after its norm and
+    as the up-projection's input, the key/value latent with the rotary key, its normed part twice likewise, the
+    rotary tables.  Per rank's heads, at the attention's one head width w = max(qk, v_head_dim)
+    (``LatentAttention`` pads to it so that SDPA runs a flash kernel, which keeps no [T, T] scores): queries and
+    keys after rotary, the values (their padded copy when v_head_dim < w, else the up-projection's output they
+    are a view of), the attention output, and the output projection's input."""
     h, qk, v, qr, kr, rope = latent_widths(m)
-    whole = 2 * qr + (kr + rope) + kr + 2 * rope
-    return whole + (2 * h * qk + h * (qk - rope + v) + h * qk + h * v) / tp
+    w = max(qk, v)
+    whole = 3 * qr + (kr + rope) + 2 * kr + 4 * rope
+    values = h * w if v < w else h * (qk - rope + v)
+    return whole + (3 * h * w + values + h * v) / tp
 
 
 def latent_matmul_outputs(m, tp: int) -> float:
