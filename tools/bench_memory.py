@@ -119,6 +119,7 @@ def worker(args, overrides: list[str]) -> None:
     from sparselm.config import load_config
     from sparselm.training.optim import lr_at, set_lr
     from sparselm.parallel.materialize import reachable_parameters
+    from sparselm.training.nonfinite import NonFiniteGuard
     from sparselm.training.trainer import Trainer
 
     cfg = load_config(args.config, overrides)
@@ -135,6 +136,7 @@ def worker(args, overrides: list[str]) -> None:
     out["params_reachable"] = reachable_parameters(t.module)
     out["params_total"] = t.num_params[0]
     reset_peak()
+    t.nonfinite = NonFiniteGuard(cfg.train.max_skipped_steps, fp16=t.ds_config.get("fp16", {}).get("enabled", False))
     t._build_engine()
     out["engine_peak_gb"] = peak_gb()
     from sparselm.parallel import recompute

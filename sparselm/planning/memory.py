@@ -49,6 +49,18 @@ def stage_activations(cfg, layers: list[int], tp: int, act_bytes: int, ends: flo
             "selective": (plain + sum(kept[i] for i in mine), max((whole[i] - kept[i] for i in mine), default=0.0))}
 
 
+def mtp_depth_activations(cfg, tp: int, act_bytes: int, logits: float) -> float:
+    """Activation elements per token one multi-token-prediction depth (``sparselm.model.mtp``) keeps: the
+    embedding of the token ahead and both input norms' outputs (the main hidden state is the final norm's
+    input, counted already), their concatenation [2 x d_model] that ``eh_proj`` reads, one block of the last
+    layer's kind, its own final norm's input and output, and ``logits``: its fp32 log-probabilities (the main
+    head's figure also holds the logits' gradient, which backward makes for one head at a time).  Depths are
+    not recomputed (parallel.recompute covers the decoder layers)."""
+    d = cfg.model.d_model
+    block = block_cost(cfg.model.layer_kinds()[-1]).activation_elems(cfg, tp, act_bytes)
+    return 5 * d + block + 2 * d + logits
+
+
 @dataclass
 class RankPlan:
     """One rank's share of a plan."""
@@ -116,6 +128,8 @@ def rank_memory(cfg, layout, s: StageHold, rank: int, zero_stage: int, offload_o
     if chunk and micro * cfg.data.seq_len / layout.cp > chunk:  # the chunked loss holds one chunk's logits
         logits *= chunk / tokens
     ends = (d if s.first else 0) + ((2 * d + logits) if s.last else 0)
+    if s.last and cfg.model.mtp_layers:  # every depth runs on the last stage and is never recomputed
+        ends += cfg.model.mtp_layers * mtp_depth_activations(cfg, t, a, logits * 4 / (a + 8))
     if layout.cp > 1 and cfg.parallel.cp_method == "allgather":  # each layer keeps the gathered keys and values
         ends += len(s.layers) * 2 * cfg.model.kv_heads / t * cfg.model.head_width * layout.cp
     modes = {m: (tokens * a * kept, tokens * a * rebuilt)

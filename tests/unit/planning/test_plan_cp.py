@@ -1,5 +1,6 @@
 """The planner counts context parallelism: per-rank activations of 1/cp of the tokens, ZeRO partitions over
-data x context ranks, the Ulysses all-to-alls in the communication and the step time, the same total FLOPs."""
+data x context ranks, the Ulysses all-to-alls in the communication and the step time, the same total FLOPs;
+and the multi-token-prediction depths' activations."""
 from sparselm.config import load_config
 from sparselm.planning.planner import plan_layout
 
@@ -22,3 +23,20 @@ def test_cp_divides_activations_partitions_over_dp_x_cp_and_adds_its_all_to_alls
     assert two.time["comm_s"]["cp"] > 0
     assert two.time["model_flops_per_step"] == one.time["model_flops_per_step"]
     assert two.micro_batches == 2 * one.micro_batches  # each cp rank runs all of its dp rank's micro-batches
+
+
+def test_mtp_depths_add_the_same_activations_under_every_recompute_mode():
+    """Multi-token-prediction depths are never recomputed: they add the same bytes to the activations kept under
+    none, full and selective, two depths twice one's (tools/bench_memory.py measures the figure against
+    autograd's saved tensors)."""
+    def added(mtp: int) -> dict:
+        rank = {}
+        for depths in (0, mtp):
+            cfg = load_config("tiny_deepseek", ["--model.vocab_size=512", f"--model.mtp_layers={depths}"])
+            rank[depths] = plan_layout(cfg, 1, 80).ranks[0].activations
+        return {k: rank[mtp][k] - rank[0][k] for k in ("per_micro_batch", "per_micro_batch_full",
+                                                      "per_micro_batch_selective")}
+
+    one, two = added(1), added(2)
+    assert one["per_micro_batch"] > 0 and len(set(one.values())) == 1
+    assert two == {k: 2 * v for k, v in one.items()}
