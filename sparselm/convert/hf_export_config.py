@@ -148,13 +148,15 @@ def generation_config(eod_id: int) -> dict:
 
 def attention_config(fam: Family, m) -> dict:
     """config.json entries of ``fam``'s attention options (windows, q/k/v bias switch, q/k norm switch,
-    clipping) for sparselm's ``cfg.model`` ``m``."""
+    clipping, legacy rotary width) for sparselm's ``cfg.model`` ``m``."""
     out = {}
     sliding = [m.layer_window(i) > 0 for i in range(m.n_layers)]
     window = m.sliding_window if any(sliding) else None
     if fam.window == "per_layer":
-        out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=m.n_layers,
+        out.update(sliding_window=window, max_window_layers=m.n_layers,
                    layer_types=["sliding_attention" if s else "full_attention" for s in sliding])
+        if fam.window_switch:  # transformers drops the window unless use_sliding_window
+            out["use_sliding_window"] = window is not None
     elif fam.window == "all":
         out["sliding_window"] = window
         if fam.window_switch:  # transformers drops the window unless use_sliding_window
@@ -165,6 +167,8 @@ def attention_config(fam: Family, m) -> dict:
         out[fam.qk_norm_key] = m.qk_norm == fam.qk_norm
     if fam.clip_qkv:
         out["clip_qkv"] = m.clip_qkv or None
+    if fam.legacy_rotary_dim:  # beside rope_parameters.partial_rotary_factor, which transformers reads first
+        out["rotary_dim"] = int(m.head_width * m.rotary_fraction)
     return out
 
 

@@ -36,6 +36,13 @@ QWEN2_MOE = replace(QWEN2, name="qwen2_moe", architecture="Qwen2MoeForCausalLM",
                                                  gated=True))
 OLMOE = replace(LLAMA, name="olmoe", architecture="OlmoeForCausalLM", moe=True, qk_norm="full", clip_qkv=True,
                 expert_hidden_key="intermediate_size")
+# dots.llm1: Qwen3's attention (per-head q/k norm; attention_bias biases q, k, v and o) and its windows from
+# max_window_layers without a use_sliding_window switch, GLM-4-MoE's router, shared experts and dense first layers
+DOTS1 = replace(QWEN3, name="dots1", architecture="Dots1ForCausalLM", moe=True, qkv_bias_key="attention_bias",
+                o_bias_key="attention_bias", window_switch=False, experts_key="n_routed_experts",
+                score_func="sigmoid", selection_bias=True, group_routing=True, dense_layers="first",
+                shared_experts=SharedExperts("n_shared_experts", "shared_experts"),
+                config_defaults=(("sliding_window", 4096), ("max_window_layers", 62)))
 GLM4_MOE = replace(LLAMA, name="glm4_moe", architecture="Glm4MoeForCausalLM", moe=True, qkv_bias_key="attention_bias",
                    qk_norm="per_head", qk_norm_key="use_qk_norm", partial_rotary=True, experts_key="n_routed_experts",
                    score_func="sigmoid", selection_bias=True, group_routing=True, dense_layers="first",
@@ -48,6 +55,11 @@ GPT_OSS = replace(LLAMA, name="gpt_oss", architecture="GptOssForCausalLM", moe=T
                   expert_hidden_key="intermediate_size", expert_hidden_reads=("intermediate_size",),
                   renormalize_key=None, router_module="router", router_bias=True, expert_layout="gpt_oss",
                   clamped_swiglu=True, mxfp4=True)
+# MiniMax-M2 (M2, M2.1, M2.5): Mixtral's names and placement with a full-width q/k norm, partial rotary (legacy
+# rotary_dim), sigmoid scores and a selection bias stored on the MoE block, no shared experts, no windows
+MINIMAX_M2 = replace(MIXTRAL, name="minimax_m2", architecture="MiniMaxM2ForCausalLM", window="none", qk_norm="full",
+                     partial_rotary=True, legacy_rotary_dim=True, score_func="sigmoid", selection_bias=True,
+                     selection_bias_name="e_score_correction_bias", config_defaults=(("head_dim", 128),))
 # DeepSeek-V3 (V3, V3.1, R1; Kimi K2 and Moonlight share it): GLM-4-MoE's router and experts with multi-head
 # latent attention, and its multi-token-prediction layers stored after the decoder layers
 DEEPSEEK_V3 = replace(GLM4_MOE, name="deepseek_v3", architecture="DeepseekV3ForCausalLM", qkv_bias_key=None,
@@ -63,8 +75,10 @@ DEEPSEEK_V2 = replace(DEEPSEEK_V3, name="deepseek_v2", architecture="DeepseekV2F
 GLM4_MOE_LITE = replace(DEEPSEEK_V3, name="glm4_moe_lite", architecture="Glm4MoeLiteForCausalLM", dense_layers="types",
                         mtp_key=None)
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE, GPT_OSS,
-                                DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE)
+# dots1 before glm4_moe: a model both express (per-head q/k norm, no biases, whole-head rotary: an imported dots1)
+# is written as dots1; GLM-4-MoE's own configs (q/k/v biases without o, partial rotary or no q/k norm) are not
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, DOTS1, GLM4_MOE,
+                                GPT_OSS, MINIMAX_M2, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 ALIASES: dict[str, Family] = {"kimi_k2": DEEPSEEK_V3}
 """model_type values read as another family's (Kimi K2's config.json says kimi_k2; export writes deepseek_v3)."""

@@ -13,8 +13,8 @@ from typing import Callable, Literal
 
 
 def slides_from_max_window_layers(layer: int, max_window_layers: int) -> bool:
-    """Qwen2 / Qwen3 without ``layer_types``: layers from ``max_window_layers`` on slide (transformers'
-    ``Qwen2Config`` derives ``layer_types`` so)."""
+    """Qwen2 / Qwen3 / dots1 without ``layer_types``: layers from ``max_window_layers`` on slide (transformers'
+    ``Qwen2Config`` and ``Dots1Config`` derive ``layer_types`` so)."""
     return layer >= max_window_layers
 
 
@@ -73,13 +73,17 @@ class Family:
     clip_qkv: bool = False
     """Reads and writes ``clip_qkv`` (OLMoE: q, k, v clamped to [-clip_qkv, clip_qkv]; null is off)."""
     o_bias_key: str | None = None
-    """config.json key that also puts a bias on o_proj (gpt-oss's ``attention_bias``, the same key as
+    """config.json key that also puts a bias on o_proj (gpt-oss's and dots1's ``attention_bias``, the same key as
     ``qkv_bias_key``: q, k, v and o biased together)."""
     attention_sinks: bool = False
     """Every attention layer has learned sinks, one logit per query head (``self_attn.sinks``; gpt-oss)."""
     partial_rotary: bool = False
     """Rotary may cover a fraction of each head (``partial_rotary_factor`` < 1, GLM-4-MoE); any family reads it,
     only these express it on export."""
+    legacy_rotary_dim: bool = False
+    """config.json may give the rotated channels per head as the legacy ``rotary_dim`` (MiniMax-M2's releases):
+    read as ``rotary_dim / head_dim`` where no ``partial_rotary_factor`` is given (transformers'
+    ``MiniMaxM2Config.convert_rope_params_to_dict``), written beside ``rope_parameters.partial_rotary_factor``."""
 
     mla: bool = False
     """Its attention is multi-head latent attention (DeepSeek-V2/V3: ``q_lora_rank`` (null: one q_proj),
@@ -139,6 +143,9 @@ class Family:
     selection_bias: bool = False
     """The router adds a learned per-expert bias (``gate.e_score_correction_bias``) when choosing, not weighting,
     experts (sparselm's ``moe.bias_balancing``)."""
+    selection_bias_name: str = "gate.e_score_correction_bias"
+    """That bias's name in the MoE block (``model.layers.{i}.{moe_module}.{name}``): on the router (DeepSeek-V3,
+    GLM-4-MoE, dots1) or on the block itself (MiniMax-M2: ``e_score_correction_bias``)."""
     group_routing: bool = False
     """Group-limited routing (``n_group`` / ``topk_group``) and a ``routed_scaling_factor`` on the weights."""
     group_score: Literal["top2_sum", "max"] = "top2_sum"
@@ -156,6 +163,10 @@ class Family:
     ``block_sparse_moe``); transformers 5's fused layout always says ``mlp``."""
     expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     """(gate, up, down) weight names of one expert: ``{moe_module}.experts.{e}.{name}.weight`` (Mixtral: w1, w3, w2)."""
+    config_defaults: tuple[tuple[str, object], ...] = ()
+    """transformers' defaults of config.json keys import reads, where the family's differ from the base (a
+    config.json without the key means this value: dots1's ``sliding_window`` 4096 and ``max_window_layers`` 62,
+    MiniMax-M2's ``head_dim`` 128)."""
     fixed_config: tuple[tuple[str, object], ...] = ()
     """Constant config.json entries export writes for an MoE family (Mixtral's ``router_jitter_noise=0``, GLM's
     ``num_nextn_predict_layers=0``: no multi-token-prediction layers)."""

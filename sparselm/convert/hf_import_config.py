@@ -46,6 +46,23 @@ def attention_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     return out
 
 
+def legacy_rotary_fraction(hf: dict, problems: list[str]) -> dict:
+    """``rotary_fraction`` from the legacy ``rotary_dim`` (channels rotated per head) where config.json gives no
+    ``partial_rotary_factor`` (in its rotary dict or at the top level), as transformers' ``MiniMaxM2Config`` reads
+    it; empty otherwise.  An odd ``rotary_dim`` is refused: transformers then rotates one channel more, at
+    frequencies spaced for ``rotary_dim``, which sparselm does not compute."""
+    rope = hf_rope(hf)
+    given = (hf.get(rope["_key"]) or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    rotary_dim = hf.get("rotary_dim")
+    if rotary_dim is None or given is not None:
+        return {}
+    head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    if rotary_dim % 2 or not 0 < rotary_dim <= head:
+        problems.append(unsupported("rotary_dim", rotary_dim, f"an even number of channels up to head_dim={head}"))
+        return {}
+    return {"rotary_fraction": rotary_dim / head}
+
+
 def mla_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     """sparselm ``model`` overrides of an MLA family's attention (``Family.mla``): the latent widths, interleaved
     rope, yarn's ``mscale_all_dim`` (folded into the softmax scale) and the multi-token-prediction layers the
@@ -138,6 +155,7 @@ def sparselm_config(hf: dict) -> dict:
     ConversionError with one line naming every field sparselm cannot compute as transformers does (or the
     unsupported ``model_type``)."""
     fam = family_of(hf.get("model_type"))
+    hf = {**dict(fam.config_defaults), **hf}  # a key config.json lacks means transformers' default for the family
     problems = []
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
     if act not in (None, "silu", "swish"):
@@ -159,6 +177,8 @@ def sparselm_config(hf: dict) -> dict:
     if hf.get("head_dim"):
         model["head_dim"] = int(hf["head_dim"])
     model.update(rope_overrides(hf, problems))
+    if fam.legacy_rotary_dim:
+        model.update(legacy_rotary_fraction(hf, problems))
     model.update(attention_overrides(hf, fam, problems))
     if fam.mla:
         mla = mla_overrides(hf, fam, problems)

@@ -69,7 +69,7 @@ def layer_renames(fam: Family, i: int, kind: str, fused: bool) -> dict[str, str]
     p = moe_prefix(fam, i, fused)
     out[f"layers.{i}.ffn.router.weight"] = f"{p}.{fam.router_module}.weight"
     out[f"layers.{i}.ffn.router.bias"] = f"{p}.{fam.router_module}.bias"
-    out[f"layers.{i}.ffn.router.expert_bias"] = f"{p}.gate.e_score_correction_bias"
+    out[f"layers.{i}.ffn.router.expert_bias"] = f"{p}.{fam.selection_bias_name}"
     if fam.shared_experts:
         module = fam.shared_experts.module
         out.update({f"layers.{i}.ffn.shared_experts.{a}": f"{p}.{module}.{b}" for a, b in SWIGLU.items()})

@@ -131,6 +131,10 @@ def test_export_mixtral_matches_transformers_logits(tmp_path, expert_hidden):
     (["--model.pattern=dense,moe"] + MIXTRAL[1:], "dense layers among the MoE layers"),
     (MIXTRAL + ["--moe.drop_tokens=true"], "moe.drop_tokens=true"),
     (MIXTRAL + ["--moe.num_shared_experts=1"], "moe.num_shared_experts=1"),
+    (MIXTRAL + ["--moe.num_shared_experts=1", "--moe.score_func=sigmoid", "--moe.bias_balancing=true",
+                "--model.qk_norm=per_head", "--model.o_bias=true"],  # dots1 biases o only with q, k, v
+     "the closest, dots1, cannot express: model.o_bias=true with model.qkv_bias=false .attention_bias biases q, k, v "
+     "and o together.. Use"),
     (["--model.pattern=pkm", "--pkm.n_keys=256", "--pkm.k_dim=32", "--pkm.knn=8"], "no Hugging Face"),
     (["--model.pattern=allattn"], "no Hugging Face"),
 ])

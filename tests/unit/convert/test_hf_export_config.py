@@ -23,6 +23,7 @@ MOE = {"num_experts": 8, "top_k": 2, "expert_hidden": 32, "aux_loss_coef": 0.0, 
 GLM = {"model": {"pattern": ["dense", "moe", "moe"], "qk_norm": "per_head", "qkv_bias": True},
        "moe": {**MOE, "score_func": "sigmoid", "bias_balancing": True, "num_shared_experts": 1, "n_group": 2,
                "topk_group": 1, "routed_scaling_factor": 1.8}}
+MINIMAX = {**MOE, "score_func": "sigmoid", "bias_balancing": True}
 MLA = {"pattern": ["dense", "moe", "moe"], "attention": "mla", "kv_lora_rank": 16, "qk_nope_head_dim": 16,
        "qk_rope_head_dim": 8, "v_head_dim": 24, "n_kv_heads": 0}
 CASES = {  # name -> (overrides on BASE, the family export must choose)
@@ -48,6 +49,17 @@ CASES = {  # name -> (overrides on BASE, the family export must choose)
     "glm4_moe partial rotary": ({**GLM, "model": {**GLM["model"], "rotary_fraction": 0.5}}, "glm4_moe"),
     "glm4_moe no qk norm, no bias": ({**GLM, "model": {**GLM["model"], "qk_norm": "none", "qkv_bias": False}},
                                      "glm4_moe"),
+    "dots1 q/k/v/o biases, windows from layer 1": ({**GLM, "model": {
+        **GLM["model"], "o_bias": True, "sliding_window": 8, "attention_layers": ["full", "sliding", "sliding"]}},
+                                                   "dots1"),
+    "dots1 no bias, no window, no groups, raw weights": ({"model": {"pattern": ["moe"], "qk_norm": "per_head"}, "moe": {
+        **GLM["moe"], "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "renormalize": False,
+        "num_shared_experts": 2}}, "dots1"),
+    "minimax_m2 partial rotary": ({"model": {"pattern": ["moe"], "qk_norm": "full", "rotary_fraction": 0.5,
+                                             "head_dim": 32}, "moe": MINIMAX}, "minimax_m2"),
+    "minimax_m2 whole-head rotary, tied, yarn": ({"model": {
+        "pattern": ["moe"], "qk_norm": "full", "tie_embeddings": True,
+        "rope": {"scaling": "yarn", "factor": 4.0, "original_max_seq_len": 32}}, "moe": MINIMAX}, "minimax_m2"),
     "deepseek_v3 latent q, interleaved, yarn, mtp": ({**GLM, "model": {**MLA, "q_lora_rank": 24, "mtp_layers": 1,
                                                                       "rope_interleave": True, "rope": {
         "scaling": "yarn", "factor": 4.0, "original_max_seq_len": 32, "mscale_all_dim": 0.8}}}, "deepseek_v3"),
@@ -89,7 +101,7 @@ def model_computes(cfg) -> dict:
     out = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "kv_heads": m.kv_heads,
            "head_width": m.head_width, "vocab": m.vocab_size, "norm_eps": m.norm_eps,
            "tie": m.tie_embeddings, "act": "silu", "inv_freq": inv_freq.tolist(), "rope_scale": attention_factor,
-           "windows": [m.layer_window(i) for i in range(m.n_layers)], "qkv_bias": m.qkv_bias, "o_bias": False,
+           "windows": [m.layer_window(i) for i in range(m.n_layers)], "qkv_bias": m.qkv_bias, "o_bias": m.o_bias,
            "mlp_bias": False, "qk_norm": m.qk_norm, "clip_qkv": m.clip_qkv or None, "moe_layers": [k == "moe" for k in kinds]}
     if m.attention == "mla":
         out.update(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope=m.qk_nope_head_dim,
@@ -125,7 +137,7 @@ def transformers_computes(c, family: str) -> dict:
     window = getattr(c, "sliding_window", None) or 0
     bias = {"qwen2": True, "qwen2_moe": getattr(c, "qkv_bias", False)}.get(family, getattr(c, "attention_bias", False))
     o_bias = family not in ("qwen2", "qwen2_moe", "glm4_moe") and bool(getattr(c, "attention_bias", False))
-    qk = {"qwen3": "per_head", "qwen3_moe": "per_head", "olmoe": "full",
+    qk = {"qwen3": "per_head", "qwen3_moe": "per_head", "olmoe": "full", "dots1": "per_head", "minimax_m2": "full",
           "glm4_moe": "per_head" if getattr(c, "use_qk_norm", False) else "none"}.get(family, "none")
     out = {"d_model": c.hidden_size, "n_layers": n, "n_heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
            "head_width": head, "vocab": c.vocab_size, "norm_eps": c.rms_norm_eps,
@@ -134,25 +146,27 @@ def transformers_computes(c, family: str) -> dict:
            "windows": [window if t == "sliding_attention" else 0 for t in types], "qkv_bias": bias, "o_bias": o_bias,
            "mlp_bias": bool(getattr(c, "mlp_bias", False)), "qk_norm": qk, "clip_qkv": getattr(c, "clip_qkv", None),
            "moe_layers": [False] * n}
-    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2"):
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2", "dots1",
+                  "minimax_m2"):
         if family in ("qwen2_moe", "qwen3_moe"):
             dense = set(c.mlp_only_layers or [])
             moe = [i not in dense and (i + 1) % c.decoder_sparse_step == 0 for i in range(n)]
-        elif family in ("glm4_moe", "deepseek_v3", "deepseek_v2"):
+        elif family in ("glm4_moe", "deepseek_v3", "deepseek_v2", "dots1"):
             moe = [i >= c.first_k_dense_replace for i in range(n)]
         else:
             moe = [True] * n
-        hidden = c.intermediate_size if family in ("mixtral", "olmoe") else c.moe_intermediate_size
+        hidden = c.intermediate_size if family in ("mixtral", "olmoe", "minimax_m2") else c.moe_intermediate_size
         shared = {"qwen2_moe": getattr(c, "shared_expert_intermediate_size", 0),
                   "glm4_moe": getattr(c, "n_shared_experts", 0) * hidden,
                   "deepseek_v3": getattr(c, "n_shared_experts", 0) * hidden,
-                  "deepseek_v2": getattr(c, "n_shared_experts", 0) * hidden}.get(family, 0)
+                  "deepseek_v2": getattr(c, "n_shared_experts", 0) * hidden,
+                  "dots1": getattr(c, "n_shared_experts", 0) * hidden}.get(family, 0)
         out.update(moe_layers=moe, experts=getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
                    or c.n_routed_experts, top_k=c.num_experts_per_tok,
-                   renormalize=True if family == "mixtral" else c.norm_topk_prob, expert_hidden=hidden,
+                   renormalize=True if family in ("mixtral", "minimax_m2") else c.norm_topk_prob, expert_hidden=hidden,
                    shared_hidden=shared, shared_gate=family == "qwen2_moe" and shared > 0,
-                   score_func="sigmoid" if family in ("glm4_moe", "deepseek_v3") else "softmax",
-                   selection_bias=family in ("glm4_moe", "deepseek_v3"),
+                   score_func="sigmoid" if family in ("glm4_moe", "deepseek_v3", "dots1", "minimax_m2") else "softmax",
+                   selection_bias=family in ("glm4_moe", "deepseek_v3", "dots1", "minimax_m2"),
                    n_group=getattr(c, "n_group", 1), topk_group=getattr(c, "topk_group", 1),
                    scaling=getattr(c, "routed_scaling_factor", 1.0))
         if family == "deepseek_v2":  # no renormalisation; groups (by their best expert) only when group-limited
@@ -194,4 +208,6 @@ def test_exported_config_makes_transformers_compute_the_model(tmp_path, case):
         assert key in ("mlp_bias", "pretraining_tp") and defaults[key] in (False, 1), (case, key)
     loaded = config_class.from_dict(written)
     theirs, ours = transformers_computes(loaded, fam.name), model_computes(cfg)
+    if "rotary_dim" in written:  # MiniMax-M2's legacy spelling, which other readers take: the same width
+        assert written["rotary_dim"] == 2 * len(theirs["inv_freq"])
     assert theirs == ours, {k: (ours.get(k), theirs.get(k)) for k in ours if theirs.get(k) != ours.get(k)}

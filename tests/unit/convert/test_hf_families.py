@@ -5,8 +5,10 @@ Every family is a tiny random model built offline with transformers' classes, it
 norm and clip_qkv, Llama 3 rope scaling, GLM-4-MoE's group-limited sigmoid routing, partial rotary and
 dense first layer, Mistral / Qwen2 sliding windows shorter than the sequence, gpt-oss's sinks, q/k/v/o biases,
 alternating windows, yarn without truncation, biased router and experts, interleaved gate/up and a clamped
-SwiGLU whose limit the tiny weights reach, and its MXFP4 experts).  Tolerances: logits within
-1e-5 in fp32 (both sides compute the same operations; only summation order differs).
+SwiGLU whose limit the tiny weights reach, and its MXFP4 experts; dots1's q/k/v/o biases, windows from
+max_window_layers without a switch and GLM-4-MoE's routing, each switch both ways; MiniMax-M2's full-width q/k
+norm, partial rotary through the legacy rotary_dim and its selection bias stored on the MoE block).  Tolerances:
+logits within 1e-5 in fp32 (both sides compute the same operations; only summation order differs).
 """
 import functools
 import json
@@ -67,11 +69,28 @@ def family_config(family: str):
                               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
                                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                                "original_max_position_embeddings": 32})
+    if family == "dots1":  # q/k/v/o biases, a window in the layers from max_window_layers, groups, renormalised
+        return T.Dots1Config(**COMMON, **MOE, n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1,
+                             first_k_dense_replace=1, routed_scaling_factor=1.8, norm_topk_prob=True,
+                             attention_bias=True, sliding_window=8, max_window_layers=1)
+    if family == "dots1_plain":  # each switch the other way: no biases, no window, no groups, raw weights, tied
+        return T.Dots1Config(**{**COMMON, "tie_word_embeddings": True}, **MOE, n_routed_experts=4, n_shared_experts=2,
+                             first_k_dense_replace=0, norm_topk_prob=False, attention_bias=False, sliding_window=None)
+    if family == "minimax_m2":  # partial rotary through the legacy rotary_dim
+        return T.MiniMaxM2Config(**{**COMMON, "intermediate_size": 32}, head_dim=32, num_local_experts=4,
+                                 num_experts_per_tok=2, rotary_dim=16, bos_token_id=None, eos_token_id=None)
+    if family == "minimax_m2_whole":  # whole-head rotary (no rotary_dim), tied, one kv head per query head
+        return T.MiniMaxM2Config(**{**COMMON, "intermediate_size": 32, "num_key_value_heads": 4, "tie_word_embeddings":
+                                    True}, head_dim=24, num_local_experts=4, num_experts_per_tok=3,
+                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                  "original_max_position_embeddings": 32},
+                                 bos_token_id=None, eos_token_id=None)
     raise ValueError(family)
 
 
 FAMILIES = ["llama", "llama_yarn", "llama_linear", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-            "qwen2_moe_shared40", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss"]
+            "qwen2_moe_shared40", "qwen3_moe", "olmoe", "glm4_moe", "gpt_oss", "dots1", "dots1_plain", "minimax_m2",
+            "minimax_m2_whole"]
 
 
 def tiny_hf_model(family: str, seed: int = 0):
@@ -115,6 +134,18 @@ CARRIED = {  # the distinctive options each family's import must carry (checked 
                 "model.attention_layers": ["sliding", "full"], "model.sliding_window": 8, "moe.expert_biases": True,
                 "moe.swiglu_limit": 0.3, "moe.swiglu_alpha": 1.702, "moe.swiglu_up_offset": 1.0,
                 "model.rope.truncate": False, "model.rope.scaling": "yarn", "moe.renormalize": True},
+    "dots1": {"model.qkv_bias": True, "model.o_bias": True, "model.qk_norm": "per_head", "model.sliding_window": 8,
+              "model.attention_layers": ["full", "sliding"], "model.pattern": ["dense", "moe"], "moe.n_group": 2,
+              "moe.score_func": "sigmoid", "moe.bias_balancing": True, "moe.routed_scaling_factor": 1.8,
+              "moe.num_shared_experts": 1, "moe.renormalize": True},
+    "dots1_plain": {"model.qkv_bias": False, "model.o_bias": False, "model.sliding_window": 0,
+                    "model.pattern": ["moe", "moe"], "moe.n_group": 1, "moe.num_shared_experts": 2,
+                    "moe.renormalize": False, "model.tie_embeddings": True},
+    "minimax_m2": {"model.qk_norm": "full", "model.rotary_fraction": 0.5, "model.head_dim": 32, "moe.renormalize": True,
+                   "moe.score_func": "sigmoid", "moe.bias_balancing": True, "moe.num_shared_experts": 0,
+                   "model.pattern": ["moe", "moe"]},
+    "minimax_m2_whole": {"model.rotary_fraction": 1.0, "model.head_dim": 24, "moe.top_k": 3, "model.n_kv_heads": 4,
+                         "model.rope.scaling": "yarn", "model.tie_embeddings": True},
 }
 
 
@@ -135,7 +166,7 @@ def test_imported_config_carries_the_family_options_and_flops_counts_them(family
     assert flop_counts(cfg).per_token > 0
 
 
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "dots1", "minimax_m2"]
 EXPORT_CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in MOE_FAMILIES]
 
 
@@ -265,7 +296,8 @@ REFUSALS = {
     "quantized": (lambda d: _add_tensors(d, {"model.layers.0.mlp.experts.0.qweight": torch.zeros(4, dtype=torch.int8)}),
                   "model.layers.0.mlp.experts.0.qweight has dtype I8 .quantized weights.; supported: bf16, fp16, fp32"),
     "activation": (lambda d: _edit(d, hidden_act="gelu"), "hidden_act='gelu' .supported: silu"),
-    "family": (lambda d: _edit(d, model_type="dots1"), "model_type='dots1' is not supported; import-hf reads llama, "),
+    "family": (lambda d: _edit(d, model_type="hunyuan_v1_moe"),
+               "model_type='hunyuan_v1_moe' is not supported; import-hf reads llama, "),
 }
 
 
@@ -292,6 +324,40 @@ def test_import_refuses_bad_input_in_one_line_before_writing(tmp_path, saved_qwe
         convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
     assert "\n" not in str(err.value)
     assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.parametrize("family, edit, message", [
+    ("minimax_m2", {"rope_parameters": None, "rope_theta": 10000.0, "rotary_dim": 5},  # transformers rotates 6
+     "minimax_m2 model cannot be imported without changing what it computes: rotary_dim=5 .supported: an even number"),
+    ("dots1", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+     "dots1 model cannot be imported .*rope_parameters.rope_type='dynamic' .supported: default, linear"),
+])
+def test_import_refuses_a_family_option_sparselm_does_not_compute_in_one_line(tmp_path, family, edit, message):
+    hf_dir = save_hf(tiny_hf_model(family), tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(edit)
+    (hf_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    with pytest.raises(ConversionError, match=message) as err:
+        convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ours").exists()
+
+
+def test_minimax_m2_layers_after_the_decoder_layers_are_left_out_in_one_line(tmp_path, capsys):
+    """MiniMax-M2's config.json names multi-token-prediction modules (num_mtp_modules) transformers' MiniMaxM2 does
+    not build; tensors of layers after the decoder layers are left out, said in one line, and the logits are
+    transformers' (which drops them too)."""
+    from sparselm import load_model
+
+    hf = tiny_hf_model("minimax_m2")
+    hf_dir = save_hf(hf, tmp_path / "hf")
+    _add_tensors(hf_dir, {"model.layers.2.self_attn.q_proj.weight": torch.zeros(128, 64),
+                          "model.layers.2.block_sparse_moe.gate.weight": torch.zeros(4, 64)})
+    _edit(hf_dir, use_mtp=True, num_mtp_modules=1)
+    convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
+    assert "left out 2 tensors of the layers after the 2 decoder layers" in capsys.readouterr().out
+    ours, _ = load_model(tmp_path / "ours")
+    assert max_diff(hf, ours, torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(8))) < 1e-5
 
 
 def test_import_overwrites_an_existing_output_only_with_force(tmp_path, saved_qwen2_moe):
@@ -400,10 +466,16 @@ def test_rope_original_length_is_found_where_transformers_finds_it(rope, top_lev
     ("qwen2_moe", {"layer_types": None, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),
     ("qwen3_moe", {"sliding_window": 8, "use_sliding_window": False}),  # a window transformers ignores
     ("qwen3_moe", {"sliding_window": 8, "use_sliding_window": True}),
+    ("dots1", {"layer_types": None, "use_sliding_window": False}),  # dots1 has no switch: the window stays
+    ("dots1", {"layer_types": None, "sliding_window": None, "max_window_layers": 1}),  # its default window, 4096
+    ("dots1_plain", {"layer_types": None, "sliding_window": 8, "max_window_layers": None}),  # default 62: none slides
+    ("minimax_m2", {"rope_parameters": None, "rope_theta": 10000.0, "rotary_dim": 8}),  # only the legacy rotary_dim
+    ("minimax_m2", {"rotary_dim": 8}),  # rope_parameters' partial_rotary_factor (0.5) wins over rotary_dim
 ])
-def test_import_reads_sliding_windows_as_transformers_does(tmp_path, family, edit):
-    """The windows transformers makes of a config.json as published (compared with transformers loading it),
-    and exported back so that transformers makes the same of them."""
+def test_import_reads_a_published_config_json_as_transformers_does(tmp_path, family, edit):
+    """The windows and rotary width transformers makes of a config.json as published (keys absent, legacy
+    spellings; None removes a key), compared with transformers loading it, and exported back so that
+    transformers makes the same of them."""
     from sparselm import load_model
 
     save_hf(tiny_hf_model(family), tmp_path / "hf")
@@ -417,6 +489,8 @@ def test_import_reads_sliding_windows_as_transformers_does(tmp_path, family, edi
     windows = [cfg.model.layer_window(i) for i in range(cfg.model.n_layers)]
     assert windows == [hf.config.sliding_window or 0 if t == "sliding_attention" or family == "qwen3_moe" else 0
                        for t in getattr(hf.config, "layer_types", None) or ["full_attention"] * cfg.model.n_layers]
+    rotated = hf.model.rotary_emb.inv_freq.numel() * 2
+    assert int(cfg.model.head_width * cfg.model.rotary_fraction) == rotated
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
     assert max_diff(hf, ours, ids) < 1e-5
     convert(["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")])
@@ -424,11 +498,33 @@ def test_import_reads_sliding_windows_as_transformers_does(tmp_path, family, edi
     assert max_diff(back, ours, ids) < 1e-5
 
 
+@pytest.mark.parametrize("family, raw", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8}),  # max_window_layers absent: 28
+    ("dots1", {"sliding_window": 8}),  # max_window_layers absent: 62
+    ("dots1", {"max_window_layers": 1}),  # sliding_window absent: 4096
+])
+def test_windows_of_a_config_json_without_layer_types_follow_the_family_defaults(family, raw):
+    """A config.json of 64 layers lacking layer_types (and max_window_layers or sliding_window): the sliding layers
+    and window transformers' config class derives, read off the config alone."""
+    from sparselm.config import load_config
+    from sparselm.convert.hf_import_config import sparselm_config
+
+    raw = {"model_type": family, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 64,
+           "intermediate_size": 96, "vocab_size": VOCAB, "moe_intermediate_size": 32, "n_routed_experts": 4,
+           "n_shared_experts": 1, "num_experts_per_tok": 2, **raw}
+    theirs = transformers.AutoConfig.for_model(**raw)
+    cfg = load_config(None, {**sparselm_config(raw), "data": {"seq_len": 32}})
+    assert [cfg.model.layer_window(i) for i in range(64)] == [
+        theirs.sliding_window if t == "sliding_attention" else 0 for t in theirs.layer_types]
+    assert 0 < sum(t == "sliding_attention" for t in theirs.layer_types) < 64
+
+
 def record_keys(fam) -> list[str]:
     """The config.json keys a family's record names (the ones its import reads and its export writes)."""
     keys = [fam.qkv_bias_key, fam.qk_norm_key, "clip_qkv" if fam.clip_qkv else None]
     keys += {"all": ["sliding_window"], "per_layer": ["sliding_window", "layer_types"]}.get(fam.window, [])
     keys += ["use_sliding_window"] if fam.window_switch else []
+    keys += ["rotary_dim"] if fam.legacy_rotary_dim else []
     if fam.moe:
         keys += [fam.experts_key, fam.expert_hidden_key, fam.renormalize_key, "num_experts_per_tok"]
         keys += [fam.shared_experts.key] if fam.shared_experts else []
@@ -438,7 +534,7 @@ def record_keys(fam) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe",
-                                  "glm4_moe", "gpt_oss"])
+                                  "glm4_moe", "gpt_oss", "dots1", "minimax_m2"])
 def test_each_family_record_round_trips_its_config(name):
     """transformers' config of the family -> import's mapping -> export's writer: the family is chosen again,
     every key its record names comes back with transformers' value, and importing the written config gives
