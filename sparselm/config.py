@@ -132,7 +132,8 @@ class ModelConfig:
     head_dim, qk_norm, qkv_bias, clip_qkv apply); 'mla' multi-head latent attention (DeepSeek-V2/V3): queries
     optionally through a q_lora_rank latent, keys and values up-projected per head from one kv_lora_rank
     latent, a decoupled rotary key of qk_rope_head_dim shared by all heads (model.q_lora_rank,
-    kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, latent_norm_eps)."""
+    kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, latent_norm_eps); sliding layers and the
+    sparse patterns of attention.pattern apply to its scores, persistent memory does not."""
     q_lora_rank: int = 0
     """model.attention=mla: width of the query latent (a down-projection, its RMSNorm, an up-projection);
     0: one query projection from d_model (DeepSeek-V2-Lite)."""
@@ -628,10 +629,9 @@ def validate(cfg) -> None:
             f">= 0 (0 layers: no multi-token prediction), got {m.mtp_layers} and {m.mtp_loss_weight}")
     require(m.mtp_layers < d.seq_len, f"model.mtp_layers={m.mtp_layers} leaves no position to predict in "
             f"data.seq_len={d.seq_len} tokens; use fewer depths")
-    require(m.attention == "mha" or (cfg.attention.pattern == "causal" and not cfg.attention.persistent_slots),
-            f"model.attention=mla with attention.pattern={cfg.attention.pattern} / persistent memory slots: sparse "
-            "patterns and memory are built for model.attention=mha only; use attention.pattern=causal (sliding "
-            "windows: model.attention_layers)")
+    require(m.attention == "mha" or not cfg.attention.persistent_slots,
+            f"model.attention=mla with attention.persistent_slots={cfg.attention.persistent_slots}: persistent "
+            "memory is built for model.attention=mha only; set attention.persistent_slots=0")
     require(m.attention == "mha" or all(block_cost_memory(cfg, k) == 0 for k in set(m.layer_kinds()) if k in BLOCKS),
             "model.attention=mla with a block kind that has persistent memory slots (allattn); use other kinds")
     require("sliding" not in m.attention_layers or cfg.attention.pattern == "causal", "model.attention_layers has "

@@ -22,12 +22,16 @@ from torch import nn
 
 from sparselm.model.attention import QKNorm
 from sparselm.model.rotary import Rotary, latent_softmax_scale
+from sparselm.model.sparse_attention.kernels import sparse_attention
+from sparselm.model.sparse_attention.patterns import PatternSpec
 
 
 class LatentAttention(nn.Module):
-    """``forward(x [B, T, d_model]) -> [B, T, d_model]``, causal (within ``window`` keys when > 0)."""
+    """``forward(x [B, T, d_model]) -> [B, T, d_model]``, causal (within ``window`` keys when > 0), or under the
+    sparse pattern ``acfg`` (the ``attention`` config section: pattern and backend; no persistent memory) when
+    its pattern is not causal: patterns choose keys by position, so they apply to the latent scores as they are."""
 
-    def __init__(self, mcfg, window: int = 0):
+    def __init__(self, mcfg, window: int = 0, acfg=None):
         super().__init__()
         d, h = mcfg.d_model, mcfg.n_heads
         self.nope, self.rope, self.v_dim = mcfg.qk_nope_head_dim, mcfg.qk_rope_head_dim, mcfg.v_head_dim
@@ -47,6 +51,8 @@ class LatentAttention(nn.Module):
         self.o_proj.is_output_proj = True
         self.rotary = Rotary(mcfg, dim=self.rope)
         self.scale = latent_softmax_scale(mcfg, qk)
+        sparse = acfg is not None and acfg.pattern != "causal"
+        self.spec, self.backend = (PatternSpec.from_config(acfg), acfg.backend) if sparse else (None, "auto")
         # Set by tensor parallelism: identity forward, gradient summed over the ranks' heads (the rotary key is
         # one tensor every head of every rank reads).
         self.shared_key_hook = None
@@ -80,7 +86,9 @@ class LatentAttention(nn.Module):
         # channels (transformers pads values so for flash attention too).
         width = max(q.shape[-1], self.v_dim)
         q, k, v = (F.pad(z, (0, width - z.shape[-1])) if z.shape[-1] < width else z for z in (q, k, v))
-        if self.window and self.window < t:
+        if self.spec is not None:
+            out = sparse_attention(q, k, v, self.spec, backend=self.backend, scale=self.scale)
+        elif self.window and self.window < t:
             pos = torch.arange(t, device=x.device)
             lag = pos[:, None] - pos[None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=(lag >= 0) & (lag < self.window), scale=self.scale)

@@ -67,11 +67,11 @@ def default_attention(cfg, layer_idx: int):
     of the ``attention`` section; dense causal stays the plain SDPA ``Attention``."""
     from sparselm.model.attention import Attention
 
-    if cfg.model.attention == "mla":  # multi-head latent attention (config validation keeps it causal)
+    acfg = getattr(cfg, "attention", None)
+    if cfg.model.attention == "mla":  # multi-head latent attention (config validation refuses persistent memory)
         from sparselm.model.mla import LatentAttention
 
-        return LatentAttention(cfg.model, window=cfg.model.layer_window(layer_idx))
-    acfg = getattr(cfg, "attention", None)
+        return LatentAttention(cfg.model, window=cfg.model.layer_window(layer_idx), acfg=acfg)
     if acfg is None or acfg.pattern == "causal":
         return Attention(cfg.model, window=cfg.model.layer_window(layer_idx))
     from sparselm.model.sparse_attention import SparseAttention

@@ -18,7 +18,7 @@ FLEX_BLOCK = 128  # FlexAttention's tile; also the query block of the block-spar
 
 
 def sparse_attention(q, k, v, spec: PatternSpec, memory=None, backend: str = "auto", memory_query=None,
-                     sinks=None) -> torch.Tensor:
+                     sinks=None, scale: float | None = None) -> torch.Tensor:
     """Attention of q over k, v (and the memory slots ``(mk, mv)``, each [Hkv, N, D]) under `spec`.
 
     `memory_query` ([B, H, T, D], default q) is what the memory keys are scored against: the query
@@ -26,8 +26,9 @@ def sparse_attention(q, k, v, spec: PatternSpec, memory=None, backend: str = "au
     position-free persistent vectors).  The memory still shares the context's softmax.  `sinks` ([H] or
     None): a learned logit per query head in every softmax (``sparselm.model.sinks``): on the flex path the
     output is rescaled by the log-sum-exp, elsewhere the sink is one more always-visible key after the memory.
+    ``scale``: the softmax scale (default head width^-0.5; multi-head latent attention passes its own).
     """
-    t, scale = q.shape[-2], q.shape[-1] ** -0.5
+    t, scale = q.shape[-2], q.shape[-1] ** -0.5 if scale is None else scale
     if memory is not None and memory[0].shape[-2] > 0:
         q, k, v = append_memory(q, k, v, memory, memory_query)
     gqa = q.shape[1] != k.shape[1]

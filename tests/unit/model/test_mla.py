@@ -1,6 +1,7 @@
 """Multi-head latent attention's attention core (model.attention=mla): queries, keys and values padded to one
-head width give what SDPA's math kernel gives unpadded, and backward keeps what ``mla_cost`` counts, with no
-[T, T] scores (the math kernel's fallback for qk_head_dim != v_head_dim kept them)."""
+head width give what SDPA's math kernel gives unpadded, causal, sliding and under every sparse pattern on each
+CPU backend; backward keeps what ``mla_cost`` counts, with no [T, T] scores (the math kernel's fallback for
+qk_head_dim != v_head_dim kept them)."""
 from __future__ import annotations
 
 import pytest
@@ -11,15 +12,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sparselm.config import load_config
 from sparselm.model.mla import LatentAttention
 from sparselm.model.mla_cost import latent_activations
+from sparselm.model.sparse_attention.patterns import dense_mask
 
 T = 40  # no head width, so a saved [T, T] tensor can only be scores
 
 
-def attention(v_head_dim: int, window: int = 0) -> LatentAttention:
-    """tiny_deepseek's attention (4 heads, q/k 16 + 8 channels) with ``v_head_dim``, weights drawn at std 0.2."""
+def attention(v_head_dim: int, window: int = 0, pattern: list[str] = ()) -> LatentAttention:
+    """tiny_deepseek's attention (4 heads, q/k 16 + 8 channels) with ``v_head_dim``, weights drawn at std 0.2;
+    ``pattern``: attention-section overrides (a sparse pattern and its backend)."""
     cfg = load_config("tiny_deepseek", ["--model.d_model=64", "--model.n_heads=4", f"--model.max_seq_len={T}",
-                                        f"--data.seq_len={T}", f"--model.v_head_dim={v_head_dim}"])
-    m = LatentAttention(cfg.model, window=window)
+                                        f"--data.seq_len={T}", f"--model.v_head_dim={v_head_dim}", *pattern])
+    m = LatentAttention(cfg.model, window=window, acfg=cfg.attention)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in m.parameters():
@@ -37,6 +40,8 @@ def unpadded(m: LatentAttention, x: torch.Tensor) -> torch.Tensor:
     k = torch.cat([k_nope, m.rotary(k_rot).expand(-1, k_nope.shape[1], -1, -1)], dim=-1)
     lag = torch.arange(t)[:, None] - torch.arange(t)[None, :]
     mask = (lag >= 0) & ((lag < m.window) if m.window else True)
+    if m.spec is not None:
+        mask = dense_mask(m.spec, t, t, x.device)
     with sdpa_kernel(SDPBackend.MATH):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=m.scale)
     return m.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -54,6 +59,21 @@ def test_padded_heads_give_the_unpadded_attention(v_head_dim, window):
     (g,) = torch.autograd.grad(out.square().sum(), x)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+PATTERNS = {"sliding_window": ["--attention.window=12"], "strided": ["--attention.stride=8"],
+            "fixed": ["--attention.stride=8", "--attention.summary=2"], "block_local": ["--attention.block=8"],
+            "bigbird": ["--attention.block=8", "--attention.global_blocks=1", "--attention.random_blocks=1"]}
+
+
+@pytest.mark.parametrize("backend", ["reference", "block_sparse"])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_sparse_patterns_apply_to_the_latent_scores(pattern, backend):
+    """Patterns choose keys by position: under each one (and each CPU backend) MLA equals the unpadded math
+    SDPA with the pattern's dense mask, with its own softmax scale (values 32 wide: not the padded width's)."""
+    m = attention(32, pattern=[f"--attention.pattern={pattern}", f"--attention.backend={backend}", *PATTERNS[pattern]])
+    x = torch.randn(2, T, 64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(m(x), unpadded(m, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("v_head_dim", [16, 24, 32])

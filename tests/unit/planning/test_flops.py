@@ -43,6 +43,9 @@ VARIANTS = {
                                              "--model.qk_nope_head_dim=0", "--model.qk_rope_head_dim=16",
                                              "--model.v_head_dim=16", "--model.attention_layers=full,sliding",
                                              "--model.sliding_window=8"]),
+    # and under a sparse pattern (BigBird's blocks choose the keys of the latent scores)
+    "mla_bigbird": ("tiny_deepseek", ["--attention.pattern=bigbird", "--attention.block=16",
+                                      "--attention.backend=reference", "--model.mtp_layers=0"]),
 }
 CASES = [(name, []) for name in PRESETS] + list(VARIANTS.values())
 IDS = PRESETS + list(VARIANTS)
