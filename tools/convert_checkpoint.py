@@ -5,7 +5,7 @@
   export-hf    --input CKPT_OR_RUN --output DIR [--fused-experts] [--force]   the family computing the model
   import-hf    --input HF_DIR      --output DIR [--force] [--drop-mtp]   llama, mistral, mixtral, qwen2, qwen3,
                                     qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3 / kimi_k2, deepseek_v2,
-                                    glm4_moe_lite (streamed; fp8 block-scaled weights read)
+                                    glm4_moe_lite, ernie4_5_moe (streamed; fp8 block-scaled weights read)
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
   inspect      --input CKPT_OR_RUN [--json]
   verify       --input RUN_OR_CKPT [--workers N]         every file against its checksum, one line per checkpoint,

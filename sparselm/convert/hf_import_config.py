@@ -7,7 +7,7 @@ compute differently from transformers 5; it reads only config.json, so nothing i
 from __future__ import annotations
 
 from sparselm.convert.hf_families import family as family_of
-from sparselm.convert.hf_family import Family
+from sparselm.convert.hf_family import Family, interval_placement
 from sparselm.convert.hf_rope import hf_rope, rope_overrides
 from sparselm.convert.refusal import unsupported
 from sparselm.errors import ConversionError
@@ -69,6 +69,18 @@ def mla_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     return out
 
 
+def interleaved_rope_overrides(hf: dict, problems: list[str]) -> dict:
+    """sparselm ``model`` overrides of a family whose rope pairs are interleaved over the whole head
+    (``Family.interleaved_rope``, ERNIE 4.5): ``rope_interleave``, and the whole head rotated, as transformers'
+    default rope does whatever ``partial_rotary_factor`` says; a scaled rope with a factor < 1 is refused (its
+    tables would be narrower than the heads transformers rotates)."""
+    rope = hf_rope(hf)
+    if rope["rope_type"] != "default" and rope["partial_rotary_factor"] != 1:
+        problems.append(unsupported("partial_rotary_factor", rope["partial_rotary_factor"], "1.0 (this family "
+                                    "rotates whole heads)"))
+    return {"rope_interleave": True, "rotary_fraction": 1.0}
+
+
 def layer_kinds(hf: dict, fam: Family) -> list[str]:
     """'dense' or 'moe', per layer, of an MoE family's config.json (``Family.dense_layers``)."""
     n = hf["num_hidden_layers"]
@@ -79,17 +91,23 @@ def layer_kinds(hf: dict, fam: Family) -> list[str]:
         return ["dense" if i < hf.get("first_k_dense_replace", 0) else "moe" for i in range(n)]
     if fam.dense_layers == "types":  # transformers' default: the first layer dense
         return ["moe" if t == "sparse" else "dense" for t in hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)]
+    if fam.dense_layers == "interval":  # Ernie4_5_MoeConfig's defaults: start 1, end -1 (the last layer), interval 1
+        start, end, interval = (hf.get(f"moe_layer_{k}") for k in ("start_index", "end_index", "interval"))
+        moe = interval_placement(n, 1 if start is None else int(start), -1 if end is None else int(end),
+                                 int(interval or 1))
+        return ["moe" if m else "dense" for m in moe]
     return ["moe"] * n
 
 
 def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     """sparselm ``moe`` section of an MoE family's config.json: routed experts, router, shared experts."""
-    experts = hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts")
+    experts = (hf.get(fam.experts_key) or hf.get("num_local_experts") or hf.get("num_experts")
+               or hf.get("n_routed_experts"))
     *optional, required = fam.expert_hidden_reads
     hidden = next((hf[k] for k in optional if hf.get(k)), None) or hf[required]
     renormalize = True if fam.renormalize_key is None else bool(hf.get(fam.renormalize_key, False))
     renormalize = renormalize and not fam.never_renormalize
-    moe = {"num_experts": int(experts), "top_k": int(hf["num_experts_per_tok"]), "drop_tokens": False,
+    moe = {"num_experts": int(experts), "top_k": int(hf.get(fam.top_k_key) or hf["num_experts_per_tok"]), "drop_tokens": False,
            "noisy_gating": False, "z_loss_coef": 0.0, "score_func": fam.score_func, "bias_balancing": fam.selection_bias,
            "num_shared_experts": 0, "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
            "renormalize": renormalize, "expert_hidden": hidden}
@@ -104,6 +122,9 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
         width = moe["num_shared_experts"] = int(hf.get(shared.key) or 0)
     if shared and shared.gated:
         moe["shared_expert_gate"] = width > 0
+    if fam.renormalize_min_key and float(hf.get(fam.renormalize_min_key) or 0.0) > 1e-12:
+        problems.append(unsupported(fam.renormalize_min_key, hf[fam.renormalize_min_key], "at most 1e-12 (sparselm "
+                                    "clamps the top-k weights' sum at the smallest normal float before renormalising)"))
     if fam.router_bias:
         moe["router_bias"] = True
     if fam.expert_layout == "gpt_oss":
@@ -151,15 +172,20 @@ def sparselm_config(hf: dict) -> dict:
                                     "dequantize and save_pretrained others first"))
     if hf.get("mlp_bias"):
         problems.append(unsupported("mlp_bias", True, "false"))
+    if fam.bias_key and hf.get(fam.bias_key):
+        problems.append(unsupported(fam.bias_key, True, "false: it also biases the MLPs, the shared experts and "
+                                    "lm_head, which sparselm does not have"))
     model = {"d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
              "n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
              "d_ff": hf.get("intermediate_size") or 0, "vocab_size": hf["vocab_size"], "pad_vocab_to": 1,
              "max_seq_len": hf.get("max_position_embeddings", 2048), "norm_eps": hf.get("rms_norm_eps", 1e-6),
-             "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+             "tie_embeddings": bool(hf.get("tie_word_embeddings", fam.tie_default))}
     if hf.get("head_dim"):
         model["head_dim"] = int(hf["head_dim"])
     model.update(rope_overrides(hf, problems))
     model.update(attention_overrides(hf, fam, problems))
+    if fam.interleaved_rope:
+        model.update(interleaved_rope_overrides(hf, problems))
     if fam.mla:
         mla = mla_overrides(hf, fam, problems)
         mscale = mla.pop("mscale_all_dim", None)
