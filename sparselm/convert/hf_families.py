@@ -65,11 +65,17 @@ GLM4_MOE_LITE = replace(DEEPSEEK_V3, name="glm4_moe_lite", architecture="Glm4Moe
 # ERNIE-4.5-MoE (21B-A3B, 300B-A47B): Llama attention with interleaved rope pairs, softmax scores with a selection
 # bias kept [1, E] in moe_statics, always renormalised, ungated shared experts, MoE layers placed by start, end
 # and interval; its multi-token-prediction tensors (model.mtp_*) are refused, or left out with --drop-mtp
-ERNIE4_5_MOE = replace(LLAMA, name="ernie4_5_moe", architecture="Ernie4_5_MoeForCausalLM", moe=True, tie_default=True,
-                       interleaved_rope=True, bias_key="use_bias", experts_key="moe_num_experts", top_k_key="moe_k",
-                       renormalize_key=None, renormalize_min_key="moe_norm_min", selection_bias=True,
-                       statics_bias=True, shared_experts=SharedExperts("moe_num_shared_experts", "shared_experts"),
+ERNIE4_5_MOE = replace(LLAMA, name="ernie4_5_moe", architecture="Ernie4_5_MoeForCausalLM", moe=True,
+                       config_defaults=(("tie_word_embeddings", True), ("rope_theta", 500000.0), ("rms_norm_eps", 1e-5),
+                                        ("max_position_embeddings", 131072), ("intermediate_size", 12288),
+                                        ("moe_intermediate_size", 1536), ("moe_num_experts", 64), ("moe_k", 6),
+                                        ("moe_num_shared_experts", 2), ("num_key_value_heads", 4),
+                                        ("router_aux_loss_coef", 0.001)),
+                       interleaved_rope=True, bias_key="use_bias",
+                       experts_key="moe_num_experts", top_k_key="moe_k", renormalize_key=None,
+                       renormalize_min_key="moe_norm_min", selection_bias=True, statics_bias=True,
                        dense_layers="interval", mtp_tensors=r"(^|\.)mtp_",
+                       shared_experts=SharedExperts("moe_num_shared_experts", "shared_experts", optional=True),
                        fixed_config=(("num_nextn_predict_layers", 0),))
 
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, GLM4_MOE, GPT_OSS,

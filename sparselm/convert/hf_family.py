@@ -83,8 +83,10 @@ class Family:
     """``architectures[0]`` export writes (the transformers class, e.g. ``LlamaForCausalLM``)."""
     moe: bool = False
     """Its decoder layers are MoE blocks (routed experts); otherwise every layer is a dense SwiGLU."""
-    tie_default: bool = False
-    """``tie_word_embeddings`` when config.json does not say (transformers' default: true for ERNIE 4.5)."""
+    config_defaults: tuple[tuple[str, object], ...] = ()
+    """config.json entries as its transformers config class fills them when left out, where that differs from
+    import's Llama-style fallbacks (ERNIE 4.5: tied embeddings, rope_theta 500000, rms_norm_eps 1e-5, two
+    shared experts ...); import reads a config.json through them (``hf_import_config.with_defaults``)."""
 
     # ---------------------------------------------------------------- attention
     qkv_bias_key: str | None = None

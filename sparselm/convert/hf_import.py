@@ -20,7 +20,7 @@ from sparselm.convert.experts import PARTS, STACKED
 from sparselm.convert.hf_families import family as family_of
 from sparselm.convert.hf_family import Family
 from sparselm.convert.hf_fp8 import DequantizedFP8
-from sparselm.convert.hf_import_config import is_block_fp8, sparselm_config
+from sparselm.convert.hf_import_config import is_block_fp8, sparselm_config, with_defaults
 from sparselm.convert.hf_names import (
     GLOBAL,
     GPT_OSS_EXPERTS,
@@ -144,7 +144,7 @@ def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: lis
     copies = {f"model.layers.{n + k}.{theirs}" for k in depths for theirs in MTP_COPIES.values()}
     left = [k for k in src.file_of if k not in used and not k.endswith("rotary_emb.inv_freq") and k not in copies
             and not after(k) and k not in mtp
-            and not (k == "lm_head.weight" and hf.get("tie_word_embeddings", fam.tie_default))]
+            and not (k == "lm_head.weight" and hf.get("tie_word_embeddings"))]
     if left:
         raise ConversionError(f"'{hf_dir}' has tensors sparselm has no place for (e.g. biases it does not compute): "
                               f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
@@ -192,7 +192,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, max_shard_bytes: int, forc
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ConversionError(f"'{hf_dir}' is not a directory; give a local Hugging Face model directory")
-    hf = read_config(hf_dir)
+    hf = with_defaults(read_config(hf_dir))
     overrides = sparselm_config(hf)
     if "mtp_layers" in overrides["model"]:
         overrides["model"]["mtp_layers"] = mtp_layers_to_import(hf_dir, hf, drop_mtp)

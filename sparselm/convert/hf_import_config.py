@@ -107,8 +107,9 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     hidden = next((hf[k] for k in optional if hf.get(k)), None) or hf[required]
     renormalize = True if fam.renormalize_key is None else bool(hf.get(fam.renormalize_key, False))
     renormalize = renormalize and not fam.never_renormalize
-    moe = {"num_experts": int(experts), "top_k": int(hf.get(fam.top_k_key) or hf["num_experts_per_tok"]), "drop_tokens": False,
-           "noisy_gating": False, "z_loss_coef": 0.0, "score_func": fam.score_func, "bias_balancing": fam.selection_bias,
+    top_k = hf.get(fam.top_k_key) or hf["num_experts_per_tok"]
+    moe = {"num_experts": int(experts), "top_k": int(top_k), "drop_tokens": False, "noisy_gating": False,
+           "z_loss_coef": 0.0, "score_func": fam.score_func, "bias_balancing": fam.selection_bias,
            "num_shared_experts": 0, "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
            "renormalize": renormalize, "expert_hidden": hidden}
     shared = fam.shared_experts
@@ -146,6 +147,13 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     return moe
 
 
+def with_defaults(hf: dict) -> dict:
+    """config.json ``hf`` with the entries it leaves out that its family's transformers config class fills with
+    other values than import's Llama-style fallbacks (``Family.config_defaults``); ConversionError for an
+    unsupported ``model_type``."""
+    return {**dict(family_of(hf.get("model_type")).config_defaults), **hf}
+
+
 def is_block_fp8(quant: dict) -> bool:
     """``quantization_config`` is block-scaled fp8 e4m3 (DeepSeek-V3's: ``weight_scale_inv`` per block of
     ``weight_block_size``), which import dequantizes tensor by tensor."""
@@ -159,6 +167,7 @@ def sparselm_config(hf: dict) -> dict:
     ConversionError with one line naming every field sparselm cannot compute as transformers does (or the
     unsupported ``model_type``)."""
     fam = family_of(hf.get("model_type"))
+    hf = with_defaults(hf)
     problems = []
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
     if act not in (None, "silu", "swish"):
@@ -179,7 +188,7 @@ def sparselm_config(hf: dict) -> dict:
              "n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
              "d_ff": hf.get("intermediate_size") or 0, "vocab_size": hf["vocab_size"], "pad_vocab_to": 1,
              "max_seq_len": hf.get("max_position_embeddings", 2048), "norm_eps": hf.get("rms_norm_eps", 1e-6),
-             "tie_embeddings": bool(hf.get("tie_word_embeddings", fam.tie_default))}
+             "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
     if hf.get("head_dim"):
         model["head_dim"] = int(hf["head_dim"])
     model.update(rope_overrides(hf, problems))
