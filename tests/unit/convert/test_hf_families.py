@@ -319,12 +319,13 @@ def _train_imported(rank, world, ckpt, out):
     return rank
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss", "ernie4_5_moe"])
 def test_round_trip_import_train_tp2_ep2_export(tmp_path, family):
     """GLM-4-MoE (group-limited sigmoid routing with its selection bias, shared experts, per-head q/k norm,
-    partial rotary, a dense first layer) and gpt-oss (sinks split with the heads, biases, experts cut by width
-    with their biases, the clamp) imported, trained 2 steps under tp2 x ep2, exported: transformers' logits
-    equal those of sparselm's consolidated trained model within 1e-5."""
+    partial rotary, a dense first layer), gpt-oss (sinks split with the heads, biases, experts cut by width
+    with their biases, the clamp) and ERNIE-4.5-MoE (interleaved rope pairs split with the heads, its [1, E]
+    selection bias, dense layers between the MoE ones) imported, trained 2 steps under tp2 x ep2, exported:
+    transformers' logits equal those of sparselm's consolidated trained model within 1e-5."""
     from sparselm import load_model
     from support.distributed import run_distributed
 
