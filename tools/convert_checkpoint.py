@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None):
             p.add_argument("--force", action="store_true", help="replace an existing output directory")
         if name == "import-hf":
             p.add_argument("--drop-mtp", action="store_true",
-                           help="leave the checkpoint's multi-token-prediction layers out (kept by default)")
+                           help="leave the checkpoint's multi-token-prediction layers out (DeepSeek-V3's are kept "
+                                "by default; ERNIE 4.5's, which sparselm does not carry, are refused without it)")
         if name == "export-hf":
             p.add_argument("--fused-experts", action="store_true",
                            help="transformers 5's in-memory expert names (mlp.experts.gate_up_proj) instead of one per expert")
