@@ -109,10 +109,11 @@ class Family:
     """Rotary may cover a fraction of each head (``partial_rotary_factor`` < 1, GLM-4-MoE); any family reads it,
     only these express it on export."""
     interleaved_rope: bool = False
-    """Standard attention whose rotary pairs are interleaved channels (0, 1), (2, 3) ... over the whole head,
-    rotated in fp32 (ERNIE 4.5's ``apply_rotary_pos_emb``): sparselm's ``model.rope_interleave``.  Its default
-    rope ignores ``partial_rotary_factor`` (the head_dim-wide frequencies); a scaled rope with a factor < 1 is
-    refused (transformers' tables would not match the heads)."""
+    """Standard attention whose rotary pairs are interleaved channels (0, 1), (2, 3) ... over the whole head
+    (ERNIE 4.5's ``apply_rotary_pos_emb``): sparselm's ``model.rope_interleave``, the q/k rows kept as stored.
+    transformers rotates them in fp32, sparselm in the model's dtype (the same in fp32; in bf16 the rotated
+    q/k round differently).  Its default rope ignores ``partial_rotary_factor`` (head_dim-wide frequencies); a
+    scaled rope with a factor < 1 is refused (transformers' tables would not match the heads)."""
     bias_key: str | None = None
     """config.json boolean that biases every projection (q, k, v, o, the MLPs, the shared experts and lm_head:
     ERNIE 4.5's ``use_bias``); sparselm has no MLP or output-head biases, so import refuses it true and export
