@@ -152,7 +152,8 @@ class ModelConfig:
     whatever norm_eps is)."""
     rope_interleave: bool = False
     """Rotary pairs are interleaved channels (x0, x1), (x2, x3), ... (DeepSeek's rope_interleave, GPT-J
-    style) instead of the two halves of the rotated channels (Llama's rotate_half)."""
+    style; ERNIE 4.5's rope on standard attention) instead of the two halves of the rotated channels (Llama's
+    rotate_half)."""
 
     mtp_layers: int = 0
     """Multi-token prediction depths (DeepSeek-V3): depth k predicts the token k + 1 ahead with one more block

@@ -5,7 +5,7 @@
   export-hf    --input CKPT_OR_RUN --output DIR [--fused-experts] [--force]   the family computing the model
   import-hf    --input HF_DIR      --output DIR [--force] [--drop-mtp]   llama, mistral, mixtral, qwen2, qwen3,
                                     qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3 / kimi_k2, deepseek_v2,
-                                    glm4_moe_lite (streamed; fp8 block-scaled weights read)
+                                    glm4_moe_lite, ernie4_5_moe (streamed; fp8 block-scaled weights read)
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
   inspect      --input CKPT_OR_RUN [--json]
   verify       --input RUN_OR_CKPT [--workers N]         every file against its checksum, one line per checkpoint,
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None):
             p.add_argument("--force", action="store_true", help="replace an existing output directory")
         if name == "import-hf":
             p.add_argument("--drop-mtp", action="store_true",
-                           help="leave the checkpoint's multi-token-prediction layers out (kept by default)")
+                           help="leave the checkpoint's multi-token-prediction layers out (DeepSeek-V3's are kept "
+                                "by default; ERNIE 4.5's, which sparselm does not carry, are refused without it)")
         if name == "export-hf":
             p.add_argument("--fused-experts", action="store_true",
                            help="transformers 5's in-memory expert names (mlp.experts.gate_up_proj) instead of one per expert")

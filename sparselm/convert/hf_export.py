@@ -54,7 +54,9 @@ def hf_tensor_plan(fam: Family, cfg, names, fused: bool) -> dict[str, Recipe]:
     for i, kind in enumerate(m.layer_kinds()):
         for ours, theirs in layer_renames(fam, i, kind, fused).items():
             if ours in ours_present:
-                plan[theirs] = Recipe("copy", (Piece(ours),))
+                one_row = fam.statics_bias and ours.endswith(".router.expert_bias")  # [E] -> [1, E]
+                plan[theirs] = Recipe("transform", (Piece(ours),), "one_row_out") if one_row else \
+                    Recipe("copy", (Piece(ours),))
         if kind != "moe":
             continue
         if fam.expert_layout == "gpt_oss":  # one layout only, whatever ``fused`` says

@@ -8,7 +8,7 @@ family, each feature it lacks.
 from __future__ import annotations
 
 from sparselm.convert.hf_families import FAMILIES
-from sparselm.convert.hf_family import Family
+from sparselm.convert.hf_family import Family, interval_fields
 from sparselm.convert.hf_rope import rope_parameters
 from sparselm.errors import ConversionError
 from sparselm.model.moe.config import resolved_expert_hidden, resolved_shared_hidden
@@ -45,8 +45,10 @@ def attention_blockers(fam: Family, cfg) -> list[str]:
     if (m.attention == "mla") != fam.mla:
         out.append("model.attention=mla" if m.attention == "mla" else f"model.attention={m.attention} ({fam.name}'s "
                    "attention is multi-head latent attention)")
-    if m.rope_interleave and not fam.mla:
+    if m.rope_interleave and not (fam.mla or fam.interleaved_rope):
         out.append("model.rope_interleave=true")
+    if fam.interleaved_rope and not m.rope_interleave:
+        out.append(f"model.rope_interleave=false ({fam.name}'s rope pairs are always interleaved)")
     if fam.mla and not fam.rope_interleave_key and not m.rope_interleave:
         out.append(f"model.rope_interleave=false ({fam.name}'s rope pairs are always interleaved)")
     if fam.mla and m.latent_norm_eps != 1e-6:
@@ -79,7 +81,7 @@ def moe_blockers(fam: Family, cfg) -> list[str]:
         out.append("moe.shared_expert_gate=true")
     elif e.num_shared_experts and not shared:
         out.append(f"moe.num_shared_experts={e.num_shared_experts}")
-    if shared and not shared.gated and not e.num_shared_experts:
+    if shared and not shared.gated and not shared.optional and not e.num_shared_experts:
         out.append(f"moe.num_shared_experts=0 ({fam.name} has shared experts)")
     if shared and not shared.key_is_width and resolved_shared_hidden(cfg) % resolved_expert_hidden(cfg):
         out.append(f"moe.shared_expert_hidden={e.shared_expert_hidden} ({fam.name}'s shared experts are "
@@ -101,6 +103,9 @@ def moe_blockers(fam: Family, cfg) -> list[str]:
         out.append("dense layers among the MoE layers")
     if fam.dense_layers == "first" and dense_layers != list(range(len(dense_layers))):
         out.append(f"dense layers after the first MoE layer ({fam.name}: only the first layers)")
+    if fam.dense_layers == "interval" and interval_fields([k == "moe" for k in kinds]) is None:
+        out.append(f"MoE layers {[i for i, k in enumerate(kinds) if k == 'moe']} ({fam.name} places them at every "
+                   "moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index)")
     return out
 
 
@@ -176,7 +181,7 @@ def moe_config(fam: Family, cfg) -> dict:
     """config.json entries of MoE family ``fam``'s block (experts, router, shared experts, dense layers)."""
     e, kinds = cfg.moe, cfg.model.layer_kinds()
     hidden = resolved_expert_hidden(cfg)
-    out = {"num_experts_per_tok": e.top_k, "norm_topk_prob": e.renormalize, "router_aux_loss_coef": e.aux_loss_coef,
+    out = {fam.top_k_key: e.top_k, "norm_topk_prob": e.renormalize, "router_aux_loss_coef": e.aux_loss_coef,
            "output_router_logits": False, fam.experts_key: e.num_experts, fam.expert_hidden_key: hidden}
     out.update(fam.fixed_config)
     if fam.dense_layers == "listed":
@@ -185,6 +190,11 @@ def moe_config(fam: Family, cfg) -> dict:
         out["first_k_dense_replace"] = kinds.count("dense")
     elif fam.dense_layers == "types":
         out["mlp_layer_types"] = ["dense" if k == "dense" else "sparse" for k in kinds]
+    elif fam.dense_layers == "interval":  # blockers made sure the fields exist
+        start, end, interval = interval_fields([k == "moe" for k in kinds])
+        out.update(moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval)
+    if fam.renormalize_min_key:
+        out[fam.renormalize_min_key] = 1e-12
     shared = fam.shared_experts
     if shared:
         width = resolved_shared_hidden(cfg)
@@ -209,6 +219,8 @@ def hf_config(fam: Family, cfg, eod_id: int) -> dict:
            "hidden_act": "silu", "tie_word_embeddings": m.tie_embeddings, "rope_parameters": rope_parameters(m),
            "intermediate_size": m.ffn_hidden, "attention_bias": False, "dtype": "float32"}
     out.update(attention_config(fam, m))
+    if fam.bias_key:
+        out[fam.bias_key] = False
     if fam.mla:  # transformers' DeepSeek configs carry head_dim = qk_rope_head_dim
         out.update(q_lora_rank=m.q_lora_rank or None, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
                    qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, head_dim=m.qk_rope_head_dim,

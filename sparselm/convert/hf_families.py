@@ -74,11 +74,26 @@ DEEPSEEK_V2 = replace(DEEPSEEK_V3, name="deepseek_v2", architecture="DeepseekV2F
 # its multi-token-prediction layer (model.layers.47) is not in its config.json: left out on import, said
 GLM4_MOE_LITE = replace(DEEPSEEK_V3, name="glm4_moe_lite", architecture="Glm4MoeLiteForCausalLM", dense_layers="types",
                         mtp_key=None)
+# ERNIE-4.5-MoE (21B-A3B, 300B-A47B): Llama attention with interleaved rope pairs, softmax scores with a selection
+# bias kept [1, E] in moe_statics, always renormalised, ungated shared experts, MoE layers placed by start, end
+# and interval; its multi-token-prediction tensors (model.mtp_*) are refused, or left out with --drop-mtp
+ERNIE4_5_MOE = replace(LLAMA, name="ernie4_5_moe", architecture="Ernie4_5_MoeForCausalLM", moe=True,
+                       config_defaults=(("tie_word_embeddings", True), ("rope_theta", 500000.0), ("rms_norm_eps", 1e-5),
+                                        ("max_position_embeddings", 131072), ("intermediate_size", 12288),
+                                        ("moe_intermediate_size", 1536), ("moe_num_experts", 64), ("moe_k", 6),
+                                        ("moe_num_shared_experts", 2), ("num_key_value_heads", 4),
+                                        ("router_aux_loss_coef", 0.001)),
+                       interleaved_rope=True, bias_key="use_bias",
+                       experts_key="moe_num_experts", top_k_key="moe_k", renormalize_key=None,
+                       renormalize_min_key="moe_norm_min", selection_bias=True, statics_bias=True,
+                       dense_layers="interval", mtp_tensors=r"(^|\.)mtp_",
+                       shared_experts=SharedExperts("moe_num_shared_experts", "shared_experts", optional=True),
+                       fixed_config=(("num_nextn_predict_layers", 0),))
 
 # dots1 before glm4_moe: a model both express (per-head q/k norm, no biases, whole-head rotary: an imported dots1)
 # is written as dots1; GLM-4-MoE's own configs (q/k/v biases without o, partial rotary or no q/k norm) are not
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, OLMOE, DOTS1, GLM4_MOE,
-                                GPT_OSS, MINIMAX_M2, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE)
+                                GPT_OSS, MINIMAX_M2, DEEPSEEK_V3, DEEPSEEK_V2, GLM4_MOE_LITE, ERNIE4_5_MOE)
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 ALIASES: dict[str, Family] = {"kimi_k2": DEEPSEEK_V3}
 """model_type values read as another family's (Kimi K2's config.json says kimi_k2; export writes deepseek_v3)."""

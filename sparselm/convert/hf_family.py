@@ -30,6 +30,27 @@ def slides_on_even_layers_below_max_window_layers(layer: int, max_window_layers:
     return bool((layer + 1) % 2) and layer < max_window_layers
 
 
+def interval_placement(n_layers: int, start: int, end: int, interval: int) -> list[bool]:
+    """ERNIE 4.5's MoE layers (transformers' ``Ernie4_5_MoeDecoderLayer``): layer i is MoE when (i + 1) %
+    ``interval`` == 0 and ``start`` <= i <= ``end`` (``end`` -1: the last layer, as ``Ernie4_5_MoeConfig``
+    resolves it)."""
+    end = n_layers - 1 if end == -1 else end
+    return [(i + 1) % interval == 0 and start <= i <= end for i in range(n_layers)]
+
+
+def interval_fields(moe_layers: list[bool]) -> tuple[int, int, int] | None:
+    """(moe_layer_start_index, moe_layer_end_index, moe_layer_interval) whose ``interval_placement`` is exactly
+    ``moe_layers`` (the smallest interval; at least one MoE layer), or None when no such fields exist."""
+    chosen = [i for i, moe in enumerate(moe_layers) if moe]
+    if not chosen:
+        return None
+    start, end = chosen[0], chosen[-1]
+    for interval in range(1, len(moe_layers) + 1):
+        if interval_placement(len(moe_layers), start, end, interval) == list(moe_layers):
+            return start, end, interval
+    return None
+
+
 @dataclass(frozen=True)
 class SharedExperts:
     """Always-on experts beside the routed ones (Qwen2-MoE's gated shared expert, GLM-4-MoE's shared experts)."""
@@ -43,6 +64,9 @@ class SharedExperts:
     gated: bool = False
     """A sigmoid gate (``mlp.shared_expert_gate``, a [1, d_model] weight) scales their output; the family has
     them in every MoE layer (exactly as many as the key says, at least one)."""
+    optional: bool = False
+    """The key may be 0: the family then has no shared experts (ERNIE 4.5); otherwise export refuses a model
+    without them."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,11 @@ class Family:
     """``architectures[0]`` export writes (the transformers class, e.g. ``LlamaForCausalLM``)."""
     moe: bool = False
     """Its decoder layers are MoE blocks (routed experts); otherwise every layer is a dense SwiGLU."""
+    config_defaults: tuple[tuple[str, object], ...] = ()
+    """config.json entries as its transformers config class fills them when left out, where that differs from
+    import's Llama-style fallbacks (dots1's ``sliding_window`` 4096 and ``max_window_layers`` 62, MiniMax-M2's
+    ``head_dim`` 128, ERNIE 4.5's tied embeddings, rope_theta 500000, rms_norm_eps 1e-5, two shared experts ...);
+    import reads a config.json through them (``hf_import_config.with_defaults``)."""
 
     # ---------------------------------------------------------------- attention
     qkv_bias_key: str | None = None
@@ -84,6 +113,16 @@ class Family:
     """config.json may give the rotated channels per head as the legacy ``rotary_dim`` (MiniMax-M2's releases):
     read as ``rotary_dim / head_dim`` where no ``partial_rotary_factor`` is given (transformers'
     ``MiniMaxM2Config.convert_rope_params_to_dict``), written beside ``rope_parameters.partial_rotary_factor``."""
+    interleaved_rope: bool = False
+    """Standard attention whose rotary pairs are interleaved channels (0, 1), (2, 3) ... over the whole head
+    (ERNIE 4.5's ``apply_rotary_pos_emb``): sparselm's ``model.rope_interleave``, the q/k rows kept as stored.
+    transformers rotates them in fp32, sparselm in the model's dtype (the same in fp32; in bf16 the rotated
+    q/k round differently).  Its default rope ignores ``partial_rotary_factor`` (head_dim-wide frequencies); a
+    scaled rope with a factor < 1 is refused (transformers' tables would not match the heads)."""
+    bias_key: str | None = None
+    """config.json boolean that biases every projection (q, k, v, o, the MLPs, the shared experts and lm_head:
+    ERNIE 4.5's ``use_bias``); sparselm has no MLP or output-head biases, so import refuses it true and export
+    writes it false."""
 
     mla: bool = False
     """Its attention is multi-head latent attention (DeepSeek-V2/V3: ``q_lora_rank`` (null: one q_proj),
@@ -112,8 +151,10 @@ class Family:
 
     # ---------------------------------------------------------------- MoE block
     experts_key: str = "num_experts"
-    """config.json key of the routed expert count export writes (import reads ``num_local_experts``,
+    """config.json key of the routed expert count export writes (import reads it, else ``num_local_experts``,
     ``num_experts`` or ``n_routed_experts``, the first set)."""
+    top_k_key: str = "num_experts_per_tok"
+    """config.json key of the experts chosen per token (ERNIE 4.5: ``moe_k``)."""
     expert_hidden_key: str = "moe_intermediate_size"
     """config.json key of one routed expert's hidden width export writes."""
     expert_hidden_reads: tuple[str, ...] = ("moe_intermediate_size", "intermediate_size")
@@ -121,6 +162,11 @@ class Family:
     renormalize_key: str | None = "norm_topk_prob"
     """config.json boolean: the top-k weights are renormalised to sum to 1 (absent: false); None: always
     renormalised (Mixtral)."""
+    renormalize_min_key: str | None = None
+    """config.json key of the floor the top-k weights' sum is clamped to before renormalising (ERNIE 4.5's
+    ``moe_norm_min``, 1e-12).  sparselm clamps at the smallest normal fp32 number instead: the two differ only
+    when the chosen experts' softmax mass is below the floor, so import refuses floors above 1e-12 and export
+    writes 1e-12."""
     never_renormalize: bool = False
     """The top-k weights are never renormalised, whatever ``renormalize_key`` says (DeepSeek-V2 ignores
     norm_topk_prob)."""
@@ -146,6 +192,10 @@ class Family:
     selection_bias_name: str = "gate.e_score_correction_bias"
     """That bias's name in the MoE block (``model.layers.{i}.{moe_module}.{name}``): on the router (DeepSeek-V3,
     GLM-4-MoE, dots1) or on the block itself (MiniMax-M2: ``e_score_correction_bias``)."""
+    statics_bias: bool = False
+    """The selection bias is ERNIE 4.5's ``moe_statics.e_score_correction_bias``, shaped [1, E]: stored as
+    ``mlp.moe_statics.e_score_correction_bias`` (transformers 5 in memory: ``mlp.gate.moe_statics...``),
+    reshaped to and from sparselm's [E] ``router.expert_bias``."""
     group_routing: bool = False
     """Group-limited routing (``n_group`` / ``topk_group``) and a ``routed_scaling_factor`` on the weights."""
     group_score: Literal["top2_sum", "max"] = "top2_sum"
@@ -154,19 +204,22 @@ class Family:
     group limit)."""
     shared_experts: SharedExperts | None = None
     """Always-on experts, if the family has them (see ``SharedExperts``)."""
-    dense_layers: Literal["none", "listed", "first", "types"] = "none"
+    dense_layers: Literal["none", "listed", "first", "types", "interval"] = "none"
     """Which layers keep a dense SwiGLU: none, those in ``mlp_only_layers`` or off ``decoder_sparse_step``
-    (Qwen-MoE), the first ``first_k_dense_replace`` (GLM-4-MoE), or those ``mlp_layer_types`` says 'dense'
-    (GLM-4.x-Lite; absent: the first layer only)."""
+    (Qwen-MoE), the first ``first_k_dense_replace`` (GLM-4-MoE), those ``mlp_layer_types`` says 'dense'
+    (GLM-4.x-Lite; absent: the first layer only), or 'interval': all but layers i with (i + 1) %
+    ``moe_layer_interval`` == 0 and ``moe_layer_start_index`` <= i <= ``moe_layer_end_index`` (-1: the last
+    layer; ERNIE 4.5, ``interval_placement``)."""
     moe_module: str = "mlp"
     """The MoE block's module in the per-expert layout published checkpoints hold (Mixtral:
     ``block_sparse_moe``); transformers 5's fused layout always says ``mlp``."""
     expert_weights: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     """(gate, up, down) weight names of one expert: ``{moe_module}.experts.{e}.{name}.weight`` (Mixtral: w1, w3, w2)."""
-    config_defaults: tuple[tuple[str, object], ...] = ()
-    """transformers' defaults of config.json keys import reads, where the family's differ from the base (a
-    config.json without the key means this value: dots1's ``sliding_window`` 4096 and ``max_window_layers`` 62,
-    MiniMax-M2's ``head_dim`` 128)."""
+    mtp_tensors: str | None = None
+    """Regular expression (``re.search``) of the tensor names of multi-token-prediction layers stored under
+    their own names (ERNIE 4.5: ``model.mtp_block.{k}.*``, ``mtp_emb_norm``, ``mtp_hidden_norm``,
+    ``mtp_linear_proj``), which sparselm does not carry: import refuses a checkpoint holding them unless
+    ``--drop-mtp``, and then says in one line that it left them out."""
     fixed_config: tuple[tuple[str, object], ...] = ()
     """Constant config.json entries export writes for an MoE family (Mixtral's ``router_jitter_noise=0``, GLM's
     ``num_nextn_predict_layers=0``: no multi-token-prediction layers)."""

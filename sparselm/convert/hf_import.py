@@ -11,6 +11,7 @@ tensor left unread, no quantized dtype) runs before anything is written.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from sparselm.checkpoint.checkpointing import expected_shapes
@@ -19,7 +20,7 @@ from sparselm.convert.experts import PARTS, STACKED
 from sparselm.convert.hf_families import family as family_of
 from sparselm.convert.hf_family import Family
 from sparselm.convert.hf_fp8 import DequantizedFP8
-from sparselm.convert.hf_import_config import is_block_fp8, sparselm_config
+from sparselm.convert.hf_import_config import is_block_fp8, sparselm_config, with_defaults
 from sparselm.convert.hf_names import (
     GLOBAL,
     GPT_OSS_EXPERTS,
@@ -88,11 +89,14 @@ def open_source(hf_dir: Path, hf: dict) -> SafetensorsDir | DequantizedFP8:
     return DequantizedFP8(src, tuple(quant["weight_block_size"])) if is_block_fp8(quant) else src
 
 
-def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: list[str]) -> MappedTensors:
+def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: list[str],
+                  drop_mtp: bool = False) -> MappedTensors:
     """The lazy reader of ``hf_dir`` (config.json ``hf``) as a sparselm model whose tensors have ``expected``
     shapes and whose layers are ``kinds`` (multi-token-prediction depths ``mtp.{k}.*`` read from the layers
     after them); raises ConversionError naming a missing tensor, a wrong shape, a quantized dtype or a tensor
-    sparselm would drop.  ``skipped`` on the result: the tensors of layers after the decoder layers left out."""
+    sparselm would drop (a family's own multi-token-prediction tensors, ``Family.mtp_tensors``, unless
+    ``drop_mtp``).  On the result, ``skipped``: the tensors of layers after the decoder layers left out;
+    ``dropped_mtp``: the family's own multi-token-prediction tensors left out."""
     fam = family_of(hf["model_type"])
     src = open_source(hf_dir, hf)
     for name, code in src.dtype_codes.items():
@@ -101,6 +105,10 @@ def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: lis
         if code not in DTYPES:
             raise ConversionError(f"tensor {name} has dtype {code} (quantized weights); supported: bf16, fp16, fp32, "
                                   "and fp8 e4m3 with block scales (quantization_config.weight_block_size)")
+    mtp = sorted(k for k in src.file_of if fam.mtp_tensors and re.search(fam.mtp_tensors, k))
+    if mtp and not drop_mtp:
+        raise ConversionError(f"'{hf_dir}' holds {len(mtp)} multi-token-prediction tensors ({mtp[0]} ...) that "
+                              f"sparselm does not carry for {fam.name}; import with --drop-mtp to leave them out")
     n = hf["num_hidden_layers"]
     one_to_one = dict(GLOBAL)
     for i, kind in enumerate(kinds):
@@ -120,7 +128,9 @@ def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: lis
             theirs = one_to_one[ours]
             if theirs not in src:
                 raise ConversionError(f"'{hf_dir}' is missing tensor {theirs} (for {ours})")
-            recipe = Recipe("copy", (Piece(theirs),))
+            one_row = fam.statics_bias and ours.endswith(".router.expert_bias")  # [1, E] -> [E]
+            recipe = Recipe("transform", (Piece(theirs),), "one_row_in") if one_row else \
+                Recipe("copy", (Piece(theirs),))
         elif ours.endswith(tuple(f".experts.{s}" for s in set(STACKED.values()))):
             recipe = expert_recipe(hf_dir, src, fam, ours, shape[0], n)
         else:
@@ -133,12 +143,14 @@ def open_hf_model(hf_dir: Path, expected: dict[str, tuple], hf: dict, kinds: lis
     after = lambda k: k.startswith("model.layers.") and int(k.split(".")[2]) >= n  # noqa: E731
     copies = {f"model.layers.{n + k}.{theirs}" for k in depths for theirs in MTP_COPIES.values()}
     left = [k for k in src.file_of if k not in used and not k.endswith("rotary_emb.inv_freq") and k not in copies
-            and not after(k) and not (k == "lm_head.weight" and hf.get("tie_word_embeddings"))]
+            and not after(k) and k not in mtp
+            and not (k == "lm_head.weight" and hf.get("tie_word_embeddings"))]
     if left:
         raise ConversionError(f"'{hf_dir}' has tensors sparselm has no place for (e.g. biases it does not compute): "
                               f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
     mapped = MappedTensors(src, recipes)
     mapped.skipped = sorted(k for k in src.file_of if after(k) and k not in used and k not in copies)
+    mapped.dropped_mtp = mtp
     return mapped
 
 
@@ -180,7 +192,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, max_shard_bytes: int, forc
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ConversionError(f"'{hf_dir}' is not a directory; give a local Hugging Face model directory")
-    hf = read_config(hf_dir)
+    hf = with_defaults(read_config(hf_dir))
     overrides = sparselm_config(hf)
     if "mtp_layers" in overrides["model"]:
         overrides["model"]["mtp_layers"] = mtp_layers_to_import(hf_dir, hf, drop_mtp)
@@ -192,7 +204,10 @@ def import_hf(hf_dir: str | Path, output: str | Path, max_shard_bytes: int, forc
     model = build_model(cfg, device="meta")
     tied = set(tied_aliases(model))
     expected = {k: v for k, v in expected_shapes(model).items() if k not in tied}
-    tensors = open_hf_model(hf_dir, expected, hf, cfg.model.layer_kinds())
+    tensors = open_hf_model(hf_dir, expected, hf, cfg.model.layer_kinds(), drop_mtp)
+    if tensors.dropped_mtp:
+        print(f"dropping the {len(tensors.dropped_mtp)} multi-token-prediction tensors of '{hf_dir}' (--drop-mtp): "
+              f"{tensors.dropped_mtp[0]} ...")
     if tensors.skipped:
         print(f"left out {len(tensors.skipped)} tensors of the layers after the {hf['num_hidden_layers']} decoder layers "
               f"(multi-token prediction sparselm does not carry for {hf['model_type']}): {tensors.skipped[0]} ...")

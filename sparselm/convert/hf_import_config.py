@@ -7,7 +7,7 @@ compute differently from transformers 5; it reads only config.json, so nothing i
 from __future__ import annotations
 
 from sparselm.convert.hf_families import family as family_of
-from sparselm.convert.hf_family import Family
+from sparselm.convert.hf_family import Family, interval_placement
 from sparselm.convert.hf_rope import hf_rope, rope_overrides
 from sparselm.convert.refusal import unsupported
 from sparselm.errors import ConversionError
@@ -86,6 +86,18 @@ def mla_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     return out
 
 
+def interleaved_rope_overrides(hf: dict, problems: list[str]) -> dict:
+    """sparselm ``model`` overrides of a family whose rope pairs are interleaved over the whole head
+    (``Family.interleaved_rope``, ERNIE 4.5): ``rope_interleave``, and the whole head rotated, as transformers'
+    default rope does whatever ``partial_rotary_factor`` says; a scaled rope with a factor < 1 is refused (its
+    tables would be narrower than the heads transformers rotates)."""
+    rope = hf_rope(hf)
+    if rope["rope_type"] != "default" and rope["partial_rotary_factor"] != 1:
+        problems.append(unsupported("partial_rotary_factor", rope["partial_rotary_factor"], "1.0 (this family "
+                                    "rotates whole heads)"))
+    return {"rope_interleave": True, "rotary_fraction": 1.0}
+
+
 def layer_kinds(hf: dict, fam: Family) -> list[str]:
     """'dense' or 'moe', per layer, of an MoE family's config.json (``Family.dense_layers``)."""
     n = hf["num_hidden_layers"]
@@ -96,18 +108,25 @@ def layer_kinds(hf: dict, fam: Family) -> list[str]:
         return ["dense" if i < hf.get("first_k_dense_replace", 0) else "moe" for i in range(n)]
     if fam.dense_layers == "types":  # transformers' default: the first layer dense
         return ["moe" if t == "sparse" else "dense" for t in hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)]
+    if fam.dense_layers == "interval":  # Ernie4_5_MoeConfig's defaults: start 1, end -1 (the last layer), interval 1
+        start, end, interval = (hf.get(f"moe_layer_{k}") for k in ("start_index", "end_index", "interval"))
+        moe = interval_placement(n, 1 if start is None else int(start), -1 if end is None else int(end),
+                                 int(interval or 1))
+        return ["moe" if m else "dense" for m in moe]
     return ["moe"] * n
 
 
 def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     """sparselm ``moe`` section of an MoE family's config.json: routed experts, router, shared experts."""
-    experts = hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts")
+    experts = (hf.get(fam.experts_key) or hf.get("num_local_experts") or hf.get("num_experts")
+               or hf.get("n_routed_experts"))
     *optional, required = fam.expert_hidden_reads
     hidden = next((hf[k] for k in optional if hf.get(k)), None) or hf[required]
     renormalize = True if fam.renormalize_key is None else bool(hf.get(fam.renormalize_key, False))
     renormalize = renormalize and not fam.never_renormalize
-    moe = {"num_experts": int(experts), "top_k": int(hf["num_experts_per_tok"]), "drop_tokens": False,
-           "noisy_gating": False, "z_loss_coef": 0.0, "score_func": fam.score_func, "bias_balancing": fam.selection_bias,
+    top_k = hf.get(fam.top_k_key) or hf["num_experts_per_tok"]
+    moe = {"num_experts": int(experts), "top_k": int(top_k), "drop_tokens": False, "noisy_gating": False,
+           "z_loss_coef": 0.0, "score_func": fam.score_func, "bias_balancing": fam.selection_bias,
            "num_shared_experts": 0, "aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.0) or 0.0),
            "renormalize": renormalize, "expert_hidden": hidden}
     shared = fam.shared_experts
@@ -121,6 +140,9 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
         width = moe["num_shared_experts"] = int(hf.get(shared.key) or 0)
     if shared and shared.gated:
         moe["shared_expert_gate"] = width > 0
+    if fam.renormalize_min_key and float(hf.get(fam.renormalize_min_key) or 0.0) > 1e-12:
+        problems.append(unsupported(fam.renormalize_min_key, hf[fam.renormalize_min_key], "at most 1e-12 (sparselm "
+                                    "clamps the top-k weights' sum at the smallest normal float before renormalising)"))
     if fam.router_bias:
         moe["router_bias"] = True
     if fam.expert_layout == "gpt_oss":
@@ -142,6 +164,13 @@ def moe_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
     return moe
 
 
+def with_defaults(hf: dict) -> dict:
+    """config.json ``hf`` with the entries it leaves out that its family's transformers config class fills with
+    other values than import's Llama-style fallbacks (``Family.config_defaults``); ConversionError for an
+    unsupported ``model_type``."""
+    return {**dict(family_of(hf.get("model_type")).config_defaults), **hf}
+
+
 def is_block_fp8(quant: dict) -> bool:
     """``quantization_config`` is block-scaled fp8 e4m3 (DeepSeek-V3's: ``weight_scale_inv`` per block of
     ``weight_block_size``), which import dequantizes tensor by tensor."""
@@ -155,7 +184,7 @@ def sparselm_config(hf: dict) -> dict:
     ConversionError with one line naming every field sparselm cannot compute as transformers does (or the
     unsupported ``model_type``)."""
     fam = family_of(hf.get("model_type"))
-    hf = {**dict(fam.config_defaults), **hf}  # a key config.json lacks means transformers' default for the family
+    hf = with_defaults(hf)
     problems = []
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
     if act not in (None, "silu", "swish"):
@@ -169,6 +198,9 @@ def sparselm_config(hf: dict) -> dict:
                                     "dequantize and save_pretrained others first"))
     if hf.get("mlp_bias"):
         problems.append(unsupported("mlp_bias", True, "false"))
+    if fam.bias_key and hf.get(fam.bias_key):
+        problems.append(unsupported(fam.bias_key, True, "false: it also biases the MLPs, the shared experts and "
+                                    "lm_head, which sparselm does not have"))
     model = {"d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
              "n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
              "d_ff": hf.get("intermediate_size") or 0, "vocab_size": hf["vocab_size"], "pad_vocab_to": 1,
@@ -180,6 +212,8 @@ def sparselm_config(hf: dict) -> dict:
     if fam.legacy_rotary_dim:
         model.update(legacy_rotary_fraction(hf, problems))
     model.update(attention_overrides(hf, fam, problems))
+    if fam.interleaved_rope:
+        model.update(interleaved_rope_overrides(hf, problems))
     if fam.mla:
         mla = mla_overrides(hf, fam, problems)
         mscale = mla.pop("mscale_all_dim", None)

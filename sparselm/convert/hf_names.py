@@ -69,12 +69,21 @@ def layer_renames(fam: Family, i: int, kind: str, fused: bool) -> dict[str, str]
     p = moe_prefix(fam, i, fused)
     out[f"layers.{i}.ffn.router.weight"] = f"{p}.{fam.router_module}.weight"
     out[f"layers.{i}.ffn.router.bias"] = f"{p}.{fam.router_module}.bias"
-    out[f"layers.{i}.ffn.router.expert_bias"] = f"{p}.{fam.selection_bias_name}"
+    out[f"layers.{i}.ffn.router.expert_bias"] = f"{p}.{selection_bias_name(fam, fused)}"
     if fam.shared_experts:
         module = fam.shared_experts.module
         out.update({f"layers.{i}.ffn.shared_experts.{a}": f"{p}.{module}.{b}" for a, b in SWIGLU.items()})
         out[f"layers.{i}.ffn.shared_expert_gate.weight"] = f"{p}.shared_expert_gate.weight"
     return out
+
+
+def selection_bias_name(fam: Family, fused: bool) -> str:
+    """The selection bias in the MoE block: ``Family.selection_bias_name`` [E] (on the router or on the block),
+    or ERNIE 4.5's [1, E] ``moe_statics.e_score_correction_bias`` (``gate.moe_statics...`` under transformers 5's
+    in-memory names: ``Family.statics_bias``)."""
+    if fam.statics_bias:
+        return ("gate." if fused else "") + "moe_statics.e_score_correction_bias"
+    return fam.selection_bias_name
 
 
 GPT_OSS_EXPERTS = {"gate_up_proj": "gate_up", "gate_up_proj_bias": "gate_up_bias", "down_proj": "down",

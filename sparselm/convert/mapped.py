@@ -11,7 +11,16 @@ import torch
 
 from sparselm.checkpoint.tensors import CanonicalTensors
 from sparselm.convert.experts import expert_slot, merge_experts, part_shape, stacked_shape
-from sparselm.convert.gpt_oss_experts import TRANSFORMS
+from sparselm.convert.gpt_oss_experts import TRANSFORMS as EXPERT_TRANSFORMS, Transform
+
+TRANSFORMS: dict[str, Transform] = {
+    **EXPERT_TRANSFORMS,
+    # a [1, N] tensor read as [N] and back (ERNIE 4.5's selection bias, sparselm's router.expert_bias)
+    "one_row_in": Transform(lambda s: tuple(s[1:]), lambda t: t.reshape(t.shape[1:])),
+    "one_row_out": Transform(lambda s: (1, *s), lambda t: t.unsqueeze(0)),
+}
+"""Named conversions of ``Recipe(kind="transform")``: gpt-oss's expert layouts and MXFP4
+(``gpt_oss_experts.TRANSFORMS``), and one-row reshapes."""
 
 
 @dataclass(frozen=True)
@@ -33,11 +42,11 @@ class Recipe:
     kind: Literal["copy", "merge", "split", "transform"]
     """copy: the one piece as is; merge: a stacked tensor from per-expert pieces (every slot once); split: the
     one piece's slot (``part`` of ``expert``) out of the stacked source tensor; transform: ``transform`` of the
-    pieces (gpt-oss's expert layouts and MXFP4, ``gpt_oss_experts.TRANSFORMS``)."""
+    pieces (``TRANSFORMS``: gpt-oss's expert layouts and MXFP4, one-row reshapes)."""
     pieces: tuple[Piece, ...]
     """The source tensors, in the order they are read (the first gives shape and dtype)."""
     transform: str | None = None
-    """kind 'transform': the name of the conversion in ``gpt_oss_experts.TRANSFORMS``."""
+    """kind 'transform': the name of the conversion in ``TRANSFORMS``."""
 
     def shape(self, source: CanonicalTensors) -> tuple[int, ...]:
         """The mapped tensor's shape, from the source's headers."""

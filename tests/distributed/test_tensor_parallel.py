@@ -17,7 +17,7 @@ BASE = ["--model.d_model=32", "--model.n_layers=2", "--model.n_heads=4", "--mode
         "--model.d_ff=64", "--model.max_seq_len=16", "--data.seq_len=16", "--train.global_batch_size=2"]
 CASES = {
     "mha": [],
-    "gqa": ["--model.n_kv_heads=2"],
+    "gqa": ["--model.n_kv_heads=2", "--model.rope_interleave=true"],  # with ERNIE 4.5's interleaved rope pairs
     "tied": ["--model.tie_embeddings=true"],
     # the Hugging Face families' attention options: head width != d_model / heads, q/k/v biases, per-head q/k
     # norm (one weight used by both ranks' heads), clipping, partial yarn rotary, a sliding window in layer 1

@@ -70,6 +70,14 @@ CASES = {  # name -> (overrides on BASE, the family export must choose)
         "routed_scaling_factor": 16.0}}, "deepseek_v2"),
     "deepseek_v2 greedy": ({"model": {**MLA, "rope_interleave": True, "q_lora_rank": 24}, "moe": {
         **MOE, "renormalize": False, "num_shared_experts": 1}}, "deepseek_v2"),
+    "ernie4_5_moe shared, a dense layer after the MoE one": ({"model": {"pattern": ["dense", "moe", "dense"],
+                                                                       "rope_interleave": True},
+                                                             "moe": {**MOE, "bias_balancing": True,
+                                                                     "num_shared_experts": 2}}, "ernie4_5_moe"),
+    "ernie4_5_moe every other layer, unshared, tied, yarn": ({"model": {
+        "n_layers": 4, "pattern": ["dense", "moe", "dense", "moe"], "rope_interleave": True, "tie_embeddings": True,
+        "head_dim": 24, "rope": {"scaling": "yarn", "factor": 4.0, "original_max_seq_len": 32}},
+        "moe": {**MOE, "bias_balancing": True}}, "ernie4_5_moe"),
 }
 # transformers config keys that do not change what a loaded model computes (bookkeeping, labels, outputs,
 # training-only dropout that sparselm does not have), or an alias of a key export writes
@@ -102,7 +110,8 @@ def model_computes(cfg) -> dict:
            "head_width": m.head_width, "vocab": m.vocab_size, "norm_eps": m.norm_eps,
            "tie": m.tie_embeddings, "act": "silu", "inv_freq": inv_freq.tolist(), "rope_scale": attention_factor,
            "windows": [m.layer_window(i) for i in range(m.n_layers)], "qkv_bias": m.qkv_bias, "o_bias": m.o_bias,
-           "mlp_bias": False, "qk_norm": m.qk_norm, "clip_qkv": m.clip_qkv or None, "moe_layers": [k == "moe" for k in kinds]}
+           "mlp_bias": False, "head_bias": False, "qk_norm": m.qk_norm, "clip_qkv": m.clip_qkv or None,
+           "moe_layers": [k == "moe" for k in kinds], "interleave": m.rope_interleave}
     if m.attention == "mla":
         out.update(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope=m.qk_nope_head_dim,
                    qk_rope=m.qk_rope_head_dim, v_head=m.v_head_dim, interleave=m.rope_interleave,
@@ -137,6 +146,9 @@ def transformers_computes(c, family: str) -> dict:
     window = getattr(c, "sliding_window", None) or 0
     bias = {"qwen2": True, "qwen2_moe": getattr(c, "qkv_bias", False)}.get(family, getattr(c, "attention_bias", False))
     o_bias = family not in ("qwen2", "qwen2_moe", "glm4_moe") and bool(getattr(c, "attention_bias", False))
+    all_bias = family == "ernie4_5_moe" and bool(c.use_bias)  # q, k, v, o, the MLPs and lm_head
+    if family == "ernie4_5_moe":
+        bias = o_bias = all_bias
     qk = {"qwen3": "per_head", "qwen3_moe": "per_head", "olmoe": "full", "dots1": "per_head", "minimax_m2": "full",
           "glm4_moe": "per_head" if getattr(c, "use_qk_norm", False) else "none"}.get(family, "none")
     out = {"d_model": c.hidden_size, "n_layers": n, "n_heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
@@ -144,15 +156,19 @@ def transformers_computes(c, family: str) -> dict:
            "tie": c.tie_word_embeddings, "act": c.hidden_act, "inv_freq": inv_freq.float().tolist(),
            "rope_scale": pytest.approx(scale, rel=1e-12),
            "windows": [window if t == "sliding_attention" else 0 for t in types], "qkv_bias": bias, "o_bias": o_bias,
-           "mlp_bias": bool(getattr(c, "mlp_bias", False)), "qk_norm": qk, "clip_qkv": getattr(c, "clip_qkv", None),
-           "moe_layers": [False] * n}
+           "mlp_bias": bool(getattr(c, "mlp_bias", False)) or all_bias, "head_bias": all_bias, "qk_norm": qk,
+           "clip_qkv": getattr(c, "clip_qkv", None), "moe_layers": [False] * n,
+           "interleave": family == "ernie4_5_moe"}  # Ernie4_5_Moe's apply_rotary_pos_emb: pairs (0, 1), (2, 3) ...
     if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2", "dots1",
-                  "minimax_m2"):
+                  "minimax_m2", "ernie4_5_moe"):
         if family in ("qwen2_moe", "qwen3_moe"):
             dense = set(c.mlp_only_layers or [])
             moe = [i not in dense and (i + 1) % c.decoder_sparse_step == 0 for i in range(n)]
         elif family in ("glm4_moe", "deepseek_v3", "deepseek_v2", "dots1"):
             moe = [i >= c.first_k_dense_replace for i in range(n)]
+        elif family == "ernie4_5_moe":  # Ernie4_5_MoeDecoderLayer
+            moe = [(i + 1) % c.moe_layer_interval == 0 and c.moe_layer_start_index <= i <= c.moe_layer_end_index
+                   for i in range(n)]
         else:
             moe = [True] * n
         hidden = c.intermediate_size if family in ("mixtral", "olmoe", "minimax_m2") else c.moe_intermediate_size
@@ -160,13 +176,14 @@ def transformers_computes(c, family: str) -> dict:
                   "glm4_moe": getattr(c, "n_shared_experts", 0) * hidden,
                   "deepseek_v3": getattr(c, "n_shared_experts", 0) * hidden,
                   "deepseek_v2": getattr(c, "n_shared_experts", 0) * hidden,
-                  "dots1": getattr(c, "n_shared_experts", 0) * hidden}.get(family, 0)
+                  "dots1": getattr(c, "n_shared_experts", 0) * hidden,
+                  "ernie4_5_moe": getattr(c, "moe_num_shared_experts", 0) * hidden}.get(family, 0)
         out.update(moe_layers=moe, experts=getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
                    or c.n_routed_experts, top_k=c.num_experts_per_tok,
-                   renormalize=True if family in ("mixtral", "minimax_m2") else c.norm_topk_prob, expert_hidden=hidden,
-                   shared_hidden=shared, shared_gate=family == "qwen2_moe" and shared > 0,
+                   renormalize=True if family in ("mixtral", "minimax_m2", "ernie4_5_moe") else c.norm_topk_prob,
+                   expert_hidden=hidden, shared_hidden=shared, shared_gate=family == "qwen2_moe" and shared > 0,
                    score_func="sigmoid" if family in ("glm4_moe", "deepseek_v3", "dots1", "minimax_m2") else "softmax",
-                   selection_bias=family in ("glm4_moe", "deepseek_v3", "dots1", "minimax_m2"),
+                   selection_bias=family in ("glm4_moe", "deepseek_v3", "dots1", "minimax_m2", "ernie4_5_moe"),
                    n_group=getattr(c, "n_group", 1), topk_group=getattr(c, "topk_group", 1),
                    scaling=getattr(c, "routed_scaling_factor", 1.0))
         if family == "deepseek_v2":  # no renormalisation; groups (by their best expert) only when group-limited

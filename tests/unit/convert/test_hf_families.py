@@ -85,6 +85,9 @@ def family_config(family: str):
                                  rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                   "original_max_position_embeddings": 32},
                                  bos_token_id=None, eos_token_id=None)
+    if family == "ernie4_5_moe":  # MoE layers 1 and 3 of 4 (interval 2), shared experts, untied; more in test_hf_ernie
+        return T.Ernie4_5_MoeConfig(**{**COMMON, "num_hidden_layers": 4}, moe_intermediate_size=32, moe_num_experts=4,
+                                    moe_k=2, moe_num_shared_experts=2, moe_layer_interval=2)
     raise ValueError(family)
 
 
@@ -382,12 +385,13 @@ def _train_imported(rank, world, ckpt, out):
     return rank
 
 
-@pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss", "ernie4_5_moe"])
 def test_round_trip_import_train_tp2_ep2_export(tmp_path, family):
     """GLM-4-MoE (group-limited sigmoid routing with its selection bias, shared experts, per-head q/k norm,
-    partial rotary, a dense first layer) and gpt-oss (sinks split with the heads, biases, experts cut by width
-    with their biases, the clamp) imported, trained 2 steps under tp2 x ep2, exported: transformers' logits
-    equal those of sparselm's consolidated trained model within 1e-5."""
+    partial rotary, a dense first layer), gpt-oss (sinks split with the heads, biases, experts cut by width
+    with their biases, the clamp) and ERNIE-4.5-MoE (interleaved rope pairs split with the heads, its [1, E]
+    selection bias, dense layers between the MoE ones) imported, trained 2 steps under tp2 x ep2, exported:
+    transformers' logits equal those of sparselm's consolidated trained model within 1e-5."""
     from sparselm import load_model
     from support.distributed import run_distributed
 
@@ -526,15 +530,18 @@ def record_keys(fam) -> list[str]:
     keys += ["use_sliding_window"] if fam.window_switch else []
     keys += ["rotary_dim"] if fam.legacy_rotary_dim else []
     if fam.moe:
-        keys += [fam.experts_key, fam.expert_hidden_key, fam.renormalize_key, "num_experts_per_tok"]
+        keys += [fam.experts_key, fam.expert_hidden_key, fam.renormalize_key, fam.top_k_key, fam.renormalize_min_key]
         keys += [fam.shared_experts.key] if fam.shared_experts else []
         keys += ["n_group", "topk_group", "routed_scaling_factor"] if fam.group_routing else []
-        keys += {"listed": ["mlp_only_layers"], "first": ["first_k_dense_replace"]}.get(fam.dense_layers, [])
+        placement = {"listed": ["mlp_only_layers"], "first": ["first_k_dense_replace"],
+                     "interval": ["moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"]}
+        keys += placement.get(fam.dense_layers, [])
+    keys += [fam.bias_key]
     return [k for k in keys if k]
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmoe",
-                                  "glm4_moe", "gpt_oss", "dots1", "minimax_m2"])
+                                  "glm4_moe", "gpt_oss", "dots1", "minimax_m2", "ernie4_5_moe"])
 def test_each_family_record_round_trips_its_config(name):
     """transformers' config of the family -> import's mapping -> export's writer: the family is chosen again,
     every key its record names comes back with transformers' value, and importing the written config gives
