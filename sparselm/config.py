@@ -163,6 +163,11 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3
     """Weight of the multi-token-prediction loss: loss = lm_loss + aux + weight x mean over depths of their
     token losses (DeepSeek-V3's lambda: 0.3, later 0.1)."""
+    hf_family: str = ""
+    """The Hugging Face ``model_type`` the model was imported from (``import-hf`` sets it; it changes no
+    computation): ``export-hf`` writes that family again when it expresses the model, so a model two families
+    can express (an imported GLM-4-MoE that dots1 could also write) goes back as it came; '' or a family that
+    no longer expresses it (after ``upcycle``): the first family that does."""
 
     def layer_kinds(self) -> list[str]:
         return [self.pattern[i % len(self.pattern)] for i in range(self.n_layers)]

@@ -2,10 +2,12 @@
 """Checkpoint conversions (each goes through sparselm's layout-free checkpoint form).
 
   consolidate  --input CKPT_OR_RUN --output DIR [--dtype bf16] [--max-shard-gb G]   whole tensors in HF-style shards
-  export-hf    --input CKPT_OR_RUN --output DIR [--fused-experts] [--force]   the family computing the model
+  export-hf    --input CKPT_OR_RUN --output DIR [--fused-experts] [--force] [--family F]   the family computing
+                                    the model (the imported one first, model.hf_family)
   import-hf    --input HF_DIR      --output DIR [--force] [--drop-mtp]   llama, mistral, mixtral, qwen2, qwen3,
-                                    qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3 / kimi_k2, deepseek_v2,
-                                    glm4_moe_lite, ernie4_5_moe (streamed; fp8 block-scaled weights read)
+                                    qwen2_moe, qwen3_moe, olmoe, dots1, glm4_moe, gpt_oss, minimax_m2,
+                                    deepseek_v3 / kimi_k2, deepseek_v2, glm4_moe_lite, ernie4_5_moe (streamed;
+                                    fp8 block-scaled weights read)
   upcycle      --input CKPT_OR_RUN --output DIR --experts N [--top-k K] [--every M]
   inspect      --input CKPT_OR_RUN [--json]
   verify       --input RUN_OR_CKPT [--workers N]         every file against its checksum, one line per checkpoint,
@@ -68,7 +70,8 @@ def _tokenizer_file(ckpt: Path, cfg) -> dict:
 
 def export_hf(args) -> Path:
     """The Hugging Face family that computes the model (``sparselm.convert.hf_export``)."""
-    return hf_export.export_hf(args.input, args.output, args.fused_experts, int(args.max_shard_gb * 2**30), args.force)
+    return hf_export.export_hf(args.input, args.output, args.fused_experts, int(args.max_shard_gb * 2**30), args.force,
+                               args.family)
 
 
 def import_hf(args) -> Path:
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None):
         if name == "export-hf":
             p.add_argument("--fused-experts", action="store_true",
                            help="transformers 5's in-memory expert names (mlp.experts.gate_up_proj) instead of one per expert")
+            p.add_argument("--family", default=None,
+                           help="the family to write (default: the one the model was imported from, model.hf_family, "
+                                "else the first that computes it)")
         if name in ("import-hf", "export-hf"):
             p.add_argument("--max-shard-gb", type=float, default=0.5, help="largest output file (and memory held), GiB")
         if name == "consolidate":

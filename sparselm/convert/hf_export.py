@@ -119,17 +119,22 @@ def write_hf_tokenizer(tokenizer, cfg, out: Path) -> None:
         "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False}, indent=1))
 
 
-def export_hf(path: str | Path, output: str | Path, fused: bool, max_shard_bytes: int, force: bool = False) -> Path:
+def export_hf(path: str | Path, output: str | Path, fused: bool, max_shard_bytes: int, force: bool = False,
+              family: str | None = None) -> Path:
     """The ``export-hf`` command: the checkpoint (or run directory's latest) at ``path`` as the Hugging Face
     family that computes it, streamed into sharded safetensors of at most ``max_shard_bytes`` with an index
     (one shard in memory at a time), config.json, generation_config.json and the tokenizer files under
-    ``output``; ``force`` replaces an existing ``output``.  Raises ConversionError (no family, missing tensors,
-    non-empty output) and CheckpointError before writing."""
+    ``output``; ``force`` replaces an existing ``output``; ``family`` names the family to write (default
+    ``choose_family``'s: the imported one, else the first that computes the model).  Raises ConversionError (no
+    family, missing tensors, non-empty output) and CheckpointError before writing."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     verify_checkpoint(ckpt)
     cfg, tensors = read_config(ckpt), open_model_tensors(ckpt, meta)
-    fam = choose_family(cfg)
+    fam = choose_family(cfg, family)
+    if family is None and cfg.model.hf_family and fam.name != cfg.model.hf_family:
+        print(f"model.hf_family={cfg.model.hf_family} (where it was imported from) cannot express this model any more; "
+              f"writing {fam.name}, the first family that can")
     tokenizer = load_tokenizer(ckpt)
     view = open_hf_view(tensors, fam, cfg, fused, ckpt)
     config = hf_config(fam, cfg, tokenizer.eod_id)

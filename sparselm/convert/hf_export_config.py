@@ -7,7 +7,7 @@ family, each feature it lacks.
 """
 from __future__ import annotations
 
-from sparselm.convert.hf_families import FAMILIES
+from sparselm.convert.hf_families import ALIASES, BY_NAME, FAMILIES
 from sparselm.convert.hf_family import Family, interval_fields
 from sparselm.convert.hf_rope import rope_parameters
 from sparselm.errors import ConversionError
@@ -131,11 +131,26 @@ def blockers(fam: Family, cfg) -> list[str]:
     return out
 
 
-def choose_family(cfg) -> Family:
-    """The first family of ``FAMILIES`` (dense or MoE, as ``cfg`` is) that expresses ``cfg``; ConversionError
-    naming what the closest one lacks otherwise."""
+def choose_family(cfg, family: str | None = None) -> Family:
+    """The family export writes ``cfg`` as: ``family`` when given (``export-hf --family``), else the one it was
+    imported from (``model.hf_family``) when that expresses it, else the first of ``FAMILIES`` (dense or MoE,
+    as ``cfg`` is) that does.  Raises ConversionError naming an unknown ``family`` and the known ones, what a
+    given ``family`` cannot express, or, when no family expresses ``cfg``, what the closest one lacks."""
+    if family is not None:
+        fam = ALIASES.get(family) or BY_NAME.get(family)
+        if fam is None:
+            raise ConversionError(f"--family {family} is not a family export-hf writes; choose one of "
+                                  + ", ".join(BY_NAME))
+        lacks = blockers(fam, cfg)
+        if lacks:
+            raise ConversionError(f"{fam.name} cannot express this model: " + "; ".join(lacks)
+                                  + "; leave out --family to write the first family that can")
+        return fam
     moe = "moe" in cfg.model.layer_kinds()
+    imported = BY_NAME.get(cfg.model.hf_family)
     order = [f for f in FAMILIES if f.moe == moe]
+    if imported is not None and imported.moe == moe:
+        order = [imported] + [f for f in order if f is not imported]
     found = {f.name: blockers(f, cfg) for f in order}
     for fam in order:
         if not found[fam.name]:

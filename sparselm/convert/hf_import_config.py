@@ -223,6 +223,7 @@ def sparselm_config(hf: dict) -> dict:
             model["rope"]["mscale_all_dim"] = mscale
     if fam.mtp_key:
         model["mtp_layers"] = int(hf.get(fam.mtp_key, hf.get("num_mtp_layers", 0)) or 0)
+    model["hf_family"] = fam.name
     out = {"model": model}
     if fam.moe:
         out["moe"], model["pattern"] = moe_overrides(hf, fam, problems), layer_kinds(hf, fam)

@@ -228,3 +228,26 @@ def test_exported_config_makes_transformers_compute_the_model(tmp_path, case):
     if "rotary_dim" in written:  # MiniMax-M2's legacy spelling, which other readers take: the same width
         assert written["rotary_dim"] == 2 * len(theirs["inv_freq"])
     assert theirs == ours, {k: (ours.get(k), theirs.get(k)) for k in ours if theirs.get(k) != ours.get(k)}
+
+
+def test_export_writes_the_family_the_model_came_from_or_the_one_named():
+    """A GLM-4-MoE with per-head q/k norms and neither biases nor partial rotary is a dots1 model too: imported
+    as glm4_moe (model.hf_family) it goes back as glm4_moe; --family picks either; a family that cannot express
+    the model, or that does not exist, is refused naming why; an imported family the model has outgrown (an
+    upcycled llama) gives way to the first family that expresses it."""
+    from sparselm.config import load_config
+    from sparselm.errors import ConversionError
+
+    def config(hf_family: str, overrides: dict) -> object:
+        merged = {**BASE, **overrides, "model": {**BASE["model"], **overrides.get("model", {}), "hf_family": hf_family}}
+        return load_config(None, merged)
+
+    both = {**GLM, "model": {**GLM["model"], "qkv_bias": False}}
+    assert choose_family(config("glm4_moe", both)).name == "glm4_moe"
+    assert choose_family(config("", both)).name == "dots1"
+    assert choose_family(config("glm4_moe", both), "dots1").name == "dots1"
+    with pytest.raises(ConversionError, match=r"^llama cannot express this model: MoE layers; leave out --family"):
+        choose_family(config("glm4_moe", both), "llama")
+    with pytest.raises(ConversionError, match=r"--family glm5 is not a family export-hf writes; choose one of llama"):
+        choose_family(config("glm4_moe", both), "glm5")
+    assert choose_family(config("llama", {"model": {"pattern": ["moe"]}, "moe": MOE})).name == "mixtral"
