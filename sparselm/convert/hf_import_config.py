@@ -181,8 +181,16 @@ def is_block_fp8(quant: dict) -> bool:
 
 def sparselm_config(hf: dict) -> dict:
     """config.json of a supported family -> sparselm config overrides {'model': ..., 'moe': ...}; raises
-    ConversionError with one line naming every field sparselm cannot compute as transformers does (or the
-    unsupported ``model_type``)."""
+    ConversionError with one line naming every field sparselm cannot compute as transformers does, a size
+    config.json lacks (the model's sizes are read, never defaulted), or the unsupported ``model_type``."""
+    try:
+        return _sparselm_config(hf)
+    except KeyError as err:
+        raise ConversionError(f"config.json of this {hf.get('model_type')} model has no '{err.args[0]}': import-hf "
+                              "reads the model's sizes from config.json, never defaults them; add it") from None
+
+
+def _sparselm_config(hf: dict) -> dict:
     fam = family_of(hf.get("model_type"))
     hf = with_defaults(hf)
     problems = []

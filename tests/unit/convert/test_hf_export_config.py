@@ -7,6 +7,8 @@ transformers' config class of the chosen family, offline.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -160,30 +162,37 @@ def transformers_computes(c, family: str) -> dict:
            "clip_qkv": getattr(c, "clip_qkv", None), "moe_layers": [False] * n,
            "interleave": family == "ernie4_5_moe"}  # Ernie4_5_Moe's apply_rotary_pos_emb: pairs (0, 1), (2, 3) ...
     if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "deepseek_v2", "dots1",
-                  "minimax_m2", "ernie4_5_moe"):
+                  "minimax_m2", "ernie4_5_moe", "gpt_oss", "glm4_moe_lite"):
         if family in ("qwen2_moe", "qwen3_moe"):
             dense = set(c.mlp_only_layers or [])
             moe = [i not in dense and (i + 1) % c.decoder_sparse_step == 0 for i in range(n)]
         elif family in ("glm4_moe", "deepseek_v3", "deepseek_v2", "dots1"):
             moe = [i >= c.first_k_dense_replace for i in range(n)]
+        elif family == "glm4_moe_lite":
+            moe = [t == "sparse" for t in c.mlp_layer_types]
         elif family == "ernie4_5_moe":  # Ernie4_5_MoeDecoderLayer
             moe = [(i + 1) % c.moe_layer_interval == 0 and c.moe_layer_start_index <= i <= c.moe_layer_end_index
                    for i in range(n)]
         else:
             moe = [True] * n
-        hidden = c.intermediate_size if family in ("mixtral", "olmoe", "minimax_m2") else c.moe_intermediate_size
+        hidden = (c.intermediate_size if family in ("mixtral", "olmoe", "minimax_m2", "gpt_oss")
+                  else c.moe_intermediate_size)
         shared = {"qwen2_moe": getattr(c, "shared_expert_intermediate_size", 0),
-                  "glm4_moe": getattr(c, "n_shared_experts", 0) * hidden,
-                  "deepseek_v3": getattr(c, "n_shared_experts", 0) * hidden,
-                  "deepseek_v2": getattr(c, "n_shared_experts", 0) * hidden,
-                  "dots1": getattr(c, "n_shared_experts", 0) * hidden,
-                  "ernie4_5_moe": getattr(c, "moe_num_shared_experts", 0) * hidden}.get(family, 0)
+                  "glm4_moe": (getattr(c, "n_shared_experts", 0) or 0) * hidden,
+                  "deepseek_v3": (getattr(c, "n_shared_experts", 0) or 0) * hidden,
+                  "deepseek_v2": (getattr(c, "n_shared_experts", 0) or 0) * hidden,
+                  "dots1": (getattr(c, "n_shared_experts", 0) or 0) * hidden,
+                  "glm4_moe_lite": (getattr(c, "n_shared_experts", 0) or 0) * hidden,
+                  "ernie4_5_moe": (getattr(c, "moe_num_shared_experts", 0) or 0) * hidden}.get(family, 0)
         out.update(moe_layers=moe, experts=getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
                    or c.n_routed_experts, top_k=c.num_experts_per_tok,
-                   renormalize=True if family in ("mixtral", "minimax_m2", "ernie4_5_moe") else c.norm_topk_prob,
+                   renormalize=True if family in ("mixtral", "minimax_m2", "ernie4_5_moe", "gpt_oss")
+                   else c.norm_topk_prob,
                    expert_hidden=hidden, shared_hidden=shared, shared_gate=family == "qwen2_moe" and shared > 0,
-                   score_func="sigmoid" if family in ("glm4_moe", "deepseek_v3", "dots1", "minimax_m2") else "softmax",
-                   selection_bias=family in ("glm4_moe", "deepseek_v3", "dots1", "minimax_m2", "ernie4_5_moe"),
+                   score_func="sigmoid" if family in ("glm4_moe", "deepseek_v3", "dots1", "minimax_m2", "glm4_moe_lite")
+                   else "softmax",
+                   selection_bias=family in ("glm4_moe", "deepseek_v3", "dots1", "minimax_m2", "ernie4_5_moe",
+                                             "glm4_moe_lite"),
                    n_group=getattr(c, "n_group", 1), topk_group=getattr(c, "topk_group", 1),
                    scaling=getattr(c, "routed_scaling_factor", 1.0))
         if family == "deepseek_v2":  # no renormalisation; groups (by their best expert) only when group-limited
@@ -192,13 +201,13 @@ def transformers_computes(c, family: str) -> dict:
                        topk_group=c.topk_group if grouped else 1)
             if grouped:
                 out["group_score"] = "max"
-    if family in ("deepseek_v3", "deepseek_v2"):
+    if family in ("deepseek_v3", "deepseek_v2", "glm4_moe_lite"):
         from transformers.modeling_rope_utils import yarn_apply_mscale
 
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         out.update(q_lora_rank=c.q_lora_rank or 0, kv_lora_rank=c.kv_lora_rank, qk_nope=c.qk_nope_head_dim,
                    qk_rope=c.qk_rope_head_dim, v_head=c.v_head_dim,
-                   interleave=c.rope_interleave if family == "deepseek_v3" else True,
+                   interleave=c.rope_interleave if family != "deepseek_v2" else True,
                    softmax_scale=pytest.approx(yarn_apply_mscale(c.rope_parameters, qk ** -0.5), rel=1e-12),
                    mtp=getattr(c, "num_nextn_predict_layers", 0), qk_norm="none", qkv_bias=False,
                    o_bias=c.attention_bias)
@@ -251,3 +260,46 @@ def test_export_writes_the_family_the_model_came_from_or_the_one_named():
     with pytest.raises(ConversionError, match=r"--family glm5 is not a family export-hf writes; choose one of llama"):
         choose_family(config("glm4_moe", both), "glm5")
     assert choose_family(config("llama", {"model": {"pattern": ["moe"]}, "moe": MOE})).name == "mixtral"
+
+
+FAMILY_SHAPES = {"deepseek_v3": {"kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+                                 "v_head_dim": 16}}
+FAMILY_SHAPES["deepseek_v2"] = FAMILY_SHAPES["glm4_moe_lite"] = FAMILY_SHAPES["deepseek_v3"]
+
+
+@pytest.mark.parametrize("family", sorted(__import__("sparselm.convert.hf_families", fromlist=["BY_NAME"]).BY_NAME))
+def test_a_config_json_that_leaves_keys_out_imports_with_transformers_defaults(family):
+    """A config.json holding only the model's sizes: transformers fills the rest with its config class's
+    defaults, which differ by family (Mixtral's rope_theta 1e6, Mistral's 4096-token window and 8 key/value
+    heads, GLM-4-MoE's partial rotary, first dense layer and renormalised weights, gpt-oss's yarn and sliding
+    layers, ERNIE's tied embeddings ...); import must compute what transformers then computes, setting by
+    setting."""
+    from sparselm.convert.hf_import_config import sparselm_config
+
+    cls = transformers.CONFIG_MAPPING[family]
+    full = json.loads(cls().to_json_string(use_diff=False))
+    sizes = ["hidden_size", "num_attention_heads", "vocab_size", "intermediate_size", "num_experts_per_tok",
+             "num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size", "moe_num_experts",
+             "moe_k"]
+    given = {k: full[k] for k in sizes if full.get(k) is not None}
+    given.update(num_hidden_layers=4, **FAMILY_SHAPES.get(family, {}))
+    for key, value in (("n_routed_experts", 4), ("num_experts_per_tok", 2)):
+        if key in full and full[key] is None:  # some families' default configs describe no routed experts
+            given[key] = value
+    if given["hidden_size"] % given["num_attention_heads"] and not full.get("head_dim"):
+        given["hidden_size"] = 64 * given["num_attention_heads"]  # GLM-4-MoE's default 4096 / 96 is no model's
+    theirs = transformers_computes(cls(**given), family)
+    cfg = load_config(None, {**sparselm_config({"model_type": family, **given}), "data": {"seq_len": 16}})
+    ours = model_computes(cfg)
+    assert theirs == ours, {k: (ours.get(k), theirs.get(k)) for k in ours.keys() | theirs.keys()
+                            if theirs.get(k) != ours.get(k)}
+
+
+def test_a_config_json_without_a_size_is_refused_naming_it():
+    from sparselm.convert.hf_import_config import sparselm_config
+    from sparselm.errors import ConversionError
+
+    sizes = {"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "vocab_size": 100, "intermediate_size": 64}
+    with pytest.raises(ConversionError, match="mixtral model has no 'num_experts_per_tok': .*add it"):
+        sparselm_config(sizes)
