@@ -35,6 +35,9 @@ CASES = {  # name -> (overrides on BASE, the family export must choose)
     "llama llama3, tied": ({"model": {"tie_embeddings": True, "rope": {
         "scaling": "llama3", "factor": 8.0, "original_max_seq_len": 16, "theta": 500000.0}}}, "llama"),
     "mistral": ({"model": {"attention_layers": ["sliding"], "sliding_window": 8, "head_dim": 24}}, "mistral"),
+    # written as the family imported from (model.hf_family) where the first to express it is another one: its
+    # defaults (Mistral's 4096-token window, GLM-4-MoE's partial rotary) must not apply
+    "mistral without windows, imported": ({"model": {"hf_family": "mistral"}}, "mistral"),
     "qwen2": ({"model": {"qkv_bias": True, "attention_layers": ["full", "sliding"], "sliding_window": 8}}, "qwen2"),
     "qwen3": ({"model": {"qk_norm": "per_head", "head_dim": 32}}, "qwen3"),
     "mixtral": ({"model": {"pattern": ["moe"]}, "moe": MOE}, "mixtral"),
@@ -49,6 +52,8 @@ CASES = {  # name -> (overrides on BASE, the family export must choose)
               "olmoe"),
     "glm4_moe whole-head rotary": (GLM, "glm4_moe"),
     "glm4_moe partial rotary": ({**GLM, "model": {**GLM["model"], "rotary_fraction": 0.5}}, "glm4_moe"),
+    "glm4_moe that dots1 also expresses, imported": ({**GLM, "model": {**GLM["model"], "qkv_bias": False,
+                                                                       "hf_family": "glm4_moe"}}, "glm4_moe"),
     "glm4_moe no qk norm, no bias": ({**GLM, "model": {**GLM["model"], "qk_norm": "none", "qkv_bias": False}},
                                      "glm4_moe"),
     "dots1 q/k/v/o biases, windows from layer 1": ({**GLM, "model": {
