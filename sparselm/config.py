@@ -99,7 +99,8 @@ class ModelConfig:
     values n_kv_heads * head_dim, whatever d_model is (Qwen3: head_dim 128)."""
     qkv_bias: bool = False
     """Biases in the query, key and value projections (Qwen2, Qwen2-MoE, GLM-4-MoE, gpt-oss); see o_bias for the output
-    projection's."""
+    projection's.  Under model.attention=mla: in the latent down-projections (q_a_proj with a query latent, and
+    kv_a_proj), where DeepSeek's attention_bias puts them."""
     o_bias: bool = False
     """A bias in the attention output projection (gpt-oss; transformers' attention_bias biases q, k, v and o)."""
     attention_sinks: bool = False
@@ -615,7 +616,7 @@ def validate_latent_attention(m) -> None:
             "model.attention=mla")
     require(m.n_kv_heads in (0, m.n_heads), f"model.n_kv_heads={m.n_kv_heads} with model.attention=mla: every head "
             "has its own key and value there; leave model.n_kv_heads at 0 (or n_heads)")
-    for name, off in (("qk_norm", "none"), ("qkv_bias", False), ("clip_qkv", 0.0), ("rotary_fraction", 1.0)):
+    for name, off in (("qk_norm", "none"), ("clip_qkv", 0.0), ("rotary_fraction", 1.0)):
         require(getattr(m, name) == off, f"model.{name}={getattr(m, name)!r} does not apply to model.attention=mla "
                 f"(its rotary part is model.qk_rope_head_dim); set model.{name}={off!r} or model.attention=mha")
 

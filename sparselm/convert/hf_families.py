@@ -75,7 +75,8 @@ MINIMAX_M2 = replace(MIXTRAL, name="minimax_m2", architecture="MiniMaxM2ForCausa
                                       ("num_key_value_heads", 8)))
 # DeepSeek-V3 (V3, V3.1, R1; Kimi K2 and Moonlight share it): GLM-4-MoE's router and experts with multi-head
 # latent attention, and its multi-token-prediction layers stored after the decoder layers
-DEEPSEEK_V3 = replace(GLM4_MOE, name="deepseek_v3", architecture="DeepseekV3ForCausalLM", qkv_bias_key=None,
+DEEPSEEK_V3 = replace(GLM4_MOE, name="deepseek_v3", architecture="DeepseekV3ForCausalLM", qkv_bias_key="attention_bias",
+                      o_bias_key="attention_bias",
                       qk_norm="none", qk_norm_key=None, partial_rotary=False, mla=True,
                       mtp_key="num_nextn_predict_layers", fixed_config=(),
                       config_defaults=(("n_shared_experts", 1), ("first_k_dense_replace", 3), ("norm_topk_prob", True),

@@ -38,16 +38,17 @@ class LatentAttention(nn.Module):
         self.kv_rank, self.window = mcfg.kv_lora_rank, window
         qk = self.nope + self.rope
         self.q_lora = mcfg.q_lora_rank > 0
+        # DeepSeek's attention_bias: the down-projections and the output projection (model.qkv_bias, o_bias)
         if self.q_lora:
-            self.q_a_proj = nn.Linear(d, mcfg.q_lora_rank, bias=False)
+            self.q_a_proj = nn.Linear(d, mcfg.q_lora_rank, bias=mcfg.qkv_bias)
             self.q_a_norm = QKNorm(mcfg.q_lora_rank, mcfg.latent_norm_eps)
             self.q_b_proj = nn.Linear(mcfg.q_lora_rank, h * qk, bias=False)
         else:
             self.q_proj = nn.Linear(d, h * qk, bias=False)
-        self.kv_a_proj = nn.Linear(d, self.kv_rank + self.rope, bias=False)
+        self.kv_a_proj = nn.Linear(d, self.kv_rank + self.rope, bias=mcfg.qkv_bias)
         self.kv_a_norm = QKNorm(self.kv_rank, mcfg.latent_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_rank, h * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=mcfg.o_bias)
         self.o_proj.is_output_proj = True
         self.rotary = Rotary(mcfg, dim=self.rope)
         self.scale = latent_softmax_scale(mcfg, qk)

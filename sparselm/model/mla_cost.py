@@ -20,8 +20,11 @@ def latent_weights(m) -> int:
 
 
 def latent_params(m) -> int:
-    """Parameters of one MLA: the projections' weights and the latent norms' weights."""
-    return latent_weights(m) + m.q_lora_rank + m.kv_lora_rank
+    """Parameters of one MLA: the projections' weights, their biases (model.qkv_bias: the down-projections';
+    model.o_bias: the output projection's) and the latent norms' weights."""
+    h, qk, v, qr, kr, rope = latent_widths(m)
+    biases = (qr + kr + rope) * m.qkv_bias + m.d_model * m.o_bias
+    return latent_weights(m) + biases + m.q_lora_rank + m.kv_lora_rank
 
 
 def latent_core_flops(m, keys: float, padded: bool = False) -> float:

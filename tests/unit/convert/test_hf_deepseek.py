@@ -2,7 +2,7 @@
 DeepseekV3 and DeepseekV2.
 
 Tiny random models built offline.  Both values of every switch of the family that changes the computation
-appear: a query latent or one q_proj, interleaved or half-split rope, yarn with mscale_all_dim (softmax-scale
+appear: a query latent or one q_proj, projection biases (attention_bias) or none, interleaved or half-split rope, yarn with mscale_all_dim (softmax-scale
 fold) or default rope, renormalised or raw top-k weights, tied or untied embeddings, per-expert or fused expert
 names; multi-token-prediction layers kept (or dropped by --drop-mtp), and block-scaled fp8 weights with shapes
 that are no multiple of the block.  Logits within 1e-5 in fp32 both ways; greedy generation identical.
@@ -26,6 +26,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attenti
               rms_norm_eps=1e-6)
 CONFIGS = {
     "latent_q_interleaved_yarn": dict(q_lora_rank=24, rope_interleave=True, norm_topk_prob=True, tie_word_embeddings=False,
+                                      attention_bias=True,
                                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                        "original_max_position_embeddings": 32, "mscale": 1.0,
                                                        "mscale_all_dim": 0.8}),
@@ -37,6 +38,7 @@ CONFIGS = {
 
 V2 = {  # DeepSeek-V2: softmax scores, no renormalisation, groups by their best expert or none, complex-pair rope
     "v2_group_max_one_q": dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                               attention_bias=True,
                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "v2_greedy_latent_q_yarn": dict(q_lora_rank=24, topk_method="greedy", rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
@@ -288,7 +290,7 @@ def test_block_fp8_weights_are_dequantized_while_streaming(tmp_path):
 
 def test_what_sparselm_cannot_compute_is_refused_in_one_line(tmp_path):
     save(tiny_hf_model("one_q_half_split_default"), tmp_path / "hf")
-    edit_config(tmp_path / "hf", attention_bias=True)
-    with pytest.raises(ConversionError, match="attention_bias=True") as err:
+    edit_config(tmp_path / "hf", hidden_act="gelu")
+    with pytest.raises(ConversionError, match=r"hidden_act='gelu' \(supported: silu") as err:
         convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
     assert "\n" not in str(err.value) and not (tmp_path / "ours").exists()

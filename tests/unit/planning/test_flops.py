@@ -32,13 +32,15 @@ VARIANTS = {
                                        "--moe.router_bias=true", "--moe.expert_biases=true", "--moe.swiglu_limit=7",
                                        "--model.n_kv_heads=2", "--model.pattern=moe,allattn",
                                        "--attention.persistent_slots=24"]),
-    # multi-head latent attention: query latent, interleaved rope, yarn's softmax-scale fold, MoE beside it;
+    # multi-head latent attention: query latent, interleaved rope, yarn's softmax-scale fold, DeepSeek's projection
+    # biases, MoE beside it;
     # and one query projection, no unrotated channels, a sliding layer
     "mla_q_lora_moe": ("tiny_moe", ["--model.attention=mla", "--model.q_lora_rank=24", "--model.kv_lora_rank=16",
                                     "--model.qk_nope_head_dim=16", "--model.qk_rope_head_dim=8",
                                     "--model.v_head_dim=24", "--model.rope_interleave=true",
                                     "--model.rope.scaling=yarn", "--model.rope.factor=4",
-                                    "--model.rope.original_max_seq_len=32", "--model.rope.mscale_all_dim=1.0"]),
+                                    "--model.rope.original_max_seq_len=32", "--model.rope.mscale_all_dim=1.0",
+                                    "--model.qkv_bias=true", "--model.o_bias=true"]),
     "mla_no_q_lora_sliding": ("tiny_dense", ["--model.attention=mla", "--model.kv_lora_rank=32",
                                              "--model.qk_nope_head_dim=0", "--model.qk_rope_head_dim=16",
                                              "--model.v_head_dim=16", "--model.attention_layers=full,sliding",
