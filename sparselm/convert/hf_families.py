@@ -18,12 +18,17 @@ from sparselm.convert.hf_family import (
 )
 from sparselm.errors import ConversionError
 
-LLAMA = Family("llama", "LlamaForCausalLM")
-MISTRAL = replace(LLAMA, name="mistral", architecture="MistralForCausalLM", window="all",
+# Llama's attention_bias biases q, k, v and o together (as Qwen3's, OLMoE's, dots1's, gpt-oss's); Mistral, Mixtral,
+# Qwen2(-MoE), MiniMax-M2 and ERNIE ignore the key (transformers builds their projections without it)
+LLAMA = Family("llama", "LlamaForCausalLM", qkv_bias_key="attention_bias", o_bias_key="attention_bias")
+MISTRAL = replace(LLAMA, name="mistral", architecture="MistralForCausalLM", window="all", qkv_bias_key=None,
+                  o_bias_key=None,
                   config_defaults=(("num_key_value_heads", 8), ("sliding_window", 4096)))
 QWEN2 = replace(LLAMA, name="qwen2", architecture="Qwen2ForCausalLM", qkv_bias=True, window="per_layer",
+                qkv_bias_key=None, o_bias_key=None,
                 window_switch=True, legacy_window_layers=slides_from_max_window_layers)
-QWEN3 = replace(QWEN2, name="qwen3", architecture="Qwen3ForCausalLM", qkv_bias=False, qk_norm="per_head")
+QWEN3 = replace(QWEN2, name="qwen3", architecture="Qwen3ForCausalLM", qkv_bias=False, qk_norm="per_head",
+                qkv_bias_key="attention_bias", o_bias_key="attention_bias")
 
 MIXTRAL = replace(MISTRAL, name="mixtral", architecture="MixtralForCausalLM", moe=True, experts_key="num_local_experts",
                   expert_hidden_key="intermediate_size", expert_hidden_reads=("intermediate_size",),
@@ -33,6 +38,7 @@ MIXTRAL = replace(MISTRAL, name="mixtral", architecture="MixtralForCausalLM", mo
 QWEN3_MOE = replace(QWEN3, name="qwen3_moe", architecture="Qwen3MoeForCausalLM", moe=True, window="all",
                     legacy_window_layers=None, dense_layers="listed", config_defaults=(("num_key_value_heads", 4),))
 QWEN2_MOE = replace(QWEN2, name="qwen2_moe", architecture="Qwen2MoeForCausalLM", moe=True, qkv_bias_key="qkv_bias",
+                    o_bias_key=None,
                     legacy_window_layers=slides_on_even_layers_below_max_window_layers, dense_layers="listed",
                     shared_experts=SharedExperts("shared_expert_intermediate_size", "shared_expert", key_is_width=True,
                                                  gated=True),
@@ -47,6 +53,7 @@ DOTS1 = replace(QWEN3, name="dots1", architecture="Dots1ForCausalLM", moe=True, 
                 shared_experts=SharedExperts("n_shared_experts", "shared_experts"),
                 config_defaults=(("sliding_window", 4096), ("max_window_layers", 62)))
 GLM4_MOE = replace(LLAMA, name="glm4_moe", architecture="Glm4MoeForCausalLM", moe=True, qkv_bias_key="attention_bias",
+                   o_bias_key=None,
                    qk_norm="per_head", qk_norm_key="use_qk_norm", partial_rotary=True, experts_key="n_routed_experts",
                    score_func="sigmoid", selection_bias=True, group_routing=True, dense_layers="first",
                    shared_experts=SharedExperts("n_shared_experts", "shared_experts"),
@@ -95,7 +102,8 @@ GLM4_MOE_LITE = replace(DEEPSEEK_V3, name="glm4_moe_lite", architecture="Glm4Moe
 # ERNIE-4.5-MoE (21B-A3B, 300B-A47B): Llama attention with interleaved rope pairs, softmax scores with a selection
 # bias kept [1, E] in moe_statics, always renormalised, ungated shared experts, MoE layers placed by start, end
 # and interval; its multi-token-prediction tensors (model.mtp_*) are refused, or left out with --drop-mtp
-ERNIE4_5_MOE = replace(LLAMA, name="ernie4_5_moe", architecture="Ernie4_5_MoeForCausalLM", moe=True,
+ERNIE4_5_MOE = replace(LLAMA, name="ernie4_5_moe", architecture="Ernie4_5_MoeForCausalLM", moe=True, qkv_bias_key=None,
+                       o_bias_key=None,
                        config_defaults=(("tie_word_embeddings", True), ("rope_theta", 500000.0), ("rms_norm_eps", 1e-5),
                                         ("max_position_embeddings", 131072), ("intermediate_size", 12288),
                                         ("moe_intermediate_size", 1536), ("moe_num_experts", 64), ("moe_k", 6),

@@ -92,7 +92,8 @@ class Family:
     # ---------------------------------------------------------------- attention
     qkv_bias_key: str | None = None
     """config.json key that switches q/k/v projection biases (and only those); None: the family has them always
-    or never (``qkv_bias``).  Without one, ``attention_bias`` (which also biases o_proj) is refused."""
+    or never (``qkv_bias``).  A family with neither this key nor ``o_bias_key`` ignores ``attention_bias``, as
+    transformers builds it (Mistral, Mixtral, Qwen2, MiniMax-M2)."""
     qkv_bias: bool = False
     """q/k/v biases when ``qkv_bias_key`` is None (always there: Qwen2), else the key's default when absent."""
     qk_norm: Literal["none", "per_head", "full"] = "none"

@@ -22,9 +22,7 @@ def attention_overrides(hf: dict, fam: Family, problems: list[str]) -> dict:
         out["qkv_bias"] = bool(hf.get(fam.qkv_bias_key, fam.qkv_bias))
     elif fam.qkv_bias:
         out["qkv_bias"] = True
-    elif hf.get("attention_bias"):
-        problems.append(unsupported("attention_bias", True, "false: this family's attention_bias also puts a bias on "
-                                    "o_proj, which sparselm does not have"))
+    # a family without either key ignores attention_bias, as transformers builds it
     if fam.qk_norm != "none" and (fam.qk_norm_key is None or hf.get(fam.qk_norm_key)):
         out["qk_norm"] = fam.qk_norm
     if fam.clip_qkv:

@@ -194,7 +194,6 @@ def _edit_config(hf_dir, drop=(), **values):
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_parameters.rope_type='dynamic'"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),  # was imported silently as silu
     ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config.quant_method='bitsandbytes'"),
-    ({"attention_bias": True}, "attention_bias=True"),  # Llama's also biases o_proj
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"model_type": "deepseek_v3", "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
      "kv_lora_rank=None (supported: the latent widths of multi-head latent attention"),

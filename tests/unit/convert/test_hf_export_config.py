@@ -151,8 +151,10 @@ def transformers_computes(c, family: str) -> dict:
     n = c.num_hidden_layers
     types = getattr(c, "layer_types", None) or ["sliding_attention"] * n
     window = getattr(c, "sliding_window", None) or 0
-    bias = {"qwen2": True, "qwen2_moe": getattr(c, "qkv_bias", False)}.get(family, getattr(c, "attention_bias", False))
-    o_bias = family not in ("qwen2", "qwen2_moe", "glm4_moe") and bool(getattr(c, "attention_bias", False))
+    ignored = family in ("mistral", "mixtral", "qwen2", "qwen2_moe", "minimax_m2")  # built without attention_bias
+    bias = {"qwen2": True, "qwen2_moe": getattr(c, "qkv_bias", False)}.get(
+        family, not ignored and bool(getattr(c, "attention_bias", False)))
+    o_bias = family != "glm4_moe" and not ignored and bool(getattr(c, "attention_bias", False))
     all_bias = family == "ernie4_5_moe" and bool(c.use_bias)  # q, k, v, o, the MLPs and lm_head
     if family == "ernie4_5_moe":
         bias = o_bias = all_bias

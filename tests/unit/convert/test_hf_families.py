@@ -2,7 +2,8 @@
 
 Every family is a tiny random model built offline with transformers' classes, its distinctive options on
 (Qwen2-MoE's shared-expert gate and q/k/v biases, Qwen3's head_dim != d_model / heads, OLMoE's full-width q/k
-norm and clip_qkv, Llama 3 rope scaling, GLM-4-MoE's group-limited sigmoid routing, partial rotary and
+norm and clip_qkv, Llama 3 rope scaling, Llama's attention_bias on q, k, v and o (Mistral's, ignored by
+transformers, ignored too), GLM-4-MoE's group-limited sigmoid routing, partial rotary and
 dense first layer, Mistral / Qwen2 sliding windows shorter than the sequence, gpt-oss's sinks, q/k/v/o biases,
 alternating windows, yarn without truncation, biased router and experts, interleaved gate/up and a clamped
 SwiGLU whose limit the tiny weights reach, and its MXFP4 experts; dots1's q/k/v/o biases, windows from
@@ -39,10 +40,10 @@ def family_config(family: str):
         return T.LlamaConfig(**COMMON, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                         "original_max_position_embeddings": 32})
     if family == "llama_linear":
-        return T.LlamaConfig(**{**COMMON, "tie_word_embeddings": True},
+        return T.LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, attention_bias=True,  # q, k, v and o biased
                              rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
     if family == "mistral":
-        return T.MistralConfig(**COMMON, sliding_window=8, head_dim=24)
+        return T.MistralConfig(**COMMON, sliding_window=8, head_dim=24, attention_bias=True)  # Mistral ignores it
     if family == "qwen2":
         return T.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     if family == "qwen3":
