@@ -1,12 +1,16 @@
 """Multi-head latent attention and multi-token prediction under every layout: the same losses, auxiliary losses,
-gradient norms (and each prediction depth's loss) as one process (fp32, 4 steps, clipping active).
+gradient norms (and each prediction depth's loss) as one process (fp32, 4 steps, clipping active); so do ZeRO-3
+with CPU offload, activation recomputation (full, selective) and train.compile.
 
 The model (one case: MLA alone is also checked against one process, gradient by gradient, in
 test_tensor_parallel.py): two MLA blocks (a query latent, interleaved rope, yarn's softmax-scale fold, v_head_dim != qk
 width), a dense one and an MoE one with a shared expert, and two multi-token-prediction depths (MoE blocks;
 under pp2 on the last stage, with its copy of the embedding).  One spawn of a one-process world trains the
-reference under ZeRO-1; one spawn of a 4-rank gloo world trains, with the real Trainer, tp2 x dp2 (heads split,
-latent down-projections whole on each rank), pp2 x dp2, ep2 x dp4, ZeRO-3 over dp4.
+reference under ZeRO-1, and the same with train.compile (every block compiled, the MTP depths' too; backend
+aot_eager: dynamo's capture and AOT autograd without inductor's C++ build); one spawn of a 4-rank gloo world
+trains, with the real Trainer, tp2 x dp2 (heads split, latent down-projections whole on each rank), pp2 x dp2,
+ep2 x dp4, ZeRO-3 over dp4 (also with parameters and optimizer offloaded to the CPU), tp2 x dp2 recomputing
+every block whole (parallel.recompute=full) and pp2 x dp2 recomputing all but the weight matmuls (selective).
 """
 from __future__ import annotations
 
@@ -35,8 +39,14 @@ SETTINGS = {
     "pp2": ["--parallel.ds_config=zero1", "--parallel.pp=2", "--train.micro_batch_size=1"],
     "ep2": ["--parallel.ds_config=zero1", "--parallel.ep=2"],
     "zero3": ["--parallel.ds_config=zero3"],
+    "zero3_offload": ["--parallel.ds_config=zero3_offload"],
+    "tp2_full": ["--parallel.ds_config=zero1", "--parallel.tp=2", "--parallel.recompute=full"],
+    "pp2_selective": ["--parallel.ds_config=zero1", "--parallel.pp=2", "--train.micro_batch_size=1",
+                      "--parallel.recompute=selective"],
+    "compile": ["--parallel.ds_config=zero1", "--train.compile=true"],
 }
-LAYOUTS = ["tp2", "pp2", "ep2", "zero3"]
+LAYOUTS = ["tp2", "pp2", "ep2", "zero3", "zero3_offload", "tp2_full", "pp2_selective"]
+ONE_PROCESS = ["compile"]  # train.compile is refused with ZeRO-3; one process shows the compiled blocks' numbers
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -44,35 +54,45 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def train_jobs(rank, world, jobs, out):
-    """Train each (case, setting) in this world with the real Trainer; rank 0 returns every run's metrics."""
+    """Train each (case, setting) in this world with the real Trainer; rank 0 returns every run's metrics (and,
+    under train.compile, how many of the model's blocks were compiled: key (case, setting, 'compiled'))."""
+    import sparselm.training.compile
     from sparselm.config import load_config
     from sparselm.training.runtime import quiet_third_party
 
     quiet_third_party()
     from sparselm.training.trainer import Trainer
 
+    sparselm.training.compile.BACKEND = "aot_eager"
+    compiled = {}
     for case, setting in jobs:
         cfg = load_config("tiny_moe", BASE + CASES[case] + SETTINGS[setting]
                           + [f"--train.out_dir={Path(out) / f'{case}-{setting}'}"])
         trainer = Trainer(cfg)
         try:
             trainer.run()
+            if cfg.train.compile:
+                blocks = list(trainer.module.layers) + [depth.block for depth in trainer.module.mtp]
+                compiled[(case, setting, "compiled")] = (sum(b._compiled_call_impl is not None for b in blocks),
+                                                         len(blocks))
         finally:
             trainer.close()
-    return {job: _rows(Path(out) / f"{job[0]}-{job[1]}") for job in jobs} if rank == 0 else None
+    rows = {job: _rows(Path(out) / f"{job[0]}-{job[1]}") for job in jobs}
+    return {**rows, **compiled} if rank == 0 else None
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """Metrics of every (case, setting): the one-process references and the 4-rank layouts."""
     out = tmp_path_factory.mktemp("mla")
-    rows = run_distributed(train_jobs, 1, [(case, "one") for case in CASES], str(out / "one"))[0]
+    rows = run_distributed(train_jobs, 1, [(case, s) for case in CASES for s in ["one", *ONE_PROCESS]],
+                           str(out / "one"))[0]
     jobs = [(case, layout) for case in CASES for layout in LAYOUTS]
     rows.update(run_distributed(train_jobs, WORLD, jobs, str(out / "four"))[0])
     return rows
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS + ONE_PROCESS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_trains_as_one_process(runs, case, layout):
     ref, rows = runs[(case, "one")], runs[(case, layout)]
@@ -82,3 +102,9 @@ def test_layout_trains_as_one_process(runs, case, layout):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), (case, layout, got["step"], key)
     worst = {key: max(abs(g[key] - w[key]) / max(abs(w[key]), 1e-12) for g, w in zip(rows, ref)) for key in KEYS[case]}
     print(f"{case} {layout}: max rel |diff| over 4 steps: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compile_compiles_every_block_and_each_prediction_depth(runs, case):
+    done, blocks = runs[(case, "compile", "compiled")]
+    assert done == blocks == 2 + 2  # two layers, two multi-token-prediction depths
