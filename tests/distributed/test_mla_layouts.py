@@ -1,6 +1,7 @@
 """Multi-head latent attention and multi-token prediction under every layout: the same losses, auxiliary losses,
-gradient norms (and each prediction depth's loss) as one process (fp32, 4 steps, clipping active); so do ZeRO-3
-with CPU offload, activation recomputation (full, selective) and train.compile.
+gradient norms, each prediction depth's loss and every layer statistic as one process (fp32, 4 steps, clipping
+active); so do ZeRO-3 with CPU offload, activation recomputation (full, selective; the MTP depths' blocks
+recomputed too) and train.compile.
 
 The model (one case: MLA alone is also checked against one process, gradient by gradient, in
 test_tensor_parallel.py): two MLA blocks (a query latent, interleaved rope, yarn's softmax-scale fold, v_head_dim != qk
@@ -54,6 +55,12 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
+def _rel(got, want) -> float:
+    """Largest relative difference of two numbers or lists of numbers (a per-expert statistic)."""
+    pairs = zip(got, want) if isinstance(want, list) else [(got, want)]
+    return max(abs(g - w) / max(abs(w), 1e-12) for g, w in pairs)
+
+
 def train_jobs(rank, world, jobs, out):
     """Train each (case, setting) in this world with the real Trainer; rank 0 returns every run's metrics, every
     rank under train.compile how many of its modules were compiled (key (case, setting, 'compiled'))."""
@@ -98,11 +105,18 @@ def runs(tmp_path_factory) -> dict:
 def test_layout_trains_as_one_process(runs, case, layout):
     ref, rows = runs[(case, "one")], runs[(case, layout)]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # and every layer statistic, the MTP depths' blocks' (layers 2 and 3) included: a recomputed or compiled
+    # forward counts expert loads once
+    layer_keys = sorted(k for k in ref[0] if k.startswith("layer"))
+    assert {k.split("/")[0] for k in layer_keys} == {"layer1", "layer2", "layer3"}
     for got, want in zip(rows, ref):
-        for key in KEYS[case]:
+        assert sorted(k for k in got if k.startswith("layer")) == layer_keys
+        for key in (*KEYS[case], *layer_keys):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), (case, layout, got["step"], key)
-    worst = {key: max(abs(g[key] - w[key]) / max(abs(w[key]), 1e-12) for g, w in zip(rows, ref)) for key in KEYS[case]}
-    print(f"{case} {layout}: max rel |diff| over 4 steps: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    worst = {key: max(_rel(g[key], w[key]) for g, w in zip(rows, ref)) for key in (*KEYS[case], *layer_keys)}
+    layers = max(worst.pop(key) for key in layer_keys)
+    print(f"{case} {layout}: max rel |diff| over 4 steps: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+          + f", layer statistics {layers:.1e}")
 
 
 @pytest.mark.parametrize("case", list(CASES))
