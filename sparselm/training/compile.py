@@ -1,10 +1,10 @@
 """``train.compile``: each transformer block compiled with ``torch.compile`` before the engine is built.
 
-As torchtitan's ``apply_compile``: one compile per block (the blocks share their code, so the graphs are
-reused across layers of a kind; the multi-token-prediction depths' blocks too), applied to the outermost module of each block, after any wrapping
-(activation recomputation included), in place (``nn.Module.compile``: parameter names and checkpoints are
-unchanged).  Where a shape depends on the data (MoE routing counts), dynamo breaks the graph and compiles
-the pieces around it; the first step with new sizes marks them dynamic, so steps after that reuse the
+As torchtitan's ``apply_compile``: one compile per block, the multi-token-prediction depths' blocks included (the
+blocks share their code, so the graphs are reused across layers of a kind), applied to the outermost module of each
+block, after any wrapping (activation recomputation included), in place (``nn.Module.compile``: parameter names and
+checkpoints are unchanged). Where a shape depends on the data (MoE routing counts), dynamo breaks the graph and
+compiles the pieces around it; the first step with new sizes marks them dynamic, so steps after that reuse the
 compiled code instead of recompiling.
 """
 from __future__ import annotations
