@@ -229,8 +229,8 @@ class ParallelConfig:
     'selective' keeps the blocks' weight-matmul outputs and recomputes attention core, norms, activations
     and MoE dispatch (less memory saved, little time); 'none' keeps every activation."""
     recompute_every: int = 1
-    """With parallel.recompute: recompute every N-th block (blocks N-1, 2N-1, ...); 1: all blocks.  At most
-    model.n_layers."""
+    """With parallel.recompute: recompute every N-th block (blocks N-1, 2N-1, ..., the multi-token-prediction
+    depths' blocks counted after the model.n_layers decoder blocks); 1: all blocks.  At most model.n_layers."""
     timeout_minutes: float = 30.0
     """Minutes a collective (or the start-up rendezvous) may wait for the other ranks before it fails
     with an error instead of hanging, in every process group the run creates (torch.distributed's

@@ -2,7 +2,8 @@
 
 ``apply_recompute(model, cfg)`` makes every ``parallel.recompute_every``-th block (blocks every-1,
 2*every-1, ...) recompute in backward what it did not keep in forward, with torch's non-reentrant
-``torch.utils.checkpoint`` (as torchtitan; it works under tensor, expert and data parallelism, ZeRO 0-3 and
+``torch.utils.checkpoint`` (as torchtitan; the multi-token-prediction depths' blocks are numbered after
+the decoder layers and chosen alike; it works under tensor, expert and data parallelism, ZeRO 0-3 and
 DeepSpeed's pipeline stages alike, since it acts inside a block's forward):
 - ``full``: a block keeps only its input; backward runs its whole forward again (Megatron's
   ``--recompute-granularity full``, torchtitan's full AC).
@@ -116,12 +117,15 @@ class RecomputedBlock(Block):
 
 def apply_recompute(model, cfg):
     """Swap the chosen blocks of ``model`` (a ``SparseLM``, any device) for ``RecomputedBlock``s in place under
-    ``parallel.recompute`` none|full|selective; returns ``model``."""
+    ``parallel.recompute`` none|full|selective; returns ``model``.  The multi-token-prediction depths' blocks
+    count after the decoder layers (layer indices n_layers, n_layers + 1, ...; with recompute_every=1 all are
+    recomputed, as Megatron-LM recomputes its MTP layers)."""
     p = cfg.parallel
     if p.recompute == "none":
         return model
-    for i in recomputed_layers(len(model.layers), p.recompute_every):
-        block = model.layers[i]
+    blocks = dict(model.all_blocks())
+    for i in recomputed_layers(len(blocks), p.recompute_every):
+        block = blocks[i]
         if not isinstance(block, Block):
             raise TypeError(f"parallel.recompute: layer {i} is a {type(block).__name__}, not a transformer Block")
         block.__class__ = RecomputedBlock

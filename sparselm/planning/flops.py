@@ -131,19 +131,26 @@ def _blocks(cfg, seq_len: int, mode: str):
         yield kind, total, active, cost.forward_flops(cfg, i, _visible_context_keys(cfg, i, seq_len, mode), seq_len, mode)
 
 
+def _mtp_blocks(cfg, seq_len: int, mode: str):
+    """Per multi-token-prediction depth (model.mtp_layers): (total params, active params, forward FLOPs by
+    component) of its block alone (the last layer's kind, layer index n_layers + k)."""
+    m = cfg.model
+    cost = block_cost(m.layer_kinds()[-1])
+    for k in range(m.mtp_layers):
+        i = m.n_layers + k
+        yield (*cost.params(cfg, i), cost.forward_flops(cfg, i, _visible_context_keys(cfg, i, seq_len, mode), seq_len,
+                                                         mode))
+
+
 def _mtp_depths(cfg, seq_len: int, mode: str):
     """Per multi-token-prediction depth (model.mtp_layers): (total params, active params, forward FLOPs) of its
     block (the last layer's kind), its two input norms, ``eh_proj`` [d, 2d] and final norm, the FLOPs of the
     shared output projection it runs included."""
     m = cfg.model
-    kind = m.layer_kinds()[-1]
-    cost = block_cost(kind)
-    for k in range(m.mtp_layers):
-        i = m.n_layers + k
-        total, active = cost.params(cfg, i)
-        own = 2 * m.d_model * m.d_model + 3 * m.d_model
-        flops = sum(cost.forward_flops(cfg, i, _visible_context_keys(cfg, i, seq_len, mode), seq_len, mode).values())
-        yield total + own, active + own, flops + 2 * 2 * m.d_model * m.d_model + 2 * m.vocab_size * m.d_model
+    own = 2 * m.d_model * m.d_model + 3 * m.d_model
+    for total, active, flops in _mtp_blocks(cfg, seq_len, mode):
+        yield (total + own, active + own,
+               sum(flops.values()) + 2 * 2 * m.d_model * m.d_model + 2 * m.vocab_size * m.d_model)
 
 
 def param_counts(cfg) -> ParamCounts:
@@ -203,9 +210,10 @@ def _recomputed_forward(cfg, seq_len: int, mode: str) -> float:
     p = cfg.parallel
     if p.recompute == "none":
         return 0.0
-    chosen = set(recomputed_layers(cfg.model.n_layers, p.recompute_every))
+    chosen = set(recomputed_layers(cfg.model.n_layers + cfg.model.mtp_layers, p.recompute_every))
+    blocks = [flops for *_, flops in _blocks(cfg, seq_len, mode)] + [f for *_, f in _mtp_blocks(cfg, seq_len, mode)]
     total = 0.0
-    for i, (_, _, _, flops) in enumerate(_blocks(cfg, seq_len, mode)):
+    for i, flops in enumerate(blocks):  # the decoder layers, then the multi-token-prediction depths' blocks
         if i in chosen:
             total += sum(v for k, v in flops.items() if p.recompute == "full" or k in SELECTIVE_RECOMPUTES)
     return total

@@ -33,13 +33,16 @@ def precision_bytes(ds: dict) -> int:
 
 
 def stage_activations(cfg, layers: list[int], tp: int, act_bytes: int, ends: float) -> dict:
-    """Activation elements per token of one micro-batch on a stage holding blocks ``layers`` on a
-    tensor-parallel rank of ``tp``, under each parallel.recompute mode (with the config's recompute_every):
+    """Activation elements per token of one micro-batch on a stage holding blocks ``layers`` (the
+    multi-token-prediction depths' blocks numbered after the decoder layers, of the last layer's kind) on a
+    tensor-parallel rank of ``tp``, under each parallel.recompute mode (with the config's recompute_every, which
+    counts on into the depths' blocks as ``parallel.recompute`` does):
     {mode: (kept from forward to backward, the largest block rebuilt at a time in backward)}.  Per block from
     its kind's cost model (``activation_elems``; ``matmul_elems`` for selective).  ``ends``: embedding and head
     elements.  Raises ConfigError for a kind without a cost model."""
-    kinds = cfg.model.layer_kinds()
-    chosen = set(recomputed_layers(cfg.model.n_layers, cfg.parallel.recompute_every))
+    m = cfg.model
+    kinds = m.layer_kinds() + m.layer_kinds()[-1:] * m.mtp_layers
+    chosen = set(recomputed_layers(m.n_layers + m.mtp_layers, cfg.parallel.recompute_every))
     whole = {i: block_cost(kinds[i]).activation_elems(cfg, tp, act_bytes) for i in layers}
     kept = {i: min(whole[i], block_cost(kinds[i]).matmul_elems(cfg, tp, act_bytes)) for i in layers}
     plain = sum(v for i, v in whole.items() if i not in chosen) + ends
@@ -49,16 +52,14 @@ def stage_activations(cfg, layers: list[int], tp: int, act_bytes: int, ends: flo
             "selective": (plain + sum(kept[i] for i in mine), max((whole[i] - kept[i] for i in mine), default=0.0))}
 
 
-def mtp_depth_activations(cfg, tp: int, act_bytes: int, logits: float) -> float:
-    """Activation elements per token one multi-token-prediction depth (``sparselm.model.mtp``) keeps: the
-    embedding of the token ahead and both input norms' outputs (the main hidden state is the final norm's
-    input, counted already), their concatenation [2 x d_model] that ``eh_proj`` reads, one block of the last
-    layer's kind, its own final norm's input and output, and ``logits``: its fp32 log-probabilities (the main
-    head's figure also holds the logits' gradient, which backward makes for one head at a time).  Depths are
-    not recomputed (parallel.recompute covers the decoder layers)."""
-    d = cfg.model.d_model
-    block = block_cost(cfg.model.layer_kinds()[-1]).activation_elems(cfg, tp, act_bytes)
-    return 5 * d + block + 2 * d + logits
+def mtp_depth_ends(cfg, logits: float) -> float:
+    """Activation elements per token one multi-token-prediction depth (``sparselm.model.mtp``) keeps beside its
+    block (which ``stage_activations`` counts, recomputed or not as the decoder layers): the embedding of the
+    token ahead and both input norms' outputs (the main hidden state is the final norm's input, counted
+    already), their concatenation [2 x d_model] that ``eh_proj`` reads, its own final norm's input and output,
+    and ``logits``: its fp32 log-probabilities (the main head's figure also holds the logits' gradient, which
+    backward makes for one head at a time)."""
+    return 7 * cfg.model.d_model + logits
 
 
 @dataclass
@@ -128,12 +129,14 @@ def rank_memory(cfg, layout, s: StageHold, rank: int, zero_stage: int, offload_o
     if chunk and micro * cfg.data.seq_len / layout.cp > chunk:  # the chunked loss holds one chunk's logits
         logits *= chunk / tokens
     ends = (d if s.first else 0) + ((2 * d + logits) if s.last else 0)
-    if s.last and cfg.model.mtp_layers:  # every depth runs on the last stage and is never recomputed
-        ends += cfg.model.mtp_layers * mtp_depth_activations(cfg, t, a, logits * 4 / (a + 8))
+    blocks = list(s.layers)
+    if s.last and cfg.model.mtp_layers:  # every depth runs on the last stage
+        ends += cfg.model.mtp_layers * mtp_depth_ends(cfg, logits * 4 / (a + 8))
+        blocks += [cfg.model.n_layers + k for k in range(cfg.model.mtp_layers)]
     if layout.cp > 1 and cfg.parallel.cp_method == "allgather":  # each layer keeps the gathered keys and values
         ends += len(s.layers) * 2 * cfg.model.kv_heads / t * cfg.model.head_width * layout.cp
     modes = {m: (tokens * a * kept, tokens * a * rebuilt)
-             for m, (kept, rebuilt) in stage_activations(cfg, s.layers, t, a, ends).items()}
+             for m, (kept, rebuilt) in stage_activations(cfg, blocks, t, a, ends).items()}
     mode = cfg.parallel.recompute
     in_flight = min(layout.pp - stage, m_batches) if layout.pp > 1 else 1
     act = modes[mode][0] * in_flight + modes[mode][1]

@@ -1,10 +1,10 @@
 """``train.compile``: each transformer block compiled with ``torch.compile`` before the engine is built.
 
-As torchtitan's ``apply_compile``: one compile per block (the blocks share their code, so the graphs are
-reused across layers of a kind), applied to the outermost module of each block, after any wrapping
-(activation recomputation included), in place (``nn.Module.compile``: parameter names and checkpoints are
-unchanged).  Where a shape depends on the data (MoE routing counts), dynamo breaks the graph and compiles
-the pieces around it; the first step with new sizes marks them dynamic, so steps after that reuse the
+As torchtitan's ``apply_compile``: one compile per block, the multi-token-prediction depths' blocks included (the
+blocks share their code, so the graphs are reused across layers of a kind), applied to the outermost module of each
+block, after any wrapping (activation recomputation included), in place (``nn.Module.compile``: parameter names and
+checkpoints are unchanged). Where a shape depends on the data (MoE routing counts), dynamo breaks the graph and
+compiles the pieces around it; the first step with new sizes marks them dynamic, so steps after that reuse the
 compiled code instead of recompiling.
 """
 from __future__ import annotations
@@ -19,13 +19,16 @@ BACKEND = "inductor"
 
 def block_modules(module: nn.Module) -> list[nn.Module]:
     """The outermost module of every transformer block this rank holds: the entries of ``layers`` (the
-    one-process model and its tensor/expert-parallel forms) or the block stages of a pipeline."""
+    one-process model and its tensor/expert-parallel forms) or the block stages of a pipeline, then the block
+    of each multi-token-prediction depth (``model.mtp_layers``; under a pipeline, where this rank holds the
+    head stage)."""
     layers = getattr(module, "layers", None)
     if isinstance(layers, nn.ModuleList):
-        return list(layers)
+        return list(layers) + [depth.block for depth in (getattr(module, "mtp", None) or [])]
     stages = getattr(module, "block_stages", None)
     if callable(stages):
-        return list(stages())
+        head = module.head_stage()
+        return list(stages()) + [block for _, block in (head.mtp_blocks() if head is not None else [])]
     raise ValueError(f"train.compile: no transformer blocks found in {type(module).__name__}")
 
 

@@ -126,10 +126,12 @@ def test_recompute_every_picks_every_nth_block():
     from sparselm.parallel.recompute import RecomputedBlock, apply_recompute
 
     cfg = load_config("tiny_mixed", ["--parallel.recompute=selective", "--parallel.recompute_every=2",
-                                     "--model.vocab_size=64"])
+                                     "--model.vocab_size=64", "--model.mtp_layers=3"])
     model = apply_recompute(build_model(cfg, device="meta"), cfg)
     assert [isinstance(b, RecomputedBlock) for b in model.layers] == [False, True, False, True]
-    assert model.layers[1].recompute == "selective"
+    # the multi-token-prediction depths' blocks are layers 4, 5, 6
+    assert [isinstance(depth.block, RecomputedBlock) for depth in model.mtp] == [False, True, False]
+    assert model.layers[1].recompute == model.mtp[1].block.recompute == "selective"
     names = {n for n, _ in build_model(cfg, device="meta").named_parameters()}
     assert {n for n, _ in model.named_parameters()} == names  # checkpoints keep their names
 

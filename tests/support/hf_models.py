@@ -1,6 +1,6 @@
 """Tiny Hugging Face models for the conversion tests (built locally with transformers, nothing downloaded):
 weights moved far from their init, saved as transformers publishes them or with its in-memory (fused) names,
-and compared by their logits."""
+compared by their logits, and an imported checkpoint trained under a layout for the round-trip tests."""
 from __future__ import annotations
 
 import torch
@@ -41,3 +41,15 @@ def max_diff(hf, ours, ids) -> float:
     """Largest |logit difference| of the two models on token ids IDS."""
     with torch.no_grad():
         return (hf(ids).logits - ours(ids)).abs().max().item()
+
+
+def train_imported(rank, world, ckpt, out):
+    """Two optimizer steps of the imported checkpoint CKPT under tp=2 x ep=2 (4 ranks: ep inside dp 2), through
+    sparselm.train.main, into run directory OUT (for ``support.distributed.run_distributed``).  Returns RANK."""
+    from sparselm.train import main
+
+    main(["--config", str(ckpt / "config.yaml"), "--parallel.tp=2", "--parallel.ep=2", f"--train.resume={ckpt}",
+          "--train.steps=2", "--train.global_batch_size=4", "--data.seq_len=32", "--optim.lr=1e-2",
+          "--optim.warmup_steps=0", f"--train.out_dir={out}", "--train.eval_every=0", "--train.progress=false",
+          "--train.tensorboard=false", "--data.tokenizer=byte"])
+    return rank

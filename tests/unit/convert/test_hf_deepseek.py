@@ -5,7 +5,9 @@ Tiny random models built offline.  Both values of every switch of the family tha
 appear: a query latent or one q_proj, projection biases (attention_bias) or none, interleaved or half-split rope, yarn with mscale_all_dim (softmax-scale
 fold) or default rope, renormalised or raw top-k weights, tied or untied embeddings, per-expert or fused expert
 names; multi-token-prediction layers kept (or dropped by --drop-mtp), and block-scaled fp8 weights with shapes
-that are no multiple of the block.  Logits within 1e-5 in fp32 both ways; greedy generation identical.
+that are no multiple of the block.  Logits within 1e-5 in fp32 both ways; greedy generation identical.  An
+imported model with its MTP layer trains under tp2 x ep2 and exports back with the trained model's logits and
+MTP layer.
 """
 import json
 
@@ -194,9 +196,19 @@ def hf_with_mtp_layer(path):
     return path
 
 
-def test_multi_token_prediction_layers_are_kept_both_ways_or_dropped_by_name(tmp_path, capsys):
+def tensors_of(directory) -> dict:
+    """Every tensor of the sharded safetensors checkpoint in DIRECTORY, by name."""
     from safetensors import safe_open
 
+    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for name, file in index.items():
+        with safe_open(str(directory / file), framework="pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def test_multi_token_prediction_layers_are_kept_both_ways_or_dropped_by_name(tmp_path, capsys):
     from sparselm import load_model
 
     hf_dir = hf_with_mtp_layer(tmp_path / "hf")
@@ -206,15 +218,7 @@ def test_multi_token_prediction_layers_are_kept_both_ways_or_dropped_by_name(tmp
     convert(["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
 
-    def tensors(directory):
-        index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
-        out = {}
-        for name, file in index.items():
-            with safe_open(str(directory / file), framework="pt") as f:
-                out[name] = f.get_tensor(name)
-        return out
-
-    source, written = tensors(hf_dir), tensors(tmp_path / "out")
+    source, written = tensors_of(hf_dir), tensors_of(tmp_path / "out")
     layer2 = {k for k in source if k.startswith("model.layers.2.")}
     assert layer2 and layer2 == {k for k in written if k.startswith("model.layers.2.")}
     assert all(torch.equal(source[k], written[k]) for k in source), "round trip changed a tensor"
@@ -294,3 +298,45 @@ def test_what_sparselm_cannot_compute_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConversionError, match=r"hidden_act='gelu' \(supported: silu") as err:
         convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
     assert "\n" not in str(err.value) and not (tmp_path / "ours").exists()
+
+
+def test_round_trip_import_train_tp2_ep2_export_keeps_the_mtp_layer(tmp_path):
+    """DeepSeek-V3 (a query latent, interleaved rope with yarn's softmax-scale fold, group-limited sigmoid routing
+    with its selection bias, a shared expert, a dense first layer) with its multi-token-prediction layer,
+    imported, trained 2 steps under tp2 x ep2 (the MTP depth trains with it), exported: transformers' logits
+    equal those of sparselm's consolidated trained model within 1e-5, and the MTP layer written back is the
+    trained one (export -> import gives every trained tensor bit for bit)."""
+    from sparselm import load_model
+    from sparselm.training.metrics import read_metrics
+    from support.distributed import run_distributed
+    from support.hf_models import train_imported
+
+    hf_dir = hf_with_mtp_layer(tmp_path / "hf")
+    convert(["import-hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
+    run_distributed(train_imported, 4, tmp_path / "ours", str(tmp_path / "run"))
+    rows = read_metrics(tmp_path / "run", train_only=True)
+    assert len(rows) == 2 and all(r["mtp1_loss"] > 0 for r in rows)
+    trained, cfg = load_model(tmp_path / "run")
+    imported, _ = load_model(tmp_path / "ours")
+    assert cfg.model.mtp_layers == 1 and cfg.model.q_lora_rank == 24 and cfg.moe.n_group == 2
+    ids = ids_of(7)
+    with torch.no_grad():
+        assert (imported(ids) - trained(ids)).abs().max().item() > 1e-3  # the steps changed the model
+    before, after = imported.state_dict(), trained.state_dict()
+    mtp = [k for k in after if k.startswith("mtp.")]
+    assert "mtp.0.eh_proj.weight" in mtp and not [k for k in mtp if torch.equal(before[k], after[k])]
+    convert(["export-hf", "--input", str(tmp_path / "run"), "--output", str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    written = tensors_of(tmp_path / "out")
+    assert torch.equal(written["model.layers.2.eh_proj.weight"], after["mtp.0.eh_proj.weight"])
+    assert torch.equal(written["model.layers.2.embed_tokens.weight"], after["embed.weight"])  # the trained copies
+    assert torch.equal(written["model.layers.2.shared_head.head.weight"], after["head.proj.weight"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True).eval()
+    diff = max_diff(hf, trained, ids)
+    print(f"round trip (deepseek_v3 with MTP, tp2 x ep2): export max|diff| {diff:.2e}")
+    assert diff < 1e-5, diff
+    convert(["import-hf", "--input", str(tmp_path / "out"), "--output", str(tmp_path / "back")])
+    back = load_model(tmp_path / "back")[0].state_dict()
+    assert back.keys() == after.keys()
+    changed = [k for k in after if not torch.equal(back[k], after[k])]
+    assert not changed, changed

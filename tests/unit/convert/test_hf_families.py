@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sparselm.errors import ConversionError
-from support.hf_models import max_diff, move_from_init, save_hf
+from support.hf_models import max_diff, move_from_init, save_hf, train_imported
 from tools.convert_checkpoint import main as convert
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
@@ -375,17 +375,6 @@ def test_import_overwrites_an_existing_output_only_with_force(tmp_path, saved_qw
     assert not (tmp_path / "ours" / "keep.txt").exists() and (tmp_path / "ours" / "meta.json").is_file()
 
 
-def _train_imported(rank, world, ckpt, out):
-    """Two optimizer steps of the imported model under tp=2 x ep=2 (4 ranks), through sparselm.train.main."""
-    from sparselm.train import main
-
-    main(["--config", str(ckpt / "config.yaml"), "--parallel.tp=2", "--parallel.ep=2", f"--train.resume={ckpt}",
-          "--train.steps=2", "--train.global_batch_size=4", "--data.seq_len=32", "--optim.lr=1e-2",
-          "--optim.warmup_steps=0", f"--train.out_dir={out}", "--train.eval_every=0", "--train.progress=false",
-          "--train.tensorboard=false", "--data.tokenizer=byte"])
-    return rank
-
-
 @pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss", "ernie4_5_moe"])
 def test_round_trip_import_train_tp2_ep2_export(tmp_path, family):
     """GLM-4-MoE (group-limited sigmoid routing with its selection bias, shared experts, per-head q/k norm,
@@ -398,7 +387,7 @@ def test_round_trip_import_train_tp2_ep2_export(tmp_path, family):
 
     save_hf(tiny_hf_model(family), tmp_path / "hf")
     convert(["import-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")])
-    run_distributed(_train_imported, 4, tmp_path / "ours", str(tmp_path / "run"))
+    run_distributed(train_imported, 4, tmp_path / "ours", str(tmp_path / "run"))
     trained, _ = load_model(tmp_path / "run")
     imported, _ = load_model(tmp_path / "ours")
     convert(["export-hf", "--input", str(tmp_path / "run"), "--output", str(tmp_path / "out")])

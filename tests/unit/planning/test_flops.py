@@ -15,6 +15,7 @@ from sparselm.model import build_model
 from sparselm.model.moe.config import resolved_expert_hidden
 from sparselm.model.moe.experts import GroupedExperts
 from sparselm.model.transformer import SparseLM
+from sparselm.parallel.recompute import apply_recompute
 
 PRESETS = ["tiny_dense", "tiny_moe", "tiny_pkm", "tiny_allattn", "tiny_mixed"]
 # Variants that reach the other branches: shared/gated/narrow PKM tables beside an FFN, tied embeddings,
@@ -96,7 +97,7 @@ def test_tiny_dense_hand_count():
 def measured_flops(cfg, batch: int = 2) -> tuple[int, int]:
     """FlopCounterMode's forward+backward count of one batch, and the padded expert rows it computed."""
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = apply_recompute(build_model(cfg), cfg)  # (parallel.recompute none: the model as built)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, cfg.data.seq_len))
     padded_rows = []
     for module in model.modules():
@@ -133,6 +134,22 @@ def test_flops_match_flop_counter(name, overrides):
     assert model_flops.by_component["attention_core"] <= f.by_component["attention_core"]
     assert model_flops.per_token - model_flops.by_component["attention_core"] == pytest.approx(
         f.per_token - f.by_component["attention_core"])
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_selective_recomputation_flops_match_flop_counter(every):
+    """recompute_per_token under parallel.recompute=selective is what FlopCounterMode counts more than without
+    recomputation: the recomputed blocks' attention core (the weight matmuls are kept), the multi-token-prediction
+    depths' blocks included (numbered after the 4 decoder layers: every=2 picks layers 1, 3 and the second
+    depth).  (Under full, torch's checkpoint stops recomputing after the last tensor backward needs, so it
+    skips each block's last matmul, which the count includes.)"""
+    overrides = [*VARIANTS["mla_no_q_lora_sliding"][1], "--model.mtp_layers=2"]
+    plain, _ = measured_flops(resolved("tiny_dense", overrides))
+    cfg = resolved("tiny_dense", [*overrides, "--parallel.recompute=selective", f"--parallel.recompute_every={every}"])
+    measured, _ = measured_flops(cfg)
+    f = flops.flop_counts(cfg, attention="executed_dense")
+    assert f.recompute_per_token > 0
+    assert measured - plain == pytest.approx(2 * cfg.data.seq_len * f.recompute_per_token, rel=1e-9)
 
 
 @pytest.mark.parametrize("pattern,extra,visible", [

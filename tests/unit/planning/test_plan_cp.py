@@ -25,18 +25,22 @@ def test_cp_divides_activations_partitions_over_dp_x_cp_and_adds_its_all_to_alls
     assert two.micro_batches == 2 * one.micro_batches  # each cp rank runs all of its dp rank's micro-batches
 
 
-def test_mtp_depths_add_the_same_activations_under_every_recompute_mode():
-    """Multi-token-prediction depths are never recomputed: they add the same bytes to the activations kept under
-    none, full and selective, two depths twice one's (tools/bench_memory.py measures the figure against
-    autograd's saved tensors)."""
-    def added(mtp: int) -> dict:
+def test_mtp_depths_add_activations_recomputed_as_the_decoder_layers():
+    """Multi-token-prediction depths add their blocks' activations, recomputed as parallel.recompute chooses
+    them (numbered after the decoder layers), and their own inputs, projection and log-probabilities, which are
+    always kept: with every block recomputed a depth adds less under full than selective than none; with
+    recompute_every=4 (the 4 layers' last only) its block keeps everything; two depths add twice one's
+    (tools/bench_memory.py measures the figures against autograd's saved tensors)."""
+    def added(mtp: int, every: int) -> dict:
         rank = {}
         for depths in (0, mtp):
-            cfg = load_config("tiny_deepseek", ["--model.vocab_size=512", f"--model.mtp_layers={depths}"])
+            cfg = load_config("tiny_deepseek", ["--model.vocab_size=512", f"--model.mtp_layers={depths}",
+                                                f"--parallel.recompute_every={every}"])
             rank[depths] = plan_layout(cfg, 1, 80).ranks[0].activations
         return {k: rank[mtp][k] - rank[0][k] for k in ("per_micro_batch", "per_micro_batch_full",
                                                       "per_micro_batch_selective")}
 
-    one, two = added(1), added(2)
-    assert one["per_micro_batch"] > 0 and len(set(one.values())) == 1
+    one, two = added(1, 1), added(2, 1)
+    assert one["per_micro_batch"] > one["per_micro_batch_selective"] > one["per_micro_batch_full"] > 0
     assert two == {k: 2 * v for k, v in one.items()}
+    assert len(set(added(1, 4).values())) == 1
