@@ -53,3 +53,35 @@ def train_imported(rank, world, ckpt, out):
           "--optim.warmup_steps=0", f"--train.out_dir={out}", "--train.eval_every=0", "--train.progress=false",
           "--train.tensorboard=false", "--data.tokenizer=byte"])
     return rank
+
+
+def export_and_load(ckpt, out, fused: bool = False, *extra: str):
+    """``export-hf`` of sparselm checkpoint CKPT into OUT (transformers 5's fused expert names with FUSED; EXTRA
+    more arguments), then the written model loaded by transformers, which must find every tensor it expects and
+    no other.  Returns (the model in eval mode, the written config.json as a dict)."""
+    import json
+
+    import transformers
+
+    from tools.convert_checkpoint import main as convert
+
+    convert(["export-hf", "--input", str(ckpt), "--output", str(out), *(["--fused-experts"] if fused else []), *extra])
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True,
+                                                                    output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval(), json.loads((out / "config.json").read_text())
+
+
+def assert_same_predictions(hf, ours, ids, eod_id: int, what: str) -> float:
+    """transformers' model HF and sparselm's OURS give logits within 1e-5 on IDS (the largest difference is
+    printed, labelled WHAT) and the same 20 greedy tokens after the first sequence's first 5.  Returns that
+    difference."""
+    from sparselm.generate import generate
+
+    diff = max_diff(hf, ours, ids)
+    print(f"{what}: max|diff| {diff:.2e}")
+    assert diff < 1e-5, diff
+    prompt = ids[:1, :5]
+    mine = generate(ours, prompt, 20, temperature=0, eod_id=eod_id)[0].tolist()
+    assert hf.generate(prompt, max_new_tokens=20, do_sample=False)[0].tolist() == mine
+    return diff

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sparselm.errors import ConversionError
-from support.hf_models import max_diff, move_from_init, save_hf
+from support.hf_models import assert_same_predictions, export_and_load, max_diff, move_from_init, save_hf
 from tools.convert_checkpoint import main as convert
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
@@ -92,7 +92,6 @@ def test_import_and_export_match_transformers(tmp_path, capsys, name, fused, mod
     """transformers -> import-hf -> sparselm: logits within 1e-5; -> export-hf -> transformers: the same
     family, no missing or unexpected key, logits within 1e-5, greedy 20 tokens identical."""
     from sparselm import load_model
-    from sparselm.generate import generate
 
     hf = tiny_hf_model(name)
     save(hf, tmp_path / "hf", fused=fused, model_type=model_type)
@@ -105,20 +104,9 @@ def test_import_and_export_match_transformers(tmp_path, capsys, name, fused, mod
     diff = max_diff(hf, ours, ids)
     print(f"deepseek_v3 {name}: import max|diff| {diff:.2e}")
     assert diff < 1e-5, diff
-    args = ["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")]
-    convert(args + (["--fused-experts"] if fused else []))
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    back, config = export_and_load(tmp_path / "ours", tmp_path / "out", fused)
     assert config["model_type"] == "deepseek_v3" and config["num_nextn_predict_layers"] == 0
-    back, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True,
-                                                                   output_loading_info=True)
-    back.eval()
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    diff = max_diff(back, ours, ids)
-    print(f"deepseek_v3 {name}: export max|diff| {diff:.2e}")
-    assert diff < 1e-5, diff
-    prompt = ids[:1, :5]
-    mine = generate(ours, prompt, 20, temperature=0, eod_id=config["eos_token_id"])[0].tolist()
-    assert back.generate(prompt, max_new_tokens=20, do_sample=False)[0].tolist() == mine
+    assert_same_predictions(back, ours, ids, config["eos_token_id"], f"deepseek_v3 {name}: export")
 
 
 @pytest.mark.parametrize("name, fused", [("v2_group_max_one_q", False), ("v2_greedy_latent_q_yarn", True)])
@@ -135,14 +123,9 @@ def test_deepseek_v2_imports_and_exports_with_the_same_logits(tmp_path, name, fu
     diff = max_diff(hf, ours, ids)
     print(f"deepseek_v2 {name}: import max|diff| {diff:.2e}")
     assert diff < 1e-5, diff
-    convert(["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")]
-            + (["--fused-experts"] if fused else []))
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    back, config = export_and_load(tmp_path / "ours", tmp_path / "out", fused)
     assert config["model_type"] == "deepseek_v2" and config["topk_method"] == V2[name]["topk_method"]
-    back, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True,
-                                                                   output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    diff = max_diff(back.eval(), ours, ids)
+    diff = max_diff(back, ours, ids)
     print(f"deepseek_v2 {name}: export max|diff| {diff:.2e}")
     assert diff < 1e-5, diff
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sparselm.errors import ConversionError
-from support.hf_models import max_diff, move_from_init, save_hf
+from support.hf_models import assert_same_predictions, export_and_load, max_diff, move_from_init, save_hf
 from tools.convert_checkpoint import main as convert
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional extra (make setup installs it)")
@@ -60,7 +60,6 @@ def test_import_and_export_match_transformers(tmp_path, name, fused):
     the interleaved rope or the selection bias); -> export-hf -> transformers: the same family and MoE layers, no
     missing or unexpected key, logits within 1e-5, greedy 20 tokens identical."""
     from sparselm import load_model
-    from sparselm.generate import generate
     from sparselm.model.rotary import Rotary
 
     hf = tiny_hf_model(name)
@@ -81,24 +80,14 @@ def test_import_and_export_match_transformers(tmp_path, name, fused):
     diff = max_diff(hf, ours, ids)
     print(f"ernie4_5_moe {name}: import max|diff| {diff:.2e}")
     assert diff < 1e-5, diff
-    args = ["export-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "out")]
-    convert(args + (["--fused-experts"] if fused else []))
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    back, config = export_and_load(tmp_path / "ours", tmp_path / "out", fused)
     assert config["model_type"] == "ernie4_5_moe" and config["use_bias"] is False
     keys = set(json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"])
     assert any(k.endswith("experts.gate_up_proj") for k in keys) == fused
     assert any(".experts.0.gate_proj." in k for k in keys) != fused
-    back, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), local_files_only=True,
-                                                                   output_loading_info=True)
-    back.eval()
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert ["moe" if hasattr(layer.mlp, "experts") else "dense" for layer in back.model.layers] == moe_layers
-    diff = max_diff(back, ours, ids)
-    print(f"ernie4_5_moe {name}{' fused' if fused else ''}: export max|diff| {diff:.2e}")
-    assert diff < 1e-5, diff
-    prompt = ids[:1, :5]
-    mine = generate(ours, prompt, 20, temperature=0, eod_id=config["eos_token_id"])[0].tolist()
-    assert back.generate(prompt, max_new_tokens=20, do_sample=False)[0].tolist() == mine
+    assert_same_predictions(back, ours, ids, config["eos_token_id"],
+                            f"ernie4_5_moe {name}{' fused' if fused else ''}: export")
     # the interleaved pairs and the selection bias each change the logits (so the checks above can fail)
     with torch.no_grad():
         for rotary in (m for m in ours.modules() if isinstance(m, Rotary)):
