@@ -29,9 +29,10 @@ LATENT_ATTENTION = {"input_norm.weight": "input_layernorm.weight",
                     "attn.q_b_proj.weight": "self_attn.q_b_proj.weight",
                     "attn.kv_a_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
                     "attn.kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
-                    "attn.kv_b_proj.weight": "self_attn.kv_b_proj.weight", "attn.o_proj.weight": "self_attn.o_proj.weight",
-                    "attn.q_a_proj.bias": "self_attn.q_a_proj.bias",
-                    "attn.kv_a_proj.bias": "self_attn.kv_a_proj_with_mqa.bias", "attn.o_proj.bias": "self_attn.o_proj.bias"}
+                    "attn.kv_b_proj.weight": "self_attn.kv_b_proj.weight",
+                    "attn.o_proj.weight": "self_attn.o_proj.weight", "attn.q_a_proj.bias": "self_attn.q_a_proj.bias",
+                    "attn.kv_a_proj.bias": "self_attn.kv_a_proj_with_mqa.bias",
+                    "attn.o_proj.bias": "self_attn.o_proj.bias"}
 """ours -> theirs in a layer of an MLA family (``Family.mla``): norms and multi-head latent attention."""
 MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
        "norm.weight": "shared_head.norm.weight"}

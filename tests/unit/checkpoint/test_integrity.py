@@ -61,7 +61,8 @@ def test_safetensors_are_written_from_tensor_memory_as_safetensors_would(tmp_pat
     tensors = {"w.bf16": torch.randn(3, 5, generator=g).bfloat16(), "a.f32": torch.randn(7, generator=g),
                "scalar": torch.tensor(3.5, dtype=torch.float64), "empty": torch.empty(0, 4),
                "mask": torch.tensor([True, False, True]), "fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
-               "ids": torch.arange(5), "half": torch.randn(2, generator=g).half(), "i8": torch.arange(3, dtype=torch.int8)}
+               "ids": torch.arange(5), "half": torch.randn(2, generator=g).half(),
+               "i8": torch.arange(3, dtype=torch.int8)}
     path = tmp_path / "model.safetensors"
     entry = write_safetensors(tensors, path, metadata={"format": "pt"})
     expected = save(tensors, metadata={"format": "pt"})

@@ -2,12 +2,12 @@
 DeepseekV3 and DeepseekV2.
 
 Tiny random models built offline.  Both values of every switch of the family that changes the computation
-appear: a query latent or one q_proj, projection biases (attention_bias) or none, interleaved or half-split rope, yarn with mscale_all_dim (softmax-scale
-fold) or default rope, renormalised or raw top-k weights, tied or untied embeddings, per-expert or fused expert
-names; multi-token-prediction layers kept (or dropped by --drop-mtp), and block-scaled fp8 weights with shapes
-that are no multiple of the block.  Logits within 1e-5 in fp32 both ways; greedy generation identical.  An
-imported model with its MTP layer trains under tp2 x ep2 and exports back with the trained model's logits and
-MTP layer.
+appear: a query latent or one q_proj, projection biases (attention_bias) or none, interleaved or half-split
+rope, yarn with mscale_all_dim (softmax-scale fold) or default rope, renormalised or raw top-k weights, tied or
+untied embeddings, per-expert or fused expert names; multi-token-prediction layers kept (or dropped by
+--drop-mtp), and block-scaled fp8 weights with shapes that are no multiple of the block.  Logits within 1e-5
+in fp32 both ways; greedy generation identical.  An imported model with its MTP layer trains under tp2 x ep2
+and exports back with the trained model's logits and MTP layer.
 """
 import json
 
