@@ -116,6 +116,7 @@ def _start_hostfile_route(cluster, tmp_path, out, port: int, extra=()) -> subpro
     return p
 
 
+@pytest.mark.kills_deepspeed_launchers
 def test_sigterm_to_the_pdsh_runner_ends_the_ranks_without_a_checkpoint(cluster, tmp_path):
     """What docs/launching.md says of this route: a SIGTERM (or Ctrl-C) to `deepspeed --hostfile` makes the runner
     kill pdsh and pkill every node's launcher; the ranks, their output pipes gone, end without saving: the run
