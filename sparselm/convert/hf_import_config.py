@@ -177,20 +177,21 @@ def is_block_fp8(quant: dict) -> bool:
             and isinstance(block, (list, tuple)) and len(block) == 2 and all(int(b) > 0 for b in block))
 
 
+class ConfigJson(dict):
+    """config.json as import reads it: a size it lacks raises ConversionError naming the key (a lookup of a
+    key with a default goes through ``get``)."""
+
+    def __missing__(self, key):
+        raise ConversionError(f"config.json of this {self.get('model_type')} model has no '{key}': import-hf reads "
+                              "the model's sizes from config.json, never defaults them; add it")
+
+
 def sparselm_config(hf: dict) -> dict:
     """config.json of a supported family -> sparselm config overrides {'model': ..., 'moe': ...}; raises
     ConversionError with one line naming every field sparselm cannot compute as transformers does, a size
     config.json lacks (the model's sizes are read, never defaulted), or the unsupported ``model_type``."""
-    try:
-        return _sparselm_config(hf)
-    except KeyError as err:
-        raise ConversionError(f"config.json of this {hf.get('model_type')} model has no '{err.args[0]}': import-hf "
-                              "reads the model's sizes from config.json, never defaults them; add it") from None
-
-
-def _sparselm_config(hf: dict) -> dict:
     fam = family_of(hf.get("model_type"))
-    hf = with_defaults(hf)
+    hf = ConfigJson(with_defaults(hf))
     problems = []
     act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
     if act not in (None, "silu", "swish"):
