@@ -108,10 +108,10 @@ class HashingStream:
         return out
 
 
-def write_bytes(path: Path, data: bytes, safetensors: bool = False) -> dict:
+def write_bytes(path: Path, data: bytes) -> dict:
     """Write ``data`` to ``path``, hashing it on the way; returns its entry (``HashingStream.entry``)."""
     with open(path, "wb") as f:
-        stream = HashingStream(f, safetensors)
+        stream = HashingStream(f)
         stream.write(data)
     return stream.entry()
 

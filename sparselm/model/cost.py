@@ -77,7 +77,8 @@ def attention_flops(cfg, memory: int, keys: float, seq_len: int, mode: str = "pa
         raise ValueError(f"attention must be 'pattern' or 'executed_dense', got {mode!r}")
     if m.attention == "mla":  # causal or sliding, no memory: the executed dense SDPA sees all seq_len keys
         return {"attention_proj": 2 * latent_weights(m),
-                "attention_core": latent_core_flops(m, *((keys, False) if mode == "pattern" else (seq_len, True)))}
+                "attention_core": latent_core_flops(m, keys) if mode == "pattern" else
+                latent_core_flops(m, seq_len, padded=True)}
     dm, d, kv = m.d_model, m.n_heads * m.head_width, m.kv_heads * m.head_width
     proj = 2 * dm * d + 2 * dm * kv
     if mode == "pattern":
